@@ -1,0 +1,328 @@
+//! Command implementations of the `kvembed` tool.
+
+use crate::{MethodArgs, ModelArgs};
+use indicatif::{ProgressBar, ProgressStyle};
+use kvembed_engine::eval::{self, StsSet};
+use kvembed_engine::proto::{EmbedOptions, Role, SelectOptions};
+use kvembed_engine::{Embedder, EngineError, Result};
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
+    move |e| EngineError::io(path, e)
+}
+
+pub fn read_lines(path: &Path) -> Result<Vec<String>> {
+    let lines: Vec<String> = if path == Path::new("-") {
+        std::io::stdin().lock().lines().collect::<std::io::Result<_>>().map_err(io_err(path))?
+    } else {
+        let f = std::fs::File::open(path).map_err(io_err(path))?;
+        std::io::BufReader::new(f).lines().collect::<std::io::Result<_>>().map_err(io_err(path))?
+    };
+    Ok(lines.into_iter().filter(|l| !l.trim().is_empty()).collect())
+}
+
+pub fn progress(len: usize, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Embed many texts in chunks so a progress bar can follow.
+pub fn embed_all(e: &Embedder, texts: &[String], role: Role, opts: &EmbedOptions, what: &str) -> Result<Vec<Vec<f32>>> {
+    let pb = progress(texts.len(), what);
+    let mut out = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(256) {
+        out.extend(e.embed(chunk, role, opts)?.vectors);
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    Ok(out)
+}
+
+pub fn embed(
+    model: &ModelArgs,
+    method: &MethodArgs,
+    query: bool,
+    file: Option<&Path>,
+    npy: Option<&Path>,
+    mut texts: Vec<String>,
+) -> Result<()> {
+    if let Some(f) = file {
+        texts.extend(read_lines(f)?);
+    }
+    if texts.is_empty() {
+        return Err(EngineError::invalid("input", "no texts (give them as arguments or with --file)"));
+    }
+    let e = model.load()?;
+    let role = if query { Role::Query } else { Role::Document };
+    let opts = method.options()?;
+    let out = e.embed(&texts, role, &opts)?;
+    for t in &out.truncated {
+        eprintln!("kvembed: notice: text {} truncated from {} to {} tokens", t.index, t.tokens, t.kept);
+    }
+    match npy {
+        Some(p) => {
+            kvembed_engine::npy::write_npy_f32(p, &out.vectors).map_err(io_err(p))?;
+            eprintln!("wrote {} x {} to {}", out.vectors.len(), e.info().dim, p.display());
+        }
+        None => println!("{}", serde_json::to_string(&out.vectors).map_err(|e| EngineError::Other(e.to_string()))?),
+    }
+    Ok(())
+}
+
+pub fn select_layers(model: &ModelArgs, file: &Path, sample: usize, opts: &SelectOptions) -> Result<()> {
+    let mut texts = read_lines(file)?;
+    texts.truncate(sample.max(1));
+    let e = model.load()?;
+    let pb = progress(texts.len(), "layers");
+    let sel = e.select_layers_with_progress(&texts, opts, |n| pb.inc(n as u64))?;
+    pb.finish_and_clear();
+    println!("layer\tintrinsic_dimension\tselected");
+    for p in &sel.curve {
+        println!("{}\t{:.3}\t{}", p.layer, p.intrinsic_dimension, p.selected);
+    }
+    println!("# {}", sel.rule);
+    Ok(())
+}
+
+/// Spearman × 100 per STS file, embedding each distinct sentence once.
+pub fn eval_sts(e: &Embedder, sets: &[StsSet], opts: &EmbedOptions, limit: usize) -> Result<Vec<(String, String, f64)>> {
+    let mut uniq: HashMap<&str, usize> = HashMap::new();
+    let mut texts: Vec<String> = Vec::new();
+    for s in sets {
+        for p in s.pairs.iter().take(if limit == 0 { usize::MAX } else { limit }) {
+            for t in [&p.a, &p.b] {
+                if !uniq.contains_key(t.as_str()) {
+                    uniq.insert(t.as_str(), texts.len());
+                    texts.push(t.clone());
+                }
+            }
+        }
+    }
+    let vecs = embed_all(e, &texts, Role::Document, opts, "sts")?;
+    let mut out = Vec::new();
+    for s in sets {
+        let pairs: Vec<_> = s.pairs.iter().take(if limit == 0 { usize::MAX } else { limit }).collect();
+        let sims: Vec<f64> = pairs.iter().map(|p| eval::cosine(&vecs[uniq[p.a.as_str()]], &vecs[uniq[p.b.as_str()]])).collect();
+        let gold: Vec<f64> = pairs.iter().map(|p| p.score).collect();
+        out.push((s.group.clone(), s.name.clone(), 100.0 * eval::spearman(&sims, &gold)));
+    }
+    Ok(out)
+}
+
+/// Average per group (STS12, ..., SICK) of the per-file scores.
+pub fn group_means(rows: &[(String, String, f64)]) -> Vec<(String, f64)> {
+    let mut groups: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+    groups.dedup();
+    groups
+        .into_iter()
+        .map(|g| {
+            let xs: Vec<f64> = rows.iter().filter(|r| r.0 == g).map(|r| r.2).collect();
+            (g, eval::mean(&xs))
+        })
+        .collect()
+}
+
+pub struct RetrievalResult {
+    pub ndcg10: f64,
+    pub alignment: f64,
+    pub uniformity: f64,
+    pub queries: usize,
+    pub docs: usize,
+}
+
+/// nDCG@10 on a BEIR set. `max_docs` > 0 keeps every judged document plus
+/// the first unjudged ones up to that many (documented where used).
+pub fn eval_beir(e: &Embedder, root: &Path, split: &str, opts: &EmbedOptions, max_docs: usize) -> Result<RetrievalResult> {
+    let b = eval::load_beir(root, split).map_err(io_err(root))?;
+    let judged: std::collections::HashSet<&str> =
+        b.qrels.values().flat_map(|m| m.keys().map(String::as_str)).collect();
+    let mut docs: Vec<&(String, String)> = b.corpus.iter().filter(|d| judged.contains(d.0.as_str())).collect();
+    for d in &b.corpus {
+        if max_docs > 0 && docs.len() >= max_docs {
+            break;
+        }
+        if !judged.contains(d.0.as_str()) {
+            docs.push(d);
+        }
+    }
+    let doc_ids: Vec<String> = docs.iter().map(|d| d.0.clone()).collect();
+    let doc_texts: Vec<String> = docs.iter().map(|d| d.1.clone()).collect();
+    let q_ids: Vec<String> = b.queries.iter().map(|q| q.0.clone()).collect();
+    let q_texts: Vec<String> = b.queries.iter().map(|q| q.1.clone()).collect();
+    let dv = embed_all(e, &doc_texts, Role::Document, opts, "documents")?;
+    let qv = embed_all(e, &q_texts, Role::Query, opts, "queries")?;
+    let ndcg = eval::retrieval_ndcg(&qv, &q_ids, &dv, &doc_ids, &b.qrels, 10);
+    // Alignment over (query, relevant document) pairs; uniformity over documents.
+    let pos: HashMap<&str, usize> = doc_ids.iter().enumerate().map(|(i, d)| (d.as_str(), i)).collect();
+    let (mut pa, mut pb) = (Vec::new(), Vec::new());
+    for (qi, q) in q_ids.iter().enumerate() {
+        if let Some(rel) = b.qrels.get(q) {
+            for d in rel.keys() {
+                if let Some(&di) = pos.get(d.as_str()) {
+                    pa.push(qv[qi].clone());
+                    pb.push(dv[di].clone());
+                }
+            }
+        }
+    }
+    Ok(RetrievalResult {
+        ndcg10: 100.0 * ndcg,
+        alignment: eval::alignment(&pa, &pb),
+        uniformity: eval::uniformity(&dv),
+        queries: q_ids.len(),
+        docs: doc_ids.len(),
+    })
+}
+
+pub fn eval(
+    model: &ModelArgs,
+    method: &MethodArgs,
+    sts: Option<&Path>,
+    beir: Option<&Path>,
+    split: &str,
+    limit: usize,
+    json: bool,
+) -> Result<()> {
+    if sts.is_none() && beir.is_none() {
+        return Err(EngineError::invalid("eval", "give --sts DIR and/or --beir DIR"));
+    }
+    let e = model.load()?;
+    let opts = method.options()?;
+    let mut report = serde_json::Map::new();
+    if let Some(root) = sts {
+        let sets = eval::load_sts_root(root).map_err(io_err(root))?;
+        let t0 = Instant::now();
+        let rows = eval_sts(&e, &sets, &opts, limit)?;
+        let groups = group_means(&rows);
+        if json {
+            report.insert("sts_files".into(), serde_json::json!(rows));
+            report.insert("sts_groups".into(), serde_json::json!(groups));
+        } else {
+            println!("group\tfile\tspearman");
+            for (g, n, s) in &rows {
+                println!("{g}\t{n}\t{s:.2}");
+            }
+            for (g, s) in &groups {
+                println!("{g}\tmean\t{s:.2}");
+            }
+            println!("# {:.1}s", t0.elapsed().as_secs_f64());
+        }
+    }
+    if let Some(root) = beir {
+        let r = eval_beir(&e, root, split, &opts, 0)?;
+        if json {
+            report.insert(
+                "retrieval".into(),
+                serde_json::json!({"ndcg@10": r.ndcg10, "alignment": r.alignment, "uniformity": r.uniformity, "queries": r.queries, "docs": r.docs}),
+            );
+        } else {
+            println!(
+                "nDCG@10\t{:.2}\nalignment\t{:.4}\nuniformity\t{:.4}\n# {} queries, {} documents",
+                r.ndcg10, r.alignment, r.uniformity, r.queries, r.docs
+            );
+        }
+    }
+    if json {
+        println!("{}", serde_json::Value::Object(report));
+    }
+    Ok(())
+}
+
+/// Synthetic texts of exactly `tokens` tokens each (cycling a vocabulary of
+/// ordinary words), so the shape is what was asked.
+pub fn synthetic_texts(e: &Embedder, batch: usize, tokens: usize) -> Result<Vec<Vec<u32>>> {
+    let base = "the quick brown fox jumps over the lazy dog while a database indexes vectors for semantic search ";
+    let ids = e.tokenizer.encode(&base.repeat(tokens / 8 + 2))?;
+    Ok((0..batch).map(|i| ids.iter().cycle().skip(i % 7).take(tokens).copied().collect()).collect())
+}
+
+pub fn bench(model: &ModelArgs, method: &MethodArgs, batch: usize, tokens: usize, repeat: usize, json: bool) -> Result<()> {
+    let e = model.load()?;
+    let opts = method.options()?;
+    let m = kvembed_engine::method::Method::from_name(opts.method.as_deref().unwrap_or("kv"))?.with_options(&opts)?;
+    let seqs = synthetic_texts(&e, batch, tokens)?;
+    let reroute = m.reroute.as_ref().map(|r| {
+        let n = e.decoder.cfg.n_layers;
+        let mut mask = vec![false; n];
+        r.layers.resolve(n).into_iter().filter(|&l| l < n).for_each(|l| mask[l] = true);
+        kvembed_engine::decoder::Reroute { layers: mask, bias: r.bias, prefix: r.prefix }
+    });
+    let fopts = kvembed_engine::decoder::ForwardOptions { reroute, ..Default::default() };
+    // Warm-up, then timed runs packed by the same token budget as embedding.
+    let per_batch = (e.batch_tokens / tokens.max(1)).max(1);
+    let run = || -> Result<f64> {
+        let t0 = Instant::now();
+        for chunk in seqs.chunks(per_batch) {
+            e.decoder.forward(chunk, &fopts)?;
+        }
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    run()?;
+    let mut times = Vec::new();
+    for _ in 0..repeat.max(1) {
+        times.push(run()?);
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let total = (batch * tokens) as f64;
+    let med = times[times.len() / 2];
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"method": m.name, "batch": batch, "tokens": tokens, "seconds": times,
+                "tokens_per_s_median": total / med, "texts_per_s_median": batch as f64 / med})
+        );
+    } else {
+        println!(
+            "{} {}x{}: {:.0} tokens/s, {:.1} texts/s (median of {}; min {:.3}s max {:.3}s)",
+            m.name,
+            batch,
+            tokens,
+            total / med,
+            batch as f64 / med,
+            times.len(),
+            times[0],
+            times[times.len() - 1]
+        );
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct QualityArgs {
+    /// Models to study: GGUF files or HF directories.
+    #[arg(long = "model", required = true)]
+    pub models: Vec<String>,
+    /// Evaluation data root (holds sts/ and scifact/).
+    #[arg(long, default_value = "../shared/data")]
+    pub data: PathBuf,
+    /// Output markdown file.
+    #[arg(long, default_value = "docs/QUALITY.md")]
+    pub out: PathBuf,
+    /// Pairs per STS file for the sweeps (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub sweep_limit: usize,
+    /// Documents kept for SciFact (judged ones plus distractors; 0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub scifact_docs: usize,
+    /// Texts sampled for TwoNN.
+    #[arg(long, default_value_t = 512)]
+    pub id_sample: usize,
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Skip the SciFact and long-context parts.
+    #[arg(long)]
+    pub sts_only: bool,
+}
+
+pub fn quality(args: &QualityArgs) -> Result<()> {
+    crate::cli_quality::run(args)
+}

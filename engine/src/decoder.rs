@@ -1,0 +1,457 @@
+//! The shared decoder with KV re-routing.
+//!
+//! Batches are right-padded: sequence `b` occupies positions `0..len[b]` and
+//! padding sits after it, so causal attention alone keeps padding out of every
+//! real token's view (a real query at position `i` only sees keys `j <= i`).
+//! Padding rows compute garbage that pooling never reads.
+//!
+//! Re-routing (KV-Embedding): at the selected layers, the key and value of
+//! each sequence's *final real token* are prepended as an extra column 0 that
+//! every query may attend to, with `bias` added to that column's scaled logits
+//! before the softmax.
+
+use crate::arch::{Activation, ArchConfig, RopeScaling};
+use crate::error::{EngineError, Result};
+use crate::loader::{Embedding, TensorStore, WeightFormat};
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor, D};
+
+/// Where the re-routed key sits in rotary space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefixPosition {
+    /// The final token's post-RoPE key, rotated for its own (last) position:
+    /// the method as written.
+    Last,
+    /// The key rotated for position 0 (i.e. the pre-RoPE key).
+    Zero,
+}
+
+#[derive(Debug, Clone)]
+pub struct Reroute {
+    /// `layers[l]` is true when layer `l` re-routes.
+    pub layers: Vec<bool>,
+    pub bias: f32,
+    pub prefix: PrefixPosition,
+}
+
+/// Token Prepending (Fu et al., 2024): the placeholder token at `position`
+/// is overwritten, at the input of each layer in `layers`, by the previous
+/// layer's state of the sequence's last token.
+#[derive(Debug, Clone)]
+pub struct TokenPrepend {
+    pub position: usize,
+    pub layers: std::ops::Range<usize>,
+}
+
+/// Per-layer representation collected for intrinsic-dimension estimates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerPooling {
+    Last,
+    Mean,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ForwardOptions {
+    pub reroute: Option<Reroute>,
+    pub prepend: Option<TokenPrepend>,
+    /// Collect each layer's output pooled this way (before the final norm).
+    pub collect_layers: Option<LayerPooling>,
+}
+
+pub struct ForwardOutput {
+    /// Final hidden states after the final norm, `[B, T, D]`.
+    pub hidden: Tensor,
+    /// `layer_pooled[l]` is `[B, D]` when requested.
+    pub layer_pooled: Vec<Tensor>,
+}
+
+struct Norm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl Norm {
+    fn load(store: &TensorStore, name: &str, cfg: &ArchConfig, dev: &Device) -> Result<Norm> {
+        let mut weight = store.tensor(name, dev)?;
+        if cfg.norm_plus_one {
+            weight = (weight + 1.0)?;
+        }
+        Ok(Norm { weight: weight.contiguous()?, eps: cfg.rms_eps as f32 })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+    }
+}
+
+struct Linear {
+    w: QMatMul,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.w.forward(x)?;
+        Ok(match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+struct Layer {
+    attn_norm: Norm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
+    post_attn_norm: Option<Norm>,
+    ffn_norm: Norm,
+    post_ffn_norm: Option<Norm>,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+    theta: f32,
+    scaling: RopeScaling,
+    window: Option<usize>,
+}
+
+pub struct Decoder {
+    pub cfg: ArchConfig,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    final_norm: Norm,
+    lm_head: QMatMul,
+    device: Device,
+}
+
+/// Queries are processed in blocks of this many rows so a 4,096-token input
+/// never materialises a full T x T score matrix per head.
+const QUERY_BLOCK: usize = 512;
+
+impl Decoder {
+    pub fn load(store: &TensorStore, cfg: ArchConfig, dev: &Device, format: WeightFormat) -> Result<Decoder> {
+        let embed = store.embedding("token_embd.weight", dev)?;
+        if embed.rows() < cfg.vocab_size.max(1) && cfg.vocab_size > 0 {
+            return Err(EngineError::Corrupt {
+                path: store.path().into(),
+                reason: format!("embedding has {} rows, config says vocab {}", embed.rows(), cfg.vocab_size),
+            });
+        }
+        let mm = |n: &str| store.matmul(n, dev, format);
+        let opt_norm = |n: &str| -> Result<Option<Norm>> {
+            if store.has(n) {
+                Ok(Some(Norm::load(store, n, &cfg, dev)?))
+            } else {
+                Ok(None)
+            }
+        };
+        let bias = |n: &str| -> Result<Option<Tensor>> {
+            if cfg.qkv_bias && store.has(n) {
+                Ok(Some(store.tensor(n, dev)?))
+            } else {
+                Ok(None)
+            }
+        };
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            let (ffn_norm_name, post_attn_norm) = if cfg.sandwich_norm {
+                // Gemma 3 in GGUF: ffn_norm is the pre-MLP norm; in HF it is
+                // pre_feedforward_layernorm.
+                let pre = if matches!(store, TensorStore::Gguf { .. }) { p("ffn_norm") } else { p("pre_ffw_norm") };
+                (pre, Some(Norm::load(store, &p("post_attention_norm.weight"), &cfg, dev)?))
+            } else {
+                (p("ffn_norm"), None)
+            };
+            let layer = Layer {
+                attn_norm: Norm::load(store, &p("attn_norm.weight"), &cfg, dev)?,
+                q: Linear { w: mm(&p("attn_q.weight"))?, b: bias(&p("attn_q.bias"))? },
+                k: Linear { w: mm(&p("attn_k.weight"))?, b: bias(&p("attn_k.bias"))? },
+                v: Linear { w: mm(&p("attn_v.weight"))?, b: bias(&p("attn_v.bias"))? },
+                o: Linear { w: mm(&p("attn_output.weight"))?, b: None },
+                q_norm: if cfg.qk_norm { opt_norm(&p("attn_q_norm.weight"))? } else { None },
+                k_norm: if cfg.qk_norm { opt_norm(&p("attn_k_norm.weight"))? } else { None },
+                post_attn_norm,
+                ffn_norm: Norm::load(store, &format!("{ffn_norm_name}.weight"), &cfg, dev)?,
+                post_ffn_norm: if cfg.sandwich_norm { opt_norm(&p("post_ffw_norm.weight"))? } else { None },
+                gate: mm(&p("ffn_gate.weight"))?,
+                up: mm(&p("ffn_up.weight"))?,
+                down: mm(&p("ffn_down.weight"))?,
+                theta: cfg.layer_rope_theta(i),
+                scaling: cfg.layer_rope_scaling(i),
+                window: cfg.layer_window(i),
+            };
+            if cfg.qk_norm && (layer.q_norm.is_none() || layer.k_norm.is_none()) {
+                return Err(EngineError::Corrupt {
+                    path: store.path().into(),
+                    reason: format!("{} model lacks q/k norm weights in layer {i}", cfg.family.name()),
+                });
+            }
+            layers.push(layer);
+        }
+        let final_norm = Norm::load(store, "output_norm.weight", &cfg, dev)?;
+        let lm_head = if store.has("output.weight") { mm("output.weight")? } else { embed.as_matmul()? };
+        Ok(Decoder { cfg, embed, layers, final_norm, lm_head, device: dev.clone() })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Run a right-padded batch. `seqs[b]` are the token ids of sequence `b`.
+    pub fn forward(&self, seqs: &[Vec<u32>], opts: &ForwardOptions) -> Result<ForwardOutput> {
+        let b = seqs.len();
+        let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
+        if b == 0 || lens.contains(&0) {
+            return Err(EngineError::invalid("batch", "empty sequence"));
+        }
+        let t = *lens.iter().max().unwrap();
+        let vocab = self.embed.rows() as u32;
+        let mut flat = Vec::with_capacity(b * t);
+        for s in seqs {
+            if let Some(bad) = s.iter().find(|&&id| id >= vocab) {
+                return Err(EngineError::TokenizerMismatch(format!(
+                    "token id {bad} is outside the model's vocabulary of {vocab}"
+                )));
+            }
+            flat.extend_from_slice(s);
+            flat.extend(std::iter::repeat_n(0u32, t - s.len()));
+        }
+        let ids = Tensor::from_vec(flat, (b, t), &self.device)?;
+        let mut x = self.embed.lookup(&ids)?.to_dtype(DType::F32)?;
+        if let Some(scale) = self.cfg.embed_scale {
+            x = (x * scale as f64)?;
+        }
+        let last: Vec<usize> = lens.iter().map(|l| l - 1).collect();
+        let mut layer_pooled = Vec::new();
+        for (li, layer) in self.layers.iter().enumerate() {
+            if let Some(tp) = &opts.prepend {
+                if tp.layers.contains(&li) && li > 0 {
+                    x = replace_rows(&x, tp.position, &last)?;
+                }
+            }
+            let reroute = opts.reroute.as_ref().filter(|r| r.layers.get(li).copied().unwrap_or(false));
+            x = self.layer_forward(layer, &x, &last, reroute)?;
+            if let Some(mode) = opts.collect_layers {
+                layer_pooled.push(pool_rows(&x, &lens, mode)?);
+            }
+        }
+        let hidden = self.final_norm.forward(&x)?;
+        Ok(ForwardOutput { hidden, layer_pooled })
+    }
+
+    /// Logits of the last real position of each sequence (for generation tests).
+    pub fn last_logits(&self, out: &ForwardOutput, lens: &[usize]) -> Result<Tensor> {
+        let rows: Vec<Tensor> = lens
+            .iter()
+            .enumerate()
+            .map(|(bi, &l)| out.hidden.narrow(0, bi, 1)?.narrow(1, l - 1, 1)?.squeeze(0)?.squeeze(0))
+            .collect::<candle_core::Result<_>>()?;
+        let h = Tensor::stack(&rows, 0)?;
+        Ok(self.lm_head.forward(&h)?)
+    }
+
+    fn layer_forward(&self, l: &Layer, x: &Tensor, last: &[usize], reroute: Option<&Reroute>) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let h = l.attn_norm.forward(x)?.reshape((b * t, d))?;
+        let q = l.q.forward(&h)?.reshape((b, t, nh, hd))?;
+        let k = l.k.forward(&h)?.reshape((b, t, nkv, hd))?;
+        let v = l.v.forward(&h)?.reshape((b, t, nkv, hd))?;
+        let q = match &l.q_norm {
+            Some(n) => n.forward(&q)?,
+            None => q,
+        };
+        let k = match &l.k_norm {
+            Some(n) => n.forward(&k)?,
+            None => k,
+        };
+        let q = q.transpose(1, 2)?.contiguous()?;
+        let k_pre = k.transpose(1, 2)?.contiguous()?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let (cos, sin) = rope_tables(t, hd, l.theta, &l.scaling, &self.device)?;
+        let rope = |x: &Tensor| -> Result<Tensor> {
+            Ok(if cfg.rope_interleaved {
+                candle_nn::rotary_emb::rope_i(x, &cos, &sin)?
+            } else {
+                candle_nn::rotary_emb::rope(x, &cos, &sin)?
+            })
+        };
+        let q = rope(&q)?;
+        let k = rope(&k_pre)?;
+
+        // The prefix column: each sequence's own last real token.
+        let prefix = match reroute {
+            Some(r) => {
+                let src = match r.prefix {
+                    PrefixPosition::Last => &k,
+                    PrefixPosition::Zero => &k_pre,
+                };
+                let kp = gather_positions(src, last)?;
+                let vp = gather_positions(&v, last)?;
+                Some((kp, vp, r.bias))
+            }
+            None => None,
+        };
+        let (k, v) = match &prefix {
+            Some((kp, vp, _)) => (Tensor::cat(&[kp, &k], 2)?, Tensor::cat(&[vp, &v], 2)?),
+            None => (k, v),
+        };
+        let n_rep = nh / nkv;
+        let k = candle_transformers::utils::repeat_kv(k, n_rep)?.contiguous()?;
+        let v = candle_transformers::utils::repeat_kv(v, n_rep)?.contiguous()?;
+        let offset = usize::from(prefix.is_some());
+        let bias = prefix.as_ref().map(|p| p.2);
+
+        let mut blocks = Vec::with_capacity(t.div_ceil(QUERY_BLOCK));
+        let mut start = 0;
+        while start < t {
+            let end = (start + QUERY_BLOCK).min(t);
+            let qb = q.narrow(2, start, end - start)?;
+            // Keys after the block's last query are always masked: skip them.
+            let kv_len = end + offset;
+            let kb = k.narrow(2, 0, kv_len)?;
+            let vb = v.narrow(2, 0, kv_len)?;
+            let scores = (qb.matmul(&kb.t()?)? * cfg.attn_scale as f64)?;
+            let mask = attention_mask(start, end, offset, bias, l.window, &self.device)?;
+            let scores = scores.broadcast_add(&mask)?;
+            let p = candle_nn::ops::softmax_last_dim(&scores)?;
+            blocks.push(p.matmul(&vb)?);
+            start = end;
+        }
+        let att = if blocks.len() == 1 { blocks.pop().unwrap() } else { Tensor::cat(&blocks, 2)? };
+        let att = att.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+        let mut att = l.o.forward(&att)?;
+        if let Some(n) = &l.post_attn_norm {
+            att = n.forward(&att)?;
+        }
+        let x = (x + att.reshape((b, t, d))?)?;
+
+        let h = l.ffn_norm.forward(&x)?.reshape((b * t, d))?;
+        let gate = l.gate.forward(&h)?;
+        let gate = match cfg.activation {
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
+            Activation::GeluTanh => gate.gelu()?,
+        };
+        let mut m = l.down.forward(&(gate * l.up.forward(&h)?)?)?;
+        if let Some(n) = &l.post_ffn_norm {
+            m = n.forward(&m)?;
+        }
+        Ok((x + m.reshape((b, t, d))?)?)
+    }
+}
+
+/// `[B, H, T, hd]` → `[B, H, 1, hd]` taking position `pos[b]` of sequence `b`.
+fn gather_positions(x: &Tensor, pos: &[usize]) -> Result<Tensor> {
+    let rows: Vec<Tensor> =
+        pos.iter().enumerate().map(|(b, &p)| x.narrow(0, b, 1)?.narrow(2, p, 1)).collect::<candle_core::Result<_>>()?;
+    Ok(Tensor::cat(&rows, 0)?)
+}
+
+/// Overwrite row `position` of each sequence with its row `last[b]`.
+fn replace_rows(x: &Tensor, position: usize, last: &[usize]) -> Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
+    let mut idx = Vec::with_capacity(b * t);
+    for (bi, &l) in last.iter().enumerate() {
+        for ti in 0..t {
+            let src = if ti == position && position < l { l } else { ti };
+            idx.push((bi * t + src) as u32);
+        }
+    }
+    let idx = Tensor::from_vec(idx, b * t, x.device())?;
+    Ok(x.reshape((b * t, d))?.index_select(&idx, 0)?.reshape((b, t, d))?)
+}
+
+/// Pool each sequence's rows: last real token or mean over real tokens.
+fn pool_rows(x: &Tensor, lens: &[usize], mode: LayerPooling) -> Result<Tensor> {
+    let rows: Vec<Tensor> = lens
+        .iter()
+        .enumerate()
+        .map(|(b, &l)| {
+            let s = x.narrow(0, b, 1)?.squeeze(0)?;
+            match mode {
+                LayerPooling::Last => s.narrow(0, l - 1, 1)?.squeeze(0),
+                LayerPooling::Mean => s.narrow(0, 0, l)?.mean(0),
+            }
+        })
+        .collect::<candle_core::Result<_>>()?;
+    Ok(Tensor::stack(&rows, 0)?)
+}
+
+/// Additive mask for query rows `start..end` over `offset + end` key columns
+/// (column 0 is the re-routed prefix when `offset == 1`).
+fn attention_mask(
+    start: usize,
+    end: usize,
+    offset: usize,
+    bias: Option<f32>,
+    window: Option<usize>,
+    dev: &Device,
+) -> Result<Tensor> {
+    let rows = end - start;
+    let cols = end + offset;
+    let mut m = vec![0f32; rows * cols];
+    for r in 0..rows {
+        let i = start + r;
+        let row = &mut m[r * cols..(r + 1) * cols];
+        if offset == 1 {
+            row[0] = bias.unwrap_or(0.0);
+        }
+        for j in 0..end {
+            let visible = j <= i && window.is_none_or(|w| i - j < w);
+            if !visible {
+                row[offset + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (rows, cols), dev)?)
+}
+
+/// cos/sin tables `[T, hd/2]` for positions `0..t`.
+fn rope_tables(t: usize, hd: usize, theta: f32, scaling: &RopeScaling, dev: &Device) -> Result<(Tensor, Tensor)> {
+    let half = hd / 2;
+    let mut inv: Vec<f64> = (0..half).map(|i| 1.0 / (theta as f64).powf(2.0 * i as f64 / hd as f64)).collect();
+    match *scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => inv.iter_mut().for_each(|f| *f /= factor as f64),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
+            let (factor, lo, hi, orig) =
+                (factor as f64, low_freq_factor as f64, high_freq_factor as f64, original_max_position as f64);
+            let low_wavelen = orig / lo;
+            let high_wavelen = orig / hi;
+            for f in inv.iter_mut() {
+                let wavelen = 2.0 * std::f64::consts::PI / *f;
+                if wavelen > low_wavelen {
+                    *f /= factor;
+                } else if wavelen >= high_wavelen {
+                    let smooth = (orig / wavelen - lo) / (hi - lo);
+                    *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                }
+            }
+        }
+    }
+    let mut cos = Vec::with_capacity(t * half);
+    let mut sin = Vec::with_capacity(t * half);
+    for p in 0..t {
+        for f in &inv {
+            let a = p as f64 * f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    Ok((Tensor::from_vec(cos, (t, half), dev)?, Tensor::from_vec(sin, (t, half), dev)?))
+}
+
+/// Helper for tests and tools: `[B, T, D]` tensor row of sequence `b` as
+/// nested vectors of its first `len` positions.
+pub fn rows_of(hidden: &Tensor, b: usize, len: usize) -> Result<Vec<Vec<f32>>> {
+    Ok(hidden.narrow(0, b, 1)?.squeeze(0)?.narrow(0, 0, len)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}
+
+pub fn last_dim(x: &Tensor) -> usize {
+    x.dim(D::Minus1).unwrap_or(0)
+}

@@ -1,0 +1,445 @@
+//! The embedding pipeline: texts → prompts → token ids → batches packed by a
+//! token budget (sorted by length to waste little on padding) → decoder →
+//! pooling → L2-normalised vectors.
+
+use crate::decoder::{Decoder, ForwardOptions, LayerPooling, Reroute, TokenPrepend};
+use crate::error::{EngineError, Result};
+use crate::loader::{self, ModelSource, TensorStore, WeightFormat};
+use crate::method::{Method, Pooling, Template, DEFAULT_METHOD};
+use crate::tokenizer::TextTokenizer;
+use candle_core::{Device, Tensor};
+use kvembed_proto::{EmbedOptions, LayerPoint, Role, SelectOptions, Truncation};
+
+/// What to load and where.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// GGUF file, HF model directory, or HF repo id in the local cache.
+    pub model: String,
+    /// `cpu`, `cuda`, `cuda:N` or `auto`.
+    pub device: String,
+    /// Inference threads; 0 = all cores.
+    pub threads: usize,
+}
+
+impl LoadSpec {
+    pub fn new(model: impl Into<String>) -> LoadSpec {
+        LoadSpec { model: model.into(), device: "cpu".into(), threads: 0 }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub model: String,
+    pub model_id: String,
+    pub architecture: String,
+    pub dim: usize,
+    pub layers: usize,
+    pub device: String,
+    pub default_method: String,
+    pub default_layers: Vec<usize>,
+    pub default_bias: f32,
+    pub document_prompt: String,
+    pub query_prompt: String,
+    pub max_tokens: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct EmbedOutput {
+    pub vectors: Vec<Vec<f32>>,
+    pub truncated: Vec<Truncation>,
+    /// Tokens run through the model (prompts included, padding excluded).
+    pub tokens: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct LayerSelection {
+    pub curve: Vec<LayerPoint>,
+    pub selected: Vec<usize>,
+    pub rule: String,
+}
+
+/// Default limit on the tokens of one text (the prompt comes on top).
+pub const DEFAULT_MAX_TOKENS: usize = 4096;
+/// Default padded tokens per forward pass.
+pub const DEFAULT_BATCH_TOKENS: usize = 8192;
+
+pub struct Embedder {
+    pub decoder: Decoder,
+    pub tokenizer: TextTokenizer,
+    pub source: ModelSource,
+    info: ModelInfo,
+    /// Padded tokens per forward pass.
+    pub batch_tokens: usize,
+}
+
+/// One prepared input.
+struct Prepared {
+    ids: Vec<u32>,
+    /// Token range of the last copy of the text (Echo pooling).
+    last_copy: std::ops::Range<usize>,
+    /// First position that counts for mean pooling (after BOS).
+    mean_start: usize,
+}
+
+pub fn pick_device(spec: &str) -> Result<Device> {
+    let spec = spec.trim().to_ascii_lowercase();
+    match spec.as_str() {
+        "" | "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+        s if s.starts_with("cuda") => {
+            let n: usize = match s.strip_prefix("cuda:") {
+                Some(n) => n.parse().map_err(|_| EngineError::invalid("device", format!("'{s}'")))?,
+                None => 0,
+            };
+            if !candle_core::utils::cuda_is_available() {
+                return Err(EngineError::invalid("device", format!("'{s}': this build has no CUDA support")));
+            }
+            Ok(Device::new_cuda(n)?)
+        }
+        other => Err(EngineError::invalid("device", format!("'{other}' (cpu, cuda, cuda:N, auto)"))),
+    }
+}
+
+fn set_threads(threads: usize) {
+    if threads > 0 {
+        // candle's CPU kernels read RAYON_NUM_THREADS; the global pool can be
+        // sized once per process.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+    }
+}
+
+impl Embedder {
+    pub fn load(spec: &LoadSpec) -> Result<Embedder> {
+        set_threads(spec.threads);
+        let device = pick_device(&spec.device)?;
+        let source = loader::resolve(&spec.model)?;
+        let (store, cfg) = TensorStore::open(&source)?;
+        let tokenizer = match (&store, &source) {
+            (TensorStore::Gguf { content, .. }, ModelSource::Gguf(p)) => TextTokenizer::from_gguf(content, p)?,
+            (_, ModelSource::HfDir(dir)) => {
+                let tk = dir.join("tokenizer.json");
+                if !tk.is_file() {
+                    return Err(EngineError::NotAModel {
+                        path: dir.clone(),
+                        reason: "no tokenizer.json beside config.json".into(),
+                    });
+                }
+                let cfg_json: serde_json::Value = serde_json::from_str(
+                    &std::fs::read_to_string(dir.join("config.json")).map_err(|e| EngineError::io(dir, e))?,
+                )
+                .unwrap_or_default();
+                TextTokenizer::from_file(&tk, &cfg_json)?
+            }
+            _ => unreachable!("store kind follows the source"),
+        };
+        let decoder = Decoder::load(&store, cfg, &device, WeightFormat::from_env())?;
+        // The tokenizer must fit the embedding table.
+        let rows = decoder.cfg.vocab_size;
+        if tokenizer.vocab_size > rows && rows > 0 {
+            return Err(EngineError::TokenizerMismatch(format!(
+                "tokenizer has {} tokens but the model's embedding has {} rows",
+                tokenizer.vocab_size, rows
+            )));
+        }
+        let method = Method::from_name(DEFAULT_METHOD)?;
+        let cfg = &decoder.cfg;
+        let model_id = format!(
+            "{}:{}:{}x{}:{}",
+            cfg.family.name(),
+            source.path().display(),
+            cfg.n_layers,
+            cfg.hidden,
+            std::fs::metadata(source.path()).map(|m| m.len()).unwrap_or(0)
+        );
+        let info = ModelInfo {
+            model: spec.model.clone(),
+            model_id,
+            architecture: cfg.family.name().into(),
+            dim: cfg.hidden,
+            layers: cfg.n_layers,
+            device: format!("{device:?}").to_lowercase(),
+            default_method: method.name.clone(),
+            default_layers: method.reroute.as_ref().map(|r| r.layers.resolve(cfg.n_layers)).unwrap_or_default(),
+            default_bias: method.reroute.as_ref().map(|r| r.bias).unwrap_or(0.0),
+            document_prompt: method.document.source(),
+            query_prompt: method.query.source(),
+            max_tokens: DEFAULT_MAX_TOKENS,
+        };
+        Ok(Embedder { decoder, tokenizer, source, info, batch_tokens: DEFAULT_BATCH_TOKENS })
+    }
+
+    pub fn info(&self) -> ModelInfo {
+        self.info.clone()
+    }
+
+    pub fn count_tokens(&self, text: &str) -> usize {
+        self.tokenizer.encode(text).map(|v| v.len()).unwrap_or(text.len() / 4)
+    }
+
+    /// Embed with the method named in `opts` (or the default) and its overrides.
+    pub fn embed(&self, texts: &[String], role: Role, opts: &EmbedOptions) -> Result<EmbedOutput> {
+        let method = Method::from_name(opts.method.as_deref().unwrap_or(DEFAULT_METHOD))?.with_options(opts)?;
+        let max_tokens = opts.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+        self.embed_with(texts, role, &method, max_tokens, opts.truncate.unwrap_or(true))
+    }
+
+    pub fn embed_with(
+        &self,
+        texts: &[String],
+        role: Role,
+        method: &Method,
+        max_tokens: usize,
+        truncate: bool,
+    ) -> Result<EmbedOutput> {
+        if max_tokens == 0 {
+            return Err(EngineError::invalid("max_tokens", "must be at least 1"));
+        }
+        let template = match role {
+            Role::Document => &method.document,
+            Role::Query => &method.query,
+        };
+        let (prepared, truncated) = self.prepare(texts, template, max_tokens, truncate, method.prepend.is_some())?;
+        let n_layers = self.decoder.cfg.n_layers;
+        let reroute = match &method.reroute {
+            Some(r) => {
+                let layers = r.layers.resolve(n_layers);
+                if let Some(bad) = layers.iter().find(|&&l| l >= n_layers) {
+                    return Err(EngineError::invalid(
+                        "layers",
+                        format!("layer {bad} does not exist (the model has layers 0..{})", n_layers - 1),
+                    ));
+                }
+                let mut mask = vec![false; n_layers];
+                layers.iter().for_each(|&l| mask[l] = true);
+                Some(Reroute { layers: mask, bias: r.bias, prefix: r.prefix })
+            }
+            None => None,
+        };
+        let prepend = method.prepend.map(|frac| TokenPrepend {
+            position: usize::from(self.tokenizer.add_bos && self.tokenizer.bos.is_some()),
+            layers: 1..((frac * n_layers as f32).round() as usize).max(2),
+        });
+        let fopts = ForwardOptions { reroute, prepend, collect_layers: None };
+        let tokens = prepared.iter().map(|p| p.ids.len()).sum();
+        let mut vectors = vec![Vec::new(); prepared.len()];
+        for batch in self.batches(&prepared) {
+            let seqs: Vec<Vec<u32>> = batch.iter().map(|&i| prepared[i].ids.clone()).collect();
+            let out = self.decoder.forward(&seqs, &fopts)?;
+            for (bi, &i) in batch.iter().enumerate() {
+                vectors[i] = pool(&out.hidden, bi, &prepared[i], method.pooling)?;
+            }
+        }
+        Ok(EmbedOutput { vectors, truncated, tokens })
+    }
+
+    /// Token ids for each text in its template, BOS first where the model
+    /// wants it. Template pieces are tokenized on their own so the text's
+    /// tokens (and truncation) never depend on the prompt.
+    fn prepare(
+        &self,
+        texts: &[String],
+        template: &Template,
+        max_tokens: usize,
+        truncate: bool,
+        placeholder: bool,
+    ) -> Result<(Vec<Prepared>, Vec<Truncation>)> {
+        let pieces: Vec<&str> = template.pieces.iter().map(String::as_str).collect();
+        let piece_ids = self.tokenizer.encode_many(&pieces)?;
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let text_ids = self.tokenizer.encode_many(&refs)?;
+        let bos = if self.tokenizer.add_bos { self.tokenizer.bos } else { None };
+        let mut truncated = Vec::new();
+        let mut out = Vec::with_capacity(texts.len());
+        for (index, mut t) in text_ids.into_iter().enumerate() {
+            if t.len() > max_tokens {
+                if !truncate {
+                    return Err(EngineError::TooLong { index, tokens: t.len(), max: max_tokens });
+                }
+                truncated.push(Truncation { index, tokens: t.len(), kept: max_tokens });
+                t.truncate(max_tokens);
+            }
+            let mut ids = Vec::with_capacity(t.len() * template.slots() + 32);
+            ids.extend(bos);
+            let mean_start = ids.len();
+            if placeholder {
+                // Token Prepending's placeholder: any token works, its state is
+                // replaced from layer 1 on; EOS keeps it out of the text.
+                ids.push(self.tokenizer.eos.or(self.tokenizer.bos).unwrap_or(0));
+            }
+            let mut last_copy = 0..0;
+            for (k, p) in piece_ids.iter().enumerate() {
+                ids.extend_from_slice(p);
+                if k < template.slots() {
+                    let s = ids.len();
+                    ids.extend_from_slice(&t);
+                    last_copy = s..ids.len();
+                }
+            }
+            if ids.is_empty() {
+                // An empty text with no prompt and no BOS: one EOS token
+                // stands for it, so every input gets a vector.
+                ids.push(self.tokenizer.eos.or(self.tokenizer.bos).unwrap_or(0));
+            }
+            let mean_start = mean_start.min(ids.len() - 1);
+            out.push(Prepared { ids, last_copy, mean_start });
+        }
+        Ok((out, truncated))
+    }
+
+    /// Group inputs into forward passes of at most `batch_tokens` padded
+    /// tokens, longest first, so similar lengths share a batch.
+    fn batches(&self, prepared: &[Prepared]) -> Vec<Vec<usize>> {
+        let mut order: Vec<usize> = (0..prepared.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(prepared[i].ids.len()));
+        let mut out: Vec<Vec<usize>> = Vec::new();
+        let mut cur: Vec<usize> = Vec::new();
+        let mut cur_max = 0;
+        for i in order {
+            let len = prepared[i].ids.len();
+            let new_max = cur_max.max(len);
+            if !cur.is_empty() && new_max * (cur.len() + 1) > self.batch_tokens {
+                out.push(std::mem::take(&mut cur));
+                cur_max = 0;
+            }
+            cur_max = cur_max.max(len);
+            cur.push(i);
+        }
+        if !cur.is_empty() {
+            out.push(cur);
+        }
+        out
+    }
+
+    /// Per-layer representations of `texts` (in `template`), for intrinsic
+    /// dimension estimates: `out[layer][text]`.
+    pub fn layer_representations(
+        &self,
+        texts: &[String],
+        template: &Template,
+        pooling: LayerPooling,
+        max_tokens: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
+        let (prepared, _) = self.prepare(texts, template, max_tokens, true, false)?;
+        let n_layers = self.decoder.cfg.n_layers;
+        let mut reps = vec![vec![Vec::new(); prepared.len()]; n_layers];
+        let fopts = ForwardOptions { collect_layers: Some(pooling), ..Default::default() };
+        for batch in self.batches(&prepared) {
+            let seqs: Vec<Vec<u32>> = batch.iter().map(|&i| prepared[i].ids.clone()).collect();
+            let out = self.decoder.forward(&seqs, &fopts)?;
+            for (l, pooled) in out.layer_pooled.iter().enumerate() {
+                let rows = pooled.to_vec2::<f32>()?;
+                for (bi, row) in rows.into_iter().enumerate() {
+                    reps[l][batch[bi]] = row;
+                }
+            }
+            progress(batch.len());
+        }
+        Ok(reps)
+    }
+
+    /// TwoNN intrinsic dimension per layer and the method's window choice.
+    pub fn select_layers(&self, texts: &[String], opts: &SelectOptions) -> Result<LayerSelection> {
+        self.select_layers_with_progress(texts, opts, |_| {})
+    }
+
+    pub fn select_layers_with_progress(
+        &self,
+        texts: &[String],
+        opts: &SelectOptions,
+        progress: impl FnMut(usize),
+    ) -> Result<LayerSelection> {
+        if texts.len() < 8 {
+            return Err(EngineError::invalid(
+                "sample",
+                format!("{} texts; TwoNN needs at least 8 (a few hundred is better)", texts.len()),
+            ));
+        }
+        let pooling = match opts.representation.as_deref().unwrap_or("last") {
+            "last" => LayerPooling::Last,
+            "mean" => LayerPooling::Mean,
+            other => return Err(EngineError::invalid("representation", format!("'{other}' (last, mean)"))),
+        };
+        let skip = opts.skip_fraction.unwrap_or(0.2);
+        if !(0.0..1.0).contains(&skip) {
+            return Err(EngineError::invalid("skip_fraction", format!("{skip} (must be in [0, 1))")));
+        }
+        let window = opts.window.unwrap_or(3).max(1);
+        let template = Template::parse(crate::method::COMPRESS_DOC)?;
+        let reps = self.layer_representations(
+            texts,
+            &template,
+            pooling,
+            opts.max_tokens.unwrap_or(512),
+            progress,
+        )?;
+        let curve: Vec<f64> =
+            reps.iter().map(|layer| crate::twonn::intrinsic_dimension(layer).unwrap_or(f64::NAN)).collect();
+        let sel = crate::twonn::select_window(&curve, skip as f64, window);
+        let points = curve
+            .iter()
+            .enumerate()
+            .map(|(layer, &id)| LayerPoint { layer, intrinsic_dimension: id, selected: sel.layers.contains(&layer) })
+            .collect();
+        Ok(LayerSelection { curve: points, selected: sel.layers, rule: sel.rule })
+    }
+
+    /// Final hidden states (after the final norm) of one sequence of token
+    /// ids, optionally re-routing `layers` with `bias`: the golden-test hook.
+    pub fn forward_hidden(&self, ids: &[u32], reroute: Option<(&[usize], f32)>) -> Result<Vec<Vec<f32>>> {
+        let n = self.decoder.cfg.n_layers;
+        let reroute = reroute.map(|(layers, bias)| {
+            let mut mask = vec![false; n];
+            layers.iter().filter(|&&l| l < n).for_each(|&l| mask[l] = true);
+            Reroute { layers: mask, bias, prefix: crate::decoder::PrefixPosition::Last }
+        });
+        let out = self.decoder.forward(&[ids.to_vec()], &ForwardOptions { reroute, ..Default::default() })?;
+        crate::decoder::rows_of(&out.hidden, 0, ids.len())
+    }
+
+    /// Greedy continuation, for checking that a backbone really works.
+    pub fn generate(&self, prompt: &str, max_new: usize) -> Result<String> {
+        let mut ids: Vec<u32> = Vec::new();
+        if self.tokenizer.add_bos {
+            ids.extend(self.tokenizer.bos);
+        }
+        ids.extend(self.tokenizer.encode(prompt)?);
+        let start = ids.len();
+        for _ in 0..max_new {
+            let out = self.decoder.forward(&[ids.clone()], &ForwardOptions::default())?;
+            let logits = self.decoder.last_logits(&out, &[ids.len()])?;
+            let next = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+            if Some(next) == self.tokenizer.eos {
+                break;
+            }
+            ids.push(next);
+        }
+        self.tokenizer.decode(&ids[start..])
+    }
+}
+
+fn pool(hidden: &Tensor, b: usize, p: &Prepared, pooling: Pooling) -> Result<Vec<f32>> {
+    let len = p.ids.len();
+    let seq = hidden.narrow(0, b, 1)?.squeeze(0)?;
+    let mean = |r: std::ops::Range<usize>| -> Result<Tensor> {
+        let r = if r.is_empty() { p.mean_start..len } else { r };
+        Ok(seq.narrow(0, r.start, r.end - r.start)?.mean(0)?)
+    };
+    let last = || -> Result<Tensor> { Ok(seq.narrow(0, len - 1, 1)?.squeeze(0)?) };
+    let v = match pooling {
+        Pooling::Mean => mean(p.mean_start..len)?,
+        Pooling::Last => last()?,
+        Pooling::Hybrid => ((mean(p.mean_start..len)? + last()?)? * 0.5)?,
+        Pooling::LastCopyMean => mean(p.last_copy.clone())?,
+    };
+    Ok(normalize(v.to_vec1::<f32>()?))
+}
+
+pub fn normalize(mut v: Vec<f32>) -> Vec<f32> {
+    let norm = v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x = (*x as f64 / norm) as f32);
+    }
+    v
+}

@@ -1,0 +1,235 @@
+//! `kvembed`: the engine's command-line tool and inference server.
+
+use clap::{Parser, Subcommand};
+use kvembed_engine::proto::{EmbedOptions, Role, SelectOptions};
+use kvembed_engine::{Embedder, LoadSpec};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+mod cli;
+mod cli_quality;
+
+#[derive(Parser)]
+#[command(name = "kvembed", version, about = "Training-free text embeddings from frozen decoder LLMs (KV-Embedding)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct ModelArgs {
+    /// GGUF file, Hugging Face model directory, or HF repo id in the local cache.
+    #[arg(long, short, env = "KVEMBED_MODEL")]
+    pub model: String,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Inference threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Padded tokens per forward pass.
+    #[arg(long, default_value_t = kvembed_engine::embedder::DEFAULT_BATCH_TOKENS)]
+    pub batch_tokens: usize,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<Embedder, kvembed_engine::EngineError> {
+        let mut e = Embedder::load(&LoadSpec { model: self.model.clone(), device: self.device.clone(), threads: self.threads })?;
+        e.batch_tokens = self.batch_tokens.max(1);
+        Ok(e)
+    }
+}
+
+#[derive(clap::Args, Clone, Default)]
+pub struct MethodArgs {
+    /// Method: kv (default), kv-no-reroute, kv-paper, kv-paper-no-reroute,
+    /// mean, last, prompteol, echo, token-prepending.
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Re-routed layers, e.g. 6,7,8 or 6-8.
+    #[arg(long)]
+    pub layers: Option<String>,
+    #[arg(long)]
+    pub bias: Option<f32>,
+    #[arg(long)]
+    pub document_prompt: Option<String>,
+    #[arg(long)]
+    pub query_prompt: Option<String>,
+    /// Maximum tokens per text (the prompt comes on top).
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Fail instead of truncating texts longer than --max-tokens.
+    #[arg(long)]
+    pub no_truncate: bool,
+}
+
+impl MethodArgs {
+    pub fn options(&self) -> Result<EmbedOptions, kvembed_engine::EngineError> {
+        Ok(EmbedOptions {
+            method: self.method.clone(),
+            layers: match &self.layers {
+                Some(s) => kvembed_engine::method::LayerChoice::parse_list(s)?,
+                None => None,
+            },
+            bias: self.bias,
+            document_prompt: self.document_prompt.clone(),
+            query_prompt: self.query_prompt.clone(),
+            max_tokens: self.max_tokens,
+            truncate: Some(!self.no_truncate),
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Embed texts (arguments, or one per line from --file / stdin) to JSON or .npy.
+    Embed {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        method: MethodArgs,
+        /// Embed as queries (query-side prompt).
+        #[arg(long)]
+        query: bool,
+        /// Read texts from this file, one per line ('-' for stdin).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Write a .npy file instead of JSON on stdout.
+        #[arg(long)]
+        npy: Option<PathBuf>,
+        texts: Vec<String>,
+    },
+    /// TwoNN intrinsic dimension per layer and the selected re-routing window.
+    SelectLayers {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Texts, one per line.
+        #[arg(long)]
+        file: PathBuf,
+        /// Use at most this many texts.
+        #[arg(long, default_value_t = 512)]
+        sample: usize,
+        #[arg(long, default_value_t = 0.2)]
+        skip_fraction: f32,
+        #[arg(long, default_value_t = 3)]
+        window: usize,
+        /// Representation: last or mean.
+        #[arg(long, default_value = "last")]
+        representation: String,
+    },
+    /// Evaluate on STS folders (Spearman) and/or a BEIR folder (nDCG@10).
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        method: MethodArgs,
+        /// STS root (year folders and/or sick/).
+        #[arg(long)]
+        sts: Option<PathBuf>,
+        /// BEIR folder (corpus.jsonl, queries.jsonl, qrels/).
+        #[arg(long)]
+        beir: Option<PathBuf>,
+        #[arg(long, default_value = "train")]
+        split: String,
+        /// Use at most this many pairs per STS file (0 = all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tokens/s for a batch shape (texts x tokens).
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        method: MethodArgs,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[arg(long, default_value_t = 32)]
+        tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Greedy continuation of a prompt (checks that a backbone really works).
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value_t = 8)]
+        max_new: usize,
+        prompt: String,
+    },
+    /// The quality study: writes docs/QUALITY.md and its plots.
+    Quality(cli::QualityArgs),
+    /// Serve embeddings on a Unix socket (run by the PostgreSQL worker).
+    Serve {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        model: String,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long, default_value_t = kvembed_engine::embedder::DEFAULT_BATCH_TOKENS)]
+        batch_tokens: usize,
+        #[arg(long, default_value_t = kvembed_engine::embedder::DEFAULT_MAX_TOKENS)]
+        max_tokens: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Embed { model, method, query, file, npy, texts } => {
+            cli::embed(&model, &method, query, file.as_deref(), npy.as_deref(), texts)
+        }
+        Cmd::SelectLayers { model, file, sample, skip_fraction, window, representation } => {
+            let opts = SelectOptions {
+                skip_fraction: Some(skip_fraction),
+                window: Some(window),
+                representation: Some(representation),
+                max_tokens: None,
+            };
+            cli::select_layers(&model, &file, sample, &opts)
+        }
+        Cmd::Eval { model, method, sts, beir, split, limit, json } => {
+            cli::eval(&model, &method, sts.as_deref(), beir.as_deref(), &split, limit, json)
+        }
+        Cmd::Bench { model, method, batch, tokens, repeat, json } => {
+            cli::bench(&model, &method, batch, tokens, repeat, json)
+        }
+        Cmd::Generate { model, max_new, prompt } => {
+            model.load().and_then(|e| e.generate(&prompt, max_new)).map(|s| println!("{prompt}{s}"))
+        }
+        Cmd::Quality(args) => cli::quality(&args),
+        Cmd::Serve { socket, model, device, threads, batch_tokens, max_tokens } => {
+            kvembed_engine::server::serve(kvembed_engine::server::ServeOptions {
+                socket,
+                model,
+                device,
+                threads,
+                batch_tokens,
+                max_tokens,
+            })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kvembed: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn role(query: bool) -> Role {
+    if query {
+        Role::Query
+    } else {
+        Role::Document
+    }
+}

@@ -1,0 +1,249 @@
+//! Embedding methods: prompt templates, pooling, re-routing windows and the
+//! training-free baselines, all on the same backbone and selectable by name.
+
+use crate::decoder::PrefixPosition;
+use crate::error::{EngineError, Result};
+use kvembed_proto::EmbedOptions;
+
+/// The compression prompt of KV-Embedding.
+pub const COMPRESS_DOC: &str = "Context: {text}\nCompress the Context in one word:";
+pub const COMPRESS_QUERY: &str = "Query: {text}\nCompress the Query in one word:";
+/// PromptEOL (Jiang et al., 2023).
+pub const PROMPTEOL: &str = "This sentence : \"{text}\" means in one word:\"";
+/// Echo embeddings (Springer et al., 2024): the text twice, pool the second copy.
+pub const ECHO: &str = "Rewrite the sentence: {text}\nRewritten sentence: {text}";
+pub const RAW: &str = "{text}";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// Mean over all real tokens (BOS excluded).
+    Mean,
+    /// The final token's state.
+    Last,
+    /// Average of `Mean` and `Last` (the method's default).
+    Hybrid,
+    /// Mean over the tokens of the *last* copy of the text (Echo).
+    LastCopyMean,
+}
+
+impl Pooling {
+    pub fn parse(s: &str) -> Result<Pooling> {
+        Ok(match s {
+            "mean" => Pooling::Mean,
+            "last" => Pooling::Last,
+            "hybrid" => Pooling::Hybrid,
+            "echo" | "last-copy-mean" => Pooling::LastCopyMean,
+            other => return Err(EngineError::invalid("pooling", format!("'{other}' (mean, last, hybrid, echo)"))),
+        })
+    }
+}
+
+/// A prompt template: literal pieces around one or more `{text}` slots.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Template {
+    pub pieces: Vec<String>,
+}
+
+impl Template {
+    pub fn parse(s: &str) -> Result<Template> {
+        let pieces: Vec<String> = s.split("{text}").map(str::to_string).collect();
+        if pieces.len() < 2 {
+            return Err(EngineError::invalid("prompt template", format!("'{s}' has no {{text}} placeholder")));
+        }
+        Ok(Template { pieces })
+    }
+
+    pub fn slots(&self) -> usize {
+        self.pieces.len() - 1
+    }
+
+    pub fn render(&self, text: &str) -> String {
+        self.pieces.join(text)
+    }
+
+    pub fn source(&self) -> String {
+        self.pieces.join("{text}")
+    }
+}
+
+/// Which layers re-route, before the model's depth is known.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LayerChoice {
+    Fixed(Vec<usize>),
+    /// A window of `width` layers starting at `start` × depth.
+    Relative { start: f32, width: usize },
+}
+
+impl LayerChoice {
+    pub fn resolve(&self, n_layers: usize) -> Vec<usize> {
+        match self {
+            LayerChoice::Fixed(v) => v.clone(),
+            LayerChoice::Relative { start, width } => {
+                let width = (*width).clamp(1, n_layers);
+                let first = ((*start * n_layers as f32).round() as usize).min(n_layers - width);
+                (first..first + width).collect()
+            }
+        }
+    }
+
+    /// Parse `auto`, `6,7,8` or `6-8`.
+    pub fn parse_list(s: &str) -> Result<Option<Vec<usize>>> {
+        let s = s.trim();
+        if s.is_empty() || s.eq_ignore_ascii_case("auto") {
+            return Ok(None);
+        }
+        let mut out = Vec::new();
+        for part in s.split(',') {
+            let part = part.trim();
+            let bad = || EngineError::invalid("layers", format!("'{s}' (expected 'auto', '6,7,8' or '6-8')"));
+            if let Some((a, b)) = part.split_once('-') {
+                let (a, b): (usize, usize) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+                if a > b {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            } else {
+                out.push(part.parse().map_err(|_| bad())?);
+            }
+        }
+        Ok(Some(out))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RerouteConfig {
+    pub layers: LayerChoice,
+    pub bias: f32,
+    pub prefix: PrefixPosition,
+}
+
+#[derive(Debug, Clone)]
+pub struct Method {
+    pub name: String,
+    pub document: Template,
+    pub query: Template,
+    pub pooling: Pooling,
+    pub reroute: Option<RerouteConfig>,
+    /// Token Prepending over this fraction of the layers (from layer 1).
+    pub prepend: Option<f32>,
+}
+
+/// The product default: what re-routing needs to pay off on small backbones
+/// (see docs/QUALITY.md for the study behind it).
+pub const DEFAULT_METHOD: &str = "kv";
+
+pub const METHOD_NAMES: &[&str] =
+    &["kv", "kv-no-reroute", "kv-paper", "kv-paper-no-reroute", "mean", "last", "prompteol", "echo", "token-prepending"];
+
+impl Method {
+    pub fn from_name(name: &str) -> Result<Method> {
+        let t = |s: &str| Template::parse(s).expect("built-in template");
+        let m = |name: &str, doc: &str, query: &str, pooling, reroute, prepend| Method {
+            name: name.to_string(),
+            document: t(doc),
+            query: t(query),
+            pooling,
+            reroute,
+            prepend,
+        };
+        let kv_reroute = Some(RerouteConfig {
+            layers: LayerChoice::Relative { start: 0.2, width: 3 },
+            bias: 2.0,
+            prefix: PrefixPosition::Last,
+        });
+        let paper_reroute = Some(RerouteConfig {
+            // Uncalibrated fallback: the late window TwoNN picks on SmolLM2
+            // (layers 27-29 of 30). `select-layers` gives the real choice.
+            layers: LayerChoice::Relative { start: 0.9, width: 3 },
+            bias: 1.0,
+            prefix: PrefixPosition::Last,
+        });
+        Ok(match name {
+            "kv" => m("kv", COMPRESS_DOC, COMPRESS_QUERY, Pooling::Hybrid, kv_reroute, None),
+            "kv-no-reroute" => m("kv-no-reroute", COMPRESS_DOC, COMPRESS_QUERY, Pooling::Hybrid, None, None),
+            "kv-paper" => m("kv-paper", COMPRESS_DOC, COMPRESS_QUERY, Pooling::Hybrid, paper_reroute, None),
+            "kv-paper-no-reroute" => m("kv-paper-no-reroute", COMPRESS_DOC, COMPRESS_QUERY, Pooling::Hybrid, None, None),
+            "mean" => m("mean", RAW, RAW, Pooling::Mean, None, None),
+            "last" => m("last", RAW, RAW, Pooling::Last, None, None),
+            "prompteol" => m("prompteol", PROMPTEOL, PROMPTEOL, Pooling::Last, None, None),
+            "echo" => m("echo", ECHO, ECHO, Pooling::LastCopyMean, None, None),
+            "token-prepending" => m("token-prepending", PROMPTEOL, PROMPTEOL, Pooling::Last, None, Some(0.25)),
+            other => {
+                return Err(EngineError::invalid("method", format!("'{other}' (known: {})", METHOD_NAMES.join(", "))))
+            }
+        })
+    }
+
+    /// Apply per-request overrides (layers, bias, prompts).
+    pub fn with_options(mut self, o: &EmbedOptions) -> Result<Method> {
+        if let Some(p) = &o.document_prompt {
+            self.document = Template::parse(p)?;
+        }
+        if let Some(p) = &o.query_prompt {
+            self.query = Template::parse(p)?;
+        }
+        if let Some(b) = o.bias {
+            if !b.is_finite() {
+                return Err(EngineError::invalid("bias", format!("{b} is not a finite number")));
+            }
+            if let Some(r) = &mut self.reroute {
+                r.bias = b;
+            }
+        }
+        if let Some(layers) = &o.layers {
+            if let Some(r) = &mut self.reroute {
+                r.layers = LayerChoice::Fixed(layers.clone());
+            }
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates() {
+        let t = Template::parse(ECHO).unwrap();
+        assert_eq!(t.slots(), 2);
+        assert_eq!(t.render("x"), "Rewrite the sentence: x\nRewritten sentence: x");
+        assert!(Template::parse("no slot").is_err());
+    }
+
+    #[test]
+    fn relative_windows_fit_the_model() {
+        let w = LayerChoice::Relative { start: 0.9, width: 3 };
+        assert_eq!(w.resolve(30), vec![27, 28, 29]);
+        assert_eq!(w.resolve(4), vec![1, 2, 3]);
+        assert_eq!(LayerChoice::Relative { start: 0.2, width: 3 }.resolve(30), vec![6, 7, 8]);
+    }
+
+    #[test]
+    fn layer_lists_parse() {
+        assert_eq!(LayerChoice::parse_list("auto").unwrap(), None);
+        assert_eq!(LayerChoice::parse_list("6-8").unwrap(), Some(vec![6, 7, 8]));
+        assert_eq!(LayerChoice::parse_list(" 1, 3 ").unwrap(), Some(vec![1, 3]));
+        assert!(LayerChoice::parse_list("8-6").is_err());
+        assert!(LayerChoice::parse_list("x").is_err());
+    }
+
+    #[test]
+    fn every_named_method_exists() {
+        for n in METHOD_NAMES {
+            assert_eq!(Method::from_name(n).unwrap().name, *n);
+        }
+        assert!(Method::from_name("nope").is_err());
+    }
+
+    #[test]
+    fn overrides_apply() {
+        let o = EmbedOptions { bias: Some(3.0), layers: Some(vec![1, 2]), ..Default::default() };
+        let m = Method::from_name("kv").unwrap().with_options(&o).unwrap();
+        let r = m.reroute.unwrap();
+        assert_eq!(r.bias, 3.0);
+        assert_eq!(r.layers, LayerChoice::Fixed(vec![1, 2]));
+        let bad = EmbedOptions { bias: Some(f32::NAN), ..Default::default() };
+        assert!(Method::from_name("kv").unwrap().with_options(&bad).is_err());
+    }
+}

@@ -1,0 +1,813 @@
+//! `kvembed serve`: the inference server behind the PostgreSQL extension.
+//!
+//! One server per cluster. The extension's background worker starts it as a
+//! separate OS process (never a postmaster child), watches it and restarts it
+//! when it dies, so an out-of-memory kill or a crash in inference fails only
+//! the statements waiting on it, never the database.
+//!
+//! Sessions connect over a Unix socket (mode 0600, in a 0700 directory) and
+//! speak [`kvembed_proto`]. Inside the process:
+//!
+//! * the main thread accepts connections and gives each its own thread;
+//! * a loader thread loads the model while connections are already accepted:
+//!   `Status` answers `loading` meanwhile, other requests wait for the load;
+//!   a failed load is kept and reported to every request (the process stays
+//!   up so the error reaches the user instead of a restart loop);
+//! * one inference thread owns the model's compute: it takes jobs from a
+//!   queue and packs `Embed` requests with identical (role, options) from
+//!   different connections into one batch, up to a token budget, then splits
+//!   the results back. Jobs of clients that went away are skipped;
+//! * a watchdog thread exits when the parent (the supervisor) is gone.
+
+use crate::embedder::{Embedder, LayerSelection, LoadSpec, ModelInfo};
+use crate::{EngineError, Result};
+use kvembed_proto::{
+    self as proto, EmbedOptions, ErrorKind, Request, Response, Role, SelectOptions, Truncation,
+};
+use parking_lot::{Condvar, Mutex};
+use std::collections::VecDeque;
+use std::io::{self, BufReader, BufWriter, Write};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+/// How `kvembed serve` is started (its command-line flags).
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Unix socket to listen on; a stale socket file is replaced.
+    pub socket: PathBuf,
+    /// GGUF file, Hugging Face model directory, or repo id in the local cache.
+    pub model: String,
+    /// `cpu`, `cuda`, `cuda:N` or `auto`.
+    pub device: String,
+    /// Compute threads, 0 = all cores.
+    pub threads: usize,
+    /// Token budget of one batch (requests from different sessions are
+    /// packed together up to this many tokens; one larger request runs alone).
+    pub batch_tokens: usize,
+    /// Default `max_tokens` for requests that do not set one; 0 = the model's.
+    pub max_tokens: usize,
+}
+
+/// Serves until the process is killed, the parent goes away, or a client
+/// sends `Shutdown`. Errors only when the socket cannot be set up.
+pub fn serve(opts: ServeOptions) -> Result<()> {
+    exit_with_parent();
+    volunteer_for_oom_killer();
+    let listener = bind(&opts.socket)?;
+    log(&format!(
+        "listening on {} (model '{}', device {}, threads {}, batch_tokens {})",
+        opts.socket.display(),
+        opts.model,
+        opts.device,
+        opts.threads,
+        opts.batch_tokens
+    ));
+
+    let shared = Arc::new(Shared::new(opts));
+    {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("kvembed-load".into())
+            .spawn(move || load_model(&shared))
+            .map_err(|e| EngineError::Other(format!("cannot start the loader thread: {e}")))?;
+    }
+    {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("kvembed-infer".into())
+            .spawn(move || inference_loop(&shared))
+            .map_err(|e| EngineError::Other(format!("cannot start the inference thread: {e}")))?;
+    }
+
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                let shared = shared.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("kvembed-conn".into())
+                    .spawn(move || handle_connection(stream, &shared));
+                if let Err(e) = spawned {
+                    log(&format!("cannot start a connection thread: {e}"));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log(&format!("accept failed: {e}"));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Shared state
+
+enum ModelState {
+    Loading,
+    Ready(Arc<Embedder>, ModelInfo),
+    Failed(ErrorKind, String),
+}
+
+struct Shared {
+    opts: ServeOptions,
+    model: Mutex<ModelState>,
+    model_changed: Condvar,
+    queue: Mutex<VecDeque<Job>>,
+    queue_changed: Condvar,
+    requests_served: AtomicU64,
+    texts_served: AtomicU64,
+    tokens_served: AtomicU64,
+}
+
+impl Shared {
+    fn new(opts: ServeOptions) -> Shared {
+        Shared {
+            opts,
+            model: Mutex::new(ModelState::Loading),
+            model_changed: Condvar::new(),
+            queue: Mutex::new(VecDeque::new()),
+            queue_changed: Condvar::new(),
+            requests_served: AtomicU64::new(0),
+            texts_served: AtomicU64::new(0),
+            tokens_served: AtomicU64::new(0),
+        }
+    }
+
+    /// Blocks until the load has finished, one way or the other.
+    fn wait_loaded(&self) -> std::result::Result<(Arc<Embedder>, ModelInfo), (ErrorKind, String)> {
+        let mut state = self.model.lock();
+        loop {
+            match &*state {
+                ModelState::Loading => self.model_changed.wait(&mut state),
+                ModelState::Ready(e, info) => return Ok((e.clone(), info.clone())),
+                ModelState::Failed(kind, msg) => return Err((*kind, msg.clone())),
+            }
+        }
+    }
+
+    fn status(&self) -> proto::Status {
+        let queue_depth = self.queue.lock().len();
+        let threads = match self.opts.threads {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n => n,
+        };
+        let mut s = proto::Status {
+            model: self.opts.model.clone(),
+            device: self.opts.device.clone(),
+            threads,
+            queue_depth,
+            requests_served: self.requests_served.load(Ordering::Relaxed),
+            texts_served: self.texts_served.load(Ordering::Relaxed),
+            tokens_served: self.tokens_served.load(Ordering::Relaxed),
+            pid: std::process::id(),
+            ..Default::default()
+        };
+        match &*self.model.lock() {
+            ModelState::Loading => s.state = "loading".into(),
+            ModelState::Failed(_, msg) => {
+                s.state = "failed".into();
+                s.load_error = Some(msg.clone());
+            }
+            ModelState::Ready(_, info) => {
+                s.state = "ready".into();
+                // `model` stays the setting as given (what kvembed.model says);
+                // `model_id` identifies the weights.
+                s.model_id = info.model_id.clone();
+                s.architecture = info.architecture.clone();
+                s.dim = info.dim;
+                s.layers = info.layers;
+                s.device = info.device.clone();
+                s.default_method = info.default_method.clone();
+                s.default_layers = info.default_layers.clone();
+                s.default_bias = info.default_bias;
+                s.document_prompt = info.document_prompt.clone();
+                s.query_prompt = info.query_prompt.clone();
+                s.max_tokens = match self.opts.max_tokens {
+                    0 => info.max_tokens,
+                    n => n,
+                };
+            }
+        }
+        s
+    }
+}
+
+fn load_model(shared: &Shared) {
+    let opts = &shared.opts;
+    let started = Instant::now();
+    let outcome = if opts.model.trim().is_empty() {
+        Err((
+            ErrorKind::ModelLoad,
+            "no model configured: set kvembed.model (the --model flag) to a GGUF file, a Hugging Face \
+             model directory, or a repo id in the local Hugging Face cache"
+                .to_string(),
+        ))
+    } else {
+        let spec =
+            LoadSpec { model: opts.model.clone(), device: opts.device.clone(), threads: opts.threads };
+        match std::panic::catch_unwind(|| Embedder::load(&spec)) {
+            Ok(Ok(mut embedder)) => {
+                // One budget for both: the queue packs requests up to it and
+                // the decoder runs passes of at most that many padded tokens.
+                embedder.batch_tokens = opts.batch_tokens.max(1);
+                Ok(embedder)
+            }
+            Ok(Err(e)) => Err((e.kind(), e.to_string())),
+            Err(panic) => Err((
+                ErrorKind::ModelLoad,
+                format!("loading '{}' failed: {}", opts.model, panic_message(&panic)),
+            )),
+        }
+    };
+    let new_state = match outcome {
+        Ok(embedder) => {
+            let info = embedder.info();
+            log(&format!(
+                "model ready in {:.1}s: {} ({}, {} layers, dim {}, device {})",
+                started.elapsed().as_secs_f64(),
+                info.model,
+                info.architecture,
+                info.layers,
+                info.dim,
+                info.device
+            ));
+            ModelState::Ready(Arc::new(embedder), info)
+        }
+        Err((kind, message)) => {
+            log(&format!("model load failed: {message}"));
+            // Whatever the engine called it, a load failure is a load failure
+            // for the client; keep Internal only for panics inside candle.
+            let kind = if kind == ErrorKind::InvalidInput { ErrorKind::ModelLoad } else { kind };
+            ModelState::Failed(kind, message)
+        }
+    };
+    *shared.model.lock() = new_state;
+    shared.model_changed.notify_all();
+}
+
+// ---------------------------------------------------------------------------
+// Jobs and the inference thread
+
+enum Work {
+    Embed { texts: Vec<String>, role: Role, options: EmbedOptions, tokens: usize },
+    SelectLayers { texts: Vec<String>, options: SelectOptions },
+}
+
+enum Outcome {
+    /// Intermediate: `done` of `total` texts processed (select-layers only).
+    Progress(usize, usize),
+    Embeddings { vectors: Vec<Vec<f32>>, dim: usize, truncated: Vec<Truncation>, tokens: usize },
+    Layers(LayerSelection, usize),
+    Error(ErrorKind, String),
+}
+
+struct Job {
+    work: Work,
+    reply: mpsc::Sender<Outcome>,
+    /// Set by the connection thread when its client has gone away.
+    abandoned: Arc<AtomicBool>,
+}
+
+impl Job {
+    fn is_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Relaxed)
+    }
+}
+
+fn inference_loop(shared: &Shared) {
+    loop {
+        let batch = take_batch(shared);
+        if batch.is_empty() {
+            continue;
+        }
+        let (embedder, info) = match shared.wait_loaded() {
+            Ok(loaded) => loaded,
+            Err((kind, msg)) => {
+                for job in batch {
+                    let _ = job.reply.send(Outcome::Error(kind, msg.clone()));
+                }
+                continue;
+            }
+        };
+        if matches!(batch[0].work, Work::SelectLayers { .. }) {
+            for job in batch {
+                run_select_layers(&embedder, job);
+            }
+        } else {
+            run_embed_batch(shared, &embedder, info.dim, batch);
+        }
+    }
+}
+
+/// Waits for work, then takes the oldest job and, if it is an `Embed`, every
+/// other queued `Embed` with the same role and options that still fits the
+/// token budget. Other jobs keep their place in the queue.
+fn take_batch(shared: &Shared) -> Vec<Job> {
+    let mut queue = shared.queue.lock();
+    loop {
+        while queue.front().is_some_and(Job::is_abandoned) {
+            queue.pop_front();
+        }
+        if !queue.is_empty() {
+            break;
+        }
+        shared.queue_changed.wait(&mut queue);
+    }
+    let first = queue.pop_front().expect("queue is not empty");
+    let (role, options, mut total) = match &first.work {
+        Work::Embed { role, options, tokens, .. } => (*role, options.clone(), *tokens),
+        Work::SelectLayers { .. } => return vec![first],
+    };
+    let budget = shared.opts.batch_tokens.max(1);
+    let mut batch = vec![first];
+    let mut i = 0;
+    while i < queue.len() {
+        let job = &queue[i];
+        if job.is_abandoned() {
+            queue.remove(i);
+            continue;
+        }
+        let fits = match &job.work {
+            Work::Embed { role: r, options: o, tokens, .. } => {
+                *r == role && *o == options && total + tokens <= budget
+            }
+            Work::SelectLayers { .. } => false,
+        };
+        if fits {
+            if let Some(job) = queue.remove(i) {
+                if let Work::Embed { tokens, .. } = &job.work {
+                    total += tokens;
+                }
+                batch.push(job);
+            }
+        } else {
+            i += 1;
+        }
+    }
+    batch
+}
+
+fn run_embed_batch(shared: &Shared, embedder: &Embedder, dim: usize, batch: Vec<Job>) {
+    let batch: Vec<Job> = batch.into_iter().filter(|j| !j.is_abandoned()).collect();
+    if batch.is_empty() {
+        return;
+    }
+    let (role, options) = match &batch[0].work {
+        Work::Embed { role, options, .. } => (*role, options.clone()),
+        Work::SelectLayers { .. } => unreachable!("select-layers jobs are never batched"),
+    };
+    let mut texts = Vec::new();
+    for job in &batch {
+        if let Work::Embed { texts: t, .. } = &job.work {
+            texts.extend(t.iter().cloned());
+        }
+    }
+    match guarded(|| embedder.embed(&texts, role, &options)) {
+        Ok(out) => {
+            shared.tokens_served.fetch_add(out.tokens as u64, Ordering::Relaxed);
+            let mut vectors = out.vectors.into_iter();
+            let mut offset = 0;
+            for job in batch {
+                let Work::Embed { texts: t, tokens, .. } = &job.work else { continue };
+                let n = t.len();
+                let mine: Vec<Vec<f32>> = vectors.by_ref().take(n).collect();
+                let truncated = out
+                    .truncated
+                    .iter()
+                    .filter(|tr| tr.index >= offset && tr.index < offset + n)
+                    .map(|tr| Truncation { index: tr.index - offset, ..tr.clone() })
+                    .collect();
+                offset += n;
+                shared.requests_served.fetch_add(1, Ordering::Relaxed);
+                shared.texts_served.fetch_add(n as u64, Ordering::Relaxed);
+                let _ = job.reply.send(Outcome::Embeddings {
+                    vectors: mine,
+                    dim,
+                    truncated,
+                    tokens: *tokens,
+                });
+            }
+        }
+        Err(_) if batch.len() > 1 => {
+            // One request's bad input must not fail its batch-mates: run each
+            // on its own so every error lands on the request that caused it.
+            for job in batch {
+                run_embed_batch(shared, embedder, dim, vec![job]);
+            }
+        }
+        Err((kind, msg)) => {
+            for job in batch {
+                let _ = job.reply.send(Outcome::Error(kind, msg.clone()));
+            }
+        }
+    }
+}
+
+fn run_select_layers(embedder: &Embedder, job: Job) {
+    if job.is_abandoned() {
+        return;
+    }
+    let Work::SelectLayers { texts, options } = &job.work else { return };
+    let total = texts.len();
+    let mut done = 0;
+    let progress = |n: usize| {
+        done += n;
+        let _ = job.reply.send(Outcome::Progress(done, total));
+    };
+    let outcome = match guarded(|| embedder.select_layers_with_progress(texts, options, progress)) {
+        Ok(selection) => Outcome::Layers(selection, texts.len()),
+        Err((kind, msg)) => Outcome::Error(kind, msg),
+    };
+    let _ = job.reply.send(outcome);
+}
+
+/// Runs engine code, turning both errors and panics into (kind, message): a
+/// panic in one request must not take the server down for everyone else.
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> std::result::Result<T, (ErrorKind, String)> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err((e.kind(), e.to_string())),
+        Err(panic) => {
+            Err((ErrorKind::Internal, format!("the engine panicked: {}", panic_message(&panic))))
+        }
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Connections
+
+fn handle_connection(stream: UnixStream, shared: &Shared) {
+    let Ok(read_half) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(read_half);
+    let mut writer = BufWriter::new(&stream);
+    loop {
+        let request: Request = match proto::read_json(&mut reader) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                let _ = proto::write_json(
+                    &mut writer,
+                    &Response::Error { kind: ErrorKind::Protocol, message: format!("bad request: {e}") },
+                );
+                return;
+            }
+            Err(_) => return, // the client closed the connection
+        };
+        let sent = match request {
+            Request::Hello { version } => {
+                if version == proto::PROTOCOL_VERSION {
+                    proto::write_json(
+                        &mut writer,
+                        &Response::Hello { version: proto::PROTOCOL_VERSION, pid: std::process::id() },
+                    )
+                } else {
+                    let _ = proto::write_json(
+                        &mut writer,
+                        &Response::Error {
+                            kind: ErrorKind::Protocol,
+                            message: format!(
+                                "protocol version {version} requested, this kvembed server speaks {}: \
+                                 the extension and the kvembed binary come from different builds",
+                                proto::PROTOCOL_VERSION
+                            ),
+                        },
+                    );
+                    return;
+                }
+            }
+            Request::Status => proto::write_json(&mut writer, &Response::Status(shared.status())),
+            Request::Shutdown => {
+                let _ = proto::write_json(&mut writer, &Response::ShuttingDown { pid: std::process::id() });
+                log("shutting down on request");
+                let _ = std::fs::remove_file(&shared.opts.socket);
+                std::process::exit(0);
+            }
+            Request::Embed { texts, role, mut options } => {
+                if options.max_tokens.is_none() && shared.opts.max_tokens > 0 {
+                    options.max_tokens = Some(shared.opts.max_tokens);
+                }
+                match shared.wait_loaded() {
+                    Err((kind, message)) => {
+                        proto::write_json(&mut writer, &Response::Error { kind, message })
+                    }
+                    Ok((embedder, info)) => {
+                        let cap = options.max_tokens.unwrap_or(info.max_tokens).max(1);
+                        let mut texts = texts;
+                        if options.truncate != Some(false) {
+                            for t in &mut texts {
+                                cut_far_beyond(t, cap);
+                            }
+                        }
+                        let tokens = texts.iter().map(|t| estimate_tokens(&embedder, t, cap)).sum();
+                        let work = Work::Embed { texts, role, options, tokens };
+                        match submit(shared, &stream, &mut writer, work) {
+                            None => return,
+                            Some(outcome) => send_outcome(&mut writer, outcome),
+                        }
+                    }
+                }
+            }
+            Request::SelectLayers { texts, options } => {
+                match submit(shared, &stream, &mut writer, Work::SelectLayers { texts, options }) {
+                    None => return,
+                    Some(outcome) => send_outcome(&mut writer, outcome),
+                }
+            }
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+/// No token is anywhere near this long; a text longer than `cap` such tokens
+/// is truncated anyway.
+const MAX_BYTES_PER_TOKEN: usize = 64;
+
+/// With truncation on, only the first `cap` tokens matter: drop the bytes
+/// far beyond them before tokenising, so 10 MB of text (or one 10 MB
+/// "word", which byte-level BPE merges in quadratic time) costs no more than
+/// a long paragraph. The kept prefix tokenises exactly as before, because the
+/// cut lies well past the last token kept.
+fn cut_far_beyond(text: &mut String, cap: usize) {
+    let limit = cap.saturating_mul(MAX_BYTES_PER_TOKEN);
+    if text.len() > limit {
+        let mut end = limit;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+}
+
+/// Tokens a text will cost in a batch, for packing only: exact for ordinary
+/// texts, an estimate (never tokenising megabytes twice) for huge ones.
+fn estimate_tokens(embedder: &Embedder, text: &str, cap: usize) -> usize {
+    // ~4 bytes per token is generous for byte-level BPE; above that bound the
+    // text will be truncated to `cap` anyway.
+    if text.len() > cap.saturating_mul(16) {
+        return cap;
+    }
+    embedder.count_tokens(text).min(cap).max(1)
+}
+
+/// Queues the work and waits for its outcome. Returns `None` when the client
+/// went away meanwhile (the job is marked abandoned so the inference thread
+/// skips it if it has not started it yet).
+fn submit<W: Write>(shared: &Shared, stream: &UnixStream, writer: &mut W, work: Work) -> Option<Outcome> {
+    let (tx, rx) = mpsc::channel();
+    let abandoned = Arc::new(AtomicBool::new(false));
+    shared.queue.lock().push_back(Job { work, reply: tx, abandoned: abandoned.clone() });
+    shared.queue_changed.notify_one();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(progress @ Outcome::Progress(..)) => {
+                if send_outcome(writer, progress).is_err() {
+                    abandoned.store(true, Ordering::Relaxed);
+                    return None;
+                }
+            }
+            Ok(outcome) => return Some(outcome),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if client_gone(stream) {
+                    abandoned.store(true, Ordering::Relaxed);
+                    return None;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Some(Outcome::Error(ErrorKind::Internal, "the inference thread stopped".into()))
+            }
+        }
+    }
+}
+
+/// A client waits silently for its answer, so a readable socket while we are
+/// working means it closed the connection (cancelled statement).
+fn client_gone(stream: &UnixStream) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: a non-blocking peek of one byte into a buffer we own, on a
+    // socket we own; nothing is consumed.
+    let n = unsafe {
+        libc::recv(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0 => true,
+        n if n > 0 => false,
+        _ => io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock,
+    }
+}
+
+fn send_outcome<W: Write>(w: &mut W, outcome: Outcome) -> io::Result<()> {
+    match outcome {
+        Outcome::Embeddings { vectors, dim, truncated, tokens } => {
+            proto::write_json(
+                w,
+                &Response::Embeddings { count: vectors.len(), dim, truncated, tokens },
+            )?;
+            let flat: Vec<f32> = vectors.into_iter().flatten().collect();
+            proto::write_f32s(w, &flat)
+        }
+        Outcome::Layers(sel, texts) => proto::write_json(
+            w,
+            &Response::Layers { curve: sel.curve, selected: sel.selected, rule: sel.rule, texts },
+        ),
+        Outcome::Progress(done, total) => proto::write_json(w, &Response::Progress { done, total }),
+        Outcome::Error(kind, message) => proto::write_json(w, &Response::Error { kind, message }),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Process plumbing
+
+/// Binds the socket owner-only: the directory is created 0700 and the socket
+/// is created under a 077 umask, then set to 0600.
+fn bind(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| EngineError::io(dir, e))?;
+        }
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(EngineError::Other(format!(
+                "another kvembed server is already listening on {}",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path).map_err(|e| EngineError::io(path, e))?;
+    }
+    // SAFETY: umask only swaps the process's file-creation mask; no other
+    // thread creates files yet (the watchdog only reads getppid).
+    let old_mask = unsafe { libc::umask(0o077) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restores the previous mask.
+    unsafe { libc::umask(old_mask) };
+    let listener = bound.map_err(|e| EngineError::io(path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| EngineError::io(path, e))?;
+    Ok(listener)
+}
+
+/// The server must not outlive its supervisor: ask the kernel for SIGTERM when
+/// the parent dies, and poll the parent pid as a second line of defence (the
+/// signal is tied to the parent *thread*, and a parent that died before the
+/// prctl would be missed).
+fn exit_with_parent() {
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
+    if parent <= 1 {
+        return; // started by init or a container runtime: nobody to follow
+    }
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number; no memory is involved.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) };
+    let watch = move || loop {
+        // SAFETY: as above.
+        if unsafe { libc::getppid() } != parent {
+            log("supervisor is gone; exiting");
+            std::process::exit(0);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let _ = std::thread::Builder::new().name("kvembed-parent".into()).spawn(watch);
+}
+
+/// The model's memory lives here, not in PostgreSQL: if the machine runs out
+/// of memory, the kernel should pick this process, which the supervisor
+/// restarts, rather than a backend, which would restart the whole cluster.
+fn volunteer_for_oom_killer() {
+    let _ = std::fs::write("/proc/self/oom_score_adj", "1000");
+}
+
+fn log(msg: &str) {
+    eprintln!("kvembed serve[{}]: {msg}", std::process::id());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(role: Role, bias: Option<f32>, tokens: usize) -> (Job, mpsc::Receiver<Outcome>) {
+        let (tx, rx) = mpsc::channel();
+        let options = EmbedOptions { bias, ..Default::default() };
+        let work = Work::Embed { texts: vec!["x".into()], role, options, tokens };
+        (Job { work, reply: tx, abandoned: Arc::new(AtomicBool::new(false)) }, rx)
+    }
+
+    fn shared(batch_tokens: usize) -> Shared {
+        Shared::new(ServeOptions {
+            socket: PathBuf::from("/nonexistent"),
+            model: String::new(),
+            device: "cpu".into(),
+            threads: 1,
+            batch_tokens,
+            max_tokens: 0,
+        })
+    }
+
+    fn tokens_of(batch: &[Job]) -> Vec<usize> {
+        batch
+            .iter()
+            .map(|j| match &j.work {
+                Work::Embed { tokens, .. } => *tokens,
+                Work::SelectLayers { .. } => 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batches_group_identical_options_within_the_budget() {
+        let s = shared(100);
+        let mut keep = Vec::new();
+        for (role, bias, tokens) in [
+            (Role::Document, None, 40),
+            (Role::Query, None, 10),      // other role: stays queued
+            (Role::Document, Some(1.0), 10), // other options: stays queued
+            (Role::Document, None, 50),
+            (Role::Document, None, 20),   // over budget: next batch
+        ] {
+            let (j, rx) = job(role, bias, tokens);
+            keep.push(rx);
+            s.queue.lock().push_back(j);
+        }
+        assert_eq!(tokens_of(&take_batch(&s)), vec![40, 50]);
+        assert_eq!(tokens_of(&take_batch(&s)), vec![10]);
+        assert_eq!(tokens_of(&take_batch(&s)), vec![10]);
+        assert_eq!(tokens_of(&take_batch(&s)), vec![20]);
+        assert!(s.queue.lock().is_empty());
+    }
+
+    #[test]
+    fn oversized_request_runs_alone_and_abandoned_jobs_are_dropped() {
+        let s = shared(10);
+        let (a, _ra) = job(Role::Document, None, 500);
+        let (b, _rb) = job(Role::Document, None, 5);
+        let (c, _rc) = job(Role::Document, None, 5);
+        b.abandoned.store(true, Ordering::Relaxed);
+        for j in [a, b, c] {
+            s.queue.lock().push_back(j);
+        }
+        assert_eq!(tokens_of(&take_batch(&s)), vec![500]);
+        assert_eq!(tokens_of(&take_batch(&s)), vec![5]);
+        assert!(s.queue.lock().is_empty());
+    }
+
+    #[test]
+    fn huge_texts_are_cut_on_a_char_boundary_far_beyond_the_cap() {
+        let mut t = "é".repeat(10_000); // 2 bytes per char
+        cut_far_beyond(&mut t, 10);
+        assert!(t.len() <= 10 * MAX_BYTES_PER_TOKEN && t.len() >= 10 * MAX_BYTES_PER_TOKEN - 1);
+        assert!(t.chars().all(|c| c == 'é'));
+        let mut short = "short".to_string();
+        cut_far_beyond(&mut short, 10);
+        assert_eq!(short, "short");
+    }
+
+    #[test]
+    fn empty_model_setting_fails_with_a_clear_error() {
+        let s = shared(10);
+        load_model(&s);
+        let status = s.status();
+        assert_eq!(status.state, "failed");
+        assert!(status.load_error.unwrap().contains("kvembed.model"));
+    }
+
+    #[test]
+    fn socket_is_owner_only_and_stale_files_are_replaced() {
+        let dir = std::env::temp_dir().join(format!("kvembed-server-test-{}", std::process::id()));
+        let sock = dir.join("sub").join("engine.sock");
+        let first = bind(&sock).unwrap();
+        drop(first); // leaves a stale socket file behind
+        let listener = bind(&sock).unwrap();
+        let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let dir_mode = std::fs::metadata(sock.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(dir_mode, 0o700);
+        // A live server is never replaced.
+        assert!(bind(&sock).is_err());
+        drop(listener);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,136 @@
+//! The shared decoder against Hugging Face transformers on tiny generated
+//! models of every supported family (goldens made by scripts/make_goldens.py),
+//! with and without KV re-routing.
+
+use kvembed_engine::{Embedder, LoadSpec};
+use std::path::PathBuf;
+
+fn golden_dir(arch: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(arch)
+}
+
+fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f64>]) -> f64 {
+    assert_eq!(a.len(), b.len(), "sequence length differs");
+    let mut m: f64 = 0.0;
+    for (ra, rb) in a.iter().zip(b) {
+        assert_eq!(ra.len(), rb.len(), "hidden size differs");
+        for (x, y) in ra.iter().zip(rb) {
+            m = m.max((*x as f64 - y).abs());
+        }
+    }
+    m
+}
+
+fn check(arch: &str) {
+    let dir = golden_dir(arch);
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let e = Embedder::load(&LoadSpec::new(dir.to_str().unwrap())).unwrap();
+    for case in golden["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let ids: Vec<u32> = case["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        // The tokenizer reproduces the reference ids (BOS included where the model wants it).
+        let mut ours = Vec::new();
+        if e.tokenizer.add_bos {
+            ours.extend(e.tokenizer.bos);
+        }
+        ours.extend(e.tokenizer.encode(case["text"].as_str().unwrap()).unwrap());
+        assert_eq!(ours, ids, "{arch}/{name}: token ids differ from the reference tokenizer");
+
+        let expected: Vec<Vec<f64>> = serde_json::from_value(case["final_hidden"].clone()).unwrap();
+        let layers: Option<Vec<usize>> =
+            case.get("reroute_layers").map(|v| serde_json::from_value(v.clone()).unwrap());
+        let bias = case.get("bias").and_then(|b| b.as_f64()).unwrap_or(0.0) as f32;
+        let got = e.forward_hidden(&ids, layers.as_deref().map(|l| (l, bias))).unwrap();
+        let d = max_abs_diff(&got, &expected);
+        assert!(d < 1e-4, "{arch}/{name}: max |diff| {d:e} against transformers");
+    }
+    // Re-routing must change something, or the reroute goldens prove nothing.
+    let plain = &golden["cases"][0];
+    let rr = &golden["cases"][1];
+    let a: Vec<Vec<f64>> = serde_json::from_value(plain["final_hidden"].clone()).unwrap();
+    let b: Vec<Vec<f64>> = serde_json::from_value(rr["final_hidden"].clone()).unwrap();
+    if plain["input_ids"] == rr["input_ids"] {
+        let diff: f64 = a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+        assert!(diff > 1e-3, "{arch}: re-routing golden equals the plain one");
+    }
+}
+
+#[test]
+fn llama_matches_transformers() {
+    check("llama");
+}
+
+#[test]
+fn llama_sharded_safetensors_match_transformers() {
+    check("llama-sharded");
+}
+
+#[test]
+fn mistral_sliding_window_matches_transformers() {
+    check("mistral");
+}
+
+#[test]
+fn qwen2_qkv_bias_matches_transformers() {
+    check("qwen2");
+}
+
+#[test]
+fn qwen3_qk_norm_matches_transformers() {
+    check("qwen3");
+}
+
+#[test]
+fn gemma3_matches_transformers() {
+    check("gemma3");
+}
+
+#[test]
+fn batched_and_one_by_one_embeddings_agree() {
+    // Different lengths in one batch: each sequence re-routes its own last
+    // real token and padding never leaks.
+    let dir = golden_dir("gemma3");
+    let e = Embedder::load(&LoadSpec::new(dir.to_str().unwrap())).unwrap();
+    let texts: Vec<String> = ["a", "The cat sat on the mat.", "We read the text and the query, twice over and again.", ""]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for method in ["kv", "kv-paper", "mean", "echo", "token-prepending"] {
+        let opts = kvembed_engine::proto::EmbedOptions { method: Some(method.into()), ..Default::default() };
+        let batched = e.embed(&texts, kvembed_engine::proto::Role::Document, &opts).unwrap().vectors;
+        for (i, t) in texts.iter().enumerate() {
+            let single = e.embed(std::slice::from_ref(t), kvembed_engine::proto::Role::Document, &opts).unwrap().vectors;
+            let d = batched[i].iter().zip(&single[0]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(d < 1e-5, "{method}: text {i} differs by {d} between batched and single");
+        }
+    }
+}
+
+#[test]
+fn errors_are_specific() {
+    let err = Embedder::load(&LoadSpec::new("/no/such/model.gguf")).map(|_| ()).unwrap_err();
+    assert!(err.to_string().contains("/no/such/model.gguf"), "{err}");
+
+    // An unsupported architecture names itself.
+    let tmp = std::env::temp_dir().join(format!("kvembed-arch-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let src = golden_dir("llama");
+    for f in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(src.join(f), tmp.join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["model_type"] = "falcon".into();
+    std::fs::write(tmp.join("config.json"), cfg.to_string()).unwrap();
+    let err = Embedder::load(&LoadSpec::new(tmp.to_str().unwrap())).map(|_| ()).unwrap_err();
+    assert!(err.to_string().contains("unsupported architecture 'falcon'"), "{err}");
+
+    // A tokenizer larger than the embedding table does not match the weights.
+    cfg["model_type"] = "llama".into();
+    cfg["vocab_size"] = 100.into();
+    std::fs::write(tmp.join("config.json"), cfg.to_string()).unwrap();
+    let err = Embedder::load(&LoadSpec::new(tmp.to_str().unwrap())).map(|_| ()).unwrap_err();
+    assert!(matches!(err, kvembed_engine::EngineError::TokenizerMismatch(_) | kvembed_engine::EngineError::Corrupt { .. }), "{err}");
+    std::fs::remove_dir_all(&tmp).ok();
+}

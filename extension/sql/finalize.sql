@@ -1,0 +1,144 @@
+-- kvembed install script, part 2 (runs after the functions pgrx generates):
+-- the parts of the SQL API written in SQL and PL/pgSQL, and privileges.
+
+-- kv_status(): one row describing the engine and this session's settings.
+CREATE FUNCTION @extschema@.kv_status()
+RETURNS TABLE (
+  state text, model text, model_id text, architecture text, dim int, n_layers int, device text,
+  method text, layers int[], layers_source text, bias real, document_prompt text, query_prompt text,
+  max_tokens int, on_overflow text, batch_tokens int, threads int, queue_depth int,
+  requests_served bigint, texts_served bigint, tokens_served bigint,
+  engine_pid int, supervisor_pid int, engine_restarts bigint, last_exit text, load_error text)
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT * FROM jsonb_to_record(kvembed.status_json()) AS s(
+    state text, model text, model_id text, architecture text, dim int, n_layers int, device text,
+    method text, layers int[], layers_source text, bias real, document_prompt text, query_prompt text,
+    max_tokens int, on_overflow text, batch_tokens int, threads int, queue_depth int,
+    requests_served bigint, texts_served bigint, tokens_served bigint,
+    engine_pid int, supervisor_pid int, engine_restarts bigint, last_exit text, load_error text)
+$$;
+COMMENT ON FUNCTION @extschema@.kv_status() IS
+  'The engine''s model, device, state and counters, and the session''s effective embedding settings';
+
+-- kv_select_layers(): choose the re-routing layers for the loaded model from
+-- the intrinsic dimension (TwoNN) of a sample of a column, store the choice,
+-- and return the per-layer curve. Reads the table with the caller's
+-- privileges (row-level security applies); names are quoted by regclass
+-- output and %I.
+CREATE FUNCTION @extschema@.kv_select_layers(
+  tbl regclass, col name, sample_size int DEFAULT 512, store boolean DEFAULT true)
+RETURNS TABLE (layer int, intrinsic_dimension float8, selected bool)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+  texts text[];
+  n int;
+  result jsonb;
+  started timestamptz := clock_timestamp();
+  source text := format('%s.%I', tbl, col);
+BEGIN
+  IF sample_size IS NULL OR sample_size < 1 THEN
+    RAISE EXCEPTION 'kv_select_layers: sample_size must be positive, got %', sample_size
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF store AND NOT (has_table_privilege('kvembed.calibration', 'INSERT')
+                    AND has_table_privilege('kvembed.calibration', 'UPDATE')) THEN
+    RAISE EXCEPTION 'kv_select_layers: permission denied to store a calibration'
+      USING ERRCODE = 'insufficient_privilege',
+            HINT = 'Superusers and members of kvembed_admin store calibrations; pass store => false to only compute the curve.';
+  END IF;
+
+  RAISE NOTICE 'kv_select_layers: sampling up to % non-null values of %', sample_size, source;
+  EXECUTE format(
+    'SELECT array_agg(v) FROM (SELECT %1$I::text AS v FROM %2$s WHERE %1$I IS NOT NULL ORDER BY random() LIMIT %3$s) s',
+    col, tbl, sample_size)
+  INTO texts;
+  n := coalesce(cardinality(texts), 0);
+  IF n = 0 THEN
+    RAISE EXCEPTION 'kv_select_layers: % has no non-null values to sample', source
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+
+  RAISE NOTICE 'kv_select_layers: running the model over % texts and measuring every layer', n;
+  result := kvembed.select_layers_raw(texts);
+  RAISE NOTICE 'kv_select_layers: selected layers % (%) in % s', result->'selected', result->>'rule',
+    round(extract(epoch FROM clock_timestamp() - started)::numeric, 1);
+
+  IF store THEN
+    INSERT INTO kvembed.calibration AS c (model_id, layers, curve, rule, source, sample_size)
+    VALUES (result->>'model_id',
+            ARRAY(SELECT jsonb_array_elements_text(result->'selected')::int),
+            result->'curve', result->>'rule', source, n)
+    ON CONFLICT (model_id) DO UPDATE
+      SET layers = EXCLUDED.layers, curve = EXCLUDED.curve, rule = EXCLUDED.rule,
+          source = EXCLUDED.source, sample_size = EXCLUDED.sample_size,
+          created_by = current_user, created_at = now();
+    RAISE NOTICE 'kv_select_layers: stored for model %; kv_embed uses it while kvembed.layers = ''auto''',
+      result->>'model_id';
+  END IF;
+
+  RETURN QUERY
+    SELECT (p->>'layer')::int, (p->>'intrinsic_dimension')::float8, (p->>'selected')::bool
+    FROM jsonb_array_elements(result->'curve') AS p
+    ORDER BY 1;
+END
+$fn$;
+COMMENT ON FUNCTION @extschema@.kv_select_layers(regclass, name, int, boolean) IS
+  'Selects the re-routing layers by TwoNN intrinsic dimension on a sample of a column and stores them';
+
+-- kv_backfill(): fill NULL embeddings of an existing table in batches,
+-- committing after each batch (so it must be CALLed outside a transaction
+-- block) and reporting progress. Safe to interrupt and re-run; rows locked
+-- by others are skipped and picked up by a later batch or run.
+CREATE PROCEDURE @extschema@.kv_backfill(
+  tbl regclass, text_col name, vec_col name, batch_size int DEFAULT 256)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+  total bigint;
+  done bigint := 0;
+  n bigint;
+  started timestamptz := pg_catalog.clock_timestamp();
+  secs float8;
+BEGIN
+  IF batch_size IS NULL OR batch_size < 1 THEN
+    RAISE EXCEPTION 'kv_backfill: batch_size must be positive, got %', batch_size
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  EXECUTE pg_catalog.format('SELECT count(*) FROM %s WHERE %I IS NULL AND %I IS NOT NULL',
+                            tbl, vec_col, text_col)
+    INTO total;
+  RAISE NOTICE 'kv_backfill: % rows of % to embed', total, tbl;
+  LOOP
+    EXECUTE pg_catalog.format($q$
+      WITH batch AS (
+        SELECT ctid AS tid, %2$I::text AS t FROM %1$s
+        WHERE %3$I IS NULL AND %2$I IS NOT NULL
+        LIMIT %4$s FOR UPDATE SKIP LOCKED),
+      packed AS (SELECT array_agg(tid) AS tids, array_agg(t) AS ts FROM batch),
+      embedded AS (
+        SELECT e.tid, e.v FROM packed, unnest(packed.tids, @extschema@.kv_embed_batch(packed.ts)) AS e(tid, v)
+        WHERE packed.tids IS NOT NULL)
+      UPDATE %1$s AS x SET %3$I = embedded.v FROM embedded WHERE x.ctid = embedded.tid
+    $q$, tbl, text_col, vec_col, batch_size);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    EXIT WHEN n = 0;
+    done := done + n;
+    COMMIT;
+    secs := extract(epoch FROM pg_catalog.clock_timestamp() - started);
+    RAISE NOTICE 'kv_backfill: %/% rows (% rows/s)', done, total,
+      round((done / greatest(secs, 0.001))::numeric, 1);
+  END LOOP;
+  RAISE NOTICE 'kv_backfill: done, % rows embedded in % s', done,
+    round(extract(epoch FROM pg_catalog.clock_timestamp() - started)::numeric, 1);
+END
+$fn$;
+COMMENT ON PROCEDURE @extschema@.kv_backfill(regclass, name, name, int) IS
+  'Embeds the NULL vectors of a table in batches, committing and reporting progress as it goes';
+
+-- Only superusers and kvembed_admin restart the engine.
+REVOKE EXECUTE ON FUNCTION @extschema@.kv_restart() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.kv_restart() TO kvembed_admin;

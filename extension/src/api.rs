@@ -1,0 +1,193 @@
+//! The SQL functions implemented in Rust. The rest of the SQL surface
+//! (`kv_status`, `kv_select_layers`, `kv_backfill`) is written in SQL on top
+//! of these, in `sql/finalize.sql`.
+
+use crate::calibration;
+use crate::client;
+use crate::settings::{self, LayerChoice};
+use crate::text::DbText;
+use crate::vector::{HalfVec, Vector};
+use kvembed_proto::{EmbedOptions, Response, Role, SelectOptions, Truncation};
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::JsonB;
+
+/// Embeds one text as a pgvector `vector` (L2-normalised). `role` is
+/// 'document' (default) or 'query': queries get the query prompt.
+#[pg_extern(immutable, strict, parallel_safe)]
+fn kv_embed(input: DbText, role: default!(&str, "'document'")) -> Vector {
+    Vector(embed_texts(vec![input.into_utf8()], role).pop().unwrap_or_default())
+}
+
+/// Same as `kv_embed`, as a `halfvec`: HNSW indexes `halfvec` up to 4,000
+/// dimensions (`vector` only up to 2,000).
+#[pg_extern(immutable, strict, parallel_safe)]
+fn kv_embed_half(input: DbText, role: default!(&str, "'document'")) -> HalfVec {
+    HalfVec(embed_texts(vec![input.into_utf8()], role).pop().unwrap_or_default())
+}
+
+/// Embeds many texts in one engine request; NULL elements give NULL.
+#[pg_extern(immutable, strict, parallel_safe)]
+fn kv_embed_batch(inputs: Array<'_, DbText>, role: default!(&str, "'document'")) -> Vec<Option<Vector>> {
+    let items: Vec<Option<String>> = inputs.iter().map(|t| t.map(DbText::into_utf8)).collect();
+    let texts: Vec<String> = items.iter().flatten().cloned().collect();
+    let mut vectors = if texts.is_empty() { Vec::new() } else { embed_texts(texts, role) }.into_iter();
+    items.into_iter().map(|t| t.and_then(|_| vectors.next().map(Vector))).collect()
+}
+
+/// Everything the engine and its supervisor report, with the session's
+/// effective settings (`kv_status()` turns it into columns).
+#[pg_extern(volatile, parallel_safe, schema = "kvembed")]
+fn status_json() -> JsonB {
+    let s = client::status();
+    let supervisor = crate::worker::read_state().unwrap_or_default();
+    let (layers, layers_source) = match settings::layers() {
+        LayerChoice::Explicit(l) => (l, "setting"),
+        LayerChoice::Default => (s.default_layers.clone(), "default"),
+        LayerChoice::Auto => match calibration::layers_for(&s.model_id) {
+            Some(l) => (l, "calibration"),
+            None => (s.default_layers.clone(), "default"),
+        },
+    };
+    let opts = settings::embed_options(None);
+    let engine = settings::EngineSettings::current();
+    JsonB(serde_json::json!({
+        "state": s.state,
+        "model": s.model,
+        "model_id": s.model_id,
+        "architecture": s.architecture,
+        "dim": s.dim,
+        "n_layers": s.layers,
+        "device": s.device,
+        "method": opts.method.unwrap_or(s.default_method),
+        "layers": layers,
+        "layers_source": layers_source,
+        "bias": opts.bias.unwrap_or(s.default_bias),
+        "document_prompt": opts.document_prompt.unwrap_or(s.document_prompt),
+        "query_prompt": opts.query_prompt.unwrap_or(s.query_prompt),
+        "max_tokens": opts.max_tokens.unwrap_or(s.max_tokens),
+        "on_overflow": if opts.truncate == Some(false) { "error" } else { "truncate" },
+        "batch_tokens": engine.batch_tokens,
+        "threads": s.threads,
+        "queue_depth": s.queue_depth,
+        "requests_served": s.requests_served,
+        "texts_served": s.texts_served,
+        "tokens_served": s.tokens_served,
+        "engine_pid": s.pid,
+        "supervisor_pid": supervisor.supervisor_pid,
+        "engine_restarts": supervisor.restarts,
+        "last_exit": supervisor.last_exit,
+        "load_error": s.load_error,
+    }))
+}
+
+/// Runs TwoNN over `texts` at every layer (`kv_select_layers()` samples the
+/// texts, stores the result and returns the rows).
+#[pg_extern(volatile, parallel_unsafe, schema = "kvembed")]
+fn select_layers_raw(
+    texts: Array<'_, DbText>,
+    window: default!(Option<i32>, "NULL"),
+    skip_fraction: default!(Option<f32>, "NULL"),
+) -> JsonB {
+    let texts: Vec<String> = texts.iter().flatten().map(DbText::into_utf8).collect();
+    let n = texts.len();
+    let options = SelectOptions {
+        skip_fraction,
+        window: window.map(|w| w.max(1) as usize),
+        representation: None,
+        max_tokens: settings::embed_options(None).max_tokens,
+    };
+    let model_id = client::with_engine(true, |e| Ok(e.status.model_id.clone()));
+    match client::select_layers(texts, options) {
+        Response::Layers { curve, selected, rule, texts } => {
+            calibration::invalidate();
+            JsonB(serde_json::json!({
+                "model_id": model_id,
+                "curve": curve,
+                "selected": selected,
+                "rule": rule,
+                "texts": texts.max(n),
+            }))
+        }
+        _ => unreachable!("client::select_layers returns Layers or raises"),
+    }
+}
+
+/// Restarts the engine (superusers and members of kvembed_admin): it exits
+/// and its supervisor starts a fresh one with the current settings.
+/// Statements waiting on it fail. Returns false when no engine was running
+/// (one is started).
+#[pg_extern(volatile, parallel_unsafe)]
+fn kv_restart() -> bool {
+    match client::shutdown() {
+        Some(pid) => {
+            notice!("kvembed: engine pid {pid} is restarting");
+            true
+        }
+        None => {
+            crate::worker::ensure_supervisor();
+            false
+        }
+    }
+}
+
+fn parse_role(role: &str) -> Role {
+    Role::parse(role).unwrap_or_else(|| {
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("kvembed: unknown role '{role}'"),
+            "kvembed",
+        )
+        .set_hint("Use 'document' (the default) or 'query'.")
+        .report(PgLogLevel::ERROR);
+        unreachable!()
+    })
+}
+
+/// The request options for this session: its settings, with `layers = auto`
+/// resolved against the stored calibration of the loaded model.
+fn request_options() -> EmbedOptions {
+    let layers = match settings::layers() {
+        LayerChoice::Explicit(l) => Some(l),
+        LayerChoice::Default => None,
+        LayerChoice::Auto => {
+            let model_id = client::with_engine(true, |e| Ok(e.status.model_id.clone()));
+            calibration::layers_for(&model_id)
+        }
+    };
+    settings::embed_options(layers)
+}
+
+fn embed_texts(texts: Vec<String>, role: &str) -> Vec<Vec<f32>> {
+    let role = parse_role(role);
+    let options = request_options();
+    let count = texts.len();
+    let out = client::embed(texts, role, options);
+    if out.vectors.len() != count {
+        client::raise(
+            kvembed_proto::ErrorKind::Protocol,
+            &format!("asked for {count} embeddings, got {}", out.vectors.len()),
+        );
+    }
+    report_truncations(&out.truncated, count);
+    out.vectors
+}
+
+fn report_truncations(truncated: &[Truncation], count: usize) {
+    match truncated {
+        [] => {}
+        [t] if count == 1 => notice!(
+            "kvembed: text truncated from {} to {} tokens (kvembed.max_tokens; set kvembed.on_overflow = 'error' to refuse instead)",
+            t.tokens,
+            t.kept
+        ),
+        many => {
+            let longest = many.iter().map(|t| t.tokens).max().unwrap_or(0);
+            let kept = many.iter().map(|t| t.kept).max().unwrap_or(0);
+            notice!(
+                "kvembed: {} of {count} texts truncated to {kept} tokens (the longest had {longest}; kvembed.max_tokens)",
+                many.len()
+            );
+        }
+    }
+}

@@ -1,0 +1,394 @@
+//! A session's connection to the engine (`kvembed serve`).
+//!
+//! One Unix-socket connection per backend, kept between statements. Every
+//! wait (for the engine to start, for its model to load, for a reply) sleeps
+//! on the backend's latch together with the socket, so `statement_timeout`
+//! and `pg_cancel_backend()` interrupt it at once. A cancelled request simply
+//! closes the socket (the connection is a local that the error unwinds
+//! through); the engine notices and drops the work.
+
+use crate::worker;
+use kvembed_proto::{self as proto, ErrorKind, Request, Response, Status};
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use std::cell::RefCell;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+/// An open, greeted connection and what the engine said about itself.
+pub struct Engine {
+    stream: UnixStream,
+    /// The engine's status when this connection was made ready.
+    pub status: Status,
+}
+
+thread_local! {
+    static CACHED: RefCell<Option<Engine>> = const { RefCell::new(None) };
+}
+
+/// What one `Embed` request returned.
+pub struct Embedded {
+    pub vectors: Vec<Vec<f32>>,
+    pub truncated: Vec<proto::Truncation>,
+}
+
+/// Runs `f` on the session's engine connection, connecting (and starting the
+/// engine) first if needed. Any I/O failure drops the connection and raises
+/// an ERROR: a request is never silently retried, since the engine may have
+/// died because of it.
+pub fn with_engine<T>(wait_ready: bool, f: impl FnOnce(&mut Engine) -> io::Result<T>) -> T {
+    let cached = CACHED.with(|c| c.borrow_mut().take()).filter(|e| e.is_idle_and_alive());
+    let mut engine = match cached {
+        Some(e) if !wait_ready || e.status.state != "loading" => e,
+        _ => connect(wait_ready),
+    };
+    match f(&mut engine) {
+        Ok(v) => {
+            CACHED.with(|c| *c.borrow_mut() = Some(engine));
+            v
+        }
+        Err(e) => {
+            drop(engine);
+            lost_connection(e)
+        }
+    }
+}
+
+/// Embeds `texts` with the session's settings; ERRORs carry the engine's
+/// message under a SQLSTATE that fits it.
+pub fn embed(texts: Vec<String>, role: proto::Role, options: proto::EmbedOptions) -> Embedded {
+    let request = Request::Embed { texts, role, options };
+    let (response, vectors) = with_engine(true, |engine| {
+        let response = engine.call(&request)?;
+        let values = match &response {
+            Response::Embeddings { .. } => Some(proto::read_f32s(&mut engine.io())?),
+            _ => None,
+        };
+        Ok((response, values))
+    });
+    match response {
+        Response::Error { kind, message } => raise(kind, &message),
+        Response::Embeddings { count, dim, truncated, .. } => {
+            let values = vectors.unwrap_or_default();
+            if values.len() != count * dim {
+                protocol_error(&format!("expected {count}x{dim} values, got {}", values.len()));
+            }
+            let vectors = if dim == 0 {
+                vec![Vec::new(); count]
+            } else {
+                values.chunks_exact(dim).map(<[f32]>::to_vec).collect()
+            };
+            if vectors.iter().flatten().any(|v| !v.is_finite()) {
+                ErrorReport::new(
+                    PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                    "kvembed: the engine returned a non-finite value",
+                    "kvembed",
+                )
+                .report(PgLogLevel::ERROR);
+            }
+            Embedded { vectors, truncated }
+        }
+        other => unexpected(other),
+    }
+}
+
+/// Sends `SelectLayers` and returns the raw response (the SQL side turns it
+/// into rows and stores it). The engine's progress reports become NOTICEs,
+/// at most one every few seconds.
+pub fn select_layers(texts: Vec<String>, options: proto::SelectOptions) -> Response {
+    let request = Request::SelectLayers { texts, options };
+    let response = with_engine(true, |engine| {
+        proto::write_json(&mut engine.io(), &request)?;
+        let started = Instant::now();
+        let mut last_notice = Instant::now();
+        loop {
+            match proto::read_json(&mut engine.io())? {
+                Response::Progress { done, total } => {
+                    if last_notice.elapsed() >= Duration::from_secs(5) && done < total {
+                        last_notice = Instant::now();
+                        notice!(
+                            "kv_select_layers: {done}/{total} texts through the model ({:.0} s)",
+                            started.elapsed().as_secs_f64()
+                        );
+                    }
+                }
+                other => return Ok(other),
+            }
+        }
+    });
+    match response {
+        Response::Error { kind, message } => raise(kind, &message),
+        r @ Response::Layers { .. } => r,
+        other => unexpected(other),
+    }
+}
+
+/// The engine's status without waiting for a model load (it may be
+/// `loading` or `failed`); starts the engine if it is not running.
+pub fn status() -> Status {
+    match with_engine(false, |engine| engine.call(&Request::Status)) {
+        Response::Error { kind, message } => raise(kind, &message),
+        Response::Status(s) => s,
+        other => unexpected(other),
+    }
+}
+
+/// Asks the engine to exit; its supervisor starts a new one at once.
+/// Returns the pid that was asked, or None when no engine was running.
+pub fn shutdown() -> Option<u32> {
+    CACHED.with(|c| c.borrow_mut().take());
+    let stream = UnixStream::connect(worker::socket_path()).ok()?;
+    stream.set_nonblocking(true).ok()?;
+    let mut engine = Engine { stream, status: Status::default() };
+    match engine.call(&Request::Shutdown) {
+        Ok(Response::ShuttingDown { pid }) => Some(pid),
+        _ => None,
+    }
+}
+
+impl Engine {
+    fn io(&self) -> Interruptible<'_> {
+        Interruptible(&self.stream)
+    }
+
+    /// One request, one JSON response (an `Embeddings` response's vectors
+    /// are read by the caller). Engine errors come back as
+    /// `Response::Error`: the connection is still good, and the caller raises
+    /// them once the connection is back in the cache.
+    fn call(&mut self, request: &Request) -> io::Result<Response> {
+        proto::write_json(&mut self.io(), request)?;
+        proto::read_json(&mut self.io())
+    }
+
+    /// An idle connection has nothing to read; if it is readable, the engine
+    /// closed it (it exited or restarted since the last statement).
+    fn is_idle_and_alive(&self) -> bool {
+        matches!(peek(&self.stream), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+/// Peeks one byte without blocking or consuming it: `Ok(0)` means the peer
+/// closed, `WouldBlock` that nothing is pending.
+fn peek(stream: &UnixStream) -> io::Result<usize> {
+    let mut byte = 0u8;
+    // SAFETY: recv into a one-byte buffer we own, on a socket we own.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Connects, starting the supervisor if nobody listens, and (if asked)
+/// waits until the model has loaded or failed. Bounded by
+/// `kvembed.start_timeout`; interruptible throughout.
+fn connect(wait_ready: bool) -> Engine {
+    let timeout = crate::settings::start_timeout();
+    let deadline = Instant::now() + timeout;
+    let path = worker::socket_path();
+    let mut last_problem = String::from("the engine socket does not exist yet");
+    loop {
+        match UnixStream::connect(&path) {
+            Ok(stream) => match greet(stream, wait_ready, deadline) {
+                Ok(engine) if wait_ready && engine.status.state == "loading" => {
+                    last_problem = format!("the engine is still loading '{}'", engine.status.model);
+                }
+                Ok(engine) => return engine,
+                Err(e) => last_problem = format!("the engine closed the connection: {e}"),
+            },
+            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
+                worker::ensure_supervisor();
+            }
+            Err(e) => last_problem = format!("cannot connect to {}: {e}", path.display()),
+        }
+        if Instant::now() >= deadline {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+                format!(
+                    "kvembed: the engine did not start within kvembed.start_timeout ({} s): {last_problem}",
+                    timeout.as_secs()
+                ),
+                "kvembed",
+            )
+            .set_hint("See the server log for lines from \"kvembed\"; SELECT * FROM kv_status() shows the engine's state.")
+            .report(PgLogLevel::ERROR);
+        }
+        sleep_interruptibly(Duration::from_millis(100));
+    }
+}
+
+fn greet(stream: UnixStream, wait_ready: bool, deadline: Instant) -> io::Result<Engine> {
+    stream.set_nonblocking(true)?;
+    let mut engine = Engine { stream, status: Status::default() };
+    match engine.call(&Request::Hello { version: proto::PROTOCOL_VERSION })? {
+        Response::Hello { .. } => {}
+        Response::Error { kind, message } => raise(kind, &message),
+        other => unexpected(other),
+    }
+    loop {
+        match engine.call(&Request::Status)? {
+            Response::Status(s) => engine.status = s,
+            Response::Error { kind, message } => raise(kind, &message),
+            other => unexpected(other),
+        }
+        if !wait_ready || engine.status.state != "loading" || Instant::now() >= deadline {
+            return Ok(engine);
+        }
+        sleep_interruptibly(Duration::from_millis(100));
+    }
+}
+
+/// Reads and writes on the non-blocking socket, sleeping on the latch and
+/// the socket between attempts and checking for interrupts on every wake-up.
+struct Interruptible<'a>(&'a UnixStream);
+
+impl Read for Interruptible<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match (&*self.0).read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait_socket(self.0, pg_sys::WL_SOCKET_READABLE)
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                other => return other,
+            }
+        }
+    }
+}
+
+impl Write for Interruptible<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            match (&*self.0).write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait_socket(self.0, pg_sys::WL_SOCKET_WRITEABLE)
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                other => return other,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn wait_socket(stream: &UnixStream, event: u32) {
+    let events = (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH | event) as i32;
+    // SAFETY: MyLatch is the backend's own latch; the socket fd stays open for
+    // the duration of the call (we hold a reference to the stream).
+    unsafe {
+        let rc = pg_sys::WaitLatchOrSocket(
+            pg_sys::MyLatch,
+            events,
+            stream.as_raw_fd(),
+            1000,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        if rc & pg_sys::WL_LATCH_SET as i32 != 0 {
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+    }
+    pg_sys::check_for_interrupts!();
+}
+
+pub fn sleep_interruptibly(d: Duration) {
+    let events = (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32;
+    // SAFETY: waits on the backend's own latch.
+    unsafe {
+        let rc = pg_sys::WaitLatch(pg_sys::MyLatch, events, d.as_millis() as _, pg_sys::PG_WAIT_EXTENSION);
+        if rc & pg_sys::WL_LATCH_SET as i32 != 0 {
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+    }
+    pg_sys::check_for_interrupts!();
+}
+
+/// Maps the engine's error classes to SQLSTATEs.
+pub fn raise(kind: ErrorKind, message: &str) -> ! {
+    let (code, text, hint) = match kind {
+        ErrorKind::InvalidInput => {
+            (PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("kvembed: {message}"), None)
+        }
+        ErrorKind::TooLong => (
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!("kvembed: {message}"),
+            Some("Raise kvembed.max_tokens, or SET kvembed.on_overflow = 'truncate'.".to_string()),
+        ),
+        ErrorKind::ModelLoad => (
+            PgSqlErrorCode::ERRCODE_UNDEFINED_FILE,
+            format!(
+                "kvembed could not load the model set in kvembed.model ('{}'): {message}",
+                crate::settings::model()
+            ),
+            Some(
+                "Point kvembed.model at a GGUF file, a Hugging Face model directory or a cached repo id: \
+                 ALTER SYSTEM SET kvembed.model = '...'; SELECT pg_reload_conf(); \
+                 after fixing the file itself, SELECT kv_restart();"
+                    .to_string(),
+            ),
+        ),
+        ErrorKind::Loading => (
+            PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+            format!("kvembed: the engine is still loading its model: {message}"),
+            None,
+        ),
+        ErrorKind::Protocol => (
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            format!("kvembed: protocol mismatch with the engine: {message}"),
+            Some("The extension and the kvembed binary come from different builds; reinstall both.".into()),
+        ),
+        ErrorKind::Internal => {
+            (PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("kvembed engine error: {message}"), None)
+        }
+    };
+    let mut report = ErrorReport::new(code, text, "kvembed");
+    if let Some(h) = hint {
+        report = report.set_hint(h);
+    }
+    report.report(PgLogLevel::ERROR);
+    unreachable!()
+}
+
+fn lost_connection(e: io::Error) -> ! {
+    ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+        format!("kvembed: lost the connection to the engine while waiting for its answer: {e}"),
+        "kvembed",
+    )
+    .set_detail(
+        "The engine process exited (crash, out of memory, kill, or restart); its supervisor starts a new one.",
+    )
+    .set_hint("Retry the statement; see the server log for why the engine exited.")
+    .report(PgLogLevel::ERROR);
+    unreachable!()
+}
+
+fn protocol_error(what: &str) -> ! {
+    CACHED.with(|c| c.borrow_mut().take());
+    raise(ErrorKind::Protocol, what)
+}
+
+fn unexpected(r: Response) -> ! {
+    let what = match r {
+        Response::Hello { .. } => "hello",
+        Response::Embeddings { .. } => "embeddings",
+        Response::Layers { .. } => "layers",
+        Response::Progress { .. } => "progress",
+        Response::Status(_) => "status",
+        Response::ShuttingDown { .. } => "shutting_down",
+        Response::Error { .. } => "error",
+    };
+    protocol_error(&format!("unexpected '{what}' response"))
+}

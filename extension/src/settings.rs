@@ -1,0 +1,309 @@
+//! The `kvembed.*` settings.
+//!
+//! Two kinds:
+//! * what the engine loads (model, device, threads, batch token budget,
+//!   engine binary): `PGC_SIGHUP`, so only `postgresql.conf` / `ALTER SYSTEM`
+//!   (superusers, or roles granted ALTER SYSTEM on them) change them, and the
+//!   supervisor restarts the engine after `pg_reload_conf()`;
+//! * how a text is embedded (method, layers, bias, prompts, max tokens,
+//!   overflow policy): per session, copied into one `EmbedOptions` that
+//!   travels with every request.
+
+use kvembed_proto::EmbedOptions;
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use std::ffi::{CStr, CString};
+
+pub static MODEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+pub static DEVICE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"cpu"));
+pub static THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(8192);
+pub static ENGINE_PATH: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+
+pub static METHOD: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+pub static LAYERS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"auto"));
+pub static BIAS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+pub static DOCUMENT_PROMPT: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c""));
+pub static QUERY_PROMPT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+pub static MAX_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(512);
+pub static ON_OVERFLOW: GucSetting<Overflow> = GucSetting::<Overflow>::new(Overflow::Truncate);
+pub static START_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(120);
+
+/// What to do with a text longer than `kvembed.max_tokens`.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Overflow {
+    /// Keep the first `max_tokens` tokens and raise a NOTICE.
+    #[name = c"truncate"]
+    Truncate,
+    /// Fail the statement (SQLSTATE 54000).
+    #[name = c"error"]
+    Error,
+}
+
+pub fn define() {
+    use GucContext::{Sighup, Userset};
+    let none = GucFlags::default();
+
+    GucRegistry::define_string_guc(
+        c"kvembed.model",
+        c"Model the engine loads: a GGUF file, a Hugging Face model directory, or a repo id in the local Hugging Face cache.",
+        c"One model per cluster. Changing it (ALTER SYSTEM + pg_reload_conf()) restarts the engine.",
+        &MODEL,
+        Sighup,
+        none,
+    );
+    GucRegistry::define_string_guc(
+        c"kvembed.device",
+        c"Device the engine runs on: cpu, cuda, cuda:N or auto.",
+        c"",
+        &DEVICE,
+        Sighup,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"kvembed.threads",
+        c"Compute threads of the engine (0 = all cores).",
+        c"",
+        &THREADS,
+        0,
+        4096,
+        Sighup,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"kvembed.batch_tokens",
+        c"Token budget of one engine batch; requests from concurrent sessions are packed together up to it.",
+        c"",
+        &BATCH_TOKENS,
+        16,
+        1 << 24,
+        Sighup,
+        none,
+    );
+    GucRegistry::define_string_guc(
+        c"kvembed.engine_path",
+        c"The kvembed engine binary (empty = the kvembed binary next to the postgres executable).",
+        c"",
+        &ENGINE_PATH,
+        Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+
+    GucRegistry::define_string_guc(
+        c"kvembed.method",
+        c"Embedding method (empty = the engine's default, kv).",
+        c"",
+        &METHOD,
+        Userset,
+        none,
+    );
+    GucRegistry::define_string_guc(
+        c"kvembed.layers",
+        c"Layers to re-route: auto (the stored calibration, else the method's default), default, or a list such as 6,7,8.",
+        c"",
+        &LAYERS,
+        Userset,
+        none,
+    );
+    GucRegistry::define_string_guc(
+        c"kvembed.bias",
+        c"Additive logit bias on the re-routed key/value (empty = the model's default).",
+        c"",
+        &BIAS,
+        Userset,
+        none,
+    );
+    GucRegistry::define_string_guc(
+        c"kvembed.document_prompt",
+        c"Prompt template for documents; must contain {text} (empty = the model's default).",
+        c"",
+        &DOCUMENT_PROMPT,
+        Userset,
+        none,
+    );
+    GucRegistry::define_string_guc(
+        c"kvembed.query_prompt",
+        c"Prompt template for queries; must contain {text} (empty = the model's default).",
+        c"",
+        &QUERY_PROMPT,
+        Userset,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"kvembed.max_tokens",
+        c"Maximum tokens of one text, prompt excluded (0 = the model's limit).",
+        c"",
+        &MAX_TOKENS,
+        0,
+        1 << 20,
+        Userset,
+        none,
+    );
+    GucRegistry::define_enum_guc(
+        c"kvembed.on_overflow",
+        c"Texts longer than kvembed.max_tokens: truncate (with a NOTICE) or error.",
+        c"",
+        &ON_OVERFLOW,
+        Userset,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"kvembed.start_timeout",
+        c"How long a statement waits for the engine to start or load its model.",
+        c"",
+        &START_TIMEOUT,
+        1,
+        24 * 3600,
+        Userset,
+        GucFlags::UNIT_S,
+    );
+
+    // SAFETY: plain call into PostgreSQL with a static C string; from now on
+    // an unknown `kvembed.*` name is an error instead of a silent placeholder.
+    unsafe { pg_sys::MarkGUCPrefixReserved(c"kvembed".as_ptr()) };
+}
+
+fn string(setting: &GucSetting<Option<CString>>) -> String {
+    setting.get().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+fn non_empty(setting: &GucSetting<Option<CString>>) -> Option<String> {
+    let s = string(setting);
+    (!s.trim().is_empty()).then_some(s)
+}
+
+pub fn model() -> String {
+    string(&MODEL)
+}
+
+/// What the supervisor passes to `kvembed serve`; a change restarts the engine.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct EngineSettings {
+    pub engine_path: String,
+    pub model: String,
+    pub device: String,
+    pub threads: i32,
+    pub batch_tokens: i32,
+}
+
+impl EngineSettings {
+    pub fn current() -> EngineSettings {
+        EngineSettings {
+            engine_path: non_empty(&ENGINE_PATH).unwrap_or_else(default_engine_path),
+            model: string(&MODEL),
+            device: non_empty(&DEVICE).unwrap_or_else(|| "cpu".into()),
+            threads: THREADS.get(),
+            batch_tokens: BATCH_TOKENS.get(),
+        }
+    }
+}
+
+/// `kvembed` next to the `postgres` executable (where the install scripts put it).
+fn default_engine_path() -> String {
+    // SAFETY: my_exec_path is a NUL-terminated buffer PostgreSQL fills at startup.
+    let exec = unsafe { CStr::from_ptr((&raw const pg_sys::my_exec_path).cast::<std::ffi::c_char>()) };
+    let exec = std::path::PathBuf::from(exec.to_string_lossy().into_owned());
+    exec.with_file_name("kvembed").to_string_lossy().into_owned()
+}
+
+/// How `kvembed.layers` resolves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LayerChoice {
+    /// The stored calibration for the loaded model, else the method's default.
+    Auto,
+    /// The method's default window, ignoring any calibration.
+    Default,
+    Explicit(Vec<usize>),
+}
+
+pub fn layers() -> LayerChoice {
+    parse_layers(&string(&LAYERS)).unwrap_or_else(|reason| {
+        invalid_setting("kvembed.layers", &string(&LAYERS), &reason)
+    })
+}
+
+fn parse_layers(s: &str) -> Result<LayerChoice, String> {
+    let s = s.trim();
+    match s.to_ascii_lowercase().as_str() {
+        "" | "auto" => return Ok(LayerChoice::Auto),
+        "default" => return Ok(LayerChoice::Default),
+        _ => {}
+    }
+    let inner = s.trim_start_matches(['{', '[']).trim_end_matches(['}', ']']);
+    let mut layers = Vec::new();
+    for part in inner.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if let Some((a, b)) = part.split_once('-') {
+            let a: usize = a.trim().parse().map_err(|_| format!("'{part}' is not a layer range"))?;
+            let b: usize = b.trim().parse().map_err(|_| format!("'{part}' is not a layer range"))?;
+            if a > b {
+                return Err(format!("'{part}' is an empty range"));
+            }
+            layers.extend(a..=b);
+        } else {
+            layers.push(part.parse().map_err(|_| format!("'{part}' is not a layer number"))?);
+        }
+    }
+    if layers.is_empty() {
+        return Err("expected auto, default, or layer numbers such as 6,7,8 or 6-8".into());
+    }
+    layers.sort_unstable();
+    layers.dedup();
+    Ok(LayerChoice::Explicit(layers))
+}
+
+fn bias() -> Option<f32> {
+    let s = non_empty(&BIAS)?;
+    if s.trim().eq_ignore_ascii_case("default") {
+        return None;
+    }
+    match s.trim().parse::<f32>() {
+        Ok(v) if v.is_finite() => Some(v),
+        _ => invalid_setting("kvembed.bias", &s, "expected a finite number, or empty for the model's default"),
+    }
+}
+
+fn prompt(setting: &GucSetting<Option<CString>>, name: &str) -> Option<String> {
+    let p = non_empty(setting)?;
+    if !p.contains("{text}") {
+        invalid_setting(name, &p, "a prompt template must contain {text}");
+    }
+    Some(p)
+}
+
+pub fn overflow() -> Overflow {
+    ON_OVERFLOW.get()
+}
+
+pub fn start_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(START_TIMEOUT.get().max(1) as u64)
+}
+
+/// The session's settings as one request options struct. `layers` is
+/// resolved by the caller (it may need the stored calibration).
+pub fn embed_options(layers: Option<Vec<usize>>) -> EmbedOptions {
+    EmbedOptions {
+        method: non_empty(&METHOD).map(|m| m.trim().to_string()),
+        layers,
+        bias: bias(),
+        document_prompt: prompt(&DOCUMENT_PROMPT, "kvembed.document_prompt"),
+        query_prompt: prompt(&QUERY_PROMPT, "kvembed.query_prompt"),
+        max_tokens: match MAX_TOKENS.get() {
+            n if n > 0 => Some(n as usize),
+            _ => None,
+        },
+        truncate: Some(overflow() == Overflow::Truncate),
+    }
+}
+
+fn invalid_setting(name: &str, value: &str, reason: &str) -> ! {
+    ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        format!("invalid value for {name}: '{value}'"),
+        "kvembed",
+    )
+    .set_detail(reason.to_string())
+    .report(PgLogLevel::ERROR);
+    unreachable!()
+}

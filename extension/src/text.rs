@@ -1,0 +1,127 @@
+//! SQL `text` arguments as UTF-8 strings, whatever the database encoding.
+//!
+//! pgrx's `&str` trusts UTF-8 databases blindly and panics on anything else;
+//! the engine needs UTF-8 and the user needs a clear error. `DbText` takes
+//! the raw bytes, and `into_utf8` converts them from the database encoding
+//! (or, in a `SQL_ASCII` database, where PostgreSQL checks nothing, refuses
+//! invalid UTF-8 with SQLSTATE 22021).
+
+use pgrx::callconv::{Arg, ArgAbi};
+use pgrx::datum::{Datum, UnboxDatum};
+use pgrx::nullable::Nullable;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::{impl_sql_translatable, FromDatum};
+
+/// The bytes of one SQL `text` value, in the database encoding.
+pub struct DbText(Vec<u8>);
+
+impl_sql_translatable!(DbText, "text");
+
+/// Copies the bytes out of a (possibly toasted or short-header) text datum.
+///
+/// # Safety
+/// `datum` must be a non-null `text` (or other varlena) datum.
+unsafe fn text_bytes(datum: pg_sys::Datum) -> Vec<u8> {
+    // SAFETY (whole block): the caller guarantees a text datum; detoasting
+    // returns a readable varlena whose header tells its payload length.
+    unsafe {
+        let varlena = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
+        let len = pgrx::varlena::varsize_any_exhdr(varlena);
+        let data = pgrx::varlena::vardata_any(varlena) as *const u8;
+        std::slice::from_raw_parts(data, len).to_vec()
+    }
+}
+
+impl FromDatum for DbText {
+    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
+        if is_null || datum.is_null() {
+            None
+        } else {
+            // SAFETY: PostgreSQL passes a non-null text datum here.
+            Some(DbText(unsafe { text_bytes(datum) }))
+        }
+    }
+}
+
+// SAFETY: `DbText` owns a copy of the bytes, so it borrows nothing from the
+// datum's memory and `As<'src>` can be the type itself.
+unsafe impl UnboxDatum for DbText {
+    type As<'src> = DbText;
+    unsafe fn unbox<'src>(datum: Datum<'src>) -> DbText
+    where
+        Self: 'src,
+    {
+        // SAFETY: array elements of a text[] are non-null text datums here.
+        DbText(unsafe { text_bytes(datum.sans_lifetime()) })
+    }
+}
+
+// SAFETY: arguments are unboxed through `FromDatum` above, which copies the
+// bytes; a NULL argument never reaches `unbox_arg_unchecked` (the functions
+// are STRICT) and is `Nullable::Null` otherwise.
+unsafe impl<'fcx> ArgAbi<'fcx> for DbText {
+    unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
+        // SAFETY: the caller guarantees a non-null text argument.
+        unsafe { arg.unbox_arg_using_from_datum() }.expect("text argument must not be null")
+    }
+
+    unsafe fn unbox_nullable_arg(arg: Arg<'_, 'fcx>) -> Nullable<Self> {
+        // SAFETY: as above; NULL becomes Nullable::Null.
+        unsafe { arg.unbox_arg_using_from_datum() }.into()
+    }
+}
+
+impl DbText {
+    /// The text as UTF-8, converted from the database encoding; an ERROR
+    /// (never a crash) when that is impossible.
+    pub fn into_utf8(self) -> String {
+        // SAFETY: reads the session's database encoding; no arguments.
+        let encoding = unsafe { pg_sys::GetDatabaseEncoding() } as u32;
+        if encoding == pg_sys::pg_enc::PG_UTF8 || self.0.is_ascii() {
+            return match String::from_utf8(self.0) {
+                Ok(s) => s,
+                Err(e) => invalid_utf8(e.utf8_error().valid_up_to()),
+            };
+        }
+        if encoding == pg_sys::pg_enc::PG_SQL_ASCII {
+            // PostgreSQL stores any bytes in SQL_ASCII; only UTF-8 can be embedded.
+            return match String::from_utf8(self.0) {
+                Ok(s) => s,
+                Err(e) => invalid_utf8(e.utf8_error().valid_up_to()),
+            };
+        }
+        // Any other server encoding is valid by construction: convert it.
+        let len = self.0.len() as i32;
+        // SAFETY: pg_do_encoding_conversion reads `len` bytes and returns either
+        // the input pointer (nothing to convert) or a new NUL-terminated
+        // palloc'd string; it raises a PostgreSQL ERROR for unconvertible input.
+        unsafe {
+            let src = self.0.as_ptr() as *mut u8;
+            let out = pg_sys::pg_do_encoding_conversion(
+                src,
+                len,
+                encoding as i32,
+                pg_sys::pg_enc::PG_UTF8 as i32,
+            );
+            if out == src {
+                return String::from_utf8_lossy(&self.0).into_owned();
+            }
+            let converted = std::ffi::CStr::from_ptr(out as *const std::ffi::c_char);
+            String::from_utf8_lossy(converted.to_bytes()).into_owned()
+        }
+    }
+}
+
+fn invalid_utf8(offset: usize) -> ! {
+    ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+        format!("kvembed: text is not valid UTF-8 (invalid byte sequence at byte {offset})"),
+        "kvembed",
+    )
+    .set_hint(
+        "The database encoding is SQL_ASCII, which stores any bytes; kvembed can only embed UTF-8 text.",
+    )
+    .report(PgLogLevel::ERROR);
+    unreachable!()
+}

@@ -1,0 +1,314 @@
+//! Wire protocol between PostgreSQL sessions and the kvembed inference server.
+//!
+//! The server is a separate OS process (never a postmaster child), listening on
+//! a Unix-domain socket with mode 0600. Every message is a frame: a 4-byte
+//! little-endian length followed by that many bytes. Requests and responses
+//! are JSON frames; an `Embeddings` response is followed by one binary frame
+//! holding `count * dim` little-endian `f32` values, row-major.
+//!
+//! One request per connection turn; a client may send several requests over
+//! one connection, one after the other. A client that goes away (cancelled
+//! statement) simply closes the socket: the server drops the result.
+
+use serde::{Deserialize, Serialize};
+use std::io::{self, Read, Write};
+
+/// Bumped on any incompatible change; `Hello` checks it.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame either side accepts (256 MiB): a guard against garbage lengths.
+pub const MAX_FRAME: usize = 256 << 20;
+
+/// Which side of an asymmetric search a text is on: documents and queries get
+/// different prompt templates.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    #[default]
+    Document,
+    Query,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Role> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "document" | "doc" | "passage" => Some(Role::Document),
+            "query" | "q" => Some(Role::Query),
+            _ => None,
+        }
+    }
+}
+
+/// Per-request settings. `None` means "the server's default"; the session
+/// fills these from its `kvembed.*` settings so one settings struct travels
+/// with every request.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct EmbedOptions {
+    /// Method name (`kv` is the product default; see the engine's
+    /// `Method::from_name` for the list, e.g. `kv-paper`, `mean`, `echo`).
+    pub method: Option<String>,
+    /// Layers to re-route (0-based). `None`: the method's default window.
+    pub layers: Option<Vec<usize>>,
+    /// Additive bias on the re-routed column's logits.
+    pub bias: Option<f32>,
+    /// Prompt template for documents; must contain `{text}`.
+    pub document_prompt: Option<String>,
+    /// Prompt template for queries; must contain `{text}`.
+    pub query_prompt: Option<String>,
+    /// Maximum tokens of the *text* (the prompt is added on top).
+    pub max_tokens: Option<usize>,
+    /// When a text is longer than `max_tokens`: `true` truncates it and reports
+    /// it in the response, `false` fails the request.
+    pub truncate: Option<bool>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct SelectOptions {
+    /// Fraction of the layers skipped at the start (the method uses 0.2).
+    pub skip_fraction: Option<f32>,
+    /// Width of the selected window.
+    pub window: Option<usize>,
+    /// Representation used for the intrinsic dimension: `last` or `mean`.
+    pub representation: Option<String>,
+    pub max_tokens: Option<usize>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// First message on a connection.
+    Hello { version: u32 },
+    Embed {
+        texts: Vec<String>,
+        #[serde(default)]
+        role: Role,
+        #[serde(default)]
+        options: EmbedOptions,
+    },
+    SelectLayers {
+        texts: Vec<String>,
+        #[serde(default)]
+        options: SelectOptions,
+    },
+    Status,
+    /// Ask the server to exit after answering (`kv_restart()`): its
+    /// supervisor starts a fresh one, re-reading the settings.
+    Shutdown,
+}
+
+/// Broad error classes, mapped to SQLSTATEs at the PostgreSQL edge.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Bad argument or setting (SQLSTATE 22023).
+    InvalidInput,
+    /// Text longer than allowed with truncation off (SQLSTATE 54000).
+    TooLong,
+    /// The model could not be loaded (SQLSTATE 58P01 / XX000).
+    ModelLoad,
+    /// The server is still loading the model.
+    Loading,
+    /// Protocol mismatch.
+    Protocol,
+    /// Anything else inside the engine.
+    Internal,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Truncation {
+    /// Index of the text in the request.
+    pub index: usize,
+    /// Tokens the text had.
+    pub tokens: usize,
+    /// Tokens kept.
+    pub kept: usize,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct LayerPoint {
+    pub layer: usize,
+    pub intrinsic_dimension: f64,
+    pub selected: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct Status {
+    /// `loading`, `ready` or `failed`.
+    pub state: String,
+    pub model: String,
+    /// Stable identity of the loaded weights (path + architecture + shape).
+    pub model_id: String,
+    pub architecture: String,
+    pub dim: usize,
+    pub layers: usize,
+    pub device: String,
+    pub default_method: String,
+    pub default_layers: Vec<usize>,
+    pub default_bias: f32,
+    pub document_prompt: String,
+    pub query_prompt: String,
+    pub max_tokens: usize,
+    pub threads: usize,
+    pub queue_depth: usize,
+    pub requests_served: u64,
+    pub texts_served: u64,
+    pub tokens_served: u64,
+    pub load_error: Option<String>,
+    pub pid: u32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Hello {
+        version: u32,
+        pid: u32,
+    },
+    /// Followed by one binary frame of `count * dim` f32 values.
+    Embeddings {
+        count: usize,
+        dim: usize,
+        #[serde(default)]
+        truncated: Vec<Truncation>,
+        tokens: usize,
+    },
+    /// Sent while a long `SelectLayers` runs, zero or more times before its
+    /// `Layers` (or `Error`) response: `done` of `total` texts processed.
+    Progress {
+        done: usize,
+        total: usize,
+    },
+    Layers {
+        curve: Vec<LayerPoint>,
+        selected: Vec<usize>,
+        /// How the selection was made (e.g. "minimum at layer 9").
+        rule: String,
+        texts: usize,
+    },
+    Status(Status),
+    /// Answer to `Shutdown`; the server exits right after sending it.
+    ShuttingDown {
+        pid: u32,
+    },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+pub fn write_frame<W: Write>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
+    if bytes.len() > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("frame of {} bytes exceeds the {} byte limit", bytes.len(), MAX_FRAME),
+        ));
+    }
+    w.write_all(&(bytes.len() as u32).to_le_bytes())?;
+    w.write_all(bytes)?;
+    w.flush()
+}
+
+pub fn read_frame<R: Read>(r: &mut R) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame length {len} exceeds the {MAX_FRAME} byte limit"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
+pub fn write_json<W: Write, T: Serialize>(w: &mut W, msg: &T) -> io::Result<()> {
+    let bytes = serde_json::to_vec(msg).map_err(io::Error::other)?;
+    write_frame(w, &bytes)
+}
+
+pub fn read_json<R: Read, T: for<'de> Deserialize<'de>>(r: &mut R) -> io::Result<T> {
+    let bytes = read_frame(r)?;
+    serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+pub fn write_f32s<W: Write>(w: &mut W, values: &[f32]) -> io::Result<()> {
+    let mut bytes = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    write_frame(w, &bytes)
+}
+
+pub fn read_f32s<R: Read>(r: &mut R) -> io::Result<Vec<f32>> {
+    let bytes = read_frame(r)?;
+    if bytes.len() % 4 != 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "f32 frame length not a multiple of 4"));
+    }
+    Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trip() {
+        let req = Request::Embed {
+            texts: vec!["a".into(), "ünïcode 😀".into()],
+            role: Role::Query,
+            options: EmbedOptions { bias: Some(2.0), layers: Some(vec![3, 4]), ..Default::default() },
+        };
+        let mut buf = Vec::new();
+        write_json(&mut buf, &req).unwrap();
+        let back: Request = read_json(&mut &buf[..]).unwrap();
+        assert_eq!(back, req);
+    }
+
+    #[test]
+    fn f32_frames_round_trip() {
+        let v = vec![1.5f32, -0.0, f32::MIN_POSITIVE, 3.25];
+        let mut buf = Vec::new();
+        write_f32s(&mut buf, &v).unwrap();
+        assert_eq!(buf.len(), 4 + 16);
+        assert_eq!(read_f32s(&mut &buf[..]).unwrap(), v);
+    }
+
+    #[test]
+    fn oversized_length_is_rejected() {
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&(u32::MAX).to_le_bytes());
+        let err = read_frame(&mut &buf[..]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn truncated_frame_is_an_error() {
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&10u32.to_le_bytes());
+        buf.extend_from_slice(b"abc");
+        assert!(read_frame(&mut &buf[..]).is_err());
+    }
+
+    #[test]
+    fn shutdown_round_trip() {
+        let mut buf = Vec::new();
+        write_json(&mut buf, &Request::Shutdown).unwrap();
+        assert_eq!(std::str::from_utf8(&buf[4..]).unwrap(), r#"{"op":"shutdown"}"#);
+        assert_eq!(read_json::<_, Request>(&mut &buf[..]).unwrap(), Request::Shutdown);
+        let mut buf = Vec::new();
+        write_json(&mut buf, &Response::ShuttingDown { pid: 7 }).unwrap();
+        assert_eq!(read_json::<_, Response>(&mut &buf[..]).unwrap(), Response::ShuttingDown { pid: 7 });
+        let mut buf = Vec::new();
+        write_json(&mut buf, &Response::Progress { done: 3, total: 9 }).unwrap();
+        assert_eq!(read_json::<_, Response>(&mut &buf[..]).unwrap(), Response::Progress { done: 3, total: 9 });
+    }
+
+    #[test]
+    fn role_parse() {
+        assert_eq!(Role::parse("Query"), Some(Role::Query));
+        assert_eq!(Role::parse("document"), Some(Role::Document));
+        assert_eq!(Role::parse("banana"), None);
+    }
+}

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Build kvembed and install it into the PostgreSQL named by $PG_CONFIG (the
+# pgserver install in .venv, see scripts/setup.sh):
+#
+#   1. the inference server `kvembed` (engine/ crate), copied to
+#      $(pg_config --bindir)/kvembed, where the extension's background worker
+#      looks for it;
+#   2. the extension itself (extension/ crate, package `kvembed`) with
+#      `cargo pgrx install`: kvembed.so into $(pg_config --pkglibdir),
+#      kvembed.control and kvembed--<version>.sql into $(pg_config --sharedir)/extension.
+#
+#   scripts/install-ext.sh
+#
+# A running cluster keeps the old library loaded: `scripts/pg.sh restart`.
+set -euo pipefail
+# shellcheck source=scripts/env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$KVEMBED_ROOT"
+
+die() { echo "install-ext.sh: error: $*" >&2; exit 1; }
+
+[ -x "$PG_CONFIG" ] || die "no PostgreSQL install at $PG_CONFIG; run scripts/setup.sh first"
+[ -f "$KVEMBED_XLOCALE_DIR/xlocale.h" ] || die "missing $KVEMBED_XLOCALE_DIR/xlocale.h; run scripts/setup.sh first"
+command -v cargo >/dev/null || die "cargo not found; install Rust 1.95 (rustup) first"
+
+echo "install-ext.sh: building the inference server (cargo build --release -p kvembed-engine --bin kvembed)"
+cargo build --release -p kvembed-engine --bin kvembed
+target_dir=${CARGO_TARGET_DIR:-$KVEMBED_ROOT/target}
+bindir=$("$PG_CONFIG" --bindir)
+# Copy then rename, so that a server still running the old binary keeps it.
+install -m 755 "$target_dir/release/kvembed" "$bindir/.kvembed.new"
+mv -f "$bindir/.kvembed.new" "$bindir/kvembed"
+echo "install-ext.sh: installed $bindir/kvembed"
+
+if [ ! -f extension/Cargo.toml ]; then
+  echo "install-ext.sh: WARNING: extension/Cargo.toml does not exist yet; the PostgreSQL extension was NOT installed" >&2
+  exit 0
+fi
+
+have=$(cargo pgrx --version 2>/dev/null | awk '{print $2}') || true
+[ "$have" = "$KVEMBED_PGRX_VERSION" ] \
+  || die "cargo-pgrx $KVEMBED_PGRX_VERSION is required (found: '${have:-none}'); run scripts/setup.sh"
+
+echo "install-ext.sh: building and installing the extension (cargo pgrx install --release)"
+(cd extension && cargo pgrx install --release -p kvembed --pg-config "$PG_CONFIG")
+pkglibdir=$("$PG_CONFIG" --pkglibdir)
+sharedir=$("$PG_CONFIG" --sharedir)
+[ -f "$pkglibdir/kvembed.so" ] || die "cargo pgrx install finished but $pkglibdir/kvembed.so is missing"
+[ -f "$sharedir/extension/kvembed.control" ] || die "cargo pgrx install finished but $sharedir/extension/kvembed.control is missing"
+echo "install-ext.sh: installed $pkglibdir/kvembed.so and $sharedir/extension/kvembed.control"

@@ -1,0 +1,458 @@
+//! The SQL API of kvembed against a real cluster: install, values equal to
+//! the engine's, generated columns, HNSW, semantic search, layer selection,
+//! concurrency, privileges, NULL/empty input, overflow, settings validation.
+
+use kvembed_engine::{Embedder, LoadSpec};
+use kvembed_proto::{EmbedOptions, Role};
+use kvembed_tests::*;
+use once_cell::sync::Lazy;
+use std::io::Write;
+use std::sync::Mutex;
+
+const DB: &str = "kvembed_test_sql";
+
+/// Tests share one database and run one at a time within this file (the
+/// calibration test changes what `layers = auto` means for everyone).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn session() -> (std::sync::MutexGuard<'static, ()>, Session) {
+    let guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    static CREATED: Lazy<()> = Lazy::new(|| drop(fresh_database(DB)));
+    Lazy::force(&CREATED);
+    let mut s = Session::connect(DB, "postgres");
+    // Pin the layers: a calibration stored by another test must not change
+    // what these tests compare.
+    s.batch_execute("SET kvembed.layers = 'default'").unwrap();
+    (guard, s)
+}
+
+fn dim(s: &mut Session) -> i32 {
+    s.query_one("SELECT dim FROM kv_status()", &[]).unwrap().get(0)
+}
+
+/// The engine itself, loaded in this process, to compare values with.
+static ENGINE: Lazy<Embedder> = Lazy::new(|| {
+    Embedder::load(&LoadSpec {
+        model: model_path().to_string_lossy().into_owned(),
+        device: "cpu".into(),
+        threads: 0,
+    })
+    .expect("the test model loads in-process")
+});
+
+fn engine_embed(texts: &[&str], role: Role) -> Vec<Vec<f32>> {
+    let texts: Vec<String> = texts.iter().map(|t| t.to_string()).collect();
+    // What a session with default settings sends (kvembed.max_tokens = 512,
+    // on_overflow = truncate, layers = default).
+    let options = EmbedOptions { max_tokens: Some(512), truncate: Some(true), ..Default::default() };
+    ENGINE.embed(&texts, role, &options).expect("engine embed").vectors
+}
+
+#[test]
+fn extension_installs_with_its_objects() {
+    let (_g, mut s) = session();
+    let exts: Vec<String> =
+        s.query("SELECT extname::text FROM pg_extension ORDER BY 1", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert!(exts.contains(&"vector".to_string()) && exts.contains(&"kvembed".to_string()), "{exts:?}");
+    for f in ["kv_embed", "kv_embed_half", "kv_embed_batch", "kv_select_layers", "kv_status", "kv_restart", "kv_backfill"] {
+        let n: i64 = s.query_one("SELECT count(*) FROM pg_proc WHERE proname = $1", &[&f]).unwrap().get(0);
+        assert!(n >= 1, "{f} is missing");
+    }
+    for f in ["kv_embed", "kv_embed_half", "kv_embed_batch"] {
+        let row = s
+            .query_one(
+                "SELECT provolatile::text, proisstrict, proparallel::text FROM pg_proc WHERE proname = $1",
+                &[&f],
+            )
+            .unwrap();
+        let (vol, strict, par): (String, bool, String) = (row.get(0), row.get(1), row.get(2));
+        assert_eq!((vol.as_str(), strict, par.as_str()), ("i", true, "s"), "{f} must be IMMUTABLE STRICT PARALLEL SAFE");
+    }
+    let row = s.query_one("SELECT state, dim, architecture, device FROM kv_status()", &[]).unwrap();
+    assert_eq!(row.get::<_, String>(0), "ready");
+    assert_eq!(row.get::<_, i32>(1), 576);
+    assert_eq!(row.get::<_, String>(2), "llama");
+    assert_eq!(row.get::<_, String>(3), "cpu");
+}
+
+#[test]
+fn kv_embed_equals_the_engine() {
+    let (_g, mut s) = session();
+    let texts = ["The cat sat on the mat.", "Ünïcödé, emoji 😀 and עברית", "", "   ", "SELECT * FROM t;"];
+    for role in [Role::Document, Role::Query] {
+        let role_name = if role == Role::Query { "query" } else { "document" };
+        let expected = engine_embed(&texts, role);
+        for (text, want) in texts.iter().zip(&expected) {
+            let got = vector(&mut s, "SELECT kv_embed($1, $2)::real[]", &[text, &role_name]);
+            let diff = max_abs_diff(&got, want);
+            assert!(diff <= 1e-6, "kv_embed({text:?}, {role_name}) differs from the engine by {diff}");
+            let norm: f32 = got.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-4, "not normalised: {norm}");
+        }
+        // The batch form gives the same vectors.
+        let arr: Vec<String> = texts.iter().map(|t| t.to_string()).collect();
+        let rows = s
+            .query("SELECT v::real[] FROM unnest(kv_embed_batch($1, $2)) AS v", &[&arr, &role_name])
+            .unwrap();
+        assert_eq!(rows.len(), texts.len());
+        for (row, want) in rows.iter().zip(&expected) {
+            let got: Vec<f32> = row.get(0);
+            assert!(max_abs_diff(&got, want) <= 1e-5, "kv_embed_batch differs");
+        }
+    }
+    // Default role is document; queries differ from documents.
+    let d = vector(&mut s, "SELECT kv_embed('hello world')::real[]", &[]);
+    let q = vector(&mut s, "SELECT kv_embed('hello world', 'query')::real[]", &[]);
+    assert!(max_abs_diff(&d, &engine_embed(&["hello world"], Role::Document)[0]) <= 1e-6);
+    assert!(max_abs_diff(&d, &q) > 1e-4, "query and document prompts should differ");
+    // halfvec is the same vector rounded to half precision, exactly as
+    // pgvector's own cast rounds it.
+    let same: bool = s
+        .query_one("SELECT kv_embed_half('hello world') = kv_embed('hello world')::halfvec", &[])
+        .unwrap()
+        .get(0);
+    assert!(same, "kv_embed_half must equal kv_embed(...)::halfvec");
+}
+
+#[test]
+fn null_and_empty_input() {
+    let (_g, mut s) = session();
+    let null: bool = s.query_one("SELECT kv_embed(NULL) IS NULL AND kv_embed_half(NULL) IS NULL", &[]).unwrap().get(0);
+    assert!(null);
+    let null_role: bool = s.query_one("SELECT kv_embed('x', NULL) IS NULL", &[]).unwrap().get(0);
+    assert!(null_role);
+    let d = dim(&mut s);
+    for text in ["", " ", "\n\t  "] {
+        let v = vector(&mut s, "SELECT kv_embed($1)::real[]", &[&text]);
+        assert_eq!(v.len() as i32, d, "empty/whitespace input {text:?} still embeds");
+    }
+    let row = s
+        .query_one(
+            "SELECT kv_embed_batch(ARRAY['a', NULL, '']) IS NOT NULL,
+                    (kv_embed_batch(ARRAY['a', NULL, '']))[2] IS NULL,
+                    (kv_embed_batch(ARRAY['a', NULL, '']))[3] IS NOT NULL,
+                    cardinality(kv_embed_batch('{}'::text[])),
+                    kv_embed_batch(NULL::text[]) IS NULL,
+                    cardinality(kv_embed_batch(ARRAY[NULL, NULL]::text[]))",
+            &[],
+        )
+        .unwrap();
+    assert!(row.get::<_, bool>(0) && row.get::<_, bool>(1) && row.get::<_, bool>(2));
+    assert_eq!(row.get::<_, i32>(3), 0);
+    assert!(row.get::<_, bool>(4));
+    assert_eq!(row.get::<_, i32>(5), 2);
+    let a = vector(&mut s, "SELECT (kv_embed_batch(ARRAY[NULL, 'a']))[2]::real[]", &[]);
+    let b = vector(&mut s, "SELECT kv_embed('a')::real[]", &[]);
+    assert!(max_abs_diff(&a, &b) <= 1e-5);
+}
+
+#[test]
+fn generated_column_fills_on_insert_update_and_copy() {
+    let (_g, mut s) = session();
+    let d = dim(&mut s);
+    s.batch_execute(&format!(
+        "DROP TABLE IF EXISTS gen_docs;
+         CREATE TABLE gen_docs (id int PRIMARY KEY, body text,
+           emb vector({d}) GENERATED ALWAYS AS (kv_embed(body)) STORED);"
+    ))
+    .unwrap();
+    s.execute("INSERT INTO gen_docs (id, body) VALUES (1, 'first row'), (2, NULL), (3, '')", &[]).unwrap();
+    let mut w = s.copy_in("COPY gen_docs (id, body) FROM STDIN").unwrap();
+    w.write_all(b"4\tcopied row\n5\t\\N\n6\tanother copied row\n").unwrap();
+    w.finish().unwrap();
+    let before = vector(&mut s, "SELECT emb::real[] FROM gen_docs WHERE id = 1", &[]);
+    s.execute("UPDATE gen_docs SET body = 'first row, edited' WHERE id = 1", &[]).unwrap();
+    s.execute("UPDATE gen_docs SET body = 'was null' WHERE id = 2", &[]).unwrap();
+    let after = vector(&mut s, "SELECT emb::real[] FROM gen_docs WHERE id = 1", &[]);
+    assert!(max_abs_diff(&before, &after) > 1e-4, "UPDATE must recompute the embedding");
+    for row in s.query("SELECT id, body, emb IS NULL, emb::real[] FROM gen_docs ORDER BY id", &[]).unwrap() {
+        let (id, body, is_null): (i32, Option<String>, bool) = (row.get(0), row.get(1), row.get(2));
+        assert_eq!(is_null, body.is_none(), "row {id}: NULL text ⇔ NULL embedding");
+        if let Some(body) = body {
+            let stored: Vec<f32> = row.get(3);
+            let fresh = vector(&mut s, "SELECT kv_embed($1)::real[]", &[&body]);
+            assert!(max_abs_diff(&stored, &fresh) <= 1e-6, "row {id}: stored embedding is stale");
+        }
+    }
+    let n: i64 = s.query_one("SELECT count(*) FROM gen_docs WHERE emb IS NOT NULL", &[]).unwrap().get(0);
+    assert_eq!(n, 5);
+}
+
+fn load_corpus(s: &mut Session, table: &str) {
+    let d = dim(s);
+    s.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {table};
+         CREATE TABLE {table} (id serial PRIMARY KEY, topic text, body text,
+           emb vector({d}) GENERATED ALWAYS AS (kv_embed(body)) STORED);"
+    ))
+    .unwrap();
+    let topics: Vec<String> = CORPUS.iter().map(|(t, _)| t.to_string()).collect();
+    let bodies: Vec<String> = CORPUS.iter().map(|(_, b)| b.to_string()).collect();
+    s.execute(&format!("INSERT INTO {table} (topic, body) SELECT * FROM unnest($1::text[], $2::text[])"), &[&topics, &bodies])
+        .unwrap();
+}
+
+#[test]
+fn hnsw_index_is_built_and_used() {
+    let (_g, mut s) = session();
+    load_corpus(&mut s, "hnsw_docs");
+    s.batch_execute("CREATE INDEX hnsw_docs_emb ON hnsw_docs USING hnsw (emb vector_cosine_ops)").unwrap();
+    s.batch_execute("ANALYZE hnsw_docs; SET enable_seqscan = off").unwrap();
+    let plan: Vec<String> = s
+        .query("EXPLAIN SELECT id FROM hnsw_docs ORDER BY emb <=> kv_embed('a goal in the match', 'query') LIMIT 5", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(plan.iter().any(|l| l.contains("hnsw_docs_emb")), "the HNSW index is not used: {plan:#?}");
+    let ids: Vec<i32> = s
+        .query("SELECT id FROM hnsw_docs ORDER BY emb <=> kv_embed('a goal in the match', 'query') LIMIT 5", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids.len(), 5);
+    // halfvec: the recipe for models wider than 2,000 dimensions.
+    let d = dim(&mut s);
+    s.batch_execute(&format!(
+        "DROP TABLE IF EXISTS half_docs;
+         CREATE TABLE half_docs (id int, body text,
+           emb halfvec({d}) GENERATED ALWAYS AS (kv_embed_half(body)) STORED);
+         INSERT INTO half_docs SELECT id, body FROM hnsw_docs;
+         CREATE INDEX half_docs_emb ON half_docs USING hnsw (emb halfvec_cosine_ops);
+         ANALYZE half_docs;"
+    ))
+    .unwrap();
+    let plan: Vec<String> = s
+        .query("EXPLAIN SELECT id FROM half_docs ORDER BY emb <=> kv_embed_half('stars', 'query') LIMIT 3", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(plan.iter().any(|l| l.contains("half_docs_emb")), "the halfvec HNSW index is not used: {plan:#?}");
+}
+
+#[test]
+fn semantic_search_finds_the_right_topic() {
+    let (_g, mut s) = session();
+    load_corpus(&mut s, "search_docs");
+    let mut hits = 0;
+    let mut total = 0;
+    for (topic, query) in QUERIES {
+        let rows = s
+            .query(
+                "SELECT topic, body FROM search_docs ORDER BY emb <=> kv_embed($1, 'query') LIMIT 3",
+                &[query],
+            )
+            .unwrap();
+        let top: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        assert_eq!(&top[0], topic, "nearest neighbour of {query:?} is off-topic: {top:?}");
+        hits += top.iter().filter(|t| t == topic).count();
+        total += top.len();
+    }
+    assert!(hits * 4 >= total * 3, "only {hits}/{total} of the top-3 neighbours are on topic");
+}
+
+#[test]
+fn select_layers_stores_a_calibration_that_kv_embed_uses() {
+    let (_g, mut s) = session();
+    load_corpus(&mut s, "calib_docs");
+    s.batch_execute("DELETE FROM kvembed.calibration").unwrap();
+    s.take_notices();
+    let rows = s.query("SELECT layer, intrinsic_dimension, selected FROM kv_select_layers('calib_docs', 'body', 32)", &[]).unwrap();
+    let n_layers: i32 = s.query_one("SELECT n_layers FROM kv_status()", &[]).unwrap().get(0);
+    assert!(rows.len() as i32 >= n_layers - 1, "one row per layer: {} rows for {n_layers} layers", rows.len());
+    let selected: Vec<i32> = rows.iter().filter(|r| r.get::<_, bool>(2)).map(|r| r.get(0)).collect();
+    assert!(!selected.is_empty(), "no layer selected");
+    assert!(rows.iter().all(|r| r.get::<_, f64>(1).is_finite()));
+    let notices = s.take_notices();
+    assert!(notices.iter().any(|n| n.contains("sampling")), "progress NOTICEs expected: {notices:?}");
+
+    let stored: Vec<i32> = s.query_one("SELECT layers FROM kvembed.calibration", &[]).unwrap().get(0);
+    assert_eq!(stored, selected);
+    s.batch_execute("SET kvembed.layers = 'auto'").unwrap();
+    let row = s.query_one("SELECT layers, layers_source FROM kv_status()", &[]).unwrap();
+    assert_eq!(row.get::<_, Vec<i32>>(0), selected);
+    assert_eq!(row.get::<_, String>(1), "calibration");
+    let auto = vector(&mut s, "SELECT kv_embed('calibrated text')::real[]", &[]);
+    let list = selected.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(",");
+    s.batch_execute(&format!("SET kvembed.layers = '{list}'")).unwrap();
+    let explicit = vector(&mut s, "SELECT kv_embed('calibrated text')::real[]", &[]);
+    assert!(max_abs_diff(&auto, &explicit) <= 1e-6, "auto must use the stored layers");
+    // A new session sees it too.
+    let mut other = Session::connect(DB, "postgres");
+    let src: String = other.query_one("SELECT layers_source FROM kv_status()", &[]).unwrap().get(0);
+    assert_eq!(src, "calibration");
+    // store => false computes without writing.
+    s.batch_execute("DELETE FROM kvembed.calibration").unwrap();
+    let rows = s.query("SELECT * FROM kv_select_layers('calib_docs', 'body', 16, store => false)", &[]).unwrap();
+    assert!(!rows.is_empty());
+    let n: i64 = s.query_one("SELECT count(*) FROM kvembed.calibration", &[]).unwrap().get(0);
+    assert_eq!(n, 0);
+}
+
+#[test]
+fn hostile_identifiers_are_quoted() {
+    let (_g, mut s) = session();
+    s.batch_execute(
+        r#"DROP TABLE IF EXISTS "we""ird; DROP TABLE x; --";
+           CREATE TABLE "we""ird; DROP TABLE x; --" ("co""l; --" text, "v e c" vector);
+           INSERT INTO "we""ird; DROP TABLE x; --" SELECT 'text number ' || i FROM generate_series(1, 10) i;"#,
+    )
+    .unwrap();
+    let rows = s
+        .query(r#"SELECT * FROM kv_select_layers('"we""ird; DROP TABLE x; --"', 'co"l; --', 10, store => false)"#, &[])
+        .unwrap();
+    assert!(!rows.is_empty());
+    s.batch_execute(r#"CALL kv_backfill('"we""ird; DROP TABLE x; --"', 'co"l; --', 'v e c', 3)"#).unwrap();
+    let n: i64 = s.query_one(r#"SELECT count(*) FROM "we""ird; DROP TABLE x; --" WHERE "v e c" IS NULL"#, &[]).unwrap().get(0);
+    assert_eq!(n, 0);
+}
+
+#[test]
+fn backfill_fills_null_vectors_in_batches() {
+    let (_g, mut s) = session();
+    s.batch_execute(
+        "DROP TABLE IF EXISTS backfill_docs;
+         CREATE TABLE backfill_docs (id int PRIMARY KEY, body text, emb vector);
+         INSERT INTO backfill_docs SELECT i, 'document number ' || i FROM generate_series(1, 23) i;
+         INSERT INTO backfill_docs VALUES (100, NULL);",
+    )
+    .unwrap();
+    s.take_notices();
+    s.batch_execute("CALL kv_backfill('backfill_docs', 'body', 'emb', 5)").unwrap();
+    let notices = s.take_notices();
+    assert!(notices.iter().any(|n| n.contains("23 rows")), "progress: {notices:?}");
+    assert!(notices.iter().filter(|n| n.contains("rows/s")).count() >= 5, "one NOTICE per batch: {notices:?}");
+    let row = s
+        .query_one("SELECT count(*) FILTER (WHERE emb IS NULL), count(*) FROM backfill_docs WHERE body IS NOT NULL", &[])
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (0, 23));
+    let stored = vector(&mut s, "SELECT emb::real[] FROM backfill_docs WHERE id = 7", &[]);
+    let fresh = vector(&mut s, "SELECT kv_embed('document number 7')::real[]", &[]);
+    assert!(max_abs_diff(&stored, &fresh) <= 1e-5);
+}
+
+#[test]
+fn several_sessions_at_once() {
+    let (_g, mut s) = session();
+    let texts: Vec<String> = CORPUS.iter().map(|(_, b)| b.to_string()).collect();
+    let expected: Vec<Vec<f32>> =
+        texts.iter().map(|t| vector(&mut s, "SELECT kv_embed($1)::real[]", &[t])).collect();
+    let before: i64 = s.query_one("SELECT requests_served FROM kv_status()", &[]).unwrap().get(0);
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let texts = texts.clone();
+            let expected = expected.clone();
+            std::thread::spawn(move || {
+                let mut c = Session::connect(DB, "postgres");
+                c.batch_execute("SET kvembed.layers = 'default'").unwrap();
+                for k in 0..12 {
+                    let j = (i * 5 + k * 3) % texts.len();
+                    let got = vector(&mut c, "SELECT kv_embed($1)::real[]", &[&texts[j]]);
+                    let diff = max_abs_diff(&got, &expected[j]);
+                    assert!(diff <= 1e-5, "session {i}: text {j} differs by {diff} under concurrency");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a concurrent session failed");
+    }
+    let after: i64 = s.query_one("SELECT requests_served FROM kv_status()", &[]).unwrap().get(0);
+    assert!(after - before >= 96, "requests_served grew by {}", after - before);
+}
+
+#[test]
+fn only_superusers_change_what_the_engine_loads() {
+    let (_g, mut s) = session();
+    s.batch_execute(
+        "DO $$ BEGIN
+           IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'kvembed_test_user') THEN
+             CREATE ROLE kvembed_test_user LOGIN;
+           END IF;
+         END $$;
+         GRANT ALL ON SCHEMA public TO kvembed_test_user;",
+    )
+    .unwrap();
+    let mut u = Session::connect(DB, "kvembed_test_user");
+    // Ordinary users embed...
+    let v = vector(&mut u, "SELECT kv_embed('hello')::real[]", &[]);
+    assert_eq!(v.len() as i32, dim(&mut s));
+    // ...but cannot change the model, the device or the engine binary.
+    for stmt in [
+        "SET kvembed.model = '/tmp/evil.gguf'",
+        "SET kvembed.device = 'cuda'",
+        "SET kvembed.engine_path = '/bin/sh'",
+        "ALTER SYSTEM SET kvembed.model = '/tmp/evil.gguf'",
+        "ALTER SYSTEM SET kvembed.engine_path = '/bin/sh'",
+        "SELECT kv_restart()",
+        "INSERT INTO kvembed.calibration (model_id, layers, curve) VALUES ('x', '{1}', '[]')",
+    ] {
+        let err = u.batch_execute(stmt).expect_err(stmt);
+        let (code, msg) = sql_error(&err);
+        assert!(["55P02", "42501"].contains(&code.as_str()), "{stmt}: unexpected {code} {msg}");
+    }
+    u.batch_execute("CREATE TABLE IF NOT EXISTS user_docs (body text); INSERT INTO user_docs VALUES ('a'), ('b'), ('c'), ('d')").unwrap();
+    let err = u.query("SELECT * FROM kv_select_layers('user_docs', 'body', 4)", &[]).expect_err("store needs privilege");
+    assert_eq!(sql_error(&err).0, "42501");
+    // Session settings stay free for everyone.
+    u.batch_execute("SET kvembed.max_tokens = 64; SET kvembed.layers = 'default'").unwrap();
+    // The engine's socket directory is private to the server's OS user.
+    let socket_dir: String = s
+        .query_one("SELECT current_setting('data_directory') || '/kvembed'", &[])
+        .unwrap()
+        .get(0);
+    if let Ok(meta) = std::fs::metadata(&socket_dir) {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{socket_dir} must be 0700");
+    }
+}
+
+#[test]
+fn overlong_input_truncates_with_a_notice_or_errors() {
+    let (_g, mut s) = session();
+    let long = "lorem ipsum dolor sit amet ".repeat(200);
+    s.batch_execute("SET kvembed.max_tokens = 16").unwrap();
+    s.take_notices();
+    let v = vector(&mut s, "SELECT kv_embed($1)::real[]", &[&long]);
+    assert!(!v.is_empty());
+    let notices = s.take_notices();
+    assert!(notices.iter().any(|n| n.contains("truncated")), "expected a truncation NOTICE, got {notices:?}");
+    // Truncation keeps the beginning: same vector as the text cut short by the engine.
+    s.batch_execute("SET kvembed.on_overflow = 'error'").unwrap();
+    let err = s.query_one("SELECT kv_embed($1)", &[&long]).expect_err("too long must fail");
+    let (code, msg) = sql_error(&err);
+    assert_eq!(code, "54000", "{msg}");
+    // Short texts are unaffected, and 10 MB of text is handled (truncated).
+    let v = vector(&mut s, "SELECT kv_embed('short')::real[]", &[]);
+    assert!(!v.is_empty());
+    s.batch_execute("SET kvembed.on_overflow = 'truncate'").unwrap();
+    let huge = "x".repeat(10 << 20);
+    let v = vector(&mut s, "SELECT kv_embed($1)::real[]", &[&huge]);
+    assert!(!v.is_empty());
+}
+
+#[test]
+fn invalid_settings_and_roles_are_clear_errors() {
+    let (_g, mut s) = session();
+    let cases = [
+        ("SET kvembed.layers = 'six'", "SELECT kv_embed('x')", "22023"),
+        ("SET kvembed.bias = 'lots'", "SELECT kv_embed('x')", "22023"),
+        ("SET kvembed.document_prompt = 'no placeholder'", "SELECT kv_embed('x')", "22023"),
+        ("RESET ALL", "SELECT kv_embed('x', 'banana')", "22023"),
+    ];
+    for (set, query, want) in cases {
+        s.batch_execute("RESET ALL").unwrap();
+        s.batch_execute(set).unwrap();
+        let err = s.query_one(query, &[]).expect_err(set);
+        let (code, msg) = sql_error(&err);
+        assert_eq!(code, want, "{set}; {query}: {msg}");
+    }
+    s.batch_execute("RESET ALL").unwrap();
+    let err = s.batch_execute("SET kvembed.no_such_setting = 1").expect_err("reserved prefix");
+    assert!(sql_error(&err).1.contains("kvembed"), "{err}");
+    // The session still works.
+    s.batch_execute("SET kvembed.layers = 'default'").unwrap();
+    assert!(!vector(&mut s, "SELECT kv_embed('x')::real[]", &[]).is_empty());
+}
