@@ -301,30 +301,25 @@ impl Decoder {
             Some((kp, vp, _)) => (Tensor::cat(&[kp, &k], 2)?, Tensor::cat(&[vp, &v], 2)?),
             None => (k, v),
         };
-        let n_rep = nh / nkv;
-        let k = candle_transformers::utils::repeat_kv(k, n_rep)?.contiguous()?;
-        let v = candle_transformers::utils::repeat_kv(v, n_rep)?.contiguous()?;
         let offset = usize::from(prefix.is_some());
         let bias = prefix.as_ref().map(|p| p.2);
-
-        let mut blocks = Vec::with_capacity(t.div_ceil(QUERY_BLOCK));
-        let mut start = 0;
-        while start < t {
-            let end = (start + QUERY_BLOCK).min(t);
-            let qb = q.narrow(2, start, end - start)?;
-            // Keys after the block's last query are always masked: skip them.
-            let kv_len = end + offset;
-            let kb = k.narrow(2, 0, kv_len)?;
-            let vb = v.narrow(2, 0, kv_len)?;
-            let scores = (qb.matmul(&kb.t()?)? * cfg.attn_scale as f64)?;
-            let mask = attention_mask(start, end, offset, bias, l.window, &self.device)?;
-            let scores = scores.broadcast_add(&mask)?;
-            let p = candle_nn::ops::softmax_last_dim(&scores)?;
-            blocks.push(p.matmul(&vb)?);
-            start = end;
-        }
-        let att = if blocks.len() == 1 { blocks.pop().unwrap() } else { Tensor::cat(&blocks, 2)? };
-        let att = att.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+        let att = if self.device.is_cpu() {
+            let shape = crate::attention::AttnShape {
+                batch: b,
+                seq: t,
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                scale: cfg.attn_scale,
+                window: l.window,
+                prefix_bias: bias,
+            };
+            let flat = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.contiguous()?.flatten_all()?.to_vec1::<f32>()?) };
+            let out = crate::attention::attention(&flat(&q)?, &flat(&k)?, &flat(&v)?, shape);
+            Tensor::from_vec(out, (b * t, nh * hd), &self.device)?
+        } else {
+            self.attention_tensors(q, k, v, t, offset, bias, l.window)?
+        };
         let mut att = l.o.forward(&att)?;
         if let Some(n) = &l.post_attn_norm {
             att = n.forward(&att)?;
@@ -342,6 +337,46 @@ impl Decoder {
             m = n.forward(&m)?;
         }
         Ok((x + m.reshape((b, t, d))?)?)
+    }
+}
+
+impl Decoder {
+    /// Attention with tensor ops (GPU path): blocks of queries, an additive
+    /// mask carrying the prefix bias.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_tensors(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        t: usize,
+        offset: usize,
+        bias: Option<f32>,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, nh, hd) = (q.dim(0)?, cfg.n_heads, cfg.head_dim);
+        let n_rep = nh / cfg.n_kv_heads;
+        let k = candle_transformers::utils::repeat_kv(k, n_rep)?.contiguous()?;
+        let v = candle_transformers::utils::repeat_kv(v, n_rep)?.contiguous()?;
+        let mut blocks = Vec::with_capacity(t.div_ceil(QUERY_BLOCK));
+        let mut start = 0;
+        while start < t {
+            let end = (start + QUERY_BLOCK).min(t);
+            let qb = q.narrow(2, start, end - start)?;
+            // Keys after the block's last query are always masked: skip them.
+            let kv_len = end + offset;
+            let kb = k.narrow(2, 0, kv_len)?;
+            let vb = v.narrow(2, 0, kv_len)?;
+            let scores = (qb.matmul(&kb.t()?)? * cfg.attn_scale as f64)?;
+            let mask = attention_mask(start, end, offset, bias, window, &self.device)?;
+            let scores = scores.broadcast_add(&mask)?;
+            let p = candle_nn::ops::softmax_last_dim(&scores)?;
+            blocks.push(p.matmul(&vb)?);
+            start = end;
+        }
+        let att = if blocks.len() == 1 { blocks.pop().unwrap() } else { Tensor::cat(&blocks, 2)? };
+        Ok(att.transpose(1, 2)?.reshape((b * t, nh * hd))?)
     }
 }
 

@@ -9,6 +9,7 @@ pub mod error;
 pub mod arch;
 pub mod loader;
 pub mod tokenizer;
+pub mod attention;
 pub mod decoder;
 pub mod method;
 pub mod embedder;

@@ -491,9 +491,11 @@ fn handle_connection(stream: UnixStream, shared: &Shared) {
             }
             Request::Status => proto::write_json(&mut writer, &Response::Status(shared.status())),
             Request::Shutdown => {
+                // Unlink first: once the client has its answer, nobody can
+                // reach this process any more, only its successor.
+                let _ = std::fs::remove_file(&shared.opts.socket);
                 let _ = proto::write_json(&mut writer, &Response::ShuttingDown { pid: std::process::id() });
                 log("shutting down on request");
-                let _ = std::fs::remove_file(&shared.opts.socket);
                 std::process::exit(0);
             }
             Request::Embed { texts, role, mut options } => {

@@ -1,6 +1,28 @@
 -- kvembed install script, part 2 (runs after the functions pgrx generates):
 -- the parts of the SQL API written in SQL and PL/pgSQL, and privileges.
 
+COMMENT ON SCHEMA kvembed IS 'kvembed internals: the stored layer calibration and helper functions';
+GRANT USAGE ON SCHEMA kvembed TO PUBLIC;
+
+-- One layer selection per model identity, written by kv_select_layers() and
+-- used by kv_embed() while kvembed.layers = 'auto'.
+CREATE TABLE kvembed.calibration (
+  model_id    text PRIMARY KEY,
+  layers      int[] NOT NULL,
+  curve       jsonb NOT NULL,
+  rule        text,
+  source      text,
+  sample_size int,
+  created_by  name NOT NULL DEFAULT current_user,
+  created_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE kvembed.calibration IS 'Layer selections made by kv_select_layers(), one per model';
+REVOKE ALL ON kvembed.calibration FROM PUBLIC;
+GRANT SELECT ON kvembed.calibration TO PUBLIC;
+GRANT SELECT, INSERT, UPDATE, DELETE ON kvembed.calibration TO kvembed_admin;
+-- pg_dump keeps calibrations (the table belongs to the extension).
+SELECT pg_catalog.pg_extension_config_dump('kvembed.calibration', '');
+
 -- kv_status(): one row describing the engine and this session's settings.
 CREATE FUNCTION @extschema@.kv_status()
 RETURNS TABLE (

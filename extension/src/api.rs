@@ -35,81 +35,88 @@ fn kv_embed_batch(inputs: Array<'_, DbText>, role: default!(&str, "'document'"))
     items.into_iter().map(|t| t.and_then(|_| vectors.next().map(Vector))).collect()
 }
 
-/// Everything the engine and its supervisor report, with the session's
-/// effective settings (`kv_status()` turns it into columns).
-#[pg_extern(volatile, parallel_safe, schema = "kvembed")]
-fn status_json() -> JsonB {
-    let s = client::status();
-    let supervisor = crate::worker::read_state().unwrap_or_default();
-    let (layers, layers_source) = match settings::layers() {
-        LayerChoice::Explicit(l) => (l, "setting"),
-        LayerChoice::Default => (s.default_layers.clone(), "default"),
-        LayerChoice::Auto => match calibration::layers_for(&s.model_id) {
-            Some(l) => (l, "calibration"),
-            None => (s.default_layers.clone(), "default"),
-        },
-    };
-    let opts = settings::embed_options(None);
-    let engine = settings::EngineSettings::current();
-    JsonB(serde_json::json!({
-        "state": s.state,
-        "model": s.model,
-        "model_id": s.model_id,
-        "architecture": s.architecture,
-        "dim": s.dim,
-        "n_layers": s.layers,
-        "device": s.device,
-        "method": opts.method.unwrap_or(s.default_method),
-        "layers": layers,
-        "layers_source": layers_source,
-        "bias": opts.bias.unwrap_or(s.default_bias),
-        "document_prompt": opts.document_prompt.unwrap_or(s.document_prompt),
-        "query_prompt": opts.query_prompt.unwrap_or(s.query_prompt),
-        "max_tokens": opts.max_tokens.unwrap_or(s.max_tokens),
-        "on_overflow": if opts.truncate == Some(false) { "error" } else { "truncate" },
-        "batch_tokens": engine.batch_tokens,
-        "threads": s.threads,
-        "queue_depth": s.queue_depth,
-        "requests_served": s.requests_served,
-        "texts_served": s.texts_served,
-        "tokens_served": s.tokens_served,
-        "engine_pid": s.pid,
-        "supervisor_pid": supervisor.supervisor_pid,
-        "engine_restarts": supervisor.restarts,
-        "last_exit": supervisor.last_exit,
-        "load_error": s.load_error,
-    }))
-}
+/// Internal helpers in the `kvembed` schema, wrapped by the SQL functions in
+/// `sql/finalize.sql`.
+#[pg_schema]
+mod kvembed {
+    use super::*;
 
-/// Runs TwoNN over `texts` at every layer (`kv_select_layers()` samples the
-/// texts, stores the result and returns the rows).
-#[pg_extern(volatile, parallel_unsafe, schema = "kvembed")]
-fn select_layers_raw(
-    texts: Array<'_, DbText>,
-    window: default!(Option<i32>, "NULL"),
-    skip_fraction: default!(Option<f32>, "NULL"),
-) -> JsonB {
-    let texts: Vec<String> = texts.iter().flatten().map(DbText::into_utf8).collect();
-    let n = texts.len();
-    let options = SelectOptions {
-        skip_fraction,
-        window: window.map(|w| w.max(1) as usize),
-        representation: None,
-        max_tokens: settings::embed_options(None).max_tokens,
-    };
-    let model_id = client::with_engine(true, |e| Ok(e.status.model_id.clone()));
-    match client::select_layers(texts, options) {
-        Response::Layers { curve, selected, rule, texts } => {
-            calibration::invalidate();
-            JsonB(serde_json::json!({
-                "model_id": model_id,
-                "curve": curve,
-                "selected": selected,
-                "rule": rule,
-                "texts": texts.max(n),
-            }))
+    /// Everything the engine and its supervisor report, with the session's
+    /// effective settings (`kv_status()` turns it into columns).
+    #[pg_extern(volatile, parallel_safe)]
+    fn status_json() -> JsonB {
+        let s = client::status();
+        let supervisor = crate::worker::read_state().unwrap_or_default();
+        let (layers, layers_source) = match settings::layers() {
+            LayerChoice::Explicit(l) => (l, "setting"),
+            LayerChoice::Default => (s.default_layers.clone(), "default"),
+            LayerChoice::Auto => match calibration::layers_for(&s.model_id) {
+                Some(l) => (l, "calibration"),
+                None => (s.default_layers.clone(), "default"),
+            },
+        };
+        let opts = settings::embed_options(None);
+        let engine = settings::EngineSettings::current();
+        JsonB(serde_json::json!({
+            "state": s.state,
+            "model": s.model,
+            "model_id": s.model_id,
+            "architecture": s.architecture,
+            "dim": s.dim,
+            "n_layers": s.layers,
+            "device": s.device,
+            "method": opts.method.unwrap_or(s.default_method),
+            "layers": layers,
+            "layers_source": layers_source,
+            "bias": opts.bias.unwrap_or(s.default_bias),
+            "document_prompt": opts.document_prompt.unwrap_or(s.document_prompt),
+            "query_prompt": opts.query_prompt.unwrap_or(s.query_prompt),
+            "max_tokens": opts.max_tokens.unwrap_or(s.max_tokens),
+            "on_overflow": if opts.truncate == Some(false) { "error" } else { "truncate" },
+            "batch_tokens": engine.batch_tokens,
+            "threads": s.threads,
+            "queue_depth": s.queue_depth,
+            "requests_served": s.requests_served,
+            "texts_served": s.texts_served,
+            "tokens_served": s.tokens_served,
+            "engine_pid": s.pid,
+            "supervisor_pid": supervisor.supervisor_pid,
+            "engine_restarts": supervisor.restarts,
+            "last_exit": supervisor.last_exit,
+            "load_error": s.load_error,
+        }))
+    }
+
+    /// Runs TwoNN over `texts` at every layer (`kv_select_layers()` samples the
+    /// texts, stores the result and returns the rows).
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn select_layers_raw(
+        texts: Array<'_, DbText>,
+        window: default!(Option<i32>, "NULL"),
+        skip_fraction: default!(Option<f32>, "NULL"),
+    ) -> JsonB {
+        let texts: Vec<String> = texts.iter().flatten().map(DbText::into_utf8).collect();
+        let n = texts.len();
+        let options = SelectOptions {
+            skip_fraction,
+            window: window.map(|w| w.max(1) as usize),
+            representation: None,
+            max_tokens: settings::embed_options(None).max_tokens,
+        };
+        let model_id = client::with_engine(true, |e| Ok(e.status.model_id.clone()));
+        match client::select_layers(texts, options) {
+            Response::Layers { curve, selected, rule, texts } => {
+                calibration::invalidate();
+                JsonB(serde_json::json!({
+                    "model_id": model_id,
+                    "curve": curve,
+                    "selected": selected,
+                    "rule": rule,
+                    "texts": texts.max(n),
+                }))
+            }
+            _ => unreachable!("client::select_layers returns Layers or raises"),
         }
-        _ => unreachable!("client::select_layers returns Layers or raises"),
     }
 }
 

@@ -39,21 +39,21 @@ pub struct Embedded {
 /// an ERROR: a request is never silently retried, since the engine may have
 /// died because of it.
 pub fn with_engine<T>(wait_ready: bool, f: impl FnOnce(&mut Engine) -> io::Result<T>) -> T {
+    try_with_engine(wait_ready, f).unwrap_or_else(|e| lost_connection(e))
+}
+
+/// `with_engine`, returning the I/O error instead of raising it.
+fn try_with_engine<T>(wait_ready: bool, f: impl FnOnce(&mut Engine) -> io::Result<T>) -> io::Result<T> {
     let cached = CACHED.with(|c| c.borrow_mut().take()).filter(|e| e.is_idle_and_alive());
     let mut engine = match cached {
         Some(e) if !wait_ready || e.status.state != "loading" => e,
         _ => connect(wait_ready),
     };
-    match f(&mut engine) {
-        Ok(v) => {
-            CACHED.with(|c| *c.borrow_mut() = Some(engine));
-            v
-        }
-        Err(e) => {
-            drop(engine);
-            lost_connection(e)
-        }
+    let result = f(&mut engine);
+    if result.is_ok() {
+        CACHED.with(|c| *c.borrow_mut() = Some(engine));
     }
+    result
 }
 
 /// Embeds `texts` with the session's settings; ERRORs carry the engine's
@@ -128,7 +128,12 @@ pub fn select_layers(texts: Vec<String>, options: proto::SelectOptions) -> Respo
 /// The engine's status without waiting for a model load (it may be
 /// `loading` or `failed`); starts the engine if it is not running.
 pub fn status() -> Status {
-    match with_engine(false, |engine| engine.call(&Request::Status)) {
+    // Asking for the status is harmless, so unlike other requests it is
+    // retried once on a fresh connection: the engine may have been
+    // restarting (settings change, kv_restart) just as it was asked.
+    let ask = |engine: &mut Engine| engine.call(&Request::Status);
+    let response = try_with_engine(false, ask).unwrap_or_else(|_| with_engine(false, ask));
+    match response {
         Response::Error { kind, message } => raise(kind, &message),
         Response::Status(s) => s,
         other => unexpected(other),

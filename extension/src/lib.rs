@@ -37,6 +37,15 @@ pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    // pgrx attaches a Rust backtrace to every ERROR raised through Rust when
+    // RUST_BACKTRACE is set in the server's environment: a cancelled
+    // kv_embed would print 50 frames of DETAIL, and capturing costs
+    // milliseconds. Opt in explicitly with RUST_LIB_BACKTRACE=1.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // PostgreSQL processes are single-threaded when libraries load, so
+        // nothing reads the environment concurrently.
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     settings::define();
     // SAFETY: reading a PostgreSQL global that is only written by the
     // postmaster while it processes shared_preload_libraries.

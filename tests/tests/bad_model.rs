@@ -1,12 +1,16 @@
-//! A model path that does not exist, or a file that is not a model, gives an
-//! ERROR naming the setting and the file; the database keeps working; fixing
-//! the setting brings the engine back. (Its own test binary: it changes the
-//! cluster-wide model, which would disturb tests running beside it.)
+//! The engine's life cycle, seen from SQL: a model path that does not exist,
+//! or a file that is not a model, gives an ERROR naming the setting and the
+//! file; the database keeps working; fixing the setting brings the engine
+//! back; `kv_restart()` replaces the engine. (Its own test binary: these
+//! change the cluster-wide engine, which would disturb tests beside them.)
 
 use kvembed_tests::*;
+use std::sync::Mutex;
 use std::time::Duration;
 
 const DB: &str = "kvembed_test_bad_model";
+
+static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Puts the real model back even when an assertion fails.
 struct RestoreModel;
@@ -30,6 +34,7 @@ fn expect_model_error(s: &mut Session, bad: &str) {
 
 #[test]
 fn bad_model_path_is_a_clear_error_and_the_database_keeps_working() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut s = fresh_database(DB);
     let _restore = RestoreModel;
     let mut bystander = Session::connect(DB, "postgres");
@@ -68,4 +73,19 @@ fn bad_model_path_is_a_clear_error_and_the_database_keeps_working() {
     assert_eq!(state, "ready");
     let v = vector(&mut s, "SELECT kv_embed('hello')::real[]", &[]);
     assert_eq!(v.len(), 576);
+}
+
+#[test]
+fn kv_restart_starts_a_fresh_engine() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut s = fresh_database(DB);
+    let before = vector(&mut s, "SELECT kv_embed('restart me')::real[]", &[]);
+    let old_pid: i32 = s.query_one("SELECT engine_pid FROM kv_status()", &[]).unwrap().get(0);
+    let restarted: bool = s.query_one("SELECT kv_restart()", &[]).unwrap().get(0);
+    assert!(restarted);
+    let after = vector(&mut s, "SELECT kv_embed('restart me')::real[]", &[]);
+    assert!(max_abs_diff(&before, &after) <= 1e-6, "same text, same vector after a restart");
+    let row = s.query_one("SELECT engine_pid, state FROM kv_status()", &[]).unwrap();
+    assert_ne!(row.get::<_, i32>(0), old_pid, "a new engine process serves");
+    assert_eq!(row.get::<_, String>(1), "ready");
 }

