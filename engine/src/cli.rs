@@ -326,3 +326,7 @@ pub struct QualityArgs {
 pub fn quality(args: &QualityArgs) -> Result<()> {
     crate::cli_quality::run(args)
 }
+
+/// The hand-written findings that head docs/QUALITY.md (kept in
+/// docs/quality-notes.md so regenerating the page keeps them).
+pub const QUALITY_NOTES: &str = include_str!("../../docs/quality-notes.md");

@@ -1,7 +1,281 @@
-//! The quality study behind docs/QUALITY.md.
-use crate::cli::QualityArgs;
-use kvembed_engine::Result;
+//! The quality study behind docs/QUALITY.md: every method on the STS sets
+//! and SciFact, the TwoNN curve (with an SVG plot), a bias sweep, a
+//! layer-window comparison and a long-context retrieval check. Everything in
+//! the page comes from this command.
 
-pub fn run(_args: &QualityArgs) -> Result<()> {
-    Err(kvembed_engine::EngineError::Other("not yet".into()))
+use crate::cli::{eval_beir, eval_sts, group_means, QualityArgs};
+use kvembed_engine::decoder::LayerPooling;
+use kvembed_engine::eval::{self, StsSet};
+use kvembed_engine::method::{Template, COMPRESS_DOC, METHOD_NAMES};
+use kvembed_engine::proto::{EmbedOptions, Role};
+use kvembed_engine::{Embedder, EngineError, LoadSpec, Result};
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Instant;
+
+struct Row {
+    label: String,
+    groups: Vec<(String, f64)>,
+}
+
+impl Row {
+    fn avg(&self) -> f64 {
+        eval::mean(&self.groups.iter().map(|g| g.1).collect::<Vec<_>>())
+    }
+}
+
+fn sts_row(e: &Embedder, sets: &[StsSet], label: &str, opts: &EmbedOptions, limit: usize) -> Result<Row> {
+    let t0 = Instant::now();
+    let rows = eval_sts(e, sets, opts, limit)?;
+    let row = Row { label: label.to_string(), groups: group_means(&rows) };
+    eprintln!("  {label}: avg {:.2} ({:.0}s)", row.avg(), t0.elapsed().as_secs_f64());
+    Ok(row)
+}
+
+fn table(md: &mut String, rows: &[Row]) {
+    if rows.is_empty() {
+        return;
+    }
+    let groups: Vec<&str> = rows[0].groups.iter().map(|g| g.0.as_str()).collect();
+    let _ = writeln!(md, "| configuration | {} | avg |", groups.join(" | "));
+    let _ = writeln!(md, "|---|{}---|", "---|".repeat(groups.len()));
+    let best = rows.iter().map(Row::avg).fold(f64::NEG_INFINITY, f64::max);
+    for r in rows {
+        let cells: Vec<String> = r.groups.iter().map(|g| format!("{:.1}", g.1)).collect();
+        let avg = if (r.avg() - best).abs() < 1e-9 { format!("**{:.1}**", r.avg()) } else { format!("{:.1}", r.avg()) };
+        let _ = writeln!(md, "| {} | {} | {} |", r.label, cells.join(" | "), avg);
+    }
+    md.push('\n');
+}
+
+fn opts(method: &str) -> EmbedOptions {
+    EmbedOptions { method: Some(method.into()), ..Default::default() }
+}
+
+/// A line plot of the ID curve, as a small standalone SVG.
+fn svg_curve(title: &str, curves: &[(&str, &[f64])], selected: &[usize]) -> String {
+    let (w, h, pad) = (640.0, 320.0, 40.0);
+    let n = curves.iter().map(|c| c.1.len()).max().unwrap_or(1).max(2);
+    let vals: Vec<f64> = curves.iter().flat_map(|c| c.1.iter().copied()).filter(|v| v.is_finite()).collect();
+    let (lo, hi) = vals.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+    let (lo, hi) = if hi > lo { (lo, hi) } else { (lo - 1.0, lo + 1.0) };
+    let x = |i: usize| pad + (w - 2.0 * pad) * i as f64 / (n - 1) as f64;
+    let y = |v: f64| h - pad - (h - 2.0 * pad) * (v - lo) / (hi - lo);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\
+<rect width=\"100%\" height=\"100%\" fill=\"white\"/><text x=\"{pad}\" y=\"18\" font-size=\"13\">{title}</text>"
+    );
+    for &l in selected {
+        let _ = write!(s, "<rect x=\"{:.1}\" y=\"{pad}\" width=\"6\" height=\"{:.1}\" fill=\"#fde68a\"/>", x(l) - 3.0, h - 2.0 * pad);
+    }
+    let _ = write!(
+        s,
+        "<line x1=\"{pad}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\"/><line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{:.1}\" stroke=\"black\"/>",
+        h - pad, w - pad, h - pad, h - pad
+    );
+    let _ = write!(s, "<text x=\"{:.1}\" y=\"{:.1}\">layer</text>", w / 2.0, h - 8.0);
+    let _ = write!(s, "<text x=\"4\" y=\"{:.1}\">{hi:.1}</text><text x=\"4\" y=\"{:.1}\">{lo:.1}</text>", pad + 4.0, h - pad);
+    for i in (0..n).step_by((n / 10).max(1)) {
+        let _ = write!(s, "<text x=\"{:.1}\" y=\"{:.1}\">{i}</text>", x(i) - 3.0, h - pad + 14.0);
+    }
+    let colors = ["#1d4ed8", "#dc2626", "#059669"];
+    for (k, (name, c)) in curves.iter().enumerate() {
+        let pts: Vec<String> =
+            c.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, &v)| format!("{:.1},{:.1}", x(i), y(v))).collect();
+        let color = colors[k % colors.len()];
+        let _ = write!(s, "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>", pts.join(" "));
+        let _ = write!(s, "<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{color}\">{name}</text>", w - pad - 120.0, pad + 14.0 * k as f64);
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// Long-context check: each document is filler text of about `len` tokens
+/// with one STS sentence hidden at a random depth; its query is the
+/// sentence's paraphrase (gold score >= 4). Reports nDCG@10 and top-1.
+fn long_context(e: &Embedder, sets: &[StsSet], filler: &[String], len: usize, n: usize, o: &EmbedOptions) -> Result<(f64, f64)> {
+    let pairs: Vec<&eval::StsPair> =
+        sets.iter().flat_map(|s| s.pairs.iter()).filter(|p| p.score >= 4.0 && p.a.len() > 40).take(n).collect();
+    let mut seed = 0x9e3779b97f4a7c15u64;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut docs = Vec::new();
+    for (i, p) in pairs.iter().enumerate() {
+        let mut parts: Vec<String> = Vec::new();
+        let mut tokens = 0;
+        let mut k = i * 7;
+        while tokens < len {
+            let f = &filler[k % filler.len()];
+            tokens += e.count_tokens(f) + 1;
+            parts.push(f.clone());
+            k += 1;
+        }
+        let at = (rnd() as usize) % (parts.len() + 1);
+        parts.insert(at, p.a.clone());
+        docs.push(parts.join(" "));
+    }
+    let ids: Vec<String> = (0..docs.len()).map(|i| i.to_string()).collect();
+    let queries: Vec<String> = pairs.iter().map(|p| p.b.clone()).collect();
+    let mut o = o.clone();
+    o.max_tokens = Some(len + 512);
+    let dv = e.embed(&docs, Role::Document, &o)?.vectors;
+    let qv = e.embed(&queries, Role::Query, &o)?.vectors;
+    let qrels = ids.iter().map(|i| (i.clone(), [(i.clone(), 1.0)].into_iter().collect())).collect();
+    let ndcg = eval::retrieval_ndcg(&qv, &ids, &dv, &ids, &qrels, 10);
+    let top1 = qv
+        .iter()
+        .enumerate()
+        .filter(|(qi, q)| {
+            let best = dv
+                .iter()
+                .enumerate()
+                .max_by(|a, b| eval::cosine(q, a.1).partial_cmp(&eval::cosine(q, b.1)).unwrap())
+                .map(|x| x.0);
+            best == Some(*qi)
+        })
+        .count() as f64
+        / qv.len().max(1) as f64;
+    Ok((100.0 * ndcg, 100.0 * top1))
+}
+
+pub fn run(a: &QualityArgs) -> Result<()> {
+    let sts_root = a.data.join("sts");
+    let sets = eval::load_sts_root(&sts_root).map_err(|e| EngineError::io(&sts_root, e))?;
+    let mut md = String::new();
+    let cmd: Vec<String> = std::env::args().collect();
+    let _ = writeln!(md, "# Quality results\n");
+    let _ = writeln!(
+        md,
+        "Generated by `{}` on the development data (`../shared/data`). Spearman × 100 of cosine similarity \
+against the gold scores, per file, averaged per group (STS12/13/14, SICK trial). {}\n",
+        cmd.join(" ").replace(&*a.data.to_string_lossy(), "../shared/data"),
+        if a.sweep_limit > 0 {
+            format!("**Every STS figure here uses the first {} pairs of each file** (a subsample, to fit the study on 2 CPU cores); `--sweep-limit 0` runs the full sets.", a.sweep_limit)
+        } else {
+            "Full STS files.".into()
+        }
+    );
+    let _ = writeln!(md, "{}\n", crate::cli::QUALITY_NOTES);
+    let plot_dir = a.out.parent().unwrap_or(Path::new(".")).join("img");
+    std::fs::create_dir_all(&plot_dir).map_err(|e| EngineError::io(&plot_dir, e))?;
+    let limit = a.sweep_limit;
+    for model in &a.models {
+        eprintln!("== {model}");
+        let e = Embedder::load(&LoadSpec { model: model.clone(), device: "cpu".into(), threads: a.threads })?;
+        let info = e.info();
+        let n = info.layers;
+        let name = Path::new(model).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or(model.clone());
+        let _ = writeln!(md, "## {name}\n\n{} layers, hidden size {}, {}.\n", n, info.dim, info.architecture);
+
+        // TwoNN over a sample of STS sentences, last-token and mean representations.
+        let mut sample: Vec<String> = sets.iter().flat_map(|s| s.pairs.iter().map(|p| p.a.clone())).collect();
+        sample.dedup();
+        let step = (sample.len() / a.id_sample.max(1)).max(1);
+        let sample: Vec<String> = sample.into_iter().step_by(step).take(a.id_sample).collect();
+        let template = Template::parse(COMPRESS_DOC)?;
+        let mut curves = Vec::new();
+        for pooling in [LayerPooling::Last, LayerPooling::Mean] {
+            let reps = e.layer_representations(&sample, &template, pooling, 256, |_| {})?;
+            let c: Vec<f64> = reps.iter().map(|l| kvembed_engine::twonn::intrinsic_dimension(l).unwrap_or(f64::NAN)).collect();
+            curves.push(c);
+        }
+        let sel_last = kvembed_engine::twonn::select_window(&curves[0], 0.2, 3);
+        let sel_mean = kvembed_engine::twonn::select_window(&curves[1], 0.2, 3);
+        let svg = svg_curve(&format!("TwoNN intrinsic dimension per layer: {name}"), &[("last token", &curves[0]), ("mean", &curves[1])], &sel_last.layers);
+        let svg_name = format!("id-{}.svg", name.replace(['.', ' '], "_"));
+        std::fs::write(plot_dir.join(&svg_name), svg).map_err(|e| EngineError::io(&plot_dir, e))?;
+        let _ = writeln!(md, "### Intrinsic dimension (TwoNN, {} texts in the compression prompt)\n", sample.len());
+        let _ = writeln!(md, "![ID curve](img/{svg_name})\n");
+        let _ = writeln!(md, "| layer | ID (last token) | ID (mean) |\n|---|---|---|");
+        for l in 0..n {
+            let _ = writeln!(md, "| {l} | {:.2} | {:.2} |", curves[0][l], curves[1][l]);
+        }
+        let _ = writeln!(md, "\nSelection on last-token states: {}.  \nSelection on mean states: {}.\n", sel_last.rule, sel_mean.rule);
+        let id_layers = sel_last.layers.clone();
+
+        // Every method.
+        let _ = writeln!(md, "### Methods (STS)\n");
+        let mut rows = Vec::new();
+        for m in METHOD_NAMES {
+            let mut o = opts(m);
+            if *m == "kv-paper" {
+                o.layers = Some(id_layers.clone());
+            }
+            let label = if *m == "kv-paper" { format!("kv-paper (ID layers {:?}, b=1)", id_layers) } else { m.to_string() };
+            rows.push(sts_row(&e, &sets, &label, &o, limit)?);
+        }
+        table(&mut md, &rows);
+
+        // Bias sweep at the default window and at the ID-selected window.
+        let default_layers = info.default_layers.clone();
+        let _ = writeln!(md, "### Bias sweep (kv prompt and pooling)\n");
+        let mut rows = Vec::new();
+        for (wname, layers) in [("default", &default_layers), ("ID-selected", &id_layers)] {
+            for b in [0.0f32, 0.5, 1.0, 2.0, 3.0, 5.0] {
+                let mut o = opts("kv");
+                o.layers = Some(layers.clone());
+                o.bias = Some(b);
+                rows.push(sts_row(&e, &sets, &format!("{wname} layers {layers:?}, b={b}"), &o, limit)?);
+            }
+        }
+        table(&mut md, &rows);
+
+        // Layer windows at the default bias.
+        let _ = writeln!(md, "### Layer windows (kv, default bias {})\n", info.default_bias);
+        let mut rows = Vec::new();
+        let early: Vec<usize> = vec![1, 2, 3];
+        let late: Vec<usize> = (n - 3..n).collect();
+        for (wname, layers) in [("early", early), ("default", default_layers.clone()), ("ID-selected", id_layers.clone()), ("late", late)] {
+            let mut o = opts("kv");
+            o.layers = Some(layers.clone());
+            rows.push(sts_row(&e, &sets, &format!("{wname} {layers:?}"), &o, limit)?);
+        }
+        table(&mut md, &rows);
+
+        if !a.sts_only {
+            let scifact = a.data.join("scifact");
+            let _ = writeln!(md, "### SciFact (train queries), nDCG@10\n");
+            if a.scifact_docs > 0 {
+                let _ = writeln!(md, "Corpus reduced to every judged document plus unjudged ones up to {} documents.\n", a.scifact_docs);
+            }
+            let _ = writeln!(md, "| method | nDCG@10 | alignment | uniformity |\n|---|---|---|---|");
+            for m in ["kv", "kv-no-reroute", "kv-paper", "mean", "prompteol", "echo"] {
+                let mut o = opts(m);
+                o.max_tokens = Some(512);
+                if m == "kv-paper" {
+                    o.layers = Some(id_layers.clone());
+                }
+                let t0 = Instant::now();
+                let r = eval_beir(&e, &scifact, "train", &o, a.scifact_docs)?;
+                eprintln!("  scifact {m}: {:.2} ({:.0}s)", r.ndcg10, t0.elapsed().as_secs_f64());
+                let _ = writeln!(md, "| {m} | {:.2} | {:.3} | {:.3} |", r.ndcg10, r.alignment, r.uniformity);
+            }
+            md.push('\n');
+
+            // Long context.
+            let beir = eval::load_beir(&scifact, "train").map_err(|e| EngineError::io(&scifact, e))?;
+            let filler: Vec<String> = beir.corpus.iter().take(400).map(|d| d.1.clone()).collect();
+            let _ = writeln!(
+                md,
+                "### Long context\n\nDocuments of SciFact abstracts padded to the given length with one STS sentence hidden at a random depth; \
+the query is its paraphrase (gold ≥ 4). 20 documents per length.\n\n| tokens | kv nDCG@10 | kv top-1 | kv-no-reroute nDCG@10 | mean nDCG@10 |\n|---|---|---|---|---|"
+            );
+            for len in [512usize, 1024, 2048, 4096] {
+                let (kv, kv1) = long_context(&e, &sets, &filler, len, 20, &opts("kv"))?;
+                let (nr, _) = long_context(&e, &sets, &filler, len, 20, &opts("kv-no-reroute"))?;
+                let (mean, _) = long_context(&e, &sets, &filler, len, 20, &opts("mean"))?;
+                eprintln!("  long {len}: kv {kv:.1}");
+                let _ = writeln!(md, "| {len} | {kv:.1} | {kv1:.0}% | {nr:.1} | {mean:.1} |");
+            }
+            md.push('\n');
+        }
+        std::fs::write(&a.out, &md).map_err(|e| EngineError::io(&a.out, e))?;
+    }
+    std::fs::write(&a.out, md).map_err(|e| EngineError::io(&a.out, e))?;
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
 }

@@ -125,6 +125,8 @@ pub struct Decoder {
     final_norm: Norm,
     lm_head: QMatMul,
     device: Device,
+    /// The fused CPU attention kernel (true on CPU); tensor ops otherwise.
+    pub cpu_attention_kernel: bool,
 }
 
 /// Queries are processed in blocks of this many rows so a 4,096-token input
@@ -194,7 +196,7 @@ impl Decoder {
         }
         let final_norm = Norm::load(store, "output_norm.weight", &cfg, dev)?;
         let lm_head = if store.has("output.weight") { mm("output.weight")? } else { embed.as_matmul()? };
-        Ok(Decoder { cfg, embed, layers, final_norm, lm_head, device: dev.clone() })
+        Ok(Decoder { cfg, embed, layers, final_norm, lm_head, device: dev.clone(), cpu_attention_kernel: dev.is_cpu() })
     }
 
     pub fn device(&self) -> &Device {
@@ -303,7 +305,7 @@ impl Decoder {
         };
         let offset = usize::from(prefix.is_some());
         let bias = prefix.as_ref().map(|p| p.2);
-        let att = if self.device.is_cpu() {
+        let att = if self.cpu_attention_kernel && self.device.is_cpu() {
             let shape = crate::attention::AttnShape {
                 batch: b,
                 seq: t,

@@ -132,8 +132,20 @@ pub struct Method {
 /// (see docs/QUALITY.md for the study behind it).
 pub const DEFAULT_METHOD: &str = "kv";
 
-pub const METHOD_NAMES: &[&str] =
-    &["kv", "kv-no-reroute", "kv-paper", "kv-paper-no-reroute", "mean", "last", "prompteol", "echo", "token-prepending"];
+pub const METHOD_NAMES: &[&str] = &[
+    "kv",
+    "kv-no-reroute",
+    "kv-paper",
+    "kv-paper-no-reroute",
+    "kv-eol",
+    "kv-last",
+    "kv-echo",
+    "mean",
+    "last",
+    "prompteol",
+    "echo",
+    "token-prepending",
+];
 
 impl Method {
     pub fn from_name(name: &str) -> Result<Method> {
@@ -163,6 +175,11 @@ impl Method {
             "kv-no-reroute" => m("kv-no-reroute", COMPRESS_DOC, COMPRESS_QUERY, Pooling::Hybrid, None, None),
             "kv-paper" => m("kv-paper", COMPRESS_DOC, COMPRESS_QUERY, Pooling::Hybrid, paper_reroute, None),
             "kv-paper-no-reroute" => m("kv-paper-no-reroute", COMPRESS_DOC, COMPRESS_QUERY, Pooling::Hybrid, None, None),
+            // Variants of the study (docs/QUALITY.md): re-routing with the
+            // PromptEOL prompt, with last-token pooling, and inside Echo.
+            "kv-eol" => m("kv-eol", PROMPTEOL, PROMPTEOL, Pooling::Last, kv_reroute, None),
+            "kv-last" => m("kv-last", COMPRESS_DOC, COMPRESS_QUERY, Pooling::Last, kv_reroute, None),
+            "kv-echo" => m("kv-echo", ECHO, ECHO, Pooling::LastCopyMean, kv_reroute, None),
             "mean" => m("mean", RAW, RAW, Pooling::Mean, None, None),
             "last" => m("last", RAW, RAW, Pooling::Last, None, None),
             "prompteol" => m("prompteol", PROMPTEOL, PROMPTEOL, Pooling::Last, None, None),

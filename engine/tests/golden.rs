@@ -22,10 +22,17 @@ fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f64>]) -> f64 {
 }
 
 fn check(arch: &str) {
+    check_with(arch, true);
+    // The tensor-op attention (the GPU path) must agree too.
+    check_with(arch, false);
+}
+
+fn check_with(arch: &str, kernel: bool) {
     let dir = golden_dir(arch);
     let golden: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-    let e = Embedder::load(&LoadSpec::new(dir.to_str().unwrap())).unwrap();
+    let mut e = Embedder::load(&LoadSpec::new(dir.to_str().unwrap())).unwrap();
+    e.decoder.cpu_attention_kernel = kernel;
     for case in golden["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let ids: Vec<u32> = case["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
@@ -43,7 +50,7 @@ fn check(arch: &str) {
         let bias = case.get("bias").and_then(|b| b.as_f64()).unwrap_or(0.0) as f32;
         let got = e.forward_hidden(&ids, layers.as_deref().map(|l| (l, bias))).unwrap();
         let d = max_abs_diff(&got, &expected);
-        assert!(d < 1e-4, "{arch}/{name}: max |diff| {d:e} against transformers");
+        assert!(d < 1e-4, "{arch}/{name} (kernel {kernel}): max |diff| {d:e} against transformers");
     }
     // Re-routing must change something, or the reroute goldens prove nothing.
     let plain = &golden["cases"][0];
