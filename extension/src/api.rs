@@ -29,10 +29,13 @@ fn kv_embed_half(input: DbText, role: default!(&str, "'document'")) -> HalfVec {
 /// Embeds many texts in one engine request; NULL elements give NULL.
 #[pg_extern(immutable, strict, parallel_safe)]
 fn kv_embed_batch(inputs: Array<'_, DbText>, role: default!(&str, "'document'")) -> Vec<Option<Vector>> {
-    let items: Vec<Option<String>> = inputs.iter().map(|t| t.map(DbText::into_utf8)).collect();
-    let texts: Vec<String> = items.iter().flatten().cloned().collect();
+    let mut texts = Vec::new();
+    let present: Vec<bool> = inputs
+        .iter()
+        .map(|t| t.map(|t| texts.push(t.into_utf8())).is_some())
+        .collect();
     let mut vectors = if texts.is_empty() { Vec::new() } else { embed_texts(texts, role) }.into_iter();
-    items.into_iter().map(|t| t.and_then(|_| vectors.next().map(Vector))).collect()
+    present.into_iter().map(|p| if p { vectors.next().map(Vector) } else { None }).collect()
 }
 
 /// Internal helpers in the `kvembed` schema, wrapped by the SQL functions in

@@ -369,7 +369,12 @@ pub fn raise(kind: ErrorKind, message: &str) -> ! {
 fn lost_connection(e: io::Error) -> ! {
     ErrorReport::new(
         PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
-        format!("kvembed: lost the connection to the engine while waiting for its answer: {e}"),
+        match e.kind() {
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
+                "kvembed: the engine went away while handling this statement".to_string()
+            }
+            _ => format!("kvembed: lost the connection to the engine: {e}"),
+        },
         "kvembed",
     )
     .set_detail(

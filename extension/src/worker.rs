@@ -8,12 +8,12 @@
 //! and writes a small state file.
 //!
 //! Runtime files, all in `$PGDATA/kvembed/` (mode 0700):
-//! * `engine.sock`      the engine's socket (0600);
-//! * `supervisor.lock`  flock'ed by the running supervisor: at most one runs,
-//!                      and sessions use it to see whether one does;
-//! * `supervisor.pending` when a session last registered a worker (so a crowd
-//!                      of sessions does not register one each);
-//! * `supervisor.json`  pids, restart count, last exit (read by `kv_status()`).
+//! * `engine.sock`: the engine's socket (0600);
+//! * `supervisor.lock`: flock'ed by the running supervisor, so at most one
+//!   runs, and sessions can see whether one does;
+//! * `supervisor.pending`: when a session last registered a worker (so a
+//!   crowd of sessions does not register one each);
+//! * `supervisor.json`: pids, restart count, last exit (read by `kv_status()`).
 //!
 //! The worker is registered by `_PG_init` when kvembed is in
 //! `shared_preload_libraries`, else by the first session that finds no

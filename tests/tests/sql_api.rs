@@ -472,3 +472,36 @@ fn statement_timeout_interrupts_a_waiting_kv_embed() {
     let v = vector(&mut s, "SELECT kv_embed('after the timeout')::real[]", &[]);
     assert_eq!(v.len() as i32, dim(&mut s));
 }
+
+#[test]
+fn non_utf8_databases_convert_or_refuse_clearly() {
+    let (_g, mut s) = session();
+    let want = vector(&mut s, "SELECT kv_embed('café au lait')::real[]", &[]);
+    let mut admin = Session::connect("postgres", "postgres");
+    for (db, encoding) in [("kvembed_test_ascii", "SQL_ASCII"), ("kvembed_test_latin1", "LATIN1")] {
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).unwrap();
+        admin
+            .batch_execute(&format!(
+                "CREATE DATABASE {db} ENCODING '{encoding}' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'"
+            ))
+            .unwrap();
+        let mut c = Session::connect(db, "postgres");
+        c.batch_execute("CREATE EXTENSION kvembed CASCADE; SET kvembed.layers = 'default'").unwrap();
+        // UTF-8 text (client and server agree on the bytes or convert them)
+        // embeds exactly as in a UTF-8 database.
+        let got = vector(&mut c, "SELECT kv_embed('café au lait')::real[]", &[]);
+        assert!(max_abs_diff(&got, &want) <= 1e-6, "{encoding}: converted text must embed the same");
+        if encoding == "SQL_ASCII" {
+            // SQL_ASCII stores any bytes: invalid UTF-8 is an ERROR, not a crash.
+            for q in ["SELECT kv_embed(E'bad \\xff byte')", "SELECT kv_embed_batch(ARRAY['ok', E'bad \\xff'])"] {
+                let err = c.batch_execute(q).expect_err(q);
+                let (code, msg) = sql_error(&err);
+                assert_eq!(code, "22021", "{q}: {msg}");
+            }
+            let one: i32 = c.query_one("SELECT 1", &[]).unwrap().get(0);
+            assert_eq!(one, 1);
+        }
+        drop(c);
+        admin.batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)")).unwrap();
+    }
+}
