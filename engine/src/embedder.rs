@@ -144,10 +144,12 @@ impl Embedder {
         }
         let method = Method::from_name(DEFAULT_METHOD)?;
         let cfg = &decoder.cfg;
+        // The same weights must get the same id however the path is spelled.
+        let canonical = std::fs::canonicalize(source.path()).unwrap_or_else(|_| source.path().to_path_buf());
         let model_id = format!(
             "{}:{}:{}x{}:{}",
             cfg.family.name(),
-            source.path().display(),
+            canonical.display(),
             cfg.n_layers,
             cfg.hidden,
             std::fs::metadata(source.path()).map(|m| m.len()).unwrap_or(0)

@@ -141,3 +141,25 @@ fn errors_are_specific() {
     assert!(matches!(err, kvembed_engine::EngineError::TokenizerMismatch(_) | kvembed_engine::EngineError::Corrupt { .. }), "{err}");
     std::fs::remove_dir_all(&tmp).ok();
 }
+
+#[test]
+fn hf_repo_id_resolves_through_the_local_cache_only() {
+    // Lay out a Hugging Face cache the way the hub client writes it.
+    let cache = std::env::temp_dir().join(format!("kvembed-hf-cache-{}", std::process::id()));
+    let snap = cache.join("models--tiny--llama/snapshots/0123abcd");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(cache.join("models--tiny--llama/refs")).unwrap();
+    std::fs::write(cache.join("models--tiny--llama/refs/main"), "0123abcd").unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(golden_dir("llama").join(f), snap.join(f)).unwrap();
+    }
+    std::env::set_var("HF_HUB_CACHE", &cache);
+    let from_cache = Embedder::load(&LoadSpec::new("tiny/llama")).unwrap();
+    let from_dir = Embedder::load(&LoadSpec::new(golden_dir("llama").to_str().unwrap())).unwrap();
+    let ids = [5u32, 17, 42, 99];
+    assert_eq!(from_cache.forward_hidden(&ids, None).unwrap(), from_dir.forward_hidden(&ids, None).unwrap());
+    // A repo that is not there is reported, never downloaded.
+    let err = Embedder::load(&LoadSpec::new("tiny/absent")).map(|_| ()).unwrap_err();
+    assert!(err.to_string().contains("not in the local cache"), "{err}");
+    std::fs::remove_dir_all(&cache).ok();
+}
