@@ -61,6 +61,12 @@ pub struct MethodArgs {
     /// Fail instead of truncating texts longer than --max-tokens.
     #[arg(long)]
     pub no_truncate: bool,
+    /// Pooling override: mean, last, hybrid, echo.
+    #[arg(long)]
+    pub pooling: Option<String>,
+    /// Re-routed key position: last (as written) or zero.
+    #[arg(long)]
+    pub prefix_position: Option<String>,
 }
 
 impl MethodArgs {
@@ -76,6 +82,8 @@ impl MethodArgs {
             query_prompt: self.query_prompt.clone(),
             max_tokens: self.max_tokens,
             truncate: Some(!self.no_truncate),
+            pooling: self.pooling.clone(),
+            prefix_position: self.prefix_position.clone(),
         })
     }
 }

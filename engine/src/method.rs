@@ -207,6 +207,19 @@ impl Method {
                 r.bias = b;
             }
         }
+        if let Some(p) = &o.pooling {
+            self.pooling = Pooling::parse(p)?;
+        }
+        if let Some(p) = &o.prefix_position {
+            let pos = match p.as_str() {
+                "last" => PrefixPosition::Last,
+                "zero" => PrefixPosition::Zero,
+                other => return Err(EngineError::invalid("prefix_position", format!("'{other}' (last, zero)"))),
+            };
+            if let Some(r) = &mut self.reroute {
+                r.prefix = pos;
+            }
+        }
         if let Some(layers) = &o.layers {
             if let Some(r) = &mut self.reroute {
                 r.layers = LayerChoice::Fixed(layers.clone());

@@ -294,6 +294,7 @@ pub fn embed_options(layers: Option<Vec<usize>>) -> EmbedOptions {
             _ => None,
         },
         truncate: Some(overflow() == Overflow::Truncate),
+        ..Default::default()
     }
 }
 

@@ -60,6 +60,13 @@ pub struct EmbedOptions {
     /// When a text is longer than `max_tokens`: `true` truncates it and reports
     /// it in the response, `false` fails the request.
     pub truncate: Option<bool>,
+    /// Pooling override: `mean`, `last`, `hybrid` or `echo`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pooling: Option<String>,
+    /// Where the re-routed key sits in rotary space: `last` (its own
+    /// position, the method as written) or `zero`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_position: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
