@@ -10,6 +10,8 @@ pub const COMPRESS_DOC: &str = "Context: {text}\nCompress the Context in one wor
 pub const COMPRESS_QUERY: &str = "Query: {text}\nCompress the Query in one word:";
 /// PromptEOL (Jiang et al., 2023).
 pub const PROMPTEOL: &str = "This sentence : \"{text}\" means in one word:\"";
+/// The query side of PromptEOL for asymmetric search.
+pub const PROMPTEOL_QUERY: &str = "This search query : \"{text}\" means in one word:\"";
 /// Echo embeddings (Springer et al., 2024): the text twice, pool the second copy.
 pub const ECHO: &str = "Rewrite the sentence: {text}\nRewritten sentence: {text}";
 pub const RAW: &str = "{text}";
@@ -137,7 +139,8 @@ pub const METHOD_NAMES: &[&str] = &[
     "kv-no-reroute",
     "kv-paper",
     "kv-paper-no-reroute",
-    "kv-eol",
+    "kv-compress",
+    "kv-compress-no-reroute",
     "kv-last",
     "kv-echo",
     "mean",
@@ -158,7 +161,17 @@ impl Method {
             reroute,
             prepend,
         };
+        // The product default, from the study in docs/QUALITY.md: on small
+        // backbones the PromptEOL prompt with last-token pooling is far
+        // stronger than the compression prompt, and re-routing pays (or at
+        // least does no harm) at mid depth with a small bias.
         let kv_reroute = Some(RerouteConfig {
+            layers: LayerChoice::Relative { start: 0.4, width: 3 },
+            bias: 1.0,
+            prefix: PrefixPosition::Last,
+        });
+        // With the compression prompt, early layers and b = 2 were best.
+        let compress_reroute = Some(RerouteConfig {
             layers: LayerChoice::Relative { start: 0.2, width: 3 },
             bias: 2.0,
             prefix: PrefixPosition::Last,
@@ -171,14 +184,17 @@ impl Method {
             prefix: PrefixPosition::Last,
         });
         Ok(match name {
-            "kv" => m("kv", COMPRESS_DOC, COMPRESS_QUERY, Pooling::Hybrid, kv_reroute, None),
-            "kv-no-reroute" => m("kv-no-reroute", COMPRESS_DOC, COMPRESS_QUERY, Pooling::Hybrid, None, None),
+            "kv" => m("kv", PROMPTEOL, PROMPTEOL_QUERY, Pooling::Last, kv_reroute, None),
+            "kv-no-reroute" => m("kv-no-reroute", PROMPTEOL, PROMPTEOL_QUERY, Pooling::Last, None, None),
             "kv-paper" => m("kv-paper", COMPRESS_DOC, COMPRESS_QUERY, Pooling::Hybrid, paper_reroute, None),
             "kv-paper-no-reroute" => m("kv-paper-no-reroute", COMPRESS_DOC, COMPRESS_QUERY, Pooling::Hybrid, None, None),
-            // Variants of the study (docs/QUALITY.md): re-routing with the
-            // PromptEOL prompt, with last-token pooling, and inside Echo.
-            "kv-eol" => m("kv-eol", PROMPTEOL, PROMPTEOL, Pooling::Last, kv_reroute, None),
-            "kv-last" => m("kv-last", COMPRESS_DOC, COMPRESS_QUERY, Pooling::Last, kv_reroute, None),
+            "kv-compress" => m("kv-compress", COMPRESS_DOC, COMPRESS_QUERY, Pooling::Hybrid, compress_reroute, None),
+            "kv-compress-no-reroute" => {
+                m("kv-compress-no-reroute", COMPRESS_DOC, COMPRESS_QUERY, Pooling::Hybrid, None, None)
+            }
+            // Variants of the study: last-token pooling with the compression
+            // prompt, and re-routing inside Echo.
+            "kv-last" => m("kv-last", COMPRESS_DOC, COMPRESS_QUERY, Pooling::Last, compress_reroute, None),
             "kv-echo" => m("kv-echo", ECHO, ECHO, Pooling::LastCopyMean, kv_reroute, None),
             "mean" => m("mean", RAW, RAW, Pooling::Mean, None, None),
             "last" => m("last", RAW, RAW, Pooling::Last, None, None),
@@ -247,6 +263,7 @@ mod tests {
         assert_eq!(w.resolve(30), vec![27, 28, 29]);
         assert_eq!(w.resolve(4), vec![1, 2, 3]);
         assert_eq!(LayerChoice::Relative { start: 0.2, width: 3 }.resolve(30), vec![6, 7, 8]);
+        assert_eq!(LayerChoice::Relative { start: 0.4, width: 3 }.resolve(30), vec![12, 13, 14]);
     }
 
     #[test]

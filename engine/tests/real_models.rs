@@ -96,6 +96,12 @@ fn query_and_document_prompts_differ() {
     let d = e.embed(&t, Role::Document, &EmbedOptions::default()).unwrap().vectors;
     let q = e.embed(&t, Role::Query, &EmbedOptions::default()).unwrap().vectors;
     assert!(dot(&d[0], &q[0]) < 0.99999);
+    // A configured query prompt is the one used for queries.
+    let custom = EmbedOptions { query_prompt: Some("Search query: {text}".into()), ..Default::default() };
+    let q2 = e.embed(&t, Role::Query, &custom).unwrap().vectors;
+    assert!(dot(&q[0], &q2[0]) < 0.99999);
+    let d2 = e.embed(&t, Role::Document, &custom).unwrap().vectors;
+    assert!((dot(&d[0], &d2[0]) - 1.0).abs() < 1e-5, "the query prompt must not touch documents");
     // Empty and whitespace texts still get finite vectors.
     let v = e.embed(&["".into(), "   ".into()], Role::Document, &EmbedOptions::default()).unwrap().vectors;
     assert!(v.iter().flatten().all(|x| x.is_finite()));
