@@ -250,12 +250,11 @@ pub fn bench(model: &ModelArgs, method: &MethodArgs, batch: usize, tokens: usize
     let opts = method.options()?;
     let m = kvembed_engine::method::Method::from_name(opts.method.as_deref().unwrap_or("kv"))?.with_options(&opts)?;
     let seqs = synthetic_texts(&e, batch, tokens)?;
-    let reroute = m.reroute.as_ref().map(|r| {
-        let n = e.decoder.cfg.n_layers;
-        let mut mask = vec![false; n];
-        r.layers.resolve(n).into_iter().filter(|&l| l < n).for_each(|l| mask[l] = true);
-        kvembed_engine::decoder::Reroute { layers: mask, bias: r.bias, prefix: r.prefix }
-    });
+    let n = e.decoder.cfg.n_layers;
+    let reroute = match &m.reroute {
+        Some(r) => Some(kvembed_engine::decoder::Reroute::new(&r.layers.resolve(n), n, r.bias, r.prefix)?),
+        None => None,
+    };
     let fopts = kvembed_engine::decoder::ForwardOptions { reroute, ..Default::default() };
     // Warm-up, then timed runs packed by the same token budget as embedding.
     let per_batch = (e.batch_tokens / tokens.max(1)).max(1);

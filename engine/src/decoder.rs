@@ -14,7 +14,7 @@ use crate::arch::{Activation, ArchConfig, RopeScaling};
 use crate::error::{EngineError, Result};
 use crate::loader::{Embedding, TensorStore, WeightFormat};
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 
 /// Where the re-routed key sits in rotary space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +32,23 @@ pub struct Reroute {
     pub layers: Vec<bool>,
     pub bias: f32,
     pub prefix: PrefixPosition,
+}
+
+impl Reroute {
+    /// Re-route `layers` (0-based) of an `n_layers`-layer model.
+    pub fn new(layers: &[usize], n_layers: usize, bias: f32, prefix: PrefixPosition) -> Result<Reroute> {
+        let mut mask = vec![false; n_layers];
+        for &l in layers {
+            if l >= n_layers {
+                return Err(EngineError::invalid(
+                    "layers",
+                    format!("layer {l} does not exist (the model has layers 0..{})", n_layers - 1),
+                ));
+            }
+            mask[l] = true;
+        }
+        Ok(Reroute { layers: mask, bias, prefix })
+    }
 }
 
 /// Token Prepending (Fu et al., 2024): the placeholder token at `position`
@@ -487,8 +504,4 @@ fn rope_tables(t: usize, hd: usize, theta: f32, scaling: &RopeScaling, dev: &Dev
 /// nested vectors of its first `len` positions.
 pub fn rows_of(hidden: &Tensor, b: usize, len: usize) -> Result<Vec<Vec<f32>>> {
     Ok(hidden.narrow(0, b, 1)?.squeeze(0)?.narrow(0, 0, len)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
-}
-
-pub fn last_dim(x: &Tensor) -> usize {
-    x.dim(D::Minus1).unwrap_or(0)
 }

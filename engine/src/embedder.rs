@@ -204,18 +204,7 @@ impl Embedder {
         let (prepared, truncated) = self.prepare(texts, template, max_tokens, truncate, method.prepend.is_some())?;
         let n_layers = self.decoder.cfg.n_layers;
         let reroute = match &method.reroute {
-            Some(r) => {
-                let layers = r.layers.resolve(n_layers);
-                if let Some(bad) = layers.iter().find(|&&l| l >= n_layers) {
-                    return Err(EngineError::invalid(
-                        "layers",
-                        format!("layer {bad} does not exist (the model has layers 0..{})", n_layers - 1),
-                    ));
-                }
-                let mut mask = vec![false; n_layers];
-                layers.iter().for_each(|&l| mask[l] = true);
-                Some(Reroute { layers: mask, bias: r.bias, prefix: r.prefix })
-            }
+            Some(r) => Some(Reroute::new(&r.layers.resolve(n_layers), n_layers, r.bias, r.prefix)?),
             None => None,
         };
         let prepend = method.prepend.map(|frac| TokenPrepend {
@@ -391,11 +380,10 @@ impl Embedder {
     /// ids, optionally re-routing `layers` with `bias`: the golden-test hook.
     pub fn forward_hidden(&self, ids: &[u32], reroute: Option<(&[usize], f32)>) -> Result<Vec<Vec<f32>>> {
         let n = self.decoder.cfg.n_layers;
-        let reroute = reroute.map(|(layers, bias)| {
-            let mut mask = vec![false; n];
-            layers.iter().filter(|&&l| l < n).for_each(|&l| mask[l] = true);
-            Reroute { layers: mask, bias, prefix: crate::decoder::PrefixPosition::Last }
-        });
+        let reroute = match reroute {
+            Some((layers, bias)) => Some(Reroute::new(layers, n, bias, crate::decoder::PrefixPosition::Last)?),
+            None => None,
+        };
         let out = self.decoder.forward(&[ids.to_vec()], &ForwardOptions { reroute, ..Default::default() })?;
         crate::decoder::rows_of(&out.hidden, 0, ids.len())
     }

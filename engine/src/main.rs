@@ -1,7 +1,7 @@
 //! `kvembed`: the engine's command-line tool and inference server.
 
 use clap::{Parser, Subcommand};
-use kvembed_engine::proto::{EmbedOptions, Role, SelectOptions};
+use kvembed_engine::proto::{EmbedOptions, SelectOptions};
 use kvembed_engine::{Embedder, LoadSpec};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -230,14 +230,5 @@ fn main() -> ExitCode {
             eprintln!("kvembed: error: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-#[allow(dead_code)]
-fn role(query: bool) -> Role {
-    if query {
-        Role::Query
-    } else {
-        Role::Document
     }
 }
