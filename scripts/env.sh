@@ -16,6 +16,9 @@ export KVEMBED_PGSERVER_VERSION="0.1.6"
 export PG_CONFIG="$KVEMBED_VENV/lib/python3.11/site-packages/pgserver/pginstall/bin/pg_config"
 export PG_BINDIR="${PG_CONFIG%/pg_config}"
 export KVEMBED_PGRX_VERSION="0.18.1"
+# cargo-pgrx's config (which pg_config to build against) per checkout, so two
+# checkouts of the repo never point each other at the wrong PostgreSQL.
+export PGRX_HOME="$KVEMBED_ROOT/.cache/pgrx"
 
 case ":$PATH:" in *":$PG_BINDIR:"*) ;; *) PATH="$PG_BINDIR:$PATH" ;; esac
 if [ -d "$HOME/.cargo/bin" ]; then

@@ -41,10 +41,21 @@ have=$(cargo pgrx --version 2>/dev/null | awk '{print $2}') || true
 [ "$have" = "$KVEMBED_PGRX_VERSION" ] \
   || die "cargo-pgrx $KVEMBED_PGRX_VERSION is required (found: '${have:-none}'); run scripts/setup.sh"
 
+if ! grep -qsF "pg18 = \"$PG_CONFIG\"" "$PGRX_HOME/config.toml"; then
+  echo "install-ext.sh: cargo pgrx init --pg18 $PG_CONFIG (PGRX_HOME=$PGRX_HOME)"
+  cargo pgrx init --pg18 "$PG_CONFIG"
+fi
+
 echo "install-ext.sh: building and installing the extension (cargo pgrx install --release)"
 (cd extension && cargo pgrx install --release -p kvembed --pg-config "$PG_CONFIG")
 pkglibdir=$("$PG_CONFIG" --pkglibdir)
 sharedir=$("$PG_CONFIG" --sharedir)
+# Install scripts of earlier releases, so that upgrades from them can be
+# tested (CREATE EXTENSION ... VERSION 'old'; ALTER EXTENSION ... UPDATE).
+for old in extension/sql/releases/kvembed--*.sql; do
+  [ -e "$old" ] || continue
+  install -m 644 "$old" "$sharedir/extension/$(basename "$old")"
+done
 [ -f "$pkglibdir/kvembed.so" ] || die "cargo pgrx install finished but $pkglibdir/kvembed.so is missing"
 [ -f "$sharedir/extension/kvembed.control" ] || die "cargo pgrx install finished but $sharedir/extension/kvembed.control is missing"
 echo "install-ext.sh: installed $pkglibdir/kvembed.so and $sharedir/extension/kvembed.control"

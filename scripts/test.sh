@@ -13,7 +13,9 @@
 #   3. (re)start the local cluster so that the new library is loaded
 #      (scripts/pg.sh restart);
 #   4. SQL integration tests against that cluster
-#      (cargo test --release -p kvembed-tests -- --test-threads=1).
+#      (cargo test --release -p kvembed-tests -- --test-threads=1), the slow
+#      load tests included (about ten minutes; KVEMBED_SLOW_TESTS=0 skips
+#      them); the figures they record go into docs/RELIABILITY.md.
 #      They find the cluster through PGHOST/PGPORT/PGUSER/PGDATABASE or the
 #      libpq string $KVEMBED_PG_URL, its tools in $PG_BINDIR, and a scratch
 #      directory the server can read in $KVEMBED_PG_TMP.
@@ -68,9 +70,16 @@ phase "start the cluster (scripts/pg.sh restart)"
 cluster_started=1
 bash scripts/pg.sh restart
 
-phase "SQL integration tests (cargo test --release -p kvembed-tests -- --test-threads=1)"
+slow=()
+if [ "${KVEMBED_SLOW_TESTS:-1}" != 0 ]; then slow=(--include-ignored); fi
+phase "SQL integration tests (cargo test --release -p kvembed-tests -- --test-threads=1 ${slow[*]})"
 if [ -f tests/Cargo.toml ]; then
-  cargo test --release -p kvembed-tests -- --test-threads=1 "$@"
+  export KVEMBED_FIGURES="$KVEMBED_ROOT/target/reliability-figures.jsonl"
+  rm -f "$KVEMBED_FIGURES"
+  cargo test --release -p kvembed-tests -- --test-threads=1 "${slow[@]}" "$@"
+  # The figures of this run (faults injected, calls made, rows checked)
+  # into docs/RELIABILITY.md.
+  "${KVEMBED_PYTHON:-python3}" scripts/reliability_report.py "$KVEMBED_FIGURES" docs/RELIABILITY.md
 else
   {
     echo "############################################################"

@@ -101,8 +101,42 @@ impl Norm {
     }
 }
 
+/// A linear layer's weight. Dense weights are kept transposed, `[in, out]`
+/// and contiguous, and applied as one 2-D matmul over all tokens: the CPU
+/// gemm then reads them in place. (`QMatMul` multiplies by `w.t()` of an
+/// `[out, in]` weight, and the CPU gemm repacks such a weight on every call
+/// with a scalar gather, which dominated small batches.)
+enum Weight {
+    Dense(Tensor),
+    Quantized(QMatMul),
+}
+
+impl Weight {
+    fn new(m: QMatMul) -> Result<Weight> {
+        Ok(match m {
+            QMatMul::Tensor(w) => Weight::Dense(w.t()?.contiguous()?),
+            other => Weight::Quantized(other),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Weight::Dense(wt) => {
+                let dims = x.dims().to_vec();
+                let (&k, lead) = dims.split_last().expect("activations have a feature dimension");
+                let rows = lead.iter().product::<usize>();
+                let y = x.contiguous()?.reshape((rows, k))?.matmul(wt)?;
+                let mut out = lead.to_vec();
+                out.push(wt.dim(1)?);
+                Ok(y.reshape(out)?)
+            }
+            Weight::Quantized(q) => Ok(q.forward(x)?),
+        }
+    }
+}
+
 struct Linear {
-    w: QMatMul,
+    w: Weight,
     b: Option<Tensor>,
 }
 
@@ -127,9 +161,9 @@ struct Layer {
     post_attn_norm: Option<Norm>,
     ffn_norm: Norm,
     post_ffn_norm: Option<Norm>,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Weight,
+    up: Weight,
+    down: Weight,
     theta: f32,
     scaling: RopeScaling,
     window: Option<usize>,
@@ -160,6 +194,7 @@ impl Decoder {
             });
         }
         let mm = |n: &str| store.matmul(n, dev, format);
+        let weight = |n: &str| store.matmul(n, dev, format).and_then(Weight::new);
         let opt_norm = |n: &str| -> Result<Option<Norm>> {
             if store.has(n) {
                 Ok(Some(Norm::load(store, n, &cfg, dev)?))
@@ -187,18 +222,18 @@ impl Decoder {
             };
             let layer = Layer {
                 attn_norm: Norm::load(store, &p("attn_norm.weight"), &cfg, dev)?,
-                q: Linear { w: mm(&p("attn_q.weight"))?, b: bias(&p("attn_q.bias"))? },
-                k: Linear { w: mm(&p("attn_k.weight"))?, b: bias(&p("attn_k.bias"))? },
-                v: Linear { w: mm(&p("attn_v.weight"))?, b: bias(&p("attn_v.bias"))? },
-                o: Linear { w: mm(&p("attn_output.weight"))?, b: None },
+                q: Linear { w: weight(&p("attn_q.weight"))?, b: bias(&p("attn_q.bias"))? },
+                k: Linear { w: weight(&p("attn_k.weight"))?, b: bias(&p("attn_k.bias"))? },
+                v: Linear { w: weight(&p("attn_v.weight"))?, b: bias(&p("attn_v.bias"))? },
+                o: Linear { w: weight(&p("attn_output.weight"))?, b: None },
                 q_norm: if cfg.qk_norm { opt_norm(&p("attn_q_norm.weight"))? } else { None },
                 k_norm: if cfg.qk_norm { opt_norm(&p("attn_k_norm.weight"))? } else { None },
                 post_attn_norm,
                 ffn_norm: Norm::load(store, &format!("{ffn_norm_name}.weight"), &cfg, dev)?,
                 post_ffn_norm: if cfg.sandwich_norm { opt_norm(&p("post_ffw_norm.weight"))? } else { None },
-                gate: mm(&p("ffn_gate.weight"))?,
-                up: mm(&p("ffn_up.weight"))?,
-                down: mm(&p("ffn_down.weight"))?,
+                gate: weight(&p("ffn_gate.weight"))?,
+                up: weight(&p("ffn_up.weight"))?,
+                down: weight(&p("ffn_down.weight"))?,
                 theta: cfg.layer_rope_theta(i),
                 scaling: cfg.layer_rope_scaling(i),
                 window: cfg.layer_window(i),

@@ -22,7 +22,7 @@
 use crate::embedder::{Embedder, LayerSelection, LoadSpec, ModelInfo};
 use crate::{EngineError, Result};
 use kvembed_proto::{
-    self as proto, EmbedOptions, ErrorKind, Request, Response, Role, SelectOptions, Truncation,
+    self as proto, EmbedOptions, ErrorKind, Fault, Request, Response, Role, SelectOptions, Truncation,
 };
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
@@ -122,6 +122,8 @@ struct Shared {
     requests_served: AtomicU64,
     texts_served: AtomicU64,
     tokens_served: AtomicU64,
+    /// A fault armed by `Request::Fault`, taken by the next embedding batch.
+    fault: Mutex<Option<Fault>>,
 }
 
 impl Shared {
@@ -135,6 +137,7 @@ impl Shared {
             requests_served: AtomicU64::new(0),
             texts_served: AtomicU64::new(0),
             tokens_served: AtomicU64::new(0),
+            fault: Mutex::new(None),
         }
     }
 
@@ -367,7 +370,11 @@ fn run_embed_batch(shared: &Shared, embedder: &Embedder, dim: usize, batch: Vec<
             texts.extend(t.iter().cloned());
         }
     }
-    match guarded(|| embedder.embed(&texts, role, &options)) {
+    let fault = shared.fault.lock().take();
+    match guarded(|| {
+        inject(fault);
+        embedder.embed(&texts, role, &options)
+    }) {
         Ok(out) => {
             shared.tokens_served.fetch_add(out.tokens as u64, Ordering::Relaxed);
             let mut vectors = out.vectors.into_iter();
@@ -424,6 +431,22 @@ fn run_select_layers(embedder: &Embedder, job: Job) {
         Err((kind, msg)) => Outcome::Error(kind, msg),
     };
     let _ = job.reply.send(outcome);
+}
+
+/// Carries out an armed fault inside the inference thread.
+fn inject(fault: Option<Fault>) {
+    match fault {
+        None => {}
+        Some(Fault::Stall { ms }) => {
+            log(&format!("injected fault: stalling this batch for {ms} ms"));
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        Some(Fault::Panic) => panic!("injected fault (kv_debug_fault('panic'))"),
+        Some(Fault::Abort) => {
+            log("injected fault: aborting the process");
+            std::process::abort();
+        }
+    }
 }
 
 /// Runs engine code, turning both errors and panics into (kind, message): a
@@ -490,6 +513,11 @@ fn handle_connection(stream: UnixStream, shared: &Shared) {
                 }
             }
             Request::Status => proto::write_json(&mut writer, &Response::Status(shared.status())),
+            Request::Fault { fault } => {
+                log(&format!("fault armed for the next embedding batch: {fault:?}"));
+                *shared.fault.lock() = Some(fault);
+                proto::write_json(&mut writer, &Response::FaultArmed { pid: std::process::id() })
+            }
             Request::Shutdown => {
                 // Unlink first: once the client has its answer, nobody can
                 // reach this process any more, only its successor.

@@ -16,5 +16,6 @@ BEGIN
   END IF;
 END
 $$;
-GRANT ALTER SYSTEM ON PARAMETER kvembed.model, kvembed.device, kvembed.threads, kvembed.batch_tokens
+GRANT ALTER SYSTEM ON PARAMETER kvembed.model, kvembed.device, kvembed.threads, kvembed.batch_tokens,
+  kvembed.engine_memory_limit
   TO kvembed_admin;

@@ -164,3 +164,4 @@ COMMENT ON PROCEDURE @extschema@.kv_backfill(regclass, name, name, int) IS
 -- Only superusers and kvembed_admin restart the engine.
 REVOKE EXECUTE ON FUNCTION @extschema@.kv_restart() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.kv_restart() TO kvembed_admin;
+REVOKE EXECUTE ON FUNCTION @extschema@.kv_debug_fault(text) FROM PUBLIC;

@@ -141,6 +141,36 @@ fn kv_restart() -> bool {
     }
 }
 
+/// Fault injection for testing fault isolation (superusers only): arms
+/// `kind` in the engine for its next embedding batch and returns the
+/// engine's pid. Kinds: 'panic' (the inference code panics: that batch
+/// fails, the engine lives on), 'abort' (the engine process aborts, as a
+/// crash in native code would; its supervisor restarts it), 'stall:<ms>'
+/// (the batch sleeps first, as a slow or hung forward pass would).
+#[pg_extern(volatile, parallel_unsafe)]
+fn kv_debug_fault(kind: &str) -> i32 {
+    // SAFETY: plain catalog lookup of the current user.
+    if !unsafe { pg_sys::superuser() } {
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "kvembed: only superusers may inject faults",
+            "kvembed",
+        )
+        .report(PgLogLevel::ERROR);
+    }
+    let Some(fault) = kvembed_proto::Fault::parse(kind) else {
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("kvembed: unknown fault '{kind}'"),
+            "kvembed",
+        )
+        .set_hint("Use 'panic', 'abort' or 'stall:<milliseconds>'.")
+        .report(PgLogLevel::ERROR);
+        unreachable!()
+    };
+    client::fault(fault) as i32
+}
+
 fn parse_role(role: &str) -> Role {
     Role::parse(role).unwrap_or_else(|| {
         ErrorReport::new(

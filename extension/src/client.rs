@@ -153,6 +153,16 @@ pub fn shutdown() -> Option<u32> {
     }
 }
 
+/// Arms a fault in the engine for its next embedding batch; returns the
+/// engine's pid.
+pub fn fault(fault: proto::Fault) -> u32 {
+    match with_engine(false, |engine| engine.call(&Request::Fault { fault })) {
+        Response::FaultArmed { pid } => pid,
+        Response::Error { kind, message } => raise(kind, &message),
+        other => unexpected(other),
+    }
+}
+
 impl Engine {
     fn io(&self) -> Interruptible<'_> {
         Interruptible(&self.stream)
@@ -217,14 +227,18 @@ fn connect(wait_ready: bool) -> Engine {
             Err(e) => last_problem = format!("cannot connect to {}: {e}", path.display()),
         }
         if Instant::now() >= deadline {
-            ErrorReport::new(
+            let mut report = ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
                 format!(
                     "kvembed: the engine did not start within kvembed.start_timeout ({} s): {last_problem}",
                     timeout.as_secs()
                 ),
                 "kvembed",
-            )
+            );
+            if let Some(exit) = worker::read_state().and_then(|s| s.last_exit) {
+                report = report.set_detail(format!("The engine's last exit: it {exit}."));
+            }
+            report
             .set_hint("See the server log for lines from \"kvembed\"; SELECT * FROM kv_status() shows the engine's state.")
             .report(PgLogLevel::ERROR);
         }
@@ -398,6 +412,7 @@ fn unexpected(r: Response) -> ! {
         Response::Progress { .. } => "progress",
         Response::Status(_) => "status",
         Response::ShuttingDown { .. } => "shutting_down",
+        Response::FaultArmed { .. } => "fault_armed",
         Response::Error { .. } => "error",
     };
     protocol_error(&format!("unexpected '{what}' response"))

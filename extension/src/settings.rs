@@ -2,7 +2,7 @@
 //!
 //! Two kinds:
 //! * what the engine loads (model, device, threads, batch token budget,
-//!   engine binary): `PGC_SIGHUP`, so only `postgresql.conf` / `ALTER SYSTEM`
+//!   engine binary, memory limit): `PGC_SIGHUP`, so only `postgresql.conf` / `ALTER SYSTEM`
 //!   (superusers, or roles granted ALTER SYSTEM on them) change them, and the
 //!   supervisor restarts the engine after `pg_reload_conf()`;
 //! * how a text is embedded (method, layers, bias, prompts, max tokens,
@@ -20,6 +20,7 @@ pub static DEVICE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::
 pub static THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(8192);
 pub static ENGINE_PATH: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+pub static ENGINE_MEMORY_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(0);
 
 pub static METHOD: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static LAYERS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"auto"));
@@ -89,6 +90,17 @@ pub fn define() {
         &ENGINE_PATH,
         Sighup,
         GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_int_guc(
+        c"kvembed.engine_memory_limit",
+        c"Address-space limit of the engine process (0 = none).",
+        c"Applied with setrlimit(RLIMIT_AS) when the engine starts: a model that does not fit fails to load \
+          with an error instead of pushing the host into the out-of-memory killer.",
+        &ENGINE_MEMORY_LIMIT,
+        0,
+        i32::MAX,
+        Sighup,
+        GucFlags::UNIT_MB,
     );
 
     GucRegistry::define_string_guc(
@@ -186,6 +198,8 @@ pub struct EngineSettings {
     pub device: String,
     pub threads: i32,
     pub batch_tokens: i32,
+    /// Address-space limit of the engine in MB (0 = none).
+    pub memory_limit_mb: i32,
 }
 
 impl EngineSettings {
@@ -196,6 +210,7 @@ impl EngineSettings {
             device: non_empty(&DEVICE).unwrap_or_else(|| "cpu".into()),
             threads: THREADS.get(),
             batch_tokens: BATCH_TOKENS.get(),
+            memory_limit_mb: ENGINE_MEMORY_LIMIT.get(),
         }
     }
 }

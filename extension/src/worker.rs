@@ -314,10 +314,17 @@ impl Supervisor {
             .arg("0")
             .current_dir(runtime_dir().parent().unwrap_or(Path::new("/")))
             .stdin(Stdio::null());
+        let memory_limit = (s.memory_limit_mb > 0).then(|| (s.memory_limit_mb as libc::rlim_t) << 20);
         // SAFETY: the closure runs in the forked child before exec and only
-        // makes async-signal-safe calls (prctl, signal, sigprocmask).
+        // makes async-signal-safe calls (prctl, signal, sigprocmask, setrlimit).
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
+                if let Some(bytes) = memory_limit {
+                    let limit = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
+                    if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 // Die with the supervisor, whatever kills it.
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
                 // Ignored signals survive exec: give the engine default ones.
@@ -332,7 +339,11 @@ impl Supervisor {
         }
         match cmd.spawn() {
             Ok(child) => {
-                log!("kvembed: started engine pid {} (model '{}')", child.id(), s.model);
+                let limit = match s.memory_limit_mb {
+                    0 => String::new(),
+                    mb => format!(", memory limit {mb} MB"),
+                };
+                log!("kvembed: started engine pid {} (model '{}'{limit})", child.id(), s.model);
                 self.state.engine_pid = Some(child.id());
                 self.state.engine_started_at = Some(unix_now());
                 if self.state.last_exit.is_some() {
@@ -407,7 +418,15 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(0), _) => "exited normally".to_string(),
         (Some(code), _) => format!("exited with code {code}"),
-        (None, Some(sig)) => format!("was killed by signal {sig}{}", if sig == libc::SIGKILL { " (SIGKILL: out of memory?)" } else { "" }),
+        (None, Some(sig)) => format!(
+            "was killed by signal {sig}{}",
+            match sig {
+                libc::SIGKILL => " (SIGKILL: killed, or out of memory)",
+                libc::SIGABRT => " (SIGABRT: aborted, e.g. a failed memory allocation)",
+                libc::SIGSEGV => " (SIGSEGV: crashed)",
+                _ => "",
+            }
+        ),
         _ => format!("ended ({status})"),
     }
 }

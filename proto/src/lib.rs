@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
 /// Bumped on any incompatible change; `Hello` checks it.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame either side accepts (256 MiB): a guard against garbage lengths.
 pub const MAX_FRAME: usize = 256 << 20;
@@ -101,6 +101,37 @@ pub enum Request {
     /// Ask the server to exit after answering (`kv_restart()`): its
     /// supervisor starts a fresh one, re-reading the settings.
     Shutdown,
+    /// Arm a fault for the next embedding batch (`kv_debug_fault()`, for
+    /// superusers only): how the extension's fault-isolation tests make the
+    /// inference code fail on demand.
+    Fault { fault: Fault },
+}
+
+/// Faults the server can be asked to inject into its next embedding batch.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Fault {
+    /// Panic inside the inference code (caught: that batch fails, the
+    /// process lives on).
+    Panic,
+    /// Abort the whole process (as a crash in native code would).
+    Abort,
+    /// Sleep this long before running the batch (a slow or hung forward pass).
+    Stall { ms: u64 },
+}
+
+impl Fault {
+    /// Parses `panic`, `abort` or `stall:<ms>`.
+    pub fn parse(s: &str) -> Option<Fault> {
+        match s.trim() {
+            "panic" => Some(Fault::Panic),
+            "abort" => Some(Fault::Abort),
+            other => {
+                let ms = other.strip_prefix("stall:")?.trim().parse().ok()?;
+                Some(Fault::Stall { ms })
+            }
+        }
+    }
 }
 
 /// Broad error classes, mapped to SQLSTATEs at the PostgreSQL edge.
@@ -200,6 +231,10 @@ pub enum Response {
     ShuttingDown {
         pid: u32,
     },
+    /// Answer to `Fault`: armed for the next embedding batch.
+    FaultArmed {
+        pid: u32,
+    },
     Error {
         kind: ErrorKind,
         message: String,
@@ -274,6 +309,19 @@ mod tests {
         write_json(&mut buf, &req).unwrap();
         let back: Request = read_json(&mut &buf[..]).unwrap();
         assert_eq!(back, req);
+    }
+
+    #[test]
+    fn faults_parse_and_round_trip() {
+        assert_eq!(Fault::parse("panic"), Some(Fault::Panic));
+        assert_eq!(Fault::parse(" abort "), Some(Fault::Abort));
+        assert_eq!(Fault::parse("stall:250"), Some(Fault::Stall { ms: 250 }));
+        assert_eq!(Fault::parse("stall:"), None);
+        assert_eq!(Fault::parse("segfault"), None);
+        let req = Request::Fault { fault: Fault::Stall { ms: 7 } };
+        let mut buf = Vec::new();
+        write_json(&mut buf, &req).unwrap();
+        assert_eq!(read_json::<_, Request>(&mut &buf[..]).unwrap(), req);
     }
 
     #[test]

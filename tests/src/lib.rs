@@ -208,3 +208,77 @@ pub const QUERIES: &[(&str, &str)] = &[
     ("football", "Which team scored more goals in the soccer game?"),
     ("programming", "How can I fix a bug in my code?"),
 ];
+
+/// The SQLSTATE, message and detail of a failed statement.
+pub fn sql_error_full(e: &postgres::Error) -> (String, String, String) {
+    match e.as_db_error() {
+        Some(db) => (db.code().code().to_string(), db.message().to_string(), db.detail().unwrap_or("").to_string()),
+        None => (String::new(), e.to_string(), String::new()),
+    }
+}
+
+/// A PostgreSQL client program (`pg_dump`, `pgbench`, ...) of the test
+/// cluster's own installation: from `$PG_BINDIR` (what `scripts/env.sh`
+/// exports), else the server's BINDIR (`pg_config` view), so that a client
+/// of another major version on `PATH` is never picked.
+pub fn pg_bin(name: &str) -> PathBuf {
+    static BINDIR: Lazy<PathBuf> = Lazy::new(|| match std::env::var_os("PG_BINDIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => {
+            let mut s = Session::connect("postgres", "postgres");
+            let dir: String = s
+                .query_one("SELECT setting FROM pg_config WHERE name = 'BINDIR'", &[])
+                .expect("the pg_config view (superuser)")
+                .get(0);
+            PathBuf::from(dir)
+        }
+    });
+    BINDIR.join(name)
+}
+
+/// Runs a PostgreSQL client program against the test cluster (connection
+/// settings from `base_config()`), returning its stdout; panics with its
+/// stderr when it fails.
+pub fn run_pg_tool(name: &str, args: &[&str]) -> String {
+    let config = base_config();
+    let mut cmd = std::process::Command::new(pg_bin(name));
+    if let Some(postgres::config::Host::Unix(dir)) = config.get_hosts().first() {
+        cmd.env("PGHOST", dir);
+    } else if let Some(postgres::config::Host::Tcp(h)) = config.get_hosts().first() {
+        cmd.env("PGHOST", h);
+    }
+    if let Some(port) = config.get_ports().first() {
+        cmd.env("PGPORT", port.to_string());
+    }
+    cmd.env("PGUSER", config.get_user().unwrap_or("postgres"));
+    let out = cmd.args(args).output().unwrap_or_else(|e| panic!("cannot run {name}: {e}"));
+    assert!(
+        out.status.success(),
+        "{name} {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The pid of the engine process (`kv_status().engine_pid`).
+pub fn engine_pid(s: &mut Client) -> i32 {
+    s.query_one("SELECT engine_pid FROM kv_status()", &[]).expect("kv_status()").get(0)
+}
+
+/// Appends one line of figures (calls made, faults injected, rows checked,
+/// timings) for `docs/RELIABILITY.md` to `$KVEMBED_FIGURES`, default
+/// `target/reliability-figures.jsonl`; `scripts/reliability-report.py`
+/// turns the file into the page's table.
+pub fn record_figures(test: &str, figures: serde_json::Value) {
+    let path = std::env::var_os("KVEMBED_FIGURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/reliability-figures.jsonl"));
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let line = serde_json::json!({"test": test, "figures": figures}).to_string();
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).expect("figures file");
+    writeln!(f, "{line}").expect("write figures");
+}

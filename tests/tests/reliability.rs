@@ -1,0 +1,727 @@
+//! Fault isolation, cancellation, bad input, privileges and the extension's
+//! life cycle, against a real cluster (see docs/RELIABILITY.md).
+//!
+//! Faults are real: the engine process is SIGKILLed, made to abort or panic
+//! inside its inference code (`kv_debug_fault`), and started under an
+//! address-space limit too small for the model. Every case checks that the
+//! waiting statement gets a clear ERROR, that the cluster did not restart
+//! (same postmaster start time, a bystander session keeps its backend pid),
+//! and that the next `kv_embed` returns the very same vector as before.
+//!
+//! Its own test binary: these tests restart the engine and the cluster.
+
+use kvembed_tests::*;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const DB: &str = "kvembed_test_reliability";
+const PROBE: &str = "the reliability probe sentence";
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn session() -> (std::sync::MutexGuard<'static, ()>, Session) {
+    let guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    static CREATED: once_cell::sync::Lazy<()> = once_cell::sync::Lazy::new(|| drop(fresh_database(DB)));
+    once_cell::sync::Lazy::force(&CREATED);
+    let mut s = Session::connect(DB, "postgres");
+    s.batch_execute("SET kvembed.layers = 'default'").unwrap();
+    wait_ready(&mut s, Duration::from_secs(120));
+    (guard, s)
+}
+
+fn connect() -> Session {
+    let mut s = Session::connect(DB, "postgres");
+    s.batch_execute("SET kvembed.layers = 'default'").unwrap();
+    s
+}
+
+/// Retries `kv_embed(PROBE)` until it succeeds; returns the vector and how
+/// long it took.
+fn embed_until_ok(s: &mut Session, timeout: Duration) -> (Vec<f32>, Duration) {
+    let started = Instant::now();
+    loop {
+        match s.query_one("SELECT kv_embed($1)::real[]", &[&PROBE]) {
+            Ok(row) => return (row.get(0), started.elapsed()),
+            Err(e) => assert!(started.elapsed() < timeout, "kv_embed still fails after {timeout:?}: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_ready(s: &mut Session, timeout: Duration) {
+    let started = Instant::now();
+    loop {
+        if let Ok(row) = s.query_one("SELECT state FROM kv_status()", &[]) {
+            if row.get::<_, String>(0) == "ready" {
+                return;
+            }
+        }
+        assert!(started.elapsed() < timeout, "the engine is not ready after {timeout:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// What must not change when the engine fails: the postmaster and another
+/// session's backend.
+struct Bystander {
+    s: Session,
+    pid: i32,
+    postmaster_started: String,
+}
+
+impl Bystander {
+    fn new() -> Bystander {
+        let mut s = connect();
+        let pid: i32 = s.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+        let postmaster_started: String = s.query_one("SELECT pg_postmaster_start_time()::text", &[]).unwrap().get(0);
+        Bystander { s, pid, postmaster_started }
+    }
+
+    fn check(&mut self) {
+        let row = self
+            .s
+            .query_one("SELECT pg_backend_pid(), pg_postmaster_start_time()::text", &[])
+            .expect("the bystander session keeps its connection");
+        assert_eq!(row.get::<_, i32>(0), self.pid, "the bystander's backend must be the same process");
+        assert_eq!(row.get::<_, String>(1), self.postmaster_started, "the cluster must not restart");
+    }
+}
+
+fn restarts(s: &mut Session) -> i64 {
+    s.query_one("SELECT engine_restarts FROM kv_status()", &[]).unwrap().get(0)
+}
+
+/// Runs `kv_embed('<marker>')` in another session on a thread; returns its
+/// result and the instant it came back.
+fn victim(marker: &'static str) -> std::thread::JoinHandle<(Result<Vec<f32>, (String, String)>, Instant)> {
+    std::thread::spawn(move || {
+        let mut v = connect();
+        let r = v.query_one(&format!("SELECT kv_embed('{marker}')::real[]"), &[]);
+        let at = Instant::now();
+        (r.map(|row| row.get(0)).map_err(|e| sql_error(&e)), at)
+    })
+}
+
+/// Waits until the session running `kv_embed('<marker>')` is blocked on the
+/// engine (its wait event is kvembed's), then a little longer so that the
+/// request is inside the engine's (stalled) batch.
+fn wait_until_waiting_on_the_engine(s: &mut Session, marker: &str) {
+    let started = Instant::now();
+    loop {
+        let n: i64 = s
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE pid <> pg_backend_pid() AND state = 'active' AND wait_event_type = 'Extension'
+                   AND strpos(query, $1) > 0",
+                &[&marker],
+            )
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the victim never reached the engine");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+fn kill_engine(pid: i32, signal: &str) {
+    let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().expect("kill");
+    assert!(status.success(), "kill {signal} {pid} failed (the tests must run as the cluster's OS user or root)");
+}
+
+#[test]
+fn sigkill_of_the_engine_fails_only_the_waiting_statement() {
+    let (_g, mut s) = session();
+    let (reference, _) = embed_until_ok(&mut s, Duration::from_secs(60));
+    let mut bystander = Bystander::new();
+    let before_restarts = restarts(&mut s);
+    let pid = s.query_one("SELECT kv_debug_fault('stall:4000')", &[]).unwrap().get::<_, i32>(0);
+    assert_eq!(pid, engine_pid(&mut s));
+
+    let waiting = victim("killed while waiting");
+    wait_until_waiting_on_the_engine(&mut s, "killed while waiting");
+    let killed_at = Instant::now();
+    kill_engine(pid, "-KILL");
+    let (result, failed_at) = waiting.join().unwrap();
+    let (code, msg) = result.expect_err("the statement waiting on a killed engine must fail");
+    assert_eq!(code, "58000", "{msg}");
+    assert!(msg.contains("engine went away"), "{msg}");
+    let error_after = failed_at.duration_since(killed_at);
+    assert!(error_after < Duration::from_secs(2), "the error took {error_after:?}");
+
+    bystander.check();
+    let (after, recovered_in) = embed_until_ok(&mut s, Duration::from_secs(60));
+    assert!(max_abs_diff(&after, &reference) <= 1e-6, "same text, same vector after the restart");
+    let new_pid = engine_pid(&mut s);
+    assert_ne!(new_pid, pid, "a new engine process serves");
+    let row = s.query_one("SELECT engine_restarts, last_exit FROM kv_status()", &[]).unwrap();
+    assert!(row.get::<_, i64>(0) > before_restarts);
+    let last_exit: String = row.get(1);
+    assert!(last_exit.contains("signal 9"), "{last_exit}");
+    bystander.check();
+    record_figures(
+        "sigkill_of_the_engine_fails_only_the_waiting_statement",
+        serde_json::json!({"faults": 1, "error_after_s": error_after.as_secs_f64(),
+                           "next_kv_embed_ok_after_s": recovered_in.as_secs_f64()}),
+    );
+}
+
+#[test]
+fn an_abort_in_the_engine_fails_only_the_waiting_statement() {
+    let (_g, mut s) = session();
+    let (reference, _) = embed_until_ok(&mut s, Duration::from_secs(60));
+    let mut bystander = Bystander::new();
+    let pid: i32 = s.query_one("SELECT kv_debug_fault('abort')", &[]).unwrap().get(0);
+    let started = Instant::now();
+    let err = s.query_one("SELECT kv_embed('this batch aborts the engine')", &[]).expect_err("abort");
+    let (code, msg) = sql_error(&err);
+    assert_eq!(code, "58000", "{msg}");
+    assert!(msg.contains("engine went away"), "{msg}");
+    bystander.check();
+    let (after, recovered_in) = embed_until_ok(&mut s, Duration::from_secs(60));
+    assert!(max_abs_diff(&after, &reference) <= 1e-6);
+    assert_ne!(engine_pid(&mut s), pid);
+    let last_exit: String = s.query_one("SELECT last_exit FROM kv_status()", &[]).unwrap().get(0);
+    assert!(last_exit.contains("signal 6"), "{last_exit}");
+    bystander.check();
+    record_figures(
+        "an_abort_in_the_engine_fails_only_the_waiting_statement",
+        serde_json::json!({"faults": 1, "fault_to_ok_s": started.elapsed().as_secs_f64(),
+                           "next_kv_embed_ok_after_s": recovered_in.as_secs_f64()}),
+    );
+}
+
+#[test]
+fn a_panic_in_inference_fails_only_its_batch() {
+    let (_g, mut s) = session();
+    let (reference, _) = embed_until_ok(&mut s, Duration::from_secs(60));
+    let mut bystander = Bystander::new();
+    let pid: i32 = s.query_one("SELECT kv_debug_fault('panic')", &[]).unwrap().get(0);
+    let err = s.query_one("SELECT kv_embed('this batch panics')", &[]).expect_err("panic");
+    let (code, msg) = sql_error(&err);
+    assert_eq!(code, "XX000", "{msg}");
+    assert!(msg.contains("panicked") && msg.contains("injected fault"), "{msg}");
+    // Caught inside the engine: the same process serves the next request.
+    let (after, _) = embed_until_ok(&mut s, Duration::from_secs(10));
+    assert!(max_abs_diff(&after, &reference) <= 1e-6);
+    assert_eq!(engine_pid(&mut s), pid, "a caught panic must not restart the engine");
+    bystander.check();
+    record_figures("a_panic_in_inference_fails_only_its_batch", serde_json::json!({"faults": 1}));
+}
+
+/// Puts the memory limit back even when an assertion fails.
+struct ResetMemoryLimit;
+
+impl Drop for ResetMemoryLimit {
+    fn drop(&mut self) {
+        let mut admin = Session::connect("postgres", "postgres");
+        let _ = admin.batch_execute("ALTER SYSTEM RESET kvembed.engine_memory_limit");
+        let _ = admin.batch_execute("SELECT pg_reload_conf()");
+    }
+}
+
+#[test]
+fn running_out_of_memory_while_loading_is_a_clear_error() {
+    let (_g, mut s) = session();
+    let (reference, _) = embed_until_ok(&mut s, Duration::from_secs(60));
+    let mut bystander = Bystander::new();
+    let old_pid = engine_pid(&mut s);
+    let _reset = ResetMemoryLimit;
+    // The model needs ~0.6 GB once its weights are dequantized to f32.
+    let mut admin = Session::connect("postgres", "postgres");
+    admin.batch_execute("ALTER SYSTEM SET kvembed.engine_memory_limit = '256MB'").unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    s.batch_execute("SET kvembed.start_timeout = '8s'").unwrap();
+    // Wait until the old engine is gone (the supervisor restarts it on reload).
+    let started = Instant::now();
+    while s.query_one("SELECT engine_pid FROM kv_status()", &[]).ok().and_then(|r| r.get::<_, Option<i32>>(0))
+        == Some(old_pid)
+    {
+        assert!(started.elapsed() < Duration::from_secs(30), "the engine did not restart after the reload");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let err = s.query_one("SELECT kv_embed($1)", &[&PROBE]).expect_err("the model cannot load in 256 MB");
+    let (code, msg, detail) = sql_error_full(&err);
+    assert!(["58000", "58P01"].contains(&code.as_str()), "{code} {msg} {detail}");
+    let text = format!("{msg} {detail}").to_lowercase();
+    assert!(
+        text.contains("memory") || text.contains("signal 6") || text.contains("cannot allocate"),
+        "the error must say the engine ran out of memory: {msg} / {detail}"
+    );
+    bystander.check();
+
+    drop(_reset);
+    s.batch_execute("RESET kvembed.start_timeout").unwrap();
+    let (after, recovered_in) = embed_until_ok(&mut s, Duration::from_secs(90));
+    assert!(max_abs_diff(&after, &reference) <= 1e-6);
+    bystander.check();
+    record_figures(
+        "running_out_of_memory_while_loading_is_a_clear_error",
+        serde_json::json!({"faults": 1, "limit_mb": 256, "error": msg,
+                           "next_kv_embed_ok_after_s": recovered_in.as_secs_f64()}),
+    );
+}
+
+#[test]
+fn cancellation_interrupts_within_a_second_and_does_not_poison_later_requests() {
+    let (_g, mut s) = session();
+    let (reference, _) = embed_until_ok(&mut s, Duration::from_secs(60));
+    let others: Vec<(String, Vec<f32>)> = (0..4)
+        .map(|i| {
+            let t = format!("another sentence, number {i}");
+            let v = vector(&mut s, "SELECT kv_embed($1)::real[]", &[&t]);
+            (t, v)
+        })
+        .collect();
+
+    // statement_timeout while the engine is stalled on this very request.
+    s.query_one("SELECT kv_debug_fault('stall:3000')", &[]).unwrap();
+    s.batch_execute("SET statement_timeout = '400ms'").unwrap();
+    let started = Instant::now();
+    let err = s.query_one("SELECT kv_embed('cancelled by statement_timeout')", &[]).expect_err("timeout");
+    let timeout_took = started.elapsed();
+    assert_eq!(sql_error(&err).0, "57014", "{err}");
+    assert!(timeout_took < Duration::from_millis(400 + 1000), "statement_timeout took {timeout_took:?}");
+    s.batch_execute("RESET statement_timeout").unwrap();
+
+    // pg_cancel_backend from another session.
+    s.query_one("SELECT kv_debug_fault('stall:3000')", &[]).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiting = std::thread::spawn(move || {
+        let mut v = connect();
+        let pid: i32 = v.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+        tx.send(pid).unwrap();
+        let r = v.query_one("SELECT kv_embed('cancelled by pg_cancel_backend')", &[]);
+        (r.map(|_| ()).map_err(|e| sql_error(&e)), Instant::now())
+    });
+    let victim_pid = rx.recv().unwrap();
+    wait_until_waiting_on_the_engine(&mut s, "cancelled by pg_cancel_backend");
+    let cancelled_at = Instant::now();
+    let ok: bool = s.query_one("SELECT pg_cancel_backend($1)", &[&victim_pid]).unwrap().get(0);
+    assert!(ok);
+    let (result, failed_at) = waiting.join().unwrap();
+    let (code, msg) = result.expect_err("cancelled");
+    assert_eq!(code, "57014", "{msg}");
+    let cancel_took = failed_at.duration_since(cancelled_at);
+    assert!(cancel_took < Duration::from_secs(1), "pg_cancel_backend took {cancel_took:?}");
+
+    // Later requests get their own, correct answers (from several sessions
+    // at once, so a stale reply would land on someone).
+    let (after, _) = embed_until_ok(&mut s, Duration::from_secs(30));
+    assert!(max_abs_diff(&after, &reference) <= 1e-6);
+    let handles: Vec<_> = others
+        .into_iter()
+        .map(|(t, want)| {
+            std::thread::spawn(move || {
+                let mut c = connect();
+                let got = vector(&mut c, "SELECT kv_embed($1)::real[]", &[&t]);
+                assert!(max_abs_diff(&got, &want) <= 1e-6, "{t}: wrong vector after a cancellation");
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("a later request got a wrong answer");
+    }
+    record_figures(
+        "cancellation_interrupts_within_a_second_and_does_not_poison_later_requests",
+        serde_json::json!({"cancellations": 2, "statement_timeout_400ms_took_s": timeout_took.as_secs_f64(),
+                           "pg_cancel_backend_took_s": cancel_took.as_secs_f64()}),
+    );
+}
+
+/// What a bad input must give.
+enum Expect {
+    Vector,
+    VectorWithNotice,
+    Error(&'static str),
+}
+
+#[test]
+fn bad_input_corpus_gives_defined_results_and_crashes_nothing() {
+    let (_g, mut s) = session();
+    let pid = engine_pid(&mut s);
+    let restarts_before = restarts(&mut s);
+    let d: i32 = s.query_one("SELECT dim FROM kv_status()", &[]).unwrap().get(0);
+    let ten_mb_words: String = {
+        let words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"];
+        let mut t = String::with_capacity(10 << 20);
+        let mut i = 0usize;
+        while t.len() < 10 << 20 {
+            t.push_str(words[i % words.len()]);
+            t.push(' ');
+            i = i.wrapping_mul(31).wrapping_add(7);
+        }
+        t
+    };
+    let hundred_k_tokens = "token ".repeat(100_000);
+    let zalgo: String = "e\u{301}\u{302}\u{303}\u{304}".repeat(2000);
+    let cases: Vec<(&str, &str, String, Expect)> = vec![
+        ("empty", "", String::new(), Expect::Vector),
+        ("whitespace", "", " \t \n  ".into(), Expect::Vector),
+        ("control characters", "", "\u{1}\u{2}\u{7}\u{8}\u{b}\u{c}\u{1b}[31mred\u{1b}[0m\u{7f}\r\n".into(), Expect::Vector),
+        ("emoji", "", "👩‍👩‍👧‍👦 🎉🚀 family party 🏳️‍🌈 🇫🇷".into(), Expect::Vector),
+        ("right-to-left", "", "مرحبا بالعالم — שלום עולם — hello".into(), Expect::Vector),
+        ("combining characters", "", zalgo, Expect::VectorWithNotice),
+        ("unassigned and private-use code points", "", "\u{e000}\u{f8ff}\u{10fffd}\u{fffe}".into(), Expect::Vector),
+        ("10 MB of words", "", ten_mb_words.clone(), Expect::VectorWithNotice),
+        ("10 MB without a space", "", "x".repeat(10 << 20), Expect::VectorWithNotice),
+        ("100,000 tokens, truncated", "", hundred_k_tokens.clone(), Expect::VectorWithNotice),
+        (
+            "100,000 tokens, kvembed.max_tokens = 0 (the model's 4,096)",
+            "SET kvembed.max_tokens = 0",
+            hundred_k_tokens.clone(),
+            Expect::VectorWithNotice,
+        ),
+        (
+            "100,000 tokens, on_overflow = error",
+            "SET kvembed.on_overflow = 'error'",
+            hundred_k_tokens,
+            Expect::Error("54000"),
+        ),
+        ("10 MB, on_overflow = error", "SET kvembed.on_overflow = 'error'", ten_mb_words, Expect::Error("54000")),
+    ];
+    let mut checked = 0;
+    for (label, setup, text, expect) in &cases {
+        s.batch_execute("RESET ALL; SET kvembed.layers = 'default'").unwrap();
+        if !setup.is_empty() {
+            s.batch_execute(setup).unwrap();
+        }
+        s.take_notices();
+        let r = s.query_one("SELECT kv_embed($1)::real[]", &[text]);
+        match (expect, r) {
+            (Expect::Vector | Expect::VectorWithNotice, Ok(row)) => {
+                let v: Vec<f32> = row.get(0);
+                assert_eq!(v.len() as i32, d, "{label}");
+                assert!(v.iter().all(|x| x.is_finite()), "{label}: non-finite value");
+                let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                assert!((norm - 1.0).abs() < 1e-4, "{label}: norm {norm}");
+                let notices = s.take_notices();
+                if matches!(expect, Expect::VectorWithNotice) {
+                    assert!(notices.iter().any(|n| n.contains("truncated")), "{label}: expected a NOTICE, got {notices:?}");
+                }
+            }
+            (Expect::Error(want), Err(e)) => {
+                let (code, msg) = sql_error(&e);
+                assert_eq!(&code, want, "{label}: {msg}");
+            }
+            (_, Ok(_)) => panic!("{label}: expected an error, got a vector"),
+            (_, Err(e)) => panic!("{label}: unexpected error {e}"),
+        }
+        checked += 1;
+    }
+    s.batch_execute("RESET ALL; SET kvembed.layers = 'default'").unwrap();
+
+    // NULLs: a NULL text is a NULL vector; NULL array elements stay NULL in
+    // place, the others embed as they would alone.
+    let row = s
+        .query_one(
+            "SELECT kv_embed(NULL) IS NULL, kv_embed_half(NULL) IS NULL, kv_embed_batch(NULL) IS NULL,
+                    (SELECT array_agg(v IS NULL ORDER BY o) FROM unnest(kv_embed_batch(ARRAY[NULL, 'b', NULL, '', NULL]))
+                       WITH ORDINALITY AS u(v, o))",
+            &[],
+        )
+        .unwrap();
+    assert!(row.get::<_, bool>(0) && row.get::<_, bool>(1) && row.get::<_, bool>(2));
+    assert_eq!(row.get::<_, Vec<bool>>(3), vec![true, false, true, false, true]);
+    let alone = vector(&mut s, "SELECT kv_embed('b')::real[]", &[]);
+    let in_batch = vector(&mut s, "SELECT (kv_embed_batch(ARRAY[NULL, 'b', NULL]))[2]::real[]", &[]);
+    assert!(max_abs_diff(&alone, &in_batch) <= 1e-5);
+    checked += 3;
+
+    // Nothing crashed: the same engine process answered everything.
+    assert_eq!(engine_pid(&mut s), pid, "a bad input restarted the engine");
+    assert_eq!(restarts(&mut s), restarts_before);
+    record_figures(
+        "bad_input_corpus_gives_defined_results_and_crashes_nothing",
+        serde_json::json!({"inputs": checked, "engine_restarts": 0}),
+    );
+}
+
+#[test]
+fn select_layers_reads_with_the_callers_privileges_and_row_level_security() {
+    let (_g, mut s) = session();
+    s.batch_execute(
+        "DO $$ BEGIN
+           IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'kvembed_test_alice') THEN
+             CREATE ROLE kvembed_test_alice LOGIN;
+           END IF;
+           IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'kvembed_test_mallory') THEN
+             CREATE ROLE kvembed_test_mallory LOGIN;
+           END IF;
+         END $$;
+         DROP TABLE IF EXISTS rls_docs;
+         CREATE TABLE rls_docs (owner name, body text);
+         ALTER TABLE rls_docs ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY own_rows ON rls_docs USING (owner = current_user);
+         GRANT SELECT ON rls_docs TO kvembed_test_alice;",
+    )
+    .unwrap();
+    for (i, (_, body)) in CORPUS.iter().enumerate() {
+        let owner = if i < 12 { "kvembed_test_alice" } else { "someone_else" };
+        s.execute("INSERT INTO rls_docs VALUES ($1, $2)", &[&owner, body]).unwrap();
+    }
+    // Alice samples only the 12 rows the policy shows her.
+    let mut alice = Session::connect(DB, "kvembed_test_alice");
+    let rows = alice.query("SELECT * FROM kv_select_layers('rls_docs', 'body', 512, store => false)", &[]).unwrap();
+    assert!(!rows.is_empty());
+    let notices = alice.take_notices();
+    assert!(
+        notices.iter().any(|n| n.contains("over 12 texts")),
+        "row-level security must limit the sample to alice's 12 rows: {notices:?}"
+    );
+    // Mallory may not read the table at all.
+    let mut mallory = Session::connect(DB, "kvembed_test_mallory");
+    let err = mallory.query("SELECT * FROM kv_select_layers('rls_docs', 'body', 512, store => false)", &[]).expect_err("no SELECT");
+    assert_eq!(sql_error(&err).0, "42501", "{err}");
+    // Nor inject faults, nor change the engine's memory limit.
+    let err = mallory.query_one("SELECT kv_debug_fault('abort')", &[]).expect_err("superuser only");
+    assert_eq!(sql_error(&err).0, "42501", "{err}");
+    let err = mallory.batch_execute("ALTER SYSTEM SET kvembed.engine_memory_limit = '1MB'").expect_err("superuser only");
+    assert_eq!(sql_error(&err).0, "42501", "{err}");
+    let err = mallory.batch_execute("SET kvembed.engine_memory_limit = '1MB'").expect_err("sighup setting");
+    assert_eq!(sql_error(&err).0, "55P02", "{err}");
+    record_figures(
+        "select_layers_reads_with_the_callers_privileges_and_row_level_security",
+        serde_json::json!({"rows_visible_to_caller": 12, "rows_in_table": CORPUS.len(), "refusals": 4}),
+    );
+}
+
+#[test]
+fn the_engine_channel_is_private_and_there_is_no_tcp_listener() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let (_g, mut s) = session();
+    let data_dir: String = s.query_one("SELECT current_setting('data_directory')", &[]).unwrap().get(0);
+    let data_owner = std::fs::metadata(&data_dir).expect("the tests read the data directory's metadata").uid();
+    let dir = std::path::Path::new(&data_dir).join("kvembed");
+    let meta = std::fs::metadata(&dir).expect("the runtime directory exists");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{} must be 0700", dir.display());
+    assert_eq!(meta.uid(), data_owner);
+    let sock = std::fs::symlink_metadata(dir.join("engine.sock")).expect("the engine socket exists");
+    assert_eq!(sock.permissions().mode() & 0o777, 0o600, "the socket must be 0600");
+    assert_eq!(sock.uid(), data_owner);
+
+    // The engine's open sockets: some Unix ones, no TCP or UDP one.
+    let pid = engine_pid(&mut s);
+    let mut inodes = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("/proc/<engine>/fd is readable").flatten() {
+        if let Ok(target) = std::fs::read_link(fd.path()) {
+            let t = target.to_string_lossy().into_owned();
+            if let Some(inode) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                inodes.push(inode.to_string());
+            }
+        }
+    }
+    assert!(!inodes.is_empty(), "the engine has at least its listening socket");
+    let inet_inodes = |table: &str| -> Vec<String> {
+        std::fs::read_to_string(format!("/proc/{pid}/net/{table}"))
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().nth(9).map(str::to_string))
+            .collect()
+    };
+    let unix = std::fs::read_to_string(format!("/proc/{pid}/net/unix")).unwrap();
+    assert!(inodes.iter().any(|i| unix.lines().any(|l| l.split_whitespace().nth(6) == Some(i.as_str()))));
+    for table in ["tcp", "tcp6", "udp", "udp6"] {
+        let inet = inet_inodes(table);
+        for inode in &inodes {
+            assert!(!inet.contains(inode), "the engine has a {table} socket (inode {inode})");
+        }
+    }
+    record_figures(
+        "the_engine_channel_is_private_and_there_is_no_tcp_listener",
+        serde_json::json!({"engine_sockets": inodes.len(), "inet_sockets": 0}),
+    );
+}
+
+#[test]
+fn calibration_survives_a_cluster_restart() {
+    let (_g, mut s) = session();
+    s.batch_execute("DROP TABLE IF EXISTS calib_docs; CREATE TABLE calib_docs (body text)").unwrap();
+    for (_, body) in CORPUS {
+        s.execute("INSERT INTO calib_docs VALUES ($1)", &[body]).unwrap();
+    }
+    let selected: Vec<i32> = s
+        .query("SELECT layer FROM kv_select_layers('calib_docs', 'body') WHERE selected ORDER BY layer", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!selected.is_empty());
+    drop(s);
+    let out = std::process::Command::new("bash")
+        .arg(repo_root().join("scripts/pg.sh"))
+        .arg("restart")
+        .output()
+        .expect("scripts/pg.sh restart");
+    assert!(out.status.success(), "restart failed: {}", String::from_utf8_lossy(&out.stderr));
+    let mut s = connect();
+    s.batch_execute("SET kvembed.layers = 'auto'").unwrap();
+    wait_ready(&mut s, Duration::from_secs(120));
+    let row = s.query_one("SELECT layers, layers_source FROM kv_status()", &[]).unwrap();
+    assert_eq!(row.get::<_, String>(1), "calibration");
+    assert_eq!(row.get::<_, Vec<i32>>(0), selected);
+    s.batch_execute("DELETE FROM kvembed.calibration").unwrap();
+    record_figures("calibration_survives_a_cluster_restart", serde_json::json!({"cluster_restarts": 1}));
+}
+
+/// The objects that belong to the extension in `db`, described.
+fn extension_objects(db: &str) -> Vec<String> {
+    let mut c = Session::connect(db, "postgres");
+    c.query(
+        "SELECT pg_describe_object(d.classid, d.objid, d.objsubid)
+                || coalesce(' ' || (SELECT provolatile::text || proisstrict::text || proparallel::text || coalesce(proacl::text, '')
+                                    FROM pg_proc WHERE d.classid = 'pg_proc'::regclass AND oid = d.objid), '')
+         FROM pg_depend d JOIN pg_extension e ON d.refobjid = e.oid
+         WHERE e.extname = 'kvembed' AND d.deptype = 'e' ORDER BY 1",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+fn recreate(db: &str) -> Session {
+    let mut admin = Session::connect("postgres", "postgres");
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).unwrap();
+    admin.batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
+    Session::connect(db, "postgres")
+}
+
+#[test]
+fn upgrade_from_0_1_0_gives_the_same_objects_as_a_fresh_install() {
+    let (_g, _s) = session();
+    let mut old = recreate("kvembed_test_upgrade");
+    old.batch_execute("CREATE EXTENSION kvembed VERSION '0.1.0' CASCADE").unwrap();
+    let n: i64 = old.query_one("SELECT count(*) FROM pg_proc WHERE proname = 'kv_debug_fault'", &[]).unwrap().get(0);
+    assert_eq!(n, 0, "0.1.0 has no kv_debug_fault");
+    let before = extension_objects("kvembed_test_upgrade");
+    old.batch_execute("ALTER EXTENSION kvembed UPDATE").unwrap();
+    let version: String =
+        old.query_one("SELECT extversion FROM pg_extension WHERE extname = 'kvembed'", &[]).unwrap().get(0);
+    let default: String =
+        old.query_one("SELECT default_version FROM pg_available_extensions WHERE name = 'kvembed'", &[]).unwrap().get(0);
+    assert_eq!(version, default);
+    let upgraded = extension_objects("kvembed_test_upgrade");
+    let mut fresh_db = recreate("kvembed_test_fresh");
+    fresh_db.batch_execute("CREATE EXTENSION kvembed CASCADE").unwrap();
+    let fresh = extension_objects("kvembed_test_fresh");
+    assert_eq!(upgraded, fresh, "an upgraded install must have exactly the objects of a fresh one");
+    assert!(upgraded.len() > before.len());
+    old.batch_execute("SET kvembed.layers = 'default'").unwrap();
+    let v = vector(&mut old, "SELECT kv_embed('after the upgrade')::real[]", &[]);
+    assert_eq!(v.len(), 576);
+    drop(old);
+    drop(fresh_db);
+    let mut admin = Session::connect("postgres", "postgres");
+    admin.batch_execute("DROP DATABASE kvembed_test_upgrade WITH (FORCE)").unwrap();
+    admin.batch_execute("DROP DATABASE kvembed_test_fresh WITH (FORCE)").unwrap();
+    record_figures(
+        "upgrade_from_0_1_0_gives_the_same_objects_as_a_fresh_install",
+        serde_json::json!({"objects_0_1_0": before.len(), "objects_after_upgrade": upgraded.len()}),
+    );
+}
+
+#[test]
+fn drop_extension_removes_everything_it_created() {
+    let (_g, _s) = session();
+    let mut c = recreate("kvembed_test_drop");
+    let baseline = |c: &mut Session| -> Vec<String> {
+        c.query(
+            "SELECT classid::regclass::text || ' ' || objid FROM (
+               SELECT 'pg_proc'::regclass AS classid, oid AS objid FROM pg_proc WHERE pronamespace <> 'pg_catalog'::regnamespace
+                 AND pronamespace <> 'information_schema'::regnamespace
+               UNION ALL SELECT 'pg_class'::regclass, oid FROM pg_class WHERE relnamespace NOT IN
+                 ('pg_catalog'::regnamespace, 'information_schema'::regnamespace, 'pg_toast'::regnamespace)
+               UNION ALL SELECT 'pg_namespace'::regclass, oid FROM pg_namespace
+               UNION ALL SELECT 'pg_type'::regclass, oid FROM pg_type WHERE typnamespace <> 'pg_catalog'::regnamespace
+                 AND typnamespace <> 'information_schema'::regnamespace) o ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    c.batch_execute("CREATE EXTENSION vector").unwrap();
+    let before = baseline(&mut c);
+    c.batch_execute("CREATE EXTENSION kvembed").unwrap();
+    let with = baseline(&mut c);
+    assert!(with.len() > before.len() + 8, "kvembed creates functions, a schema and a table");
+    c.batch_execute("DROP EXTENSION kvembed").unwrap();
+    let after = baseline(&mut c);
+    assert_eq!(after, before, "DROP EXTENSION must leave exactly what was there before");
+    let schema: i64 = c.query_one("SELECT count(*) FROM pg_namespace WHERE nspname = 'kvembed'", &[]).unwrap().get(0);
+    assert_eq!(schema, 0);
+    drop(c);
+    Session::connect("postgres", "postgres").batch_execute("DROP DATABASE kvembed_test_drop WITH (FORCE)").unwrap();
+    record_figures(
+        "drop_extension_removes_everything_it_created",
+        serde_json::json!({"objects_created": with.len() - before.len(), "objects_left": 0}),
+    );
+}
+
+#[test]
+fn pg_dump_and_pg_restore_round_trip_a_generated_embedding_column() {
+    let (_g, mut s) = session();
+    s.batch_execute(
+        "DROP TABLE IF EXISTS dumped_docs;
+         CREATE TABLE dumped_docs (id int PRIMARY KEY, body text,
+           emb vector(576) GENERATED ALWAYS AS (kv_embed(body)) STORED);
+         CREATE INDEX dumped_docs_hnsw ON dumped_docs USING hnsw (emb vector_cosine_ops);
+         DELETE FROM kvembed.calibration;
+         INSERT INTO kvembed.calibration (model_id, layers, curve, rule) VALUES ('dump-test-model', '{3,4,5}', '[]', 'test');",
+    )
+    .unwrap();
+    for (i, (_, body)) in CORPUS.iter().enumerate() {
+        s.execute("INSERT INTO dumped_docs (id, body) VALUES ($1, $2)", &[&(i as i32), body]).unwrap();
+    }
+    s.execute("INSERT INTO dumped_docs (id, body) VALUES (1000, NULL)", &[]).unwrap();
+    let dump = std::env::temp_dir().join(format!("kvembed-test-{}.dump", std::process::id()));
+    let dump_s = dump.to_string_lossy().into_owned();
+    run_pg_tool("pg_dump", &["-Fc", "-d", DB, "-f", &dump_s]);
+    let restored_db = "kvembed_test_restored";
+    drop(recreate(restored_db));
+    run_pg_tool("pg_restore", &["--exit-on-error", "-d", restored_db, &dump_s]);
+    let _ = std::fs::remove_file(&dump);
+
+    let mut r = Session::connect(restored_db, "postgres");
+    let load = |c: &mut Session| -> Vec<(i32, Option<Vec<f32>>)> {
+        c.query("SELECT id, emb::real[] FROM dumped_docs ORDER BY id", &[])
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect()
+    };
+    let original = load(&mut s);
+    let restored = load(&mut r);
+    assert_eq!(original.len(), restored.len(), "every row comes back");
+    for ((id_a, a), (id_b, b)) in original.iter().zip(&restored) {
+        assert_eq!(id_a, id_b);
+        match (a, b) {
+            (Some(a), Some(b)) => assert!(max_abs_diff(a, b) <= 1e-6, "row {id_a}: the restored embedding differs"),
+            (None, None) => {}
+            _ => panic!("row {id_a}: NULL-ness of the embedding changed"),
+        }
+    }
+    let index: i64 =
+        r.query_one("SELECT count(*) FROM pg_indexes WHERE indexname = 'dumped_docs_hnsw'", &[]).unwrap().get(0);
+    assert_eq!(index, 1);
+    let calib: Vec<i32> = r
+        .query_one("SELECT layers FROM kvembed.calibration WHERE model_id = 'dump-test-model'", &[])
+        .expect("the stored calibration is part of the dump")
+        .get(0);
+    assert_eq!(calib, vec![3, 4, 5]);
+    s.batch_execute("DELETE FROM kvembed.calibration").unwrap();
+    drop(r);
+    Session::connect("postgres", "postgres")
+        .batch_execute(&format!("DROP DATABASE {restored_db} WITH (FORCE)"))
+        .unwrap();
+    record_figures(
+        "pg_dump_and_pg_restore_round_trip_a_generated_embedding_column",
+        serde_json::json!({"rows_checked": original.len()}),
+    );
+}
