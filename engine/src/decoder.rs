@@ -9,12 +9,31 @@
 //! each sequence's *final real token* are prepended as an extra column 0 that
 //! every query may attend to, with `bias` added to that column's scaled logits
 //! before the softmax.
+//!
+//! Compute dtype (`Decoder::dtype`): f32 on the CPU, bf16 on CUDA by default.
+//! Matmul weights, biases and the dense embedding table are stored in it, and
+//! every matmul (projections, MLP, Q·Kᵀ, P·V) runs in it (cuBLAS and candle's
+//! CPU bf16 matmul accumulate in f32). f32 is kept where precision matters:
+//! - the residual stream is f32 (unlike PyTorch's bf16 models): each block's
+//!   output is upcast as it is added, which costs no extra kernel (the norms
+//!   read f32 anyway) and cut the worst bf16-vs-f32 error on SmolLM2 about
+//!   threefold (docs/GPU.md);
+//! - every RMSNorm runs in f32 with f32 weights, its output rounded once;
+//! - RoPE is applied in f32 with f32 cos/sin tables;
+//! - attention logits are upcast to f32 before the scale, the additive mask
+//!   (causal, sliding window, and the re-routed column with its bias) and the
+//!   softmax; the probabilities go back to the compute dtype for P·V;
+//! - the final norm's output, which pooling reads, is f32.
+//!
+//! In f32 every cast is a no-op and the CPU keeps its fused attention kernel.
 
 use crate::arch::{Activation, ArchConfig, RopeScaling};
 use crate::error::{EngineError, Result};
 use crate::loader::{Embedding, TensorStore, WeightFormat};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
+use std::cell::RefCell;
+use std::collections::HashMap;
 
 /// Where the re-routed key sits in rotary space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,9 +115,29 @@ impl Norm {
         Ok(Norm { weight: weight.contiguous()?, eps: cfg.rms_eps as f32 })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+    /// RMSNorm computed in f32 (f32 weight), returned in `out`.
+    fn forward_as(&self, x: &Tensor, out: DType) -> Result<Tensor> {
+        let y = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?.contiguous()?, &self.weight, self.eps)?;
+        Ok(y.to_dtype(out)?)
     }
+}
+
+/// `QMatMul` in any compute dtype: a dense weight must already be in `x`'s
+/// dtype; GGUF blocks (`KVEMBED_WEIGHTS=quantized`) take f32 input, so other
+/// dtypes go through f32.
+fn qmatmul(q: &QMatMul, x: &Tensor) -> Result<Tensor> {
+    Ok(match q {
+        QMatMul::QTensor(_) if x.dtype() != DType::F32 => q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?,
+        q => q.forward(x)?,
+    })
+}
+
+/// A dense `QMatMul` weight in `dtype` (cast once, at load).
+fn qmatmul_in(q: QMatMul, dtype: DType) -> Result<QMatMul> {
+    Ok(match q {
+        QMatMul::Tensor(w) if w.dtype() != dtype => QMatMul::Tensor(w.to_dtype(dtype)?),
+        other => other,
+    })
 }
 
 /// A linear layer's weight. Dense weights are kept transposed, `[in, out]`
@@ -112,9 +151,10 @@ enum Weight {
 }
 
 impl Weight {
-    fn new(m: QMatMul) -> Result<Weight> {
+    /// Dense weights are stored in the compute dtype `dtype`.
+    fn new(m: QMatMul, dtype: DType) -> Result<Weight> {
         Ok(match m {
-            QMatMul::Tensor(w) => Weight::Dense(w.t()?.contiguous()?),
+            QMatMul::Tensor(w) => Weight::Dense(w.to_dtype(dtype)?.t()?.contiguous()?),
             other => Weight::Quantized(other),
         })
     }
@@ -130,7 +170,7 @@ impl Weight {
                 out.push(wt.dim(1)?);
                 Ok(y.reshape(out)?)
             }
-            Weight::Quantized(q) => Ok(q.forward(x)?),
+            Weight::Quantized(q) => qmatmul(q, x),
         }
     }
 }
@@ -176,8 +216,75 @@ pub struct Decoder {
     final_norm: Norm,
     lm_head: QMatMul,
     device: Device,
-    /// The fused CPU attention kernel (true on CPU); tensor ops otherwise.
+    /// Compute dtype of weights and activations (see the module docs).
+    dtype: DType,
+    /// The fused CPU attention kernel (true on CPU, used only in f32);
+    /// tensor ops otherwise.
     pub cpu_attention_kernel: bool,
+}
+
+/// The compute dtype when none is asked for: f32 on the CPU (exact against
+/// the f32 goldens, and the CPU has no fast bf16 matmul), bf16 on a GPU.
+pub fn default_dtype(dev: &Device) -> DType {
+    if dev.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    }
+}
+
+/// Parse a compute dtype: `f32`, `bf16`, `f16`; `auto` or empty = `None`
+/// (the device's default).
+pub fn parse_dtype(s: &str) -> Result<Option<DType>> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "" | "auto" | "default" => Ok(None),
+        "f32" | "float32" | "fp32" => Ok(Some(DType::F32)),
+        "bf16" | "bfloat16" => Ok(Some(DType::BF16)),
+        "f16" | "float16" | "fp16" | "half" => Ok(Some(DType::F16)),
+        other => Err(EngineError::invalid("dtype", format!("'{other}' (f32, bf16, f16, auto)"))),
+    }
+}
+
+/// Per-forward-pass tables shared by the layers: RoPE cos/sin per base
+/// frequency and scaling, and the additive attention masks, so that each is
+/// built (and, on a GPU, uploaded) once per batch rather than once per layer.
+#[derive(Default)]
+struct PassCache {
+    rope: RefCell<Vec<(f32, RopeScaling, Tensor, Tensor)>>,
+    masks: RefCell<HashMap<MaskKey, Tensor>>,
+}
+
+/// Query rows `start..end`, prefix offset, bias bits, window.
+type MaskKey = (usize, usize, usize, Option<u32>, Option<usize>);
+
+impl PassCache {
+    fn rope(&self, t: usize, hd: usize, theta: f32, scaling: &RopeScaling, dev: &Device) -> Result<(Tensor, Tensor)> {
+        let mut cache = self.rope.borrow_mut();
+        if let Some((_, _, c, s)) = cache.iter().find(|(th, sc, _, _)| *th == theta && sc == scaling) {
+            return Ok((c.clone(), s.clone()));
+        }
+        let (c, s) = rope_tables(t, hd, theta, scaling, dev)?;
+        cache.push((theta, scaling.clone(), c.clone(), s.clone()));
+        Ok((c, s))
+    }
+
+    fn mask(
+        &self,
+        start: usize,
+        end: usize,
+        offset: usize,
+        bias: Option<f32>,
+        window: Option<usize>,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        let key = (start, end, offset, bias.map(f32::to_bits), window);
+        if let Some(m) = self.masks.borrow().get(&key) {
+            return Ok(m.clone());
+        }
+        let m = attention_mask(start, end, offset, bias, window, dev)?;
+        self.masks.borrow_mut().insert(key, m.clone());
+        Ok(m)
+    }
 }
 
 /// Queries are processed in blocks of this many rows so a 4,096-token input
@@ -185,16 +292,26 @@ pub struct Decoder {
 const QUERY_BLOCK: usize = 512;
 
 impl Decoder {
-    pub fn load(store: &TensorStore, cfg: ArchConfig, dev: &Device, format: WeightFormat) -> Result<Decoder> {
-        let embed = store.embedding("token_embd.weight", dev)?;
+    /// Load the weights onto `dev`, matmul weights in `dtype` (the f32 that
+    /// dequantization produces is cast once, here).
+    pub fn load(
+        store: &TensorStore,
+        cfg: ArchConfig,
+        dev: &Device,
+        format: WeightFormat,
+        dtype: DType,
+    ) -> Result<Decoder> {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(EngineError::invalid("dtype", format!("{dtype:?} (f32, bf16, f16)")));
+        }
+        let embed = store.embedding("token_embd.weight", dev)?.to_dtype(dtype)?;
         if embed.rows() < cfg.vocab_size.max(1) && cfg.vocab_size > 0 {
             return Err(EngineError::Corrupt {
                 path: store.path().into(),
                 reason: format!("embedding has {} rows, config says vocab {}", embed.rows(), cfg.vocab_size),
             });
         }
-        let mm = |n: &str| store.matmul(n, dev, format);
-        let weight = |n: &str| store.matmul(n, dev, format).and_then(Weight::new);
+        let weight = |n: &str| Weight::new(store.matmul(n, dev, format)?, dtype);
         let opt_norm = |n: &str| -> Result<Option<Norm>> {
             if store.has(n) {
                 Ok(Some(Norm::load(store, n, &cfg, dev)?))
@@ -204,7 +321,7 @@ impl Decoder {
         };
         let bias = |n: &str| -> Result<Option<Tensor>> {
             if cfg.qkv_bias && store.has(n) {
-                Ok(Some(store.tensor(n, dev)?))
+                Ok(Some(store.tensor(n, dev)?.to_dtype(dtype)?))
             } else {
                 Ok(None)
             }
@@ -247,12 +364,29 @@ impl Decoder {
             layers.push(layer);
         }
         let final_norm = Norm::load(store, "output_norm.weight", &cfg, dev)?;
-        let lm_head = if store.has("output.weight") { mm("output.weight")? } else { embed.as_matmul()? };
-        Ok(Decoder { cfg, embed, layers, final_norm, lm_head, device: dev.clone(), cpu_attention_kernel: dev.is_cpu() })
+        let lm_head = qmatmul_in(
+            if store.has("output.weight") { store.matmul("output.weight", dev, format)? } else { embed.as_matmul()? },
+            dtype,
+        )?;
+        Ok(Decoder {
+            cfg,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            device: dev.clone(),
+            dtype,
+            cpu_attention_kernel: dev.is_cpu(),
+        })
     }
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The compute dtype of weights and activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Run a right-padded batch. `seqs[b]` are the token ids of sequence `b`.
@@ -275,11 +409,14 @@ impl Decoder {
             flat.extend(std::iter::repeat_n(0u32, t - s.len()));
         }
         let ids = Tensor::from_vec(flat, (b, t), &self.device)?;
-        let mut x = self.embed.lookup(&ids)?.to_dtype(DType::F32)?;
+        let mut x = self.embed.lookup(&ids)?;
         if let Some(scale) = self.cfg.embed_scale {
-            x = (x * scale as f64)?;
+            x = (x.to_dtype(DType::F32)? * scale as f64)?;
         }
+        // The residual stream stays f32 (see the module docs).
+        let mut x = x.to_dtype(DType::F32)?;
         let last: Vec<usize> = lens.iter().map(|l| l - 1).collect();
+        let cache = PassCache::default();
         let mut layer_pooled = Vec::new();
         for (li, layer) in self.layers.iter().enumerate() {
             if let Some(tp) = &opts.prepend {
@@ -288,12 +425,13 @@ impl Decoder {
                 }
             }
             let reroute = opts.reroute.as_ref().filter(|r| r.layers.get(li).copied().unwrap_or(false));
-            x = self.layer_forward(layer, &x, &last, reroute)?;
+            x = self.layer_forward(layer, &x, &last, reroute, &cache)?;
             if let Some(mode) = opts.collect_layers {
                 layer_pooled.push(pool_rows(&x, &lens, mode)?);
             }
         }
-        let hidden = self.final_norm.forward(&x)?;
+        // f32 whatever the compute dtype: pooling reads it.
+        let hidden = self.final_norm.forward_as(&x, DType::F32)?;
         Ok(ForwardOutput { hidden, layer_pooled })
     }
 
@@ -304,36 +442,47 @@ impl Decoder {
             .enumerate()
             .map(|(bi, &l)| out.hidden.narrow(0, bi, 1)?.narrow(1, l - 1, 1)?.squeeze(0)?.squeeze(0))
             .collect::<candle_core::Result<_>>()?;
-        let h = Tensor::stack(&rows, 0)?;
-        Ok(self.lm_head.forward(&h)?)
+        let h = Tensor::stack(&rows, 0)?.to_dtype(self.dtype)?;
+        Ok(qmatmul(&self.lm_head, &h)?.to_dtype(DType::F32)?)
     }
 
-    fn layer_forward(&self, l: &Layer, x: &Tensor, last: &[usize], reroute: Option<&Reroute>) -> Result<Tensor> {
+    fn layer_forward(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        last: &[usize],
+        reroute: Option<&Reroute>,
+        cache: &PassCache,
+    ) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let h = l.attn_norm.forward(x)?.reshape((b * t, d))?;
+        let dt = self.dtype;
+        let h = l.attn_norm.forward_as(x, dt)?.reshape((b * t, d))?;
         let q = l.q.forward(&h)?.reshape((b, t, nh, hd))?;
         let k = l.k.forward(&h)?.reshape((b, t, nkv, hd))?;
         let v = l.v.forward(&h)?.reshape((b, t, nkv, hd))?;
         let q = match &l.q_norm {
-            Some(n) => n.forward(&q)?,
+            Some(n) => n.forward_as(&q, dt)?,
             None => q,
         };
         let k = match &l.k_norm {
-            Some(n) => n.forward(&k)?,
+            Some(n) => n.forward_as(&k, dt)?,
             None => k,
         };
         let q = q.transpose(1, 2)?.contiguous()?;
         let k_pre = k.transpose(1, 2)?.contiguous()?;
         let v = v.transpose(1, 2)?.contiguous()?;
-        let (cos, sin) = rope_tables(t, hd, l.theta, &l.scaling, &self.device)?;
+        let (cos, sin) = cache.rope(t, hd, l.theta, &l.scaling, &self.device)?;
+        // RoPE in f32 (f32 tables), back to the compute dtype.
         let rope = |x: &Tensor| -> Result<Tensor> {
-            Ok(if cfg.rope_interleaved {
-                candle_nn::rotary_emb::rope_i(x, &cos, &sin)?
+            let xf = x.to_dtype(DType::F32)?;
+            let y = if cfg.rope_interleaved {
+                candle_nn::rotary_emb::rope_i(&xf, &cos, &sin)?
             } else {
-                candle_nn::rotary_emb::rope(x, &cos, &sin)?
-            })
+                candle_nn::rotary_emb::rope(&xf, &cos, &sin)?
+            };
+            Ok(y.to_dtype(x.dtype())?)
         };
         let q = rope(&q)?;
         let k = rope(&k_pre)?;
@@ -357,7 +506,7 @@ impl Decoder {
         };
         let offset = usize::from(prefix.is_some());
         let bias = prefix.as_ref().map(|p| p.2);
-        let att = if self.cpu_attention_kernel && self.device.is_cpu() {
+        let att = if self.cpu_attention_kernel && self.device.is_cpu() && self.dtype == DType::F32 {
             let shape = crate::attention::AttnShape {
                 batch: b,
                 seq: t,
@@ -372,31 +521,38 @@ impl Decoder {
             let out = crate::attention::attention(&flat(&q)?, &flat(&k)?, &flat(&v)?, shape);
             Tensor::from_vec(out, (b * t, nh * hd), &self.device)?
         } else {
-            self.attention_tensors(q, k, v, t, offset, bias, l.window)?
+            self.attention_tensors(q, k, v, t, offset, bias, l.window, cache)?
         };
-        let mut att = l.o.forward(&att)?;
-        if let Some(n) = &l.post_attn_norm {
-            att = n.forward(&att)?;
-        }
+        // Each block's output joins the f32 residual stream (through its
+        // post-norm, in f32, where the model has one).
+        let att = l.o.forward(&att)?;
+        let att = match &l.post_attn_norm {
+            Some(n) => n.forward_as(&att, DType::F32)?,
+            None => att.to_dtype(DType::F32)?,
+        };
         let x = (x + att.reshape((b, t, d))?)?;
 
-        let h = l.ffn_norm.forward(&x)?.reshape((b * t, d))?;
+        let h = l.ffn_norm.forward_as(&x, dt)?.reshape((b * t, d))?;
         let gate = l.gate.forward(&h)?;
         let gate = match cfg.activation {
             Activation::Silu => candle_nn::ops::silu(&gate)?,
             Activation::GeluTanh => gate.gelu()?,
         };
-        let mut m = l.down.forward(&(gate * l.up.forward(&h)?)?)?;
-        if let Some(n) = &l.post_ffn_norm {
-            m = n.forward(&m)?;
-        }
+        let m = l.down.forward(&(gate * l.up.forward(&h)?)?)?;
+        let m = match &l.post_ffn_norm {
+            Some(n) => n.forward_as(&m, DType::F32)?,
+            None => m.to_dtype(DType::F32)?,
+        };
         Ok((x + m.reshape((b, t, d))?)?)
     }
 }
 
 impl Decoder {
-    /// Attention with tensor ops (GPU path): blocks of queries, an additive
-    /// mask carrying the prefix bias.
+    /// Attention with tensor ops (the GPU path, and any dtype but f32 on the
+    /// CPU): blocks of queries, an additive f32 mask carrying the causal and
+    /// window masks and the re-routed column's bias. The logits are upcast to
+    /// f32 before the scale, the mask and the softmax; the probabilities go
+    /// back to the compute dtype for the product with V.
     #[allow(clippy::too_many_arguments)]
     fn attention_tensors(
         &self,
@@ -407,6 +563,7 @@ impl Decoder {
         offset: usize,
         bias: Option<f32>,
         window: Option<usize>,
+        cache: &PassCache,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, nh, hd) = (q.dim(0)?, cfg.n_heads, cfg.head_dim);
@@ -422,10 +579,10 @@ impl Decoder {
             let kv_len = end + offset;
             let kb = k.narrow(2, 0, kv_len)?;
             let vb = v.narrow(2, 0, kv_len)?;
-            let scores = (qb.matmul(&kb.t()?)? * cfg.attn_scale as f64)?;
-            let mask = attention_mask(start, end, offset, bias, window, &self.device)?;
+            let scores = (qb.matmul(&kb.t()?)?.to_dtype(DType::F32)? * cfg.attn_scale as f64)?;
+            let mask = cache.mask(start, end, offset, bias, window, &self.device)?;
             let scores = scores.broadcast_add(&mask)?;
-            let p = candle_nn::ops::softmax_last_dim(&scores)?;
+            let p = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(vb.dtype())?;
             blocks.push(p.matmul(&vb)?);
             start = end;
         }
@@ -455,8 +612,9 @@ fn replace_rows(x: &Tensor, position: usize, last: &[usize]) -> Result<Tensor> {
     Ok(x.reshape((b * t, d))?.index_select(&idx, 0)?.reshape((b, t, d))?)
 }
 
-/// Pool each sequence's rows: last real token or mean over real tokens.
+/// Pool each sequence's rows: last real token or mean over real tokens (in f32).
 fn pool_rows(x: &Tensor, lens: &[usize], mode: LayerPooling) -> Result<Tensor> {
+    let x = &x.to_dtype(DType::F32)?;
     let rows: Vec<Tensor> = lens
         .iter()
         .enumerate()

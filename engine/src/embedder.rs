@@ -7,7 +7,7 @@ use crate::error::{EngineError, Result};
 use crate::loader::{self, ModelSource, TensorStore, WeightFormat};
 use crate::method::{Method, Pooling, Template, DEFAULT_METHOD};
 use crate::tokenizer::TextTokenizer;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use kvembed_proto::{EmbedOptions, LayerPoint, Role, SelectOptions, Truncation};
 
 /// What to load and where.
@@ -92,9 +92,20 @@ pub fn pick_device(spec: &str) -> Result<Device> {
                 None => 0,
             };
             if !candle_core::utils::cuda_is_available() {
-                return Err(EngineError::invalid("device", format!("'{s}': this build has no CUDA support")));
+                return Err(EngineError::invalid(
+                    "device",
+                    format!(
+                        "'{s}': this build has no CUDA support \
+                         (build the engine with --features cuda, see docs/GPU.md)"
+                    ),
+                ));
             }
-            Ok(Device::new_cuda(n)?)
+            Device::new_cuda(n).map_err(|e| {
+                // candle appends a backtrace to driver errors: keep the message.
+                let e = e.to_string();
+                let e = e.lines().next().unwrap_or_default().trim();
+                EngineError::invalid("device", format!("'{s}': cannot open CUDA device {n}: {e}"))
+            })
         }
         other => Err(EngineError::invalid("device", format!("'{other}' (cpu, cuda, cuda:N, auto)"))),
     }
@@ -109,10 +120,45 @@ fn set_threads(threads: usize) {
     }
 }
 
+/// The compute dtype asked for by `KVEMBED_DTYPE` (`f32`, `bf16`, `f16`;
+/// unset, empty or `auto`: the device's default).
+pub fn dtype_from_env() -> Result<Option<DType>> {
+    match std::env::var("KVEMBED_DTYPE") {
+        Ok(s) => crate::decoder::parse_dtype(&s),
+        Err(_) => Ok(None),
+    }
+}
+
+/// How the device and compute dtype are reported (`kv_status().device`):
+/// `cpu` for the default f32 CPU engine, else e.g. `cuda:0 (bf16)`.
+fn describe_device(device: &Device, dtype: DType) -> String {
+    let name = match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        other => format!("{other:?}").to_lowercase(),
+    };
+    if device.is_cpu() && dtype == DType::F32 {
+        name
+    } else {
+        format!("{name} ({})", dtype.as_str())
+    }
+}
+
 impl Embedder {
+    /// Load with the compute dtype from `KVEMBED_DTYPE`, else the device's
+    /// default (f32 on the CPU, bf16 on CUDA).
     pub fn load(spec: &LoadSpec) -> Result<Embedder> {
+        Self::load_with_dtype(spec, None)
+    }
+
+    /// Load with an explicit compute dtype (`None`: as [`Embedder::load`]).
+    pub fn load_with_dtype(spec: &LoadSpec, dtype: Option<DType>) -> Result<Embedder> {
         set_threads(spec.threads);
         let device = pick_device(&spec.device)?;
+        let dtype = match dtype {
+            Some(d) => d,
+            None => dtype_from_env()?.unwrap_or_else(|| crate::decoder::default_dtype(&device)),
+        };
         let source = loader::resolve(&spec.model)?;
         let (store, cfg) = TensorStore::open(&source)?;
         let tokenizer = match (&store, &source) {
@@ -133,7 +179,7 @@ impl Embedder {
             }
             _ => unreachable!("store kind follows the source"),
         };
-        let decoder = Decoder::load(&store, cfg, &device, WeightFormat::from_env())?;
+        let decoder = Decoder::load(&store, cfg, &device, WeightFormat::from_env(), dtype)?;
         // The tokenizer must fit the embedding table.
         let rows = decoder.cfg.vocab_size;
         if tokenizer.vocab_size > rows && rows > 0 {
@@ -160,7 +206,7 @@ impl Embedder {
             architecture: cfg.family.name().into(),
             dim: cfg.hidden,
             layers: cfg.n_layers,
-            device: format!("{device:?}").to_lowercase(),
+            device: describe_device(&device, dtype),
             default_method: method.name.clone(),
             default_layers: method.reroute.as_ref().map(|r| r.layers.resolve(cfg.n_layers)).unwrap_or_default(),
             default_bias: method.reroute.as_ref().map(|r| r.bias).unwrap_or(0.0),

@@ -111,7 +111,8 @@ pub enum TensorStore {
 pub enum WeightFormat {
     /// Keep GGUF quantized blocks (least memory).
     Quantized,
-    /// Dequantize to f32 (fastest batched prompt processing on CPU).
+    /// Dequantize to dense tensors (f32, then cast once to the decoder's
+    /// compute dtype): fastest batched prompt processing.
     F32,
 }
 
@@ -258,7 +259,7 @@ impl TensorStore {
     /// A float tensor (norm weights, biases; or any weight, dequantized).
     pub fn tensor(&self, name: &str, dev: &Device) -> Result<Tensor> {
         match self {
-            TensorStore::Gguf { .. } => Ok(self.qtensor(name, dev)?.dequantize(dev)?),
+            TensorStore::Gguf { .. } => self.dequantized(name, dev),
             TensorStore::Safetensors { st, prefix, path } => {
                 let hf = Self::hf_name(prefix, name);
                 let t = st.load(&hf, dev).map_err(|_| {
@@ -269,24 +270,34 @@ impl TensorStore {
         }
     }
 
+    /// GGUF blocks dequantized to f32 on the CPU (where every GGML type
+    /// has a dequantizer), then moved to `dev`: on a GPU this needs no
+    /// quantized kernels and never holds the blocks and the dense copy there
+    /// at once.
+    fn dequantized(&self, name: &str, dev: &Device) -> Result<Tensor> {
+        let t = self.qtensor(name, &Device::Cpu)?.dequantize(&Device::Cpu)?;
+        Ok(if dev.is_cpu() { t } else { t.to_device(dev)? })
+    }
+
     /// A linear layer's weight `[out, in]`.
     pub fn matmul(&self, name: &str, dev: &Device, format: WeightFormat) -> Result<QMatMul> {
         match self {
             TensorStore::Gguf { .. } => {
-                let q = self.qtensor(name, dev)?;
                 Ok(match format {
-                    WeightFormat::F32 => QMatMul::Tensor(q.dequantize(dev)?),
-                    WeightFormat::Quantized => QMatMul::from_arc(Arc::new(q))?,
+                    WeightFormat::F32 => QMatMul::Tensor(self.dequantized(name, dev)?),
+                    WeightFormat::Quantized => QMatMul::from_arc(Arc::new(self.qtensor(name, dev)?))?,
                 })
             }
             TensorStore::Safetensors { .. } => Ok(QMatMul::Tensor(self.tensor(name, dev)?)),
         }
     }
 
-    /// The token embedding table; GGUF keeps it quantized (it is large and
-    /// only a few rows are read per batch).
+    /// The token embedding table; GGUF keeps it quantized on the CPU (it is
+    /// large and only a few rows are read per batch). On a GPU it is dense
+    /// (the decoder stores it in the compute dtype).
     pub fn embedding(&self, name: &str, dev: &Device) -> Result<Embedding> {
         match self {
+            TensorStore::Gguf { .. } if !dev.is_cpu() => Ok(Embedding::Dense(self.dequantized(name, dev)?)),
             TensorStore::Gguf { .. } => {
                 let q = self.qtensor(name, dev)?;
                 if q.dtype() == candle_core::quantized::GgmlDType::F32 {
@@ -315,6 +326,15 @@ pub enum Embedding {
 }
 
 impl Embedding {
+    /// A dense table in `dtype`; a quantized one stays as it is (its lookup
+    /// dequantizes the rows it reads to f32).
+    pub fn to_dtype(self, dtype: DType) -> Result<Embedding> {
+        Ok(match self {
+            Embedding::Dense(t) if t.dtype() != dtype => Embedding::Dense(t.to_dtype(dtype)?),
+            other => other,
+        })
+    }
+
     pub fn rows(&self) -> usize {
         match self {
             Embedding::Dense(t) => t.dims()[0],
