@@ -23,12 +23,19 @@ die() { echo "install-ext.sh: error: $*" >&2; exit 1; }
 [ -f "$KVEMBED_XLOCALE_DIR/xlocale.h" ] || die "missing $KVEMBED_XLOCALE_DIR/xlocale.h; run scripts/setup.sh first"
 command -v cargo >/dev/null || die "cargo not found; install Rust 1.95 (rustup) first"
 
-echo "install-ext.sh: building the inference server (cargo build --release -p kvembed-engine --bin kvembed)"
-cargo build --release -p kvembed-engine --bin kvembed
-target_dir=${CARGO_TARGET_DIR:-$KVEMBED_ROOT/target}
 bindir=$("$PG_CONFIG" --bindir)
+if [ -n "${KVEMBED_ENGINE_BIN:-}" ]; then
+  # A prebuilt engine, e.g. the CUDA one from scripts/build-cuda.sh
+  # (KVEMBED_ENGINE_BIN=target/cuda/release/kvembed).
+  [ -x "$KVEMBED_ENGINE_BIN" ] || die "KVEMBED_ENGINE_BIN=$KVEMBED_ENGINE_BIN is not an executable"
+  engine_bin=$KVEMBED_ENGINE_BIN
+else
+  echo "install-ext.sh: building the inference server (cargo build --release -p kvembed-engine --bin kvembed)"
+  cargo build --release -p kvembed-engine --bin kvembed
+  engine_bin=${CARGO_TARGET_DIR:-$KVEMBED_ROOT/target}/release/kvembed
+fi
 # Copy then rename, so that a server still running the old binary keeps it.
-install -m 755 "$target_dir/release/kvembed" "$bindir/.kvembed.new"
+install -m 755 "$engine_bin" "$bindir/.kvembed.new"
 mv -f "$bindir/.kvembed.new" "$bindir/kvembed"
 echo "install-ext.sh: installed $bindir/kvembed"
 
