@@ -36,11 +36,16 @@ pub fn progress(len: usize, what: &str) -> ProgressBar {
 }
 
 /// Embed many texts in chunks so a progress bar can follow.
+/// Tokens (prompts included) embedded by `embed_all` so far in this process.
+pub static TOKENS_EMBEDDED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 pub fn embed_all(e: &Embedder, texts: &[String], role: Role, opts: &EmbedOptions, what: &str) -> Result<Vec<Vec<f32>>> {
     let pb = progress(texts.len(), what);
     let mut out = Vec::with_capacity(texts.len());
     for chunk in texts.chunks(256) {
-        out.extend(e.embed(chunk, role, opts)?.vectors);
+        let r = e.embed(chunk, role, opts)?;
+        TOKENS_EMBEDDED.fetch_add(r.tokens, std::sync::atomic::Ordering::Relaxed);
+        out.extend(r.vectors);
         pb.inc(chunk.len() as u64);
     }
     pb.finish_and_clear();
@@ -83,7 +88,10 @@ pub fn select_layers(model: &ModelArgs, file: &Path, sample: usize, opts: &Selec
     texts.truncate(sample.max(1));
     let e = model.load()?;
     let pb = progress(texts.len(), "layers");
-    let sel = e.select_layers_with_progress(&texts, opts, |n| pb.inc(n as u64))?;
+    let sel = e.select_layers_with_progress(&texts, opts, |n| {
+        pb.inc(n as u64);
+        true
+    })?;
     pb.finish_and_clear();
     println!("layer\tintrinsic_dimension\tselected");
     for p in &sel.curve {
@@ -245,19 +253,19 @@ pub fn synthetic_texts(e: &Embedder, batch: usize, tokens: usize) -> Result<Vec<
     Ok((0..batch).map(|i| ids.iter().cycle().skip(i % 7).take(tokens).copied().collect()).collect())
 }
 
-pub fn bench(model: &ModelArgs, method: &MethodArgs, batch: usize, tokens: usize, repeat: usize, json: bool) -> Result<()> {
-    let e = model.load()?;
-    let opts = method.options()?;
-    let m = kvembed_engine::method::Method::from_name(opts.method.as_deref().unwrap_or("kv"))?.with_options(&opts)?;
-    let seqs = synthetic_texts(&e, batch, tokens)?;
+/// Median seconds of the forward pass (no prompt, no pooling) over `batch`
+/// synthetic texts of exactly `len` tokens with `method`'s re-routing, after
+/// a warm-up, and the tokens/s that gives.
+pub fn time_forward(e: &Embedder, method: &str, batch: usize, len: usize, repeat: usize) -> Result<(f64, f64)> {
+    let m = kvembed_engine::method::Method::from_name(method)?;
+    let seqs = synthetic_texts(e, batch, len)?;
     let n = e.decoder.cfg.n_layers;
     let reroute = match &m.reroute {
         Some(r) => Some(kvembed_engine::decoder::Reroute::new(&r.layers.resolve(n), n, r.bias, r.prefix)?),
         None => None,
     };
     let fopts = kvembed_engine::decoder::ForwardOptions { reroute, ..Default::default() };
-    // Warm-up, then timed runs packed by the same token budget as embedding.
-    let per_batch = (e.batch_tokens / tokens.max(1)).max(1);
+    let per_batch = (e.batch_tokens / len.max(1)).max(1);
     let run = || -> Result<f64> {
         let t0 = Instant::now();
         for chunk in seqs.chunks(per_batch) {
@@ -266,27 +274,156 @@ pub fn bench(model: &ModelArgs, method: &MethodArgs, batch: usize, tokens: usize
         Ok(t0.elapsed().as_secs_f64())
     };
     run()?;
-    let mut times = Vec::new();
-    for _ in 0..repeat.max(1) {
-        times.push(run()?);
+    let mut times = (0..repeat.max(1)).map(|_| run()).collect::<Result<Vec<f64>>>()?;
+    times.sort_by(|a, b| a.total_cmp(b));
+    let med = times[times.len() / 2];
+    Ok((med, (batch * len) as f64 / med))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn bench(
+    model: &ModelArgs,
+    method: &MethodArgs,
+    batch: usize,
+    tokens: usize,
+    repeat: usize,
+    json: bool,
+    dump_tokens: Option<&Path>,
+    vs: Option<&str>,
+) -> Result<()> {
+    let e = model.load()?;
+    let opts = method.options()?;
+    let m = kvembed_engine::method::Method::from_name(opts.method.as_deref().unwrap_or("kv"))?.with_options(&opts)?;
+    let seqs = synthetic_texts(&e, batch, tokens)?;
+    if let Some(p) = dump_tokens {
+        // The exact ids the timed forward passes see (no prompt, no BOS), so
+        // that other runtimes can be timed on identical input.
+        let doc = serde_json::json!({"batch": batch, "tokens": tokens, "ids": seqs});
+        std::fs::write(p, doc.to_string()).map_err(io_err(p))?;
+        eprintln!("wrote {} x {} token ids to {}", batch, tokens, p.display());
+        return Ok(());
     }
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = e.decoder.cfg.n_layers;
+    let forward_options = |m: &kvembed_engine::method::Method| -> Result<kvembed_engine::decoder::ForwardOptions> {
+        let reroute = match &m.reroute {
+            Some(r) => Some(kvembed_engine::decoder::Reroute::new(&r.layers.resolve(n), n, r.bias, r.prefix)?),
+            None => None,
+        };
+        Ok(kvembed_engine::decoder::ForwardOptions { reroute, ..Default::default() })
+    };
+    let fopts = forward_options(&m)?;
+    // `--vs METHOD`: a second method timed in the same process, its runs
+    // alternating with the first's, so that noise hits both alike.
+    let other = match vs {
+        Some(name) => {
+            let mut o = opts.clone();
+            o.method = Some(name.to_string());
+            let m2 = kvembed_engine::method::Method::from_name(name)?.with_options(&o)?;
+            let f2 = forward_options(&m2)?;
+            Some((m2, f2))
+        }
+        None => None,
+    };
+    // Warm-up, then timed runs packed by the same token budget as embedding.
+    let per_batch = (e.batch_tokens / tokens.max(1)).max(1);
+    let run = |fo: &kvembed_engine::decoder::ForwardOptions| -> Result<f64> {
+        let t0 = Instant::now();
+        for chunk in seqs.chunks(per_batch) {
+            e.decoder.forward(chunk, fo)?;
+        }
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    run(&fopts)?;
+    if let Some((_, f2)) = &other {
+        run(f2)?;
+    }
+    let mut times = Vec::new();
+    let mut times2 = Vec::new();
+    for i in 0..repeat.max(1) {
+        match &other {
+            Some((_, f2)) if i % 2 == 1 => {
+                times2.push(run(f2)?);
+                times.push(run(&fopts)?);
+            }
+            Some((_, f2)) => {
+                times.push(run(&fopts)?);
+                times2.push(run(f2)?);
+            }
+            None => times.push(run(&fopts)?),
+        }
+    }
+    let sort = |v: &mut Vec<f64>| v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    sort(&mut times);
+    sort(&mut times2);
     let total = (batch * tokens) as f64;
     let med = times[times.len() / 2];
     if json {
+        let mut doc = serde_json::json!({"method": m.name, "batch": batch, "tokens": tokens, "seconds": times,
+            "tokens_per_s_median": total / med, "texts_per_s_median": batch as f64 / med});
+        if let Some((m2, _)) = &other {
+            let med2 = times2[times2.len() / 2];
+            doc["vs_method"] = serde_json::json!(m2.name);
+            doc["vs_seconds"] = serde_json::json!(times2);
+            doc["vs_tokens_per_s_median"] = serde_json::json!(total / med2);
+        }
+        println!("{doc}");
+    } else {
+        let line = |name: &str, t: &[f64]| {
+            let med = t[t.len() / 2];
+            println!(
+                "{} {}x{}: {:.0} tokens/s, {:.1} texts/s (median of {}; min {:.3}s max {:.3}s)",
+                name,
+                batch,
+                tokens,
+                total / med,
+                batch as f64 / med,
+                t.len(),
+                t[0],
+                t[t.len() - 1]
+            );
+        };
+        line(&m.name, &times);
+        if let Some((m2, _)) = &other {
+            line(&m2.name, &times2);
+        }
+    }
+    Ok(())
+}
+
+/// `bench --file`: end-to-end embedding (prompt, tokenizer, forward passes
+/// packed by `--batch-tokens`, pooling) of real texts, as the server does for
+/// one large request. A warm-up on the first 64 texts, then `repeat` timed runs.
+pub fn bench_texts(model: &ModelArgs, method: &MethodArgs, file: &Path, repeat: usize, json: bool) -> Result<()> {
+    let texts = read_lines(file)?;
+    if texts.is_empty() {
+        return Err(EngineError::invalid("file", "no texts"));
+    }
+    let e = model.load()?;
+    let opts = method.options()?;
+    e.embed(&texts[..texts.len().min(64)], Role::Document, &opts)?;
+    let mut times = Vec::new();
+    let mut tokens = 0;
+    for _ in 0..repeat.max(1) {
+        let t0 = Instant::now();
+        tokens = e.embed(&texts, Role::Document, &opts)?.tokens;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let med = times[times.len() / 2];
+    let n = texts.len() as f64;
+    if json {
         println!(
             "{}",
-            serde_json::json!({"method": m.name, "batch": batch, "tokens": tokens, "seconds": times,
-                "tokens_per_s_median": total / med, "texts_per_s_median": batch as f64 / med})
+            serde_json::json!({"method": opts.method.as_deref().unwrap_or("kv"), "texts": texts.len(), "tokens": tokens,
+                "seconds": times, "texts_per_s_median": n / med, "tokens_per_s_median": tokens as f64 / med})
         );
     } else {
         println!(
-            "{} {}x{}: {:.0} tokens/s, {:.1} texts/s (median of {}; min {:.3}s max {:.3}s)",
-            m.name,
-            batch,
+            "{} texts ({} tokens with prompts): {:.1} texts/s, {:.0} tokens/s (median of {}; min {:.3}s max {:.3}s)",
+            texts.len(),
             tokens,
-            total / med,
-            batch as f64 / med,
+            n / med,
+            tokens as f64 / med,
             times.len(),
             times[0],
             times[times.len() - 1]
@@ -320,6 +457,14 @@ pub struct QualityArgs {
     /// Skip the SciFact and long-context parts.
     #[arg(long)]
     pub sts_only: bool,
+    /// Methods also run on the full STS sets (every pair), timed; the speed
+    /// section reports their throughput (comma-separated; empty = none).
+    #[arg(long, default_value = "kv,token-prepending")]
+    pub full_sts: String,
+    /// Only the ID curve, the methods table and the speed section (no
+    /// sweeps, SciFact or long context): for larger backbones.
+    #[arg(long)]
+    pub light: bool,
 }
 
 pub fn quality(args: &QualityArgs) -> Result<()> {

@@ -27,6 +27,9 @@ pub struct ModelArgs {
     /// Inference threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Compute dtype: f32, bf16, f16 or auto (f32 on the CPU, bf16 on CUDA).
+    #[arg(long, env = "KVEMBED_DTYPE", default_value = "auto")]
+    pub dtype: String,
     /// Padded tokens per forward pass.
     #[arg(long, default_value_t = kvembed_engine::embedder::DEFAULT_BATCH_TOKENS)]
     pub batch_tokens: usize,
@@ -34,7 +37,9 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn load(&self) -> Result<Embedder, kvembed_engine::EngineError> {
-        let mut e = Embedder::load(&LoadSpec { model: self.model.clone(), device: self.device.clone(), threads: self.threads })?;
+        let dtype = kvembed_engine::decoder::parse_dtype(&self.dtype)?;
+        let spec = LoadSpec { model: self.model.clone(), device: self.device.clone(), threads: self.threads };
+        let mut e = Embedder::load_with_dtype(&spec, dtype)?;
         e.batch_tokens = self.batch_tokens.max(1);
         Ok(e)
     }
@@ -160,6 +165,18 @@ enum Cmd {
         repeat: usize,
         #[arg(long)]
         json: bool,
+        /// Write the synthetic token id sequences of the shape as JSON to this
+        /// file and exit without timing (so other runtimes get the same ids).
+        #[arg(long)]
+        dump_tokens: Option<PathBuf>,
+        /// Time end-to-end embedding (prompt, tokenizer, forward pass, pooling)
+        /// of the texts in this file, one per line, instead of a synthetic shape.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Also time this method, its runs alternating with --method's in the
+        /// same process (e.g. --method kv-no-reroute --vs kv: the re-routing overhead).
+        #[arg(long)]
+        vs: Option<String>,
     },
     /// Greedy continuation of a prompt (checks that a backbone really works).
     Generate {
@@ -206,9 +223,10 @@ fn main() -> ExitCode {
         Cmd::Eval { model, method, sts, beir, split, limit, json } => {
             cli::eval(&model, &method, sts.as_deref(), beir.as_deref(), &split, limit, json)
         }
-        Cmd::Bench { model, method, batch, tokens, repeat, json } => {
-            cli::bench(&model, &method, batch, tokens, repeat, json)
-        }
+        Cmd::Bench { model, method, batch, tokens, repeat, json, dump_tokens, file, vs } => match file {
+            Some(f) => cli::bench_texts(&model, &method, &f, repeat, json),
+            None => cli::bench(&model, &method, batch, tokens, repeat, json, dump_tokens.as_deref(), vs.as_deref()),
+        },
         Cmd::Generate { model, max_new, prompt } => {
             model.load().and_then(|e| e.generate(&prompt, max_new)).map(|s| println!("{prompt}{s}"))
         }
