@@ -179,7 +179,7 @@ against the gold scores, per file, averaged per group (STS12/13/14, SICK trial).
         let template = Template::parse(COMPRESS_DOC)?;
         let mut curves = Vec::new();
         for pooling in [LayerPooling::Last, LayerPooling::Mean] {
-            let reps = e.layer_representations(&sample, &template, pooling, 256, |_| {})?;
+            let reps = e.layer_representations(&sample, &template, pooling, 256, |_| true)?;
             let c: Vec<f64> = reps.iter().map(|l| kvembed_engine::twonn::intrinsic_dimension(l).unwrap_or(f64::NAN)).collect();
             curves.push(c);
         }
@@ -209,6 +209,44 @@ against the gold scores, per file, averaged per group (STS12/13/14, SICK trial).
             rows.push(sts_row(&e, &sets, &label, &o, limit)?);
         }
         table(&mut md, &rows);
+
+        // Full-size STS for the chosen methods, timed, and forward-pass
+        // throughput at two batch shapes.
+        let full: Vec<&str> = a.full_sts.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
+        let _ = writeln!(md, "### Speed, and full-size STS
+");
+        let _ = writeln!(
+            md,
+            "{} compute threads. Full-size rows embed every pair of every file (tokens include the prompt); the forward-pass rows time `Decoder::forward` alone on synthetic texts of exactly that many tokens, as `kvembed bench` does (median of 3 after a warm-up).
+",
+            rayon::current_num_threads()
+        );
+        let mut full_rows = Vec::new();
+        let _ = writeln!(md, "| run | texts | tokens | seconds | tokens/s |\n|---|---|---|---|---|");
+        for m in &full {
+            let o = opts(m);
+            let t0 = Instant::now();
+            let tokens_before = crate::cli::TOKENS_EMBEDDED.load(std::sync::atomic::Ordering::Relaxed);
+            full_rows.push(sts_row(&e, &sets, &format!("{m} (all pairs)"), &o, 0)?);
+            let secs = t0.elapsed().as_secs_f64();
+            let tokens = crate::cli::TOKENS_EMBEDDED.load(std::sync::atomic::Ordering::Relaxed) - tokens_before;
+            let texts: std::collections::HashSet<&str> =
+                sets.iter().flat_map(|s| s.pairs.iter().flat_map(|p| [p.a.as_str(), p.b.as_str()])).collect();
+            let _ = writeln!(md, "| full STS, {m} | {} | {tokens} | {secs:.0} | {:.0} |", texts.len(), tokens as f64 / secs);
+        }
+        for (batch, len) in [(64usize, 32usize), (16, 512)] {
+            let (secs, tps) = crate::cli::time_forward(&e, "kv", batch, len, 3)?;
+            let _ = writeln!(md, "| forward pass, kv, {batch} x {len} | {batch} | {} | {secs:.2} | {tps:.0} |", batch * len);
+        }
+        md.push('\n');
+        if !full_rows.is_empty() {
+            let _ = writeln!(md, "Full-size STS (every pair):\n");
+            table(&mut md, &full_rows);
+        }
+        if a.light {
+            std::fs::write(&a.out, &md).map_err(|e| EngineError::io(&a.out, e))?;
+            continue;
+        }
 
         // Bias sweep at the default window and at the ID-selected window.
         let default_layers = info.default_layers.clone();

@@ -349,14 +349,16 @@ impl Embedder {
     }
 
     /// Per-layer representations of `texts` (in `template`), for intrinsic
-    /// dimension estimates: `out[layer][text]`.
+    /// dimension estimates: `out[layer][text]`. `progress` gets the texts
+    /// done after each batch; returning false stops the work (the caller went
+    /// away) with an error.
     pub fn layer_representations(
         &self,
         texts: &[String],
         template: &Template,
         pooling: LayerPooling,
         max_tokens: usize,
-        mut progress: impl FnMut(usize),
+        mut progress: impl FnMut(usize) -> bool,
     ) -> Result<Vec<Vec<Vec<f32>>>> {
         let (prepared, _) = self.prepare(texts, template, max_tokens, true, false)?;
         let n_layers = self.decoder.cfg.n_layers;
@@ -371,21 +373,23 @@ impl Embedder {
                     reps[l][batch[bi]] = row;
                 }
             }
-            progress(batch.len());
+            if !progress(batch.len()) {
+                return Err(EngineError::Other("layer selection cancelled: its client went away".into()));
+            }
         }
         Ok(reps)
     }
 
     /// TwoNN intrinsic dimension per layer and the method's window choice.
     pub fn select_layers(&self, texts: &[String], opts: &SelectOptions) -> Result<LayerSelection> {
-        self.select_layers_with_progress(texts, opts, |_| {})
+        self.select_layers_with_progress(texts, opts, |_| true)
     }
 
     pub fn select_layers_with_progress(
         &self,
         texts: &[String],
         opts: &SelectOptions,
-        progress: impl FnMut(usize),
+        progress: impl FnMut(usize) -> bool,
     ) -> Result<LayerSelection> {
         if texts.len() < 8 {
             return Err(EngineError::invalid(

@@ -422,9 +422,12 @@ fn run_select_layers(embedder: &Embedder, job: Job) {
     let Work::SelectLayers { texts, options } = &job.work else { return };
     let total = texts.len();
     let mut done = 0;
+    // A layer selection can take minutes: stop between batches once its
+    // client has gone (cancelled statement), instead of holding the engine.
     let progress = |n: usize| {
         done += n;
         let _ = job.reply.send(Outcome::Progress(done, total));
+        !job.is_abandoned()
     };
     let outcome = match guarded(|| embedder.select_layers_with_progress(texts, options, progress)) {
         Ok(selection) => Outcome::Layers(selection, texts.len()),

@@ -725,3 +725,35 @@ fn pg_dump_and_pg_restore_round_trip_a_generated_embedding_column() {
         serde_json::json!({"rows_checked": original.len()}),
     );
 }
+
+#[test]
+fn a_cancelled_kv_select_layers_frees_the_engine() {
+    let (_g, mut s) = session();
+    s.batch_execute("DROP TABLE IF EXISTS big_calib; CREATE TABLE big_calib (body text)").unwrap();
+    s.execute(
+        "INSERT INTO big_calib SELECT format('calibration text number %s about %s', i, md5(i::text)) FROM generate_series(1, 2000) i",
+        &[],
+    )
+    .unwrap();
+    // The whole sample takes the engine far longer than the timeout.
+    s.batch_execute("SET statement_timeout = '2s'").unwrap();
+    let err = s
+        .query("SELECT * FROM kv_select_layers('big_calib', 'body', 2000, store => false)", &[])
+        .expect_err("cancelled by statement_timeout");
+    assert_eq!(sql_error(&err).0, "57014", "{err}");
+    let cancelled_at = Instant::now();
+    s.batch_execute("RESET statement_timeout").unwrap();
+    // The engine stops the selection at its next batch and serves others.
+    let mut other = connect();
+    let (_, took) = embed_until_ok(&mut other, Duration::from_secs(120));
+    let freed_after = cancelled_at.elapsed();
+    assert!(
+        freed_after < Duration::from_secs(20),
+        "the engine kept working for the cancelled selection for {freed_after:?}"
+    );
+    s.batch_execute("DROP TABLE big_calib").unwrap();
+    record_figures(
+        "a_cancelled_kv_select_layers_frees_the_engine",
+        serde_json::json!({"sample": 2000, "next_kv_embed_after_s": freed_after.as_secs_f64(), "kv_embed_s": took.as_secs_f64()}),
+    );
+}
