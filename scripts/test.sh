@@ -14,7 +14,7 @@
 #      (scripts/pg.sh restart);
 #   4. SQL integration tests against that cluster
 #      (cargo test --release -p kvembed-tests -- --test-threads=1), the slow
-#      load tests included (about ten minutes; KVEMBED_SLOW_TESTS=0 skips
+#      load tests included (about 20 minutes on 2 cores; KVEMBED_SLOW_TESTS=0 skips
 #      them); the figures they record go into docs/RELIABILITY.md.
 #      They find the cluster through PGHOST/PGPORT/PGUSER/PGDATABASE or the
 #      libpq string $KVEMBED_PG_URL, its tools in $PG_BINDIR, and a scratch
