@@ -253,28 +253,35 @@ pub fn synthetic_texts(e: &Embedder, batch: usize, tokens: usize) -> Result<Vec<
     Ok((0..batch).map(|i| ids.iter().cycle().skip(i % 7).take(tokens).copied().collect()).collect())
 }
 
-/// Median seconds of the forward pass (no prompt, no pooling) over `batch`
-/// synthetic texts of exactly `len` tokens with `method`'s re-routing, after
-/// a warm-up, and the tokens/s that gives.
-pub fn time_forward(e: &Embedder, method: &str, batch: usize, len: usize, repeat: usize) -> Result<(f64, f64)> {
-    let m = kvembed_engine::method::Method::from_name(method)?;
-    let seqs = synthetic_texts(e, batch, len)?;
+/// The forward options of `m` (its re-routing resolved for this model).
+fn forward_options(e: &Embedder, m: &kvembed_engine::method::Method) -> Result<kvembed_engine::decoder::ForwardOptions> {
     let n = e.decoder.cfg.n_layers;
     let reroute = match &m.reroute {
         Some(r) => Some(kvembed_engine::decoder::Reroute::new(&r.layers.resolve(n), n, r.bias, r.prefix)?),
         None => None,
     };
-    let fopts = kvembed_engine::decoder::ForwardOptions { reroute, ..Default::default() };
-    let per_batch = (e.batch_tokens / len.max(1)).max(1);
-    let run = || -> Result<f64> {
-        let t0 = Instant::now();
-        for chunk in seqs.chunks(per_batch) {
-            e.decoder.forward(chunk, &fopts)?;
-        }
-        Ok(t0.elapsed().as_secs_f64())
-    };
-    run()?;
-    let mut times = (0..repeat.max(1)).map(|_| run()).collect::<Result<Vec<f64>>>()?;
+    Ok(kvembed_engine::decoder::ForwardOptions { reroute, ..Default::default() })
+}
+
+/// Seconds of one pass over `seqs`, packed by the embedder's token budget as
+/// embedding does.
+fn forward_seconds(e: &Embedder, seqs: &[Vec<u32>], fo: &kvembed_engine::decoder::ForwardOptions) -> Result<f64> {
+    let per_batch = (e.batch_tokens / seqs.first().map_or(1, |s| s.len().max(1))).max(1);
+    let t0 = Instant::now();
+    for chunk in seqs.chunks(per_batch) {
+        e.decoder.forward(chunk, fo)?;
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Median seconds of the forward pass (no prompt, no pooling) over `batch`
+/// synthetic texts of exactly `len` tokens with `method`'s re-routing, after
+/// a warm-up, and the tokens/s that gives.
+pub fn time_forward(e: &Embedder, method: &str, batch: usize, len: usize, repeat: usize) -> Result<(f64, f64)> {
+    let fopts = forward_options(e, &kvembed_engine::method::Method::from_name(method)?)?;
+    let seqs = synthetic_texts(e, batch, len)?;
+    forward_seconds(e, &seqs, &fopts)?;
+    let mut times = (0..repeat.max(1)).map(|_| forward_seconds(e, &seqs, &fopts)).collect::<Result<Vec<f64>>>()?;
     times.sort_by(|a, b| a.total_cmp(b));
     let med = times[times.len() / 2];
     Ok((med, (batch * len) as f64 / med))
@@ -303,15 +310,7 @@ pub fn bench(
         eprintln!("wrote {} x {} token ids to {}", batch, tokens, p.display());
         return Ok(());
     }
-    let n = e.decoder.cfg.n_layers;
-    let forward_options = |m: &kvembed_engine::method::Method| -> Result<kvembed_engine::decoder::ForwardOptions> {
-        let reroute = match &m.reroute {
-            Some(r) => Some(kvembed_engine::decoder::Reroute::new(&r.layers.resolve(n), n, r.bias, r.prefix)?),
-            None => None,
-        };
-        Ok(kvembed_engine::decoder::ForwardOptions { reroute, ..Default::default() })
-    };
-    let fopts = forward_options(&m)?;
+    let fopts = forward_options(&e, &m)?;
     // `--vs METHOD`: a second method timed in the same process, its runs
     // alternating with the first's, so that noise hits both alike.
     let other = match vs {
@@ -319,20 +318,13 @@ pub fn bench(
             let mut o = opts.clone();
             o.method = Some(name.to_string());
             let m2 = kvembed_engine::method::Method::from_name(name)?.with_options(&o)?;
-            let f2 = forward_options(&m2)?;
+            let f2 = forward_options(&e, &m2)?;
             Some((m2, f2))
         }
         None => None,
     };
     // Warm-up, then timed runs packed by the same token budget as embedding.
-    let per_batch = (e.batch_tokens / tokens.max(1)).max(1);
-    let run = |fo: &kvembed_engine::decoder::ForwardOptions| -> Result<f64> {
-        let t0 = Instant::now();
-        for chunk in seqs.chunks(per_batch) {
-            e.decoder.forward(chunk, fo)?;
-        }
-        Ok(t0.elapsed().as_secs_f64())
-    };
+    let run = |fo: &kvembed_engine::decoder::ForwardOptions| forward_seconds(&e, &seqs, fo);
     run(&fopts)?;
     if let Some((_, f2)) = &other {
         run(f2)?;
