@@ -93,10 +93,19 @@ impl std::ops::DerefMut for Session {
 
 /// The SQLSTATE and message of a failed statement.
 pub fn sql_error(e: &postgres::Error) -> (String, String) {
-    match e.as_db_error() {
-        Some(db) => (db.code().code().to_string(), db.message().to_string()),
-        None => (String::new(), e.to_string()),
-    }
+    let (code, message, _) = sql_error_full(e);
+    (code, message)
+}
+
+/// Creates the login role `name` unless it exists (roles are cluster-wide
+/// and outlive the test databases).
+pub fn ensure_login_role(s: &mut Client, name: &str) {
+    s.batch_execute(&format!(
+        "DO $$ BEGIN
+           IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{name}') THEN CREATE ROLE {name} LOGIN; END IF;
+         END $$"
+    ))
+    .unwrap_or_else(|e| panic!("creating role {name}: {e}"));
 }
 
 static MODEL_CONFIGURED: Lazy<()> = Lazy::new(|| configure_model(&model_path().to_string_lossy()));

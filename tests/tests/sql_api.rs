@@ -366,15 +366,8 @@ fn several_sessions_at_once() {
 #[test]
 fn only_superusers_change_what_the_engine_loads() {
     let (_g, mut s) = session();
-    s.batch_execute(
-        "DO $$ BEGIN
-           IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'kvembed_test_user') THEN
-             CREATE ROLE kvembed_test_user LOGIN;
-           END IF;
-         END $$;
-         GRANT ALL ON SCHEMA public TO kvembed_test_user;",
-    )
-    .unwrap();
+    ensure_login_role(&mut s, "kvembed_test_user");
+    s.batch_execute("GRANT ALL ON SCHEMA public TO kvembed_test_user").unwrap();
     let mut u = Session::connect(DB, "kvembed_test_user");
     // Ordinary users embed...
     let v = vector(&mut u, "SELECT kv_embed('hello')::real[]", &[]);
