@@ -147,10 +147,23 @@ pub struct RetrievalResult {
     pub docs: usize,
 }
 
-/// nDCG@10 on a BEIR set. `max_docs` > 0 keeps every judged document plus
-/// the first unjudged ones up to that many (documented where used).
-pub fn eval_beir(e: &Embedder, root: &Path, split: &str, opts: &EmbedOptions, max_docs: usize) -> Result<RetrievalResult> {
-    let b = eval::load_beir(root, split).map_err(io_err(root))?;
+/// nDCG@10, alignment and uniformity on a BEIR folder. `max_queries` keeps
+/// the first N queries (0 = all); the corpus keeps every document judged for
+/// the kept queries plus unjudged distractors up to `max_docs` (0 = all).
+pub fn eval_beir(
+    e: &Embedder,
+    root: &Path,
+    split: &str,
+    opts: &EmbedOptions,
+    max_docs: usize,
+    max_queries: usize,
+) -> Result<RetrievalResult> {
+    let mut b = eval::load_beir(root, split).map_err(io_err(root))?;
+    if max_queries > 0 && b.queries.len() > max_queries {
+        b.queries.truncate(max_queries);
+        let kept: std::collections::HashSet<String> = b.queries.iter().map(|q| q.0.clone()).collect();
+        b.qrels.retain(|q, _| kept.contains(q));
+    }
     let judged: std::collections::HashSet<&str> =
         b.qrels.values().flat_map(|m| m.keys().map(String::as_str)).collect();
     let mut docs: Vec<&(String, String)> = b.corpus.iter().filter(|d| judged.contains(d.0.as_str())).collect();
@@ -226,7 +239,7 @@ pub fn eval(
         }
     }
     if let Some(root) = beir {
-        let r = eval_beir(&e, root, split, &opts, 0)?;
+        let r = eval_beir(&e, root, split, &opts, 0, 0)?;
         if json {
             report.insert(
                 "retrieval".into(),
@@ -441,6 +454,16 @@ pub struct QualityArgs {
     /// Documents kept for SciFact (judged ones plus distractors; 0 = all).
     #[arg(long, default_value_t = 0)]
     pub scifact_docs: usize,
+    /// SciFact queries kept (the first N; 0 = all 809). The corpus then
+    /// holds their judged documents plus distractors up to --scifact-docs.
+    #[arg(long, default_value_t = 0)]
+    pub scifact_queries: usize,
+    /// Documents per length in the long-context check.
+    #[arg(long, default_value_t = 20)]
+    pub long_docs: usize,
+    /// Methods run on SciFact (comma-separated).
+    #[arg(long, default_value = "kv,kv-no-reroute,kv-paper,mean,last,token-prepending,echo")]
+    pub scifact_methods: String,
     /// Texts sampled for TwoNN.
     #[arg(long, default_value_t = 512)]
     pub id_sample: usize,
@@ -451,8 +474,12 @@ pub struct QualityArgs {
     pub sts_only: bool,
     /// Methods also run on the full STS sets (every pair), timed; the speed
     /// section reports their throughput (comma-separated; empty = none).
-    #[arg(long, default_value = "kv,token-prepending")]
+    #[arg(long, default_value = "kv,prompteol,token-prepending")]
     pub full_sts: String,
+    /// Leave the hand-written findings (docs/quality-notes.md) out of the
+    /// page: for pages beside docs/QUALITY.md, e.g. more backbones.
+    #[arg(long)]
+    pub no_notes: bool,
     /// Only the ID curve, the methods table and the speed section (no
     /// sweeps, SciFact or long context): for larger backbones.
     #[arg(long)]

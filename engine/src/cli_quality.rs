@@ -52,6 +52,34 @@ fn opts(method: &str) -> EmbedOptions {
     EmbedOptions { method: Some(method.into()), ..Default::default() }
 }
 
+/// Options for a method of the study: `kv-paper` re-routes at the window the
+/// TwoNN rule chose on this model, as the paper does.
+fn study_opts(method: &str, id_layers: &[usize]) -> EmbedOptions {
+    let mut o = opts(method);
+    if method == "kv-paper" {
+        o.layers = Some(id_layers.to_vec());
+    }
+    o
+}
+
+fn study_label(method: &str, id_layers: &[usize]) -> String {
+    if method == "kv-paper" {
+        format!("kv-paper (ID layers {id_layers:?}, b=1)")
+    } else {
+        method.to_string()
+    }
+}
+
+/// Writes the page as it stands, so that a failure late in a long study
+/// keeps what was measured before it.
+fn save(out: &Path, md: &str) -> Result<()> {
+    std::fs::write(out, md).map_err(|e| EngineError::io(out, e))
+}
+
+fn method_list(list: &str) -> Vec<&str> {
+    list.split(',').map(str::trim).filter(|m| !m.is_empty()).collect()
+}
+
 /// A line plot of the ID curve, as a small standalone SVG.
 fn svg_curve(title: &str, curves: &[(&str, &[f64])], selected: &[usize]) -> String {
     let (w, h, pad) = (640.0, 320.0, 40.0);
@@ -154,12 +182,14 @@ pub fn run(a: &QualityArgs) -> Result<()> {
 against the gold scores, per file, averaged per group (STS12/13/14, SICK trial). {}\n",
         cmd.join(" ").replace(&*a.data.to_string_lossy(), "../shared/data"),
         if a.sweep_limit > 0 {
-            format!("**Every STS figure here uses the first {} pairs of each file** (a subsample, to fit the study on 2 CPU cores); `--sweep-limit 0` runs the full sets.", a.sweep_limit)
+            format!("**The methods table and the sweeps use the first {} pairs of each file** (a subsample, to fit the study on 2 CPU cores; `--sweep-limit 0` runs the full sets); the full-size table uses every pair.", a.sweep_limit)
         } else {
             "Full STS files.".into()
         }
     );
-    let _ = writeln!(md, "{}\n", crate::cli::QUALITY_NOTES);
+    if !a.no_notes {
+        let _ = writeln!(md, "{}\n", crate::cli::QUALITY_NOTES);
+    }
     let plot_dir = a.out.parent().unwrap_or(Path::new(".")).join("img");
     std::fs::create_dir_all(&plot_dir).map_err(|e| EngineError::io(&plot_dir, e))?;
     let limit = a.sweep_limit;
@@ -201,18 +231,14 @@ against the gold scores, per file, averaged per group (STS12/13/14, SICK trial).
         let _ = writeln!(md, "### Methods (STS)\n");
         let mut rows = Vec::new();
         for m in METHOD_NAMES {
-            let mut o = opts(m);
-            if *m == "kv-paper" {
-                o.layers = Some(id_layers.clone());
-            }
-            let label = if *m == "kv-paper" { format!("kv-paper (ID layers {:?}, b=1)", id_layers) } else { m.to_string() };
-            rows.push(sts_row(&e, &sets, &label, &o, limit)?);
+            rows.push(sts_row(&e, &sets, &study_label(m, &id_layers), &study_opts(m, &id_layers), limit)?);
         }
         table(&mut md, &rows);
+        save(&a.out, &md)?;
 
         // Full-size STS for the chosen methods, timed, and forward-pass
         // throughput at two batch shapes.
-        let full: Vec<&str> = a.full_sts.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
+        let full = method_list(&a.full_sts);
         let _ = writeln!(md, "### Speed, and full-size STS
 ");
         let _ = writeln!(
@@ -224,10 +250,10 @@ against the gold scores, per file, averaged per group (STS12/13/14, SICK trial).
         let mut full_rows = Vec::new();
         let _ = writeln!(md, "| run | texts | tokens | seconds | tokens/s |\n|---|---|---|---|---|");
         for m in &full {
-            let o = opts(m);
+            let o = study_opts(m, &id_layers);
             let t0 = Instant::now();
             let tokens_before = crate::cli::TOKENS_EMBEDDED.load(std::sync::atomic::Ordering::Relaxed);
-            full_rows.push(sts_row(&e, &sets, &format!("{m} (all pairs)"), &o, 0)?);
+            full_rows.push(sts_row(&e, &sets, &format!("{} (all pairs)", study_label(m, &id_layers)), &o, 0)?);
             let secs = t0.elapsed().as_secs_f64();
             let tokens = crate::cli::TOKENS_EMBEDDED.load(std::sync::atomic::Ordering::Relaxed) - tokens_before;
             let texts: std::collections::HashSet<&str> =
@@ -244,7 +270,7 @@ against the gold scores, per file, averaged per group (STS12/13/14, SICK trial).
             table(&mut md, &full_rows);
         }
         if a.light {
-            std::fs::write(&a.out, &md).map_err(|e| EngineError::io(&a.out, e))?;
+            save(&a.out, &md)?;
             continue;
         }
 
@@ -262,6 +288,8 @@ against the gold scores, per file, averaged per group (STS12/13/14, SICK trial).
         }
         table(&mut md, &rows);
 
+        save(&a.out, &md)?;
+
         // Layer windows at the default bias.
         let _ = writeln!(md, "### Layer windows (kv, default bias {})\n", info.default_bias);
         let mut rows = Vec::new();
@@ -274,25 +302,43 @@ against the gold scores, per file, averaged per group (STS12/13/14, SICK trial).
         }
         table(&mut md, &rows);
 
+        save(&a.out, &md)?;
         if !a.sts_only {
             let scifact = a.data.join("scifact");
             let _ = writeln!(md, "### SciFact (train queries), nDCG@10\n");
-            if a.scifact_docs > 0 {
-                let _ = writeln!(md, "Corpus reduced to every judged document plus unjudged ones up to {} documents.\n", a.scifact_docs);
-            }
-            let _ = writeln!(md, "| method | nDCG@10 | alignment | uniformity |\n|---|---|---|---|");
-            for m in ["kv", "kv-no-reroute", "kv-paper", "mean", "prompteol", "echo"] {
-                let mut o = opts(m);
+            let mut scifact_rows = Vec::new();
+            for m in method_list(&a.scifact_methods) {
+                let mut o = study_opts(m, &id_layers);
                 o.max_tokens = Some(512);
-                if m == "kv-paper" {
-                    o.layers = Some(id_layers.clone());
-                }
                 let t0 = Instant::now();
-                let r = eval_beir(&e, &scifact, "train", &o, a.scifact_docs)?;
-                eprintln!("  scifact {m}: {:.2} ({:.0}s)", r.ndcg10, t0.elapsed().as_secs_f64());
-                let _ = writeln!(md, "| {m} | {:.2} | {:.3} | {:.3} |", r.ndcg10, r.alignment, r.uniformity);
+                let r = eval_beir(&e, &scifact, "train", &o, a.scifact_docs, a.scifact_queries)?;
+                let secs = t0.elapsed().as_secs_f64();
+                eprintln!("  scifact {m}: {:.2} ({secs:.0}s)", r.ndcg10);
+                scifact_rows.push((study_label(m, &id_layers), r, secs));
+            }
+            if let Some((_, r, _)) = scifact_rows.first() {
+                let _ = writeln!(
+                    md,
+                    "{} queries against {} documents ({}); documents cut at 512 tokens. Alignment: mean squared distance \
+of (query, relevant document) pairs, lower is better; uniformity: log of the mean Gaussian potential over documents, \
+lower is better.\n",
+                    r.queries,
+                    r.docs,
+                    if a.scifact_docs > 0 || a.scifact_queries > 0 {
+                        "every document judged for these queries plus the first unjudged ones as distractors"
+                    } else {
+                        "the full corpus"
+                    }
+                );
+            }
+            let _ = writeln!(md, "| method | nDCG@10 | alignment | uniformity | seconds |\n|---|---|---|---|---|");
+            let best = scifact_rows.iter().map(|r| r.1.ndcg10).fold(f64::NEG_INFINITY, f64::max);
+            for (label, r, secs) in &scifact_rows {
+                let ndcg = if r.ndcg10 == best { format!("**{:.2}**", r.ndcg10) } else { format!("{:.2}", r.ndcg10) };
+                let _ = writeln!(md, "| {label} | {ndcg} | {:.3} | {:.3} | {secs:.0} |", r.alignment, r.uniformity);
             }
             md.push('\n');
+            save(&a.out, &md)?;
 
             // Long context.
             let beir = eval::load_beir(&scifact, "train").map_err(|e| EngineError::io(&scifact, e))?;
@@ -300,20 +346,21 @@ against the gold scores, per file, averaged per group (STS12/13/14, SICK trial).
             let _ = writeln!(
                 md,
                 "### Long context\n\nDocuments of SciFact abstracts padded to the given length with one STS sentence hidden at a random depth; \
-the query is its paraphrase (gold ≥ 4). 20 documents per length.\n\n| tokens | kv nDCG@10 | kv top-1 | kv-no-reroute nDCG@10 | mean nDCG@10 |\n|---|---|---|---|---|"
+the query is its paraphrase (gold ≥ 4). {} documents per length.\n\n| tokens | kv nDCG@10 | kv top-1 | kv-no-reroute nDCG@10 | mean nDCG@10 |\n|---|---|---|---|---|",
+                a.long_docs
             );
             for len in [512usize, 1024, 2048, 4096] {
-                let (kv, kv1) = long_context(&e, &sets, &filler, len, 20, &opts("kv"))?;
-                let (nr, _) = long_context(&e, &sets, &filler, len, 20, &opts("kv-no-reroute"))?;
-                let (mean, _) = long_context(&e, &sets, &filler, len, 20, &opts("mean"))?;
+                let (kv, kv1) = long_context(&e, &sets, &filler, len, a.long_docs, &opts("kv"))?;
+                let (nr, _) = long_context(&e, &sets, &filler, len, a.long_docs, &opts("kv-no-reroute"))?;
+                let (mean, _) = long_context(&e, &sets, &filler, len, a.long_docs, &opts("mean"))?;
                 eprintln!("  long {len}: kv {kv:.1}");
                 let _ = writeln!(md, "| {len} | {kv:.1} | {kv1:.0}% | {nr:.1} | {mean:.1} |");
             }
             md.push('\n');
         }
-        std::fs::write(&a.out, &md).map_err(|e| EngineError::io(&a.out, e))?;
+        save(&a.out, &md)?;
     }
-    std::fs::write(&a.out, md).map_err(|e| EngineError::io(&a.out, e))?;
+    save(&a.out, &md)?;
     eprintln!("wrote {}", a.out.display());
     Ok(())
 }
