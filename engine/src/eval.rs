@@ -439,6 +439,18 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
+/// Expected nDCG@k of a random ranking of `n_docs` documents of which one
+/// is relevant (binary gain): the mean over its possible ranks r = 1..n of
+/// `1 / log2(r + 1)` for r <= k, 0 beyond. The chance level of a
+/// one-relevant-document retrieval check. 0 for no documents.
+pub fn chance_ndcg_at_k(n_docs: usize, k: usize) -> f64 {
+    if n_docs == 0 {
+        return 0.0;
+    }
+    let hits: f64 = (1..=n_docs.min(k)).map(|r| 1.0 / ((r + 1) as f64).log2()).sum();
+    hits / n_docs as f64
+}
+
 /// nDCG@k with graded gains, as pytrec_eval's `ndcg_cut_k` (used by BEIR and
 /// MTEB): `DCG = Σ rel_i / log2(i + 2)` over the first `k` ranked documents,
 /// divided by the DCG of the relevance values sorted in decreasing order.
@@ -793,6 +805,25 @@ mod tests {
         assert!(close(got, 1.0 / 3f64.log2()), "{got}");
         let got = retrieval_ndcg(&[vec![1.0, 0.0]], &ids(&["q"]), &docs, &doc_ids, &qrels, 1);
         assert_eq!(got, 0.0);
+    }
+
+    #[test]
+    fn chance_ndcg_matches_the_mean_over_every_ranking() {
+        // One document: always first.
+        assert!(close(chance_ndcg_at_k(1, 10), 1.0));
+        assert_eq!(chance_ndcg_at_k(0, 10), 0.0);
+        // Brute force: put the relevant document at every rank and average
+        // ndcg_at_k of the resulting rankings.
+        for (n, k) in [(2usize, 10usize), (12, 10), (30, 10), (5, 3)] {
+            let rel: HashMap<String, f64> = [("r".to_string(), 1.0)].into_iter().collect();
+            let mut total = 0.0;
+            for pos in 0..n {
+                let mut ranked: Vec<String> = (0..n - 1).map(|i| format!("d{i}")).collect();
+                ranked.insert(pos, "r".into());
+                total += ndcg_at_k(&ranked, &rel, k);
+            }
+            assert!(close(chance_ndcg_at_k(n, k), total / n as f64), "n={n} k={k}");
+        }
     }
 
     #[test]
