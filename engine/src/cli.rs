@@ -204,13 +204,23 @@ pub fn eval_beir(
     })
 }
 
+/// How much of the evaluation data `kvembed eval` uses (0 = all).
+pub struct EvalLimits {
+    /// Pairs per STS file.
+    pub sts_pairs: usize,
+    /// BEIR queries (the first N).
+    pub beir_queries: usize,
+    /// BEIR documents (judged ones first, then distractors).
+    pub beir_docs: usize,
+}
+
 pub fn eval(
     model: &ModelArgs,
     method: &MethodArgs,
     sts: Option<&Path>,
     beir: Option<&Path>,
     split: &str,
-    limit: usize,
+    limits: EvalLimits,
     json: bool,
 ) -> Result<()> {
     if sts.is_none() && beir.is_none() {
@@ -222,7 +232,7 @@ pub fn eval(
     if let Some(root) = sts {
         let sets = eval::load_sts_root(root).map_err(io_err(root))?;
         let t0 = Instant::now();
-        let rows = eval_sts(&e, &sets, &opts, limit)?;
+        let rows = eval_sts(&e, &sets, &opts, limits.sts_pairs)?;
         let groups = group_means(&rows);
         if json {
             report.insert("sts_files".into(), serde_json::json!(rows));
@@ -239,7 +249,7 @@ pub fn eval(
         }
     }
     if let Some(root) = beir {
-        let r = eval_beir(&e, root, split, &opts, 0, 0)?;
+        let r = eval_beir(&e, root, split, &opts, limits.beir_docs, limits.beir_queries)?;
         if json {
             report.insert(
                 "retrieval".into(),

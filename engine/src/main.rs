@@ -147,6 +147,13 @@ enum Cmd {
         /// Use at most this many pairs per STS file (0 = all).
         #[arg(long, default_value_t = 0)]
         limit: usize,
+        /// BEIR: keep the first N queries (0 = all); the corpus then holds
+        /// their judged documents plus distractors up to --beir-docs.
+        #[arg(long, default_value_t = 0)]
+        beir_queries: usize,
+        /// BEIR: documents kept (every judged one, then distractors; 0 = all).
+        #[arg(long, default_value_t = 0)]
+        beir_docs: usize,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -220,9 +227,15 @@ fn main() -> ExitCode {
             };
             cli::select_layers(&model, &file, sample, &opts)
         }
-        Cmd::Eval { model, method, sts, beir, split, limit, json } => {
-            cli::eval(&model, &method, sts.as_deref(), beir.as_deref(), &split, limit, json)
-        }
+        Cmd::Eval { model, method, sts, beir, split, limit, beir_queries, beir_docs, json } => cli::eval(
+            &model,
+            &method,
+            sts.as_deref(),
+            beir.as_deref(),
+            &split,
+            cli::EvalLimits { sts_pairs: limit, beir_queries, beir_docs },
+            json,
+        ),
         Cmd::Bench { model, method, batch, tokens, repeat, json, dump_tokens, file, vs } => match file {
             Some(f) => cli::bench_texts(&model, &method, &f, repeat, json),
             None => cli::bench(&model, &method, batch, tokens, repeat, json, dump_tokens.as_deref(), vs.as_deref()),
