@@ -8,6 +8,8 @@
 #   1. engine and protocol tests: unit, golden-value and real-model tests
 #      (cargo test --release -p kvembed-proto -p kvembed-engine; the models
 #      come from $KVEMBED_MODELS);
+#      then check that docs/QUALITY.md carries docs/quality-notes.md
+#      (scripts/quality_notes.py --check);
 #   2. build and install the inference server and the extension
 #      (scripts/install-ext.sh);
 #   3. (re)start the local cluster so that the new library is loaded
@@ -62,6 +64,9 @@ bash scripts/fetch-models.sh ${KVEMBED_TEST_MODELS:-smollm2 qwen05 gemma3}
 
 phase "engine + proto tests (cargo test --release -p kvembed-proto -p kvembed-engine)"
 cargo test --release -p kvembed-proto -p kvembed-engine -- "$@"
+
+phase "docs: the findings in docs/QUALITY.md are docs/quality-notes.md (scripts/quality_notes.py --check)"
+"${KVEMBED_PYTHON:-python3}" scripts/quality_notes.py --check
 
 phase "install the inference server and the extension (scripts/install-ext.sh)"
 bash scripts/install-ext.sh

@@ -163,10 +163,12 @@ impl Method {
         };
         // The product default, from the study in docs/QUALITY.md: on small
         // backbones the PromptEOL prompt with last-token pooling is far
-        // stronger than the compression prompt, and re-routing pays (or at
-        // least does no harm) at mid depth with a small bias.
+        // stronger than the compression prompt, and re-routing pays on it at
+        // two thirds of the depth with b = 1 (layers 20-22 of SmolLM2's 30:
+        // ahead of PromptEOL on every STS group at full size), while earlier
+        // windows (40 % depth and below) cost a little.
         let kv_reroute = Some(RerouteConfig {
-            layers: LayerChoice::Relative { start: 0.4, width: 3 },
+            layers: LayerChoice::Relative { start: 0.67, width: 3 },
             bias: 1.0,
             prefix: PrefixPosition::Last,
         });
@@ -264,6 +266,12 @@ mod tests {
         assert_eq!(w.resolve(4), vec![1, 2, 3]);
         assert_eq!(LayerChoice::Relative { start: 0.2, width: 3 }.resolve(30), vec![6, 7, 8]);
         assert_eq!(LayerChoice::Relative { start: 0.4, width: 3 }.resolve(30), vec![12, 13, 14]);
+        // The default `kv` window on the three test backbones' depths
+        // (SmolLM2 30 layers, Qwen2.5-0.5B 24, Gemma-3-270M 18).
+        let kv = Method::from_name("kv").unwrap().reroute.unwrap().layers;
+        assert_eq!(kv.resolve(30), vec![20, 21, 22]);
+        assert_eq!(kv.resolve(24), vec![16, 17, 18]);
+        assert_eq!(kv.resolve(18), vec![12, 13, 14]);
     }
 
     #[test]
