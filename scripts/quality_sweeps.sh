@@ -6,8 +6,9 @@
 #
 # (--report-only: rebuild the page from what .cache/sweep holds, run nothing.)
 # Results are kept in .cache/sweep/NAME, so a second run only rebuilds the
-# page. From nothing, the three lists take about two hours on 2 cores (a
-# full-size line about 13 minutes, a SmolLM2 line about 4, a Qwen line 7).
+# page. From nothing, the four lists take about two hours on 2 cores (a
+# full-size line about 13 minutes, a SmolLM2 line about 4, a Qwen line 7,
+# a Gemma line 3).
 # Then splices docs/quality-notes.md into docs/QUALITY.md
 # (scripts/quality_notes.py), so the findings there match the notes.
 set -euo pipefail
@@ -33,7 +34,8 @@ trap 'rm -f "$tmp"' EXIT
   for spec in \
       "smollm2 SmolLM2-135M-Instruct.Q4_1.gguf 150" \
       "smollm2-full SmolLM2-135M-Instruct.Q4_1.gguf 0" \
-      "qwen05 qwen2.5-coder-0.5b-instruct-q4_k_m.gguf 100"; do
+      "qwen05 qwen2.5-coder-0.5b-instruct-q4_k_m.gguf 100" \
+      "gemma3 gemma-3-270m-q4_k_m.gguf 100"; do
     read -r name file limit <<< "$spec"
     echo
     echo "## $name"
