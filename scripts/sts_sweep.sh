@@ -59,7 +59,6 @@ while IFS='|' read -r name args || [ -n "$name" ]; do
   fi
   mv "$out/$name.json.part" "$out/$name.json"
   printf '%s\n' "$args" > "$out/$name.args"
-  echo "$name" $((SECONDS - t0)) >> "$out/seconds.txt"
   echo "sts_sweep: $name done in $((SECONDS - t0)) s" >&2
 done
 
