@@ -96,18 +96,16 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec<f32> {
                 Some(w) => (i + 1).saturating_sub(w),
                 None => 0,
             };
-            for (j, x) in row[off..].iter_mut().enumerate() {
-                if j > i || j < lo {
-                    *x = f32::NEG_INFINITY;
-                }
+            // Keys after the query get probability 0 outright; keys before
+            // the window's start go through the softmax as -inf.
+            let visible = (off + i + 1).min(cols);
+            row[visible..].fill(0.0);
+            let row = &mut row[..visible];
+            for x in &mut row[off..off + lo] {
+                *x = f32::NEG_INFINITY;
             }
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for x in row.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / crate::fastmath::exp_shifted_sum(row, max);
             row.iter_mut().for_each(|x| *x *= inv);
         }
         // SAFETY: rows start..end of head h of sequence b are written by this

@@ -374,7 +374,8 @@ pub fn bench(
     let med = times[times.len() / 2];
     if json {
         let mut doc = serde_json::json!({"method": m.name, "batch": batch, "tokens": tokens, "seconds": times,
-            "tokens_per_s_median": total / med, "texts_per_s_median": batch as f64 / med});
+            "tokens_per_s_median": total / med, "texts_per_s_median": batch as f64 / med,
+            "matmul": e.decoder.matmul_kernel()});
         if let Some((m2, _)) = &other {
             let med2 = times2[times2.len() / 2];
             doc["vs_method"] = serde_json::json!(m2.name);
@@ -429,7 +430,7 @@ pub fn bench_texts(model: &ModelArgs, method: &MethodArgs, file: &Path, repeat: 
     if json {
         println!(
             "{}",
-            serde_json::json!({"method": opts.method.as_deref().unwrap_or("kv"), "texts": texts.len(), "tokens": tokens,
+            serde_json::json!({"method": opts.method.as_deref().unwrap_or("kv"), "matmul": e.decoder.matmul_kernel(), "texts": texts.len(), "tokens": tokens,
                 "seconds": times, "texts_per_s_median": n / med, "tokens_per_s_median": tokens as f64 / med})
         );
     } else {

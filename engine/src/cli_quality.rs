@@ -195,7 +195,7 @@ against the gold scores, per file, averaged per group (STS12/13/14, SICK trial).
     let limit = a.sweep_limit;
     for model in &a.models {
         eprintln!("== {model}");
-        let e = Embedder::load(&LoadSpec { model: model.clone(), device: "cpu".into(), threads: a.threads })?;
+        let e = Embedder::load(&LoadSpec { model: model.clone(), device: "cpu".into(), threads: a.threads, weights: None })?;
         let info = e.info();
         let n = info.layers;
         let name = Path::new(model).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or(model.clone());

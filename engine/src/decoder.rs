@@ -32,6 +32,7 @@ use crate::error::{EngineError, Result};
 use crate::loader::{Embedding, TensorStore, WeightFormat};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
+use rayon::prelude::*;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
@@ -148,6 +149,8 @@ fn qmatmul_in(q: QMatMul, dtype: DType) -> Result<QMatMul> {
 enum Weight {
     Dense(Tensor),
     Quantized(QMatMul),
+    /// bf16 tiles for the AMX kernel (f32 in, f32 out).
+    Amx(crate::amx::PackedBf16),
 }
 
 impl Weight {
@@ -157,6 +160,16 @@ impl Weight {
             QMatMul::Tensor(w) => Weight::Dense(w.to_dtype(dtype)?.t()?.contiguous()?),
             other => Weight::Quantized(other),
         })
+    }
+
+    /// An `[out, in]` weight packed for the AMX kernel.
+    fn amx(m: QMatMul) -> Result<Weight> {
+        let QMatMul::Tensor(w) = m else {
+            return Err(EngineError::invalid("weights", "AMX packing needs a dense weight"));
+        };
+        let (n, k) = w.dims2()?;
+        let data = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Weight::Amx(crate::amx::PackedBf16::pack(&data, n, k)))
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -171,6 +184,22 @@ impl Weight {
                 Ok(y.reshape(out)?)
             }
             Weight::Quantized(q) => qmatmul(q, x),
+            Weight::Amx(p) => {
+                let dims = x.dims().to_vec();
+                let (&k, lead) = dims.split_last().expect("activations have a feature dimension");
+                let rows = lead.iter().product::<usize>();
+                let x = x.contiguous()?;
+                let (storage, layout) = x.storage_and_layout();
+                let candle_core::Storage::Cpu(cpu) = &*storage else {
+                    return Err(EngineError::invalid("weights", "AMX matmul runs on the CPU only"));
+                };
+                let start = layout.start_offset();
+                let data = &cpu.as_slice::<f32>()?[start..start + rows * k];
+                let y = p.matmul(data, rows);
+                let mut out = lead.to_vec();
+                out.push(p.n());
+                Ok(Tensor::from_vec(y, out, x.device())?)
+            }
         }
     }
 }
@@ -218,6 +247,8 @@ pub struct Decoder {
     device: Device,
     /// Compute dtype of weights and activations (see the module docs).
     dtype: DType,
+    /// Whether the layers' matmuls run on AMX bf16 tiles.
+    pub amx: bool,
     /// The fused CPU attention kernel (true on CPU, used only in f32);
     /// tensor ops otherwise.
     pub cpu_attention_kernel: bool,
@@ -311,7 +342,15 @@ impl Decoder {
                 reason: format!("embedding has {} rows, config says vocab {}", embed.rows(), cfg.vocab_size),
             });
         }
-        let weight = |n: &str| Weight::new(store.matmul(n, dev, format)?, dtype);
+        let amx = format == WeightFormat::Amx && dev.is_cpu() && dtype == DType::F32 && crate::amx::available();
+        let weight = |n: &str| {
+            let m = store.matmul(n, dev, format)?;
+            if amx {
+                Weight::amx(m)
+            } else {
+                Weight::new(m, dtype)
+            }
+        };
         let opt_norm = |n: &str| -> Result<Option<Norm>> {
             if store.has(n) {
                 Ok(Some(Norm::load(store, n, &cfg, dev)?))
@@ -376,6 +415,7 @@ impl Decoder {
             lm_head,
             device: dev.clone(),
             dtype,
+            amx,
             cpu_attention_kernel: dev.is_cpu(),
         })
     }
@@ -387,6 +427,16 @@ impl Decoder {
     /// The compute dtype of weights and activations.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// How the layers' matrix products run: `amx-bf16` (bf16 tiles, f32
+    /// activations around them), else the compute dtype (`f32`, `bf16`, ...).
+    pub fn matmul_kernel(&self) -> String {
+        if self.amx {
+            "amx-bf16".into()
+        } else {
+            self.dtype.as_str().into()
+        }
     }
 
     /// Run a right-padded batch. `seqs[b]` are the token ids of sequence `b`.
@@ -534,11 +584,13 @@ impl Decoder {
 
         let h = l.ffn_norm.forward_as(&x, dt)?.reshape((b * t, d))?;
         let gate = l.gate.forward(&h)?;
-        let gate = match cfg.activation {
-            Activation::Silu => candle_nn::ops::silu(&gate)?,
-            Activation::GeluTanh => gate.gelu()?,
+        let up = l.up.forward(&h)?;
+        let act = match cfg.activation {
+            Activation::Silu if gate.device().is_cpu() && gate.dtype() == DType::F32 => silu_mul_cpu(&gate, &up)?,
+            Activation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
+            Activation::GeluTanh => (gate.gelu()? * up)?,
         };
-        let m = l.down.forward(&(gate * l.up.forward(&h)?)?)?;
+        let m = l.down.forward(&act)?;
         let m = match &l.post_ffn_norm {
             Some(n) => n.forward_as(&m, DType::F32)?,
             None => m.to_dtype(DType::F32)?,
@@ -592,6 +644,28 @@ impl Decoder {
 }
 
 /// `[B, H, T, hd]` → `[B, H, 1, hd]` taking position `pos[b]` of sequence `b`.
+/// `silu(gate) * up` on the CPU in f32, in one pass with the vectorised exp.
+fn silu_mul_cpu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let (gate, up) = (gate.contiguous()?, up.contiguous()?);
+    let n = gate.elem_count();
+    let mut out = vec![0f32; n];
+    {
+        let (gs, gl) = gate.storage_and_layout();
+        let (us, ul) = up.storage_and_layout();
+        let (candle_core::Storage::Cpu(g), candle_core::Storage::Cpu(u)) = (&*gs, &*us) else {
+            return Err(EngineError::invalid("device", "silu_mul_cpu needs CPU tensors"));
+        };
+        let g = &g.as_slice::<f32>()?[gl.start_offset()..gl.start_offset() + n];
+        let u = &u.as_slice::<f32>()?[ul.start_offset()..ul.start_offset() + n];
+        const CHUNK: usize = 1 << 14;
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| {
+            let r = i * CHUNK..i * CHUNK + o.len();
+            crate::fastmath::silu_mul(&g[r.clone()], &u[r], o);
+        });
+    }
+    Ok(Tensor::from_vec(out, gate.shape(), gate.device())?)
+}
+
 fn gather_positions(x: &Tensor, pos: &[usize]) -> Result<Tensor> {
     let rows: Vec<Tensor> =
         pos.iter().enumerate().map(|(b, &p)| x.narrow(0, b, 1)?.narrow(2, p, 1)).collect::<candle_core::Result<_>>()?;

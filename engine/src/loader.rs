@@ -112,16 +112,23 @@ pub enum WeightFormat {
     /// Keep GGUF quantized blocks (least memory).
     Quantized,
     /// Dequantize to dense tensors (f32, then cast once to the decoder's
-    /// compute dtype): fastest batched prompt processing.
+    /// compute dtype).
     F32,
+    /// Dequantize, then pack as bf16 tiles for the AMX matmul kernel
+    /// ([`crate::amx`]): the default. The decoder falls back to `F32` where
+    /// the CPU has no AMX-BF16, off the CPU, or when the compute dtype is not
+    /// f32.
+    Amx,
 }
 
 impl WeightFormat {
-    /// `KVEMBED_WEIGHTS=quantized|f32` overrides the default (f32).
+    /// `KVEMBED_WEIGHTS=quantized|f32|amx` overrides the default (`amx`,
+    /// which is f32 where the CPU has no AMX).
     pub fn from_env() -> WeightFormat {
         match std::env::var("KVEMBED_WEIGHTS").ok().as_deref() {
             Some("quantized") | Some("q") => WeightFormat::Quantized,
-            _ => WeightFormat::F32,
+            Some("f32") => WeightFormat::F32,
+            _ => WeightFormat::Amx,
         }
     }
 }
@@ -284,7 +291,7 @@ impl TensorStore {
         match self {
             TensorStore::Gguf { .. } => {
                 Ok(match format {
-                    WeightFormat::F32 => QMatMul::Tensor(self.dequantized(name, dev)?),
+                    WeightFormat::F32 | WeightFormat::Amx => QMatMul::Tensor(self.dequantized(name, dev)?),
                     WeightFormat::Quantized => QMatMul::from_arc(Arc::new(self.qtensor(name, dev)?))?,
                 })
             }

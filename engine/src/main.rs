@@ -38,7 +38,7 @@ pub struct ModelArgs {
 impl ModelArgs {
     pub fn load(&self) -> Result<Embedder, kvembed_engine::EngineError> {
         let dtype = kvembed_engine::decoder::parse_dtype(&self.dtype)?;
-        let spec = LoadSpec { model: self.model.clone(), device: self.device.clone(), threads: self.threads };
+        let spec = LoadSpec { model: self.model.clone(), device: self.device.clone(), threads: self.threads, weights: None };
         let mut e = Embedder::load_with_dtype(&spec, dtype)?;
         e.batch_tokens = self.batch_tokens.max(1);
         Ok(e)

@@ -212,7 +212,7 @@ fn load_model(shared: &Shared) {
         ))
     } else {
         let spec =
-            LoadSpec { model: opts.model.clone(), device: opts.device.clone(), threads: opts.threads };
+            LoadSpec { model: opts.model.clone(), device: opts.device.clone(), threads: opts.threads, weights: None };
         match std::panic::catch_unwind(|| Embedder::load(&spec)) {
             Ok(Ok(mut embedder)) => {
                 // One budget for both: the queue packs requests up to it and
@@ -231,13 +231,14 @@ fn load_model(shared: &Shared) {
         Ok(embedder) => {
             let info = embedder.info();
             log(&format!(
-                "model ready in {:.1}s: {} ({}, {} layers, dim {}, device {})",
+                "model ready in {:.1}s: {} ({}, {} layers, dim {}, device {}, matmuls {})",
                 started.elapsed().as_secs_f64(),
                 info.model,
                 info.architecture,
                 info.layers,
                 info.dim,
-                info.device
+                info.device,
+                embedder.decoder.matmul_kernel()
             ));
             ModelState::Ready(Arc::new(embedder), info)
         }

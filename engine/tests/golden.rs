@@ -2,6 +2,7 @@
 //! models of every supported family (goldens made by scripts/make_goldens.py),
 //! with and without KV re-routing.
 
+use kvembed_engine::loader::WeightFormat;
 use kvembed_engine::{Embedder, LoadSpec};
 use std::path::PathBuf;
 
@@ -31,7 +32,11 @@ fn check_with(arch: &str, kernel: bool) {
     let dir = golden_dir(arch);
     let golden: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-    let mut e = Embedder::load(&LoadSpec::new(dir.to_str().unwrap())).unwrap();
+    // f32 matmuls: the goldens are f32 (AMX's bf16 products are checked
+    // against them below, with a tolerance for bf16).
+    let spec = LoadSpec { weights: Some(WeightFormat::F32), ..LoadSpec::new(dir.to_str().unwrap()) };
+    let mut e = Embedder::load(&spec).unwrap();
+    assert!(!e.decoder.amx);
     e.decoder.cpu_attention_kernel = kernel;
     for case in golden["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
@@ -60,6 +65,44 @@ fn check_with(arch: &str, kernel: bool) {
     if plain["input_ids"] == rr["input_ids"] {
         let diff: f64 = a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
         assert!(diff > 1e-3, "{arch}: re-routing golden equals the plain one");
+    }
+}
+
+/// With the AMX bf16 matmuls (the default where the CPU has them), every
+/// token's final state stays within bf16 rounding of the f32 reference:
+/// cosine >= 0.999 on every golden case of every family.
+#[test]
+fn amx_bf16_matmuls_stay_close_to_transformers() {
+    if !kvembed_engine::amx::available() {
+        eprintln!("no AMX-BF16 on this CPU: nothing to check");
+        return;
+    }
+    for arch in ["llama", "llama-sharded", "mistral", "qwen2", "qwen3", "gemma3"] {
+        let dir = golden_dir(arch);
+        let golden: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+        let spec = LoadSpec { weights: Some(WeightFormat::Amx), ..LoadSpec::new(dir.to_str().unwrap()) };
+        let e = Embedder::load(&spec).unwrap();
+        assert!(e.decoder.amx, "{arch}: AMX is available but the decoder did not use it");
+        for case in golden["cases"].as_array().unwrap() {
+            let ids: Vec<u32> =
+                case["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let expected: Vec<Vec<f64>> = serde_json::from_value(case["final_hidden"].clone()).unwrap();
+            let layers: Option<Vec<usize>> =
+                case.get("reroute_layers").map(|v| serde_json::from_value(v.clone()).unwrap());
+            let bias = case.get("bias").and_then(|b| b.as_f64()).unwrap_or(0.0) as f32;
+            let got = e.forward_hidden(&ids, layers.as_deref().map(|l| (l, bias))).unwrap();
+            assert_eq!(got.len(), expected.len());
+            for (i, (g, x)) in got.iter().zip(&expected).enumerate() {
+                let dot: f64 = g.iter().zip(x).map(|(a, b)| *a as f64 * b).sum();
+                let ng: f64 = g.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+                let nx: f64 = x.iter().map(|b| b * b).sum::<f64>().sqrt();
+                let cos = dot / (ng * nx);
+                assert!(cos >= 0.999, "{arch}/{} token {i}: cosine {cos} against transformers", case["name"]);
+            }
+            // bf16 really ran: not bit-identical to the f32 result.
+            assert!(max_abs_diff(&got, &expected) > 1e-7, "{arch}: AMX result equals f32 exactly");
+        }
     }
 }
 

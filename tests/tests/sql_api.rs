@@ -36,6 +36,7 @@ static ENGINE: Lazy<Embedder> = Lazy::new(|| {
         model: model_path().to_string_lossy().into_owned(),
         device: "cpu".into(),
         threads: 0,
+        weights: None,
     })
     .expect("the test model loads in-process")
 });

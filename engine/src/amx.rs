@@ -1,0 +1,473 @@
+//! bf16 matrix products on Intel AMX tiles (x86-64 Linux, CPUs with
+//! AMX-BF16, e.g. Sapphire Rapids and later).
+//!
+//! A weight `[out, in]` is packed once, at load, into bf16 tiles in the layout
+//! `TDPBF16PS` reads (pairs of consecutive inputs interleaved per output
+//! column). Each product converts the f32 activations to bf16 (round to
+//! nearest even), multiplies on the tiles with f32 accumulation and returns
+//! f32: only the two operands of each product are rounded, everything around
+//! them (residual stream, norms, attention, pooling) stays f32.
+//!
+//! The tile instructions are written as inline assembly (Rust's AMX
+//! intrinsics are not stable). The kernel computes a 32 x 32 block of the
+//! output with the four accumulator tiles 0-3, A tiles 4-5 and B tiles 6-7,
+//! stepping 32 inputs at a time. Rows are padded to a multiple of 32 and
+//! inputs and outputs to multiples of 32 with zeros, so the kernel needs no
+//! edge cases; a row's result never depends on the other rows of the batch.
+//!
+//! The kernel is used only after [`available`] has checked the CPU (CPUID)
+//! and obtained the kernel's permission for the tile data state
+//! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); otherwise the engine keeps its f32
+//! matmul.
+
+use once_cell::sync::Lazy;
+use rayon::prelude::*;
+
+/// Rows, columns and inputs of one kernel block.
+const BLOCK: usize = 32;
+/// Rows of the activations handled by one task (four kernel blocks).
+const ROWS_PER_TASK: usize = 128;
+/// Output column pairs (of 32) handled by one task.
+const COLS_PER_TASK: usize = 8 * BLOCK;
+
+/// Whether this CPU and kernel let the process use AMX-BF16 (checked once).
+pub fn available() -> bool {
+    static AVAILABLE: Lazy<bool> = Lazy::new(detect);
+    *AVAILABLE
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    use std::arch::x86_64::__cpuid_count;
+    // CPUID.(EAX=7, ECX=0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+    let leaf7 = __cpuid_count(7, 0);
+    let has_amx = leaf7.edx & (1 << 22) != 0 && leaf7.edx & (1 << 24) != 0;
+    if !has_amx || !std::arch::is_x86_feature_detected!("avx512bf16") {
+        return false;
+    }
+    // Linux hands out the 8 KiB tile data state only on request.
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
+    rc == 0
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+fn round_up(x: usize, to: usize) -> usize {
+    x.div_ceil(to) * to
+}
+
+/// A weight `[n, k]` (outputs x inputs) packed for the tile kernel.
+pub struct PackedBf16 {
+    n: usize,
+    k: usize,
+    n_pad: usize,
+    k_pad: usize,
+    /// `[n_pad / 32][k_pad / 32][2 tiles][16 input pairs][16 outputs][2]`.
+    data: Aligned<u16>,
+}
+
+impl PackedBf16 {
+    /// Packs a row-major `[n, k]` f32 weight (the layout of a linear layer's
+    /// `[out, in]` weight).
+    pub fn pack(w: &[f32], n: usize, k: usize) -> PackedBf16 {
+        assert_eq!(w.len(), n * k, "weight holds n x k values");
+        let n_pad = round_up(n.max(1), BLOCK);
+        let k_pad = round_up(k.max(1), BLOCK);
+        let kb = k_pad / BLOCK;
+        let mut data = Aligned::<u16>::zeroed(n_pad * k_pad);
+        // One output-column pair (32 columns) per task: disjoint slices.
+        data.par_chunks_mut(kb * 2 * 512)
+            .enumerate()
+            .for_each(|(np, chunk)| {
+                for blk in 0..kb {
+                    for t in 0..2 {
+                        let tile = &mut chunk[(blk * 2 + t) * 512..(blk * 2 + t + 1) * 512];
+                        for c in 0..16 {
+                            let col = np * BLOCK + t * 16 + c;
+                            if col >= n {
+                                continue;
+                            }
+                            let row = &w[col * k..(col + 1) * k];
+                            for r in 0..16 {
+                                for p in 0..2 {
+                                    let i = blk * BLOCK + 2 * r + p;
+                                    if i < k {
+                                        tile[r * 32 + c * 2 + p] = to_bf16(row[i]);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        PackedBf16 {
+            n,
+            k,
+            n_pad,
+            k_pad,
+            data,
+        }
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes held by the packed weight.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 2
+    }
+
+    /// `x [m, k]` (row-major) times this weight's transpose: `[m, n]`
+    /// row-major, f32. Panics when [`available`] is false.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        assert!(available(), "AMX-BF16 is not available on this CPU");
+        assert_eq!(x.len(), m * self.k, "activations hold m x k values");
+        let m_pad = round_up(m.max(1), BLOCK);
+        let a = to_bf16_tiles(x, m, self.k, m_pad, self.k_pad);
+        let mut c = vec![0f32; m_pad * self.n_pad];
+        let row_tasks = m_pad.div_ceil(ROWS_PER_TASK);
+        let col_tasks = self.n_pad.div_ceil(COLS_PER_TASK);
+        let out = SendPtr(c.as_mut_ptr());
+        (0..row_tasks * col_tasks).into_par_iter().for_each(|t| {
+            let (rt, ct) = (t / col_tasks, t % col_tasks);
+            let rows = rt * ROWS_PER_TASK..((rt + 1) * ROWS_PER_TASK).min(m_pad);
+            let cols = ct * COLS_PER_TASK..((ct + 1) * COLS_PER_TASK).min(self.n_pad);
+            // SAFETY: AMX is available (asserted above); every task writes
+            // its own rows x columns block of `c`, which holds m_pad x n_pad
+            // values; `a` holds m_pad x k_pad and the packed weight
+            // n_pad x k_pad values, so every tile load stays in bounds.
+            unsafe { self.block(&a, rows, cols, out) };
+        });
+        if m_pad != m || self.n_pad != self.n {
+            let mut y = Vec::with_capacity(m * self.n);
+            for row in c.chunks_exact(self.n_pad).take(m) {
+                y.extend_from_slice(&row[..self.n]);
+            }
+            y
+        } else {
+            c
+        }
+    }
+
+    /// Computes output rows `rows` x columns `cols` (multiples of 32).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn block(
+        &self,
+        a: &[u16],
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        c: SendPtr,
+    ) {
+        let cfg = TileConfig::all_16x64();
+        std::arch::asm!("ldtilecfg [{0}]", in(reg) &cfg as *const TileConfig, options(nostack, readonly));
+        let kb = self.k_pad / BLOCK;
+        let c_stride = self.n_pad * 4;
+        for np in (cols.start / BLOCK)..(cols.end / BLOCK) {
+            let b = self.data.as_ptr().add(np * kb * 2 * 512);
+            for m0 in rows.clone().step_by(BLOCK) {
+                // Rows m0..m0+16 and m0+16..m0+32: two tile rows of `a`.
+                let a0 = a.as_ptr().add(m0 * self.k_pad);
+                let c0 = c.0.add(m0 * self.n_pad + np * BLOCK);
+                kernel_32x32(a0, a0.add(16 * self.k_pad), b, kb, c0, c_stride);
+            }
+        }
+        std::arch::asm!("tilerelease", options(nostack, nomem));
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn block(
+        &self,
+        _: &[u16],
+        _: std::ops::Range<usize>,
+        _: std::ops::Range<usize>,
+        _: SendPtr,
+    ) {
+        unreachable!("AMX is x86-64 only")
+    }
+}
+
+/// A zeroed buffer aligned to 64 bytes, so that every tile row (64 bytes)
+/// is one cache line.
+pub struct Aligned<T: Copy> {
+    buf: Vec<Line>,
+    len: usize,
+    _t: std::marker::PhantomData<T>,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+impl<T: Copy> Aligned<T> {
+    /// `len` values of all-zero bits (0.0 for floats, 0 for integers).
+    fn zeroed(len: usize) -> Self {
+        let lines = (len * std::mem::size_of::<T>()).div_ceil(64);
+        Aligned {
+            buf: vec![Line([0; 64]); lines],
+            len,
+            _t: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T: Copy> std::ops::Deref for Aligned<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: the lines hold at least len * size_of::<T>() initialised
+        // bytes, aligned to 64 >= align_of::<T>() for the types used here.
+        unsafe { std::slice::from_raw_parts(self.buf.as_ptr() as *const T, self.len) }
+    }
+}
+
+impl<T: Copy> std::ops::DerefMut for Aligned<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as in `deref`, and the buffer is borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.buf.as_mut_ptr() as *mut T, self.len) }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: tasks write disjoint blocks through it (see `matmul`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// The 64-byte operand of `LDTILECFG` (palette 1).
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+impl TileConfig {
+    /// Tiles 0-7 all 16 rows x 64 bytes (16 f32 or 32 bf16 per row).
+    fn all_16x64() -> TileConfig {
+        let mut cfg = TileConfig {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [0; 16],
+            rows: [0; 16],
+        };
+        for t in 0..8 {
+            cfg.colsb[t] = 64;
+            cfg.rows[t] = 16;
+        }
+        cfg
+    }
+}
+
+/// `c[0..32][0..32] = a[0..32][0..32 kb] · b` for one output-column pair:
+/// tiles 0-3 accumulate the four 16 x 16 quarters, tiles 4-5 hold the
+/// upper and lower 16 rows of `a` (from the tile rows `a` and `a_low`, 1 KiB
+/// per step), tiles 6-7 the two 16-column halves of `b` (2 KiB per step).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn kernel_32x32(
+    a: *const u16,
+    a_low: *const u16,
+    b: *const u16,
+    kb: usize,
+    c: *mut f32,
+    c_stride: usize,
+) {
+    let c_low = (c as *mut u8).add(16 * c_stride) as *mut f32;
+    std::arch::asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        "2:",
+        "tileloadd tmm4, [{a} + {sb}*1]",
+        "tileloadd tmm5, [{a2} + {sb}*1]",
+        "tileloadd tmm6, [{b} + {sb}*1]",
+        "tileloadd tmm7, [{b} + {sb}*1 + 1024]",
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "tdpbf16ps tmm2, tmm5, tmm6",
+        "tdpbf16ps tmm3, tmm5, tmm7",
+        "add {a}, 1024",
+        "add {a2}, 1024",
+        "add {b}, 2048",
+        "dec {k}",
+        "jnz 2b",
+        "tilestored [{c} + {sc}*1], tmm0",
+        "tilestored [{c} + {sc}*1 + 64], tmm1",
+        "tilestored [{c2} + {sc}*1], tmm2",
+        "tilestored [{c2} + {sc}*1 + 64], tmm3",
+        a = inout(reg) a => _,
+        a2 = inout(reg) a_low => _,
+        b = inout(reg) b => _,
+        k = inout(reg) kb => _,
+        c = in(reg) c,
+        c2 = in(reg) c_low,
+        sb = in(reg) 64usize,
+        sc = in(reg) c_stride,
+        options(nostack),
+    );
+}
+
+/// f32 to bf16, round to nearest even (NaN stays NaN).
+pub fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// bf16 back to f32 (exact).
+pub fn from_bf16(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// `x [m, k]` to bf16 in tile order, the padding zero: `[m_pad / 16][k_pad / 32]`
+/// tiles of 16 rows x 32 values, each tile 1 KiB contiguous, so that every
+/// tile load reads consecutive cache lines.
+fn to_bf16_tiles(x: &[f32], m: usize, k: usize, m_pad: usize, k_pad: usize) -> Aligned<u16> {
+    let kb = k_pad / BLOCK;
+    let mut a = Aligned::<u16>::zeroed(m_pad * k_pad);
+    a.par_chunks_mut(16 * k_pad)
+        .enumerate()
+        .for_each(|(mb, dst)| {
+            let mut buf = vec![0u16; k_pad];
+            for r in 0..16 {
+                let i = mb * 16 + r;
+                if i >= m {
+                    break;
+                }
+                convert_row(&x[i * k..(i + 1) * k], &mut buf[..k]);
+                for blk in 0..kb {
+                    dst[blk * 512 + r * 32..blk * 512 + r * 32 + 32]
+                        .copy_from_slice(&buf[blk * 32..blk * 32 + 32]);
+                }
+            }
+        });
+    a
+}
+
+fn convert_row(src: &[f32], dst: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512bf16") {
+        // SAFETY: the feature was just detected.
+        unsafe { convert_row_avx512(src, dst) };
+        return;
+    }
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = to_bf16(s);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn convert_row_avx512(src: &[f32], dst: &mut [u16]) {
+    use std::arch::x86_64::*;
+    let n = src.len().min(dst.len());
+    let mut i = 0;
+    while i + 16 <= n {
+        let v = _mm512_loadu_ps(src.as_ptr().add(i));
+        let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+        _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, h);
+        i += 16;
+    }
+    for j in i..n {
+        dst[j] = to_bf16(src[j]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The reference: the same bf16-rounded operands, multiplied in f64.
+    fn reference(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        let r = |v: f32| from_bf16(to_bf16(v)) as f64;
+        let mut y = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let s: f64 = (0..k).map(|p| r(x[i * k + p]) * r(w[j * k + p])).sum();
+                y[i * n + j] = s as f32;
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn bf16_rounding_is_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 lies exactly between two bf16 values: ties go to even.
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        let src: Vec<f32> = pseudo(37, 3);
+        let mut fast = vec![0u16; 37];
+        convert_row(&src, &mut fast);
+        let slow: Vec<u16> = src.iter().map(|&v| to_bf16(v)).collect();
+        assert_eq!(fast, slow);
+    }
+
+    #[test]
+    fn tile_matmul_matches_the_rounded_reference() {
+        if !available() {
+            eprintln!("AMX-BF16 not available here: skipping the tile kernel test");
+            return;
+        }
+        // Shapes with padding in every dimension, one that needs none, and
+        // one with more rows and columns than a task holds.
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (5, 40, 70),
+            (32, 64, 96),
+            (200, 300, 130),
+            (64, 576, 576),
+        ] {
+            let x = pseudo(m * k, (m + n) as u32);
+            let w = pseudo(n * k, k as u32);
+            let packed = PackedBf16::pack(&w, n, k);
+            let y = packed.matmul(&x, m);
+            let want = reference(&x, &w, m, n, k);
+            assert_eq!(y.len(), m * n);
+            for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "m{m} n{n} k{k} [{i}]: {a} vs {b}"
+                );
+            }
+            // A row's result does not depend on the rest of the batch.
+            let one = packed.matmul(&x[(m - 1) * k..], 1);
+            assert_eq!(&one[..], &y[(m - 1) * n..]);
+        }
+    }
+}
