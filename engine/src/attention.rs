@@ -34,8 +34,16 @@ unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 /// `q`: `[B, H, T, hd]`; `k`, `v`: `[B, Hkv, T + prefix, hd]`, all contiguous.
-/// Returns `[B, T, H * hd]`, ready for the output projection.
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec<f32> {
+/// `lens[b]`: the real (unpadded) length of sequence `b` (missing: `T`).
+/// Returns `[B, T, H * hd]`, ready for the output projection; the rows of
+/// padding positions are zero.
+///
+/// Only real positions are computed, so every matrix product has the same
+/// shape whether a sequence runs alone or padded in a batch: a text's
+/// result does not depend on its batch-mates, bit for bit. (Products whose
+/// shapes depended on the padded length differed in the last bits, which
+/// bf16 rounding downstream can amplify to 1e-3.)
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, lens: &[usize]) -> Vec<f32> {
     let off = usize::from(s.prefix_bias.is_some());
     let (t, hd) = (s.seq, s.head_dim);
     let kv_t = t + off;
@@ -54,7 +62,11 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec<f32> {
         let b = task / blocks / s.n_heads;
         let kvh = h / n_rep;
         let start = blk * BLOCK;
-        let end = (start + BLOCK).min(t);
+        let real = lens.get(b).copied().unwrap_or(t).min(t);
+        if start >= real {
+            return;
+        }
+        let end = (start + BLOCK).min(real);
         let rows = end - start;
         // Keys past the block's last query are masked anyway: skip them.
         let cols = end + off;
@@ -216,10 +228,41 @@ mod tests {
             let q = data(2 * 4 * seq * 8, 7);
             let k = data(2 * 2 * (seq + off) * 8, 11);
             let v = data(2 * 2 * (seq + off) * 8, 13);
-            let got = attention(&q, &k, &v, s);
+            let got = attention(&q, &k, &v, s, &[]);
             let want = reference(&q, &k, &v, s);
             let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(d < 1e-4, "prefix {prefix:?} window {window:?} seq {seq}: {d}");
+        }
+    }
+
+    /// A padded sequence gets exactly (bit for bit) what it gets alone, and
+    /// its padding rows are zero.
+    #[test]
+    fn padded_sequences_equal_their_unpadded_runs() {
+        for (prefix, seq, real) in [(None, 9, 5), (Some(1.0), 600, 300), (Some(0.5), 600, 513)] {
+            let (h, kvh, hd) = (4, 2, 8);
+            let off = usize::from(prefix.is_some());
+            let s = AttnShape { batch: 2, seq, n_heads: h, n_kv_heads: kvh, head_dim: hd, scale: 0.3, window: None, prefix_bias: prefix };
+            let q = data(2 * h * seq * hd, 5);
+            let k = data(2 * kvh * (seq + off) * hd, 6);
+            let v = data(2 * kvh * (seq + off) * hd, 8);
+            let got = attention(&q, &k, &v, s, &[seq, real]);
+            // Sequence 1 alone, cut to its real length.
+            let cut = |x: &[f32], heads: usize, len: usize, full: usize| -> Vec<f32> {
+                (0..heads).flat_map(|hh| x[((heads + hh) * full) * hd..((heads + hh) * full + len) * hd].to_vec()).collect()
+            };
+            let s1 = AttnShape { batch: 1, seq: real, ..s };
+            let alone = attention(
+                &cut(&q, h, real, seq),
+                &cut(&k, kvh, real + off, seq + off),
+                &cut(&v, kvh, real + off, seq + off),
+                s1,
+                &[],
+            );
+            let row = h * hd;
+            let batched = &got[seq * row..2 * seq * row];
+            assert_eq!(&batched[..real * row], &alone[..], "prefix {prefix:?} seq {seq} real {real}");
+            assert!(batched[real * row..].iter().all(|&x| x == 0.0), "padding rows are not zero");
         }
     }
 }

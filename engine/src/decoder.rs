@@ -568,7 +568,8 @@ impl Decoder {
                 prefix_bias: bias,
             };
             let flat = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.contiguous()?.flatten_all()?.to_vec1::<f32>()?) };
-            let out = crate::attention::attention(&flat(&q)?, &flat(&k)?, &flat(&v)?, shape);
+            let lens: Vec<usize> = last.iter().map(|&i| i + 1).collect();
+            let out = crate::attention::attention(&flat(&q)?, &flat(&k)?, &flat(&v)?, shape, &lens);
             Tensor::from_vec(out, (b * t, nh * hd), &self.device)?
         } else {
             self.attention_tensors(q, k, v, t, offset, bias, l.window, cache)?
