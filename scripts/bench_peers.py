@@ -302,7 +302,7 @@ def engine_run(kvembed, model, method, b, n, threads, repeat, vs=None):
     r = json.loads(p.stdout.strip().splitlines()[-1])
     own = (ru1.children_user - ru0.children_user) + (ru1.children_system - ru0.children_system)
     wall = time.perf_counter() - t0
-    return {"seconds": r["seconds"], "vs_seconds": r.get("vs_seconds"), "wall": wall,
+    return {"seconds": r["seconds"], "vs_seconds": r.get("vs_seconds"), "wall": wall, "matmul": r.get("matmul"),
             "foreign_cpu": foreign_share(a0, machine_cpu_s(), own, wall)}
 
 
@@ -372,6 +372,8 @@ def run(args):
                         else:
                             slot["seconds"].extend(r["seconds"])
                             slot.setdefault("foreign_cpu", []).append(r.get("foreign_cpu"))
+                            if r.get("matmul"):
+                                slot["matmul"] = r["matmul"]
                             if r.get("emb0"):
                                 slot["emb0_head"] = r["emb0"][:4]
                                 slot["_emb0"] = r["emb0"]

@@ -244,7 +244,12 @@ def main():
     for k, v in machine(threads):
         w(f"| {k} | {v} |")
     ev = (R / "engine-version.txt").read_text().strip() if (R / "engine-version.txt").exists() else "?"
-    w(f"| engine | `{ev}`, release build, CPU |")
+    matmuls = sorted({sh.get("engine-noreroute", {}).get("matmul") for m in (peers or {}).get("models", {}).values()
+                      for sh in m.get("shapes", {}).values()} - {None})
+    mm = {"amx-bf16": "matrix products on the AMX tiles in bf16 (f32 accumulation, f32 everywhere else)",
+          "f32": "matrix products in f32"}
+    how = "; ".join(mm.get(x, x) for x in matmuls) or "matrix products: not recorded"
+    w(f"| engine | `{ev}`, release build, CPU, {how} |")
     if peers:
         for name, m in peers["models"].items():
             for rt, pi in m.get("peers", {}).items():
@@ -410,7 +415,8 @@ def main():
         w("Each timed run is one batched forward pass over all the texts of the shape; the same amount of work for all:")
         w("")
         w("- **kvembed**: `kvembed bench --method kv-no-reroute --threads T` times the decoder's forward pass (the")
-        w("  padded batch in one pass, `--batch-tokens` 8192). Matmul weights dequantised to f32 at load, the default.")
+        w("  padded batch in one pass, `--batch-tokens` 8192). Matmul weights dequantised at load, the default: to bf16")
+        w("  tiles for the AMX matrix units where the CPU has AMX-BF16, else to f32 (the machine table says which ran).")
         w("  `kvembed bench` runs no prompt and no pooling, unlike `kvembed embed`; the pooling is negligible next to the pass.")
         w("- **llama.cpp**: llama-cpp-python's low-level API, one context per shape with `embeddings = true`,")
         w("  mean pooling, one sequence per text in one `llama_decode` (`n_batch = n_ubatch =` all tokens),")
