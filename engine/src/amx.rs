@@ -20,6 +20,7 @@
 //! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); otherwise the engine keeps its f32
 //! matmul.
 
+use crate::attention::SendPtr;
 use once_cell::sync::Lazy;
 use rayon::prelude::*;
 
@@ -124,15 +125,6 @@ impl PackedBf16 {
         self.n
     }
 
-    pub fn k(&self) -> usize {
-        self.k
-    }
-
-    /// Bytes held by the packed weight.
-    pub fn bytes(&self) -> usize {
-        self.data.len() * 2
-    }
-
     /// `x [m, k]` (row-major) times this weight's transpose: `[m, n]`
     /// row-major, f32. Panics when [`available`] is false.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
@@ -154,51 +146,40 @@ impl PackedBf16 {
             // n_pad x k_pad values, so every tile load stays in bounds.
             unsafe { self.block(&a, rows, cols, out) };
         });
-        if m_pad != m || self.n_pad != self.n {
+        if self.n_pad == self.n {
+            // Padding rows come last: dropping them copies nothing.
+            c.truncate(m * self.n);
+            c
+        } else {
             let mut y = Vec::with_capacity(m * self.n);
             for row in c.chunks_exact(self.n_pad).take(m) {
                 y.extend_from_slice(&row[..self.n]);
             }
             y
-        } else {
-            c
         }
     }
 
     /// Computes output rows `rows` x columns `cols` (multiples of 32).
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn block(
-        &self,
-        a: &[u16],
-        rows: std::ops::Range<usize>,
-        cols: std::ops::Range<usize>,
-        c: SendPtr,
-    ) {
-        let cfg = TileConfig::all_16x64();
-        std::arch::asm!("ldtilecfg [{0}]", in(reg) &cfg as *const TileConfig, options(nostack, readonly));
-        let kb = self.k_pad / BLOCK;
-        let c_stride = self.n_pad * 4;
-        for np in (cols.start / BLOCK)..(cols.end / BLOCK) {
-            let b = self.data.as_ptr().add(np * kb * 2 * 512);
-            for m0 in rows.clone().step_by(BLOCK) {
-                // Rows m0..m0+16 and m0+16..m0+32: two tile rows of `a`.
-                let a0 = a.as_ptr().add(m0 * self.k_pad);
-                let c0 = c.0.add(m0 * self.n_pad + np * BLOCK);
-                kernel_32x32(a0, a0.add(16 * self.k_pad), b, kb, c0, c_stride);
+    unsafe fn block(&self, a: &[u16], rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, c: SendPtr) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let cfg = TileConfig::all_16x64();
+            std::arch::asm!("ldtilecfg [{0}]", in(reg) &cfg as *const TileConfig, options(nostack, readonly));
+            let kb = self.k_pad / BLOCK;
+            let c_stride = self.n_pad * 4;
+            for np in (cols.start / BLOCK)..(cols.end / BLOCK) {
+                let b = self.data.as_ptr().add(np * kb * 2 * 512);
+                for m0 in rows.clone().step_by(BLOCK) {
+                    // Rows m0..m0+16 and m0+16..m0+32: two tile rows of `a`.
+                    let a0 = a.as_ptr().add(m0 * self.k_pad);
+                    let c0 = c.0.add(m0 * self.n_pad + np * BLOCK);
+                    kernel_32x32(a0, a0.add(16 * self.k_pad), b, kb, c0, c_stride);
+                }
             }
+            std::arch::asm!("tilerelease", options(nostack, nomem));
         }
-        std::arch::asm!("tilerelease", options(nostack, nomem));
-    }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn block(
-        &self,
-        _: &[u16],
-        _: std::ops::Range<usize>,
-        _: std::ops::Range<usize>,
-        _: SendPtr,
-    ) {
-        unreachable!("AMX is x86-64 only")
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("AMX is x86-64 only: {a:p} {rows:?} {cols:?} {:p}", c.0)
     }
 }
 
@@ -242,11 +223,6 @@ impl<T: Copy> std::ops::DerefMut for Aligned<T> {
     }
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint blocks through it (see `matmul`).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 /// The 64-byte operand of `LDTILECFG` (palette 1).
 #[repr(C, align(64))]

@@ -26,10 +26,12 @@ pub struct AttnShape {
 
 const BLOCK: usize = 256;
 
+/// An output pointer shared by rayon tasks that each write a disjoint part
+/// of the output (here and in the AMX matmul); it is only used while the
+/// output is borrowed by the parallel loop.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: every task writes a disjoint set of output rows (its own sequence,
-// head and query block); the pointer is only used inside the scope below.
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: see above: writers never overlap, and no task outlives the loop.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 

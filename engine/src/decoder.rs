@@ -185,18 +185,10 @@ impl Weight {
             }
             Weight::Quantized(q) => qmatmul(q, x),
             Weight::Amx(p) => {
-                let dims = x.dims().to_vec();
-                let (&k, lead) = dims.split_last().expect("activations have a feature dimension");
-                let rows = lead.iter().product::<usize>();
-                let x = x.contiguous()?;
-                let (storage, layout) = x.storage_and_layout();
-                let candle_core::Storage::Cpu(cpu) = &*storage else {
-                    return Err(EngineError::invalid("weights", "AMX matmul runs on the CPU only"));
-                };
-                let start = layout.start_offset();
-                let data = &cpu.as_slice::<f32>()?[start..start + rows * k];
-                let y = p.matmul(data, rows);
-                let mut out = lead.to_vec();
+                let mut out = x.dims().to_vec();
+                out.pop().expect("activations have a feature dimension");
+                let rows = out.iter().product::<usize>();
+                let y = with_cpu_f32(x, |data| p.matmul(data, rows))?;
                 out.push(p.n());
                 Ok(Tensor::from_vec(y, out, x.device())?)
             }
@@ -645,25 +637,31 @@ impl Decoder {
 }
 
 /// `[B, H, T, hd]` → `[B, H, 1, hd]` taking position `pos[b]` of sequence `b`.
+/// Runs `f` on the values of an f32 CPU tensor, in row-major order, without
+/// copying them when the tensor is already contiguous.
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(EngineError::invalid("device", "this CPU kernel needs a CPU tensor"));
+    };
+    let start = layout.start_offset();
+    Ok(f(&cpu.as_slice::<f32>()?[start..start + t.elem_count()]))
+}
+
 /// `silu(gate) * up` on the CPU in f32, in one pass with the vectorised exp.
 fn silu_mul_cpu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    let (gate, up) = (gate.contiguous()?, up.contiguous()?);
-    let n = gate.elem_count();
-    let mut out = vec![0f32; n];
-    {
-        let (gs, gl) = gate.storage_and_layout();
-        let (us, ul) = up.storage_and_layout();
-        let (candle_core::Storage::Cpu(g), candle_core::Storage::Cpu(u)) = (&*gs, &*us) else {
-            return Err(EngineError::invalid("device", "silu_mul_cpu needs CPU tensors"));
-        };
-        let g = &g.as_slice::<f32>()?[gl.start_offset()..gl.start_offset() + n];
-        let u = &u.as_slice::<f32>()?[ul.start_offset()..ul.start_offset() + n];
-        const CHUNK: usize = 1 << 14;
-        out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| {
-            let r = i * CHUNK..i * CHUNK + o.len();
-            crate::fastmath::silu_mul(&g[r.clone()], &u[r], o);
-        });
-    }
+    const CHUNK: usize = 1 << 14;
+    let out = with_cpu_f32(gate, |g| {
+        with_cpu_f32(up, |u| {
+            let mut out = vec![0f32; g.len()];
+            out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| {
+                let r = i * CHUNK..i * CHUNK + o.len();
+                crate::fastmath::silu_mul(&g[r.clone()], &u[r], o);
+            });
+            out
+        })
+    })??;
     Ok(Tensor::from_vec(out, gate.shape(), gate.device())?)
 }
 

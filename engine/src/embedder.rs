@@ -115,7 +115,6 @@ pub fn pick_device(spec: &str) -> Result<Device> {
 }
 
 fn set_threads(threads: usize) {
-    keep_freed_buffers();
     if threads > 0 {
         // candle's CPU kernels read RAYON_NUM_THREADS; the global pool can be
         // sized once per process.
@@ -185,6 +184,7 @@ impl Embedder {
     /// Load with an explicit compute dtype (`None`: as [`Embedder::load`]).
     pub fn load_with_dtype(spec: &LoadSpec, dtype: Option<DType>) -> Result<Embedder> {
         set_threads(spec.threads);
+        keep_freed_buffers();
         let device = pick_device(&spec.device)?;
         let dtype = match dtype {
             Some(d) => d,
