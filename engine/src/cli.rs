@@ -469,8 +469,8 @@ pub struct QualityArgs {
     /// holds their judged documents plus distractors up to --scifact-docs.
     #[arg(long, default_value_t = 0)]
     pub scifact_queries: usize,
-    /// Documents per length in the long-context check.
-    #[arg(long, default_value_t = 20)]
+    /// Claims (one document each) per length in the long-context check.
+    #[arg(long, default_value_t = 24)]
     pub long_docs: usize,
     /// Methods run on SciFact (comma-separated).
     #[arg(long, default_value = "kv,kv-no-reroute,kv-paper,mean,last,token-prepending,echo")]

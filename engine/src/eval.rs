@@ -610,6 +610,134 @@ fn normalised_sq_distance(a: &[f32], b: &[f32], na: f64, nb: f64) -> f64 {
     (unit(na) + unit(nb) - 2.0 * cos).max(0.0)
 }
 
+/// One case of the long-context check: a claim (the query) and a passage
+/// judged relevant to it (the needle), to be hidden in unrelated text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Needle {
+    pub query: String,
+    pub passage: String,
+}
+
+/// Picks up to `n` needles from a BEIR set: the queries in file order, each
+/// with its first judged document (by id) that is at most
+/// `max_passage_tokens` long and not already used by an earlier needle. Also
+/// returns the haystack: every document judged for no loaded query, in corpus
+/// order, so filler never answers a query.
+pub fn needles_from_beir(
+    beir: &Beir,
+    n: usize,
+    max_passage_tokens: usize,
+    count_tokens: impl Fn(&str) -> usize,
+) -> (Vec<Needle>, Vec<String>) {
+    let text: HashMap<&str, &str> = beir
+        .corpus
+        .iter()
+        .map(|(id, t)| (id.as_str(), t.as_str()))
+        .collect();
+    let judged: HashSet<&str> = beir
+        .qrels
+        .values()
+        .flat_map(|m| m.keys().map(String::as_str))
+        .collect();
+    let mut used = HashSet::new();
+    let mut needles = Vec::new();
+    for (qid, query) in &beir.queries {
+        if needles.len() == n {
+            break;
+        }
+        let mut relevant: Vec<&str> = beir.qrels[qid]
+            .iter()
+            .filter(|(_, &g)| g > 0.0)
+            .map(|(d, _)| d.as_str())
+            .collect();
+        relevant.sort_unstable();
+        let pick = relevant.into_iter().find(|d| {
+            !used.contains(d)
+                && text
+                    .get(d)
+                    .is_some_and(|t| !t.is_empty() && count_tokens(t) <= max_passage_tokens)
+        });
+        if let Some(d) = pick {
+            used.insert(d);
+            needles.push(Needle {
+                query: query.clone(),
+                passage: text[d].to_string(),
+            });
+        }
+    }
+    let filler = beir
+        .corpus
+        .iter()
+        .filter(|(id, t)| !judged.contains(id.as_str()) && !t.is_empty())
+        .map(|(_, t)| t.clone())
+        .collect();
+    (needles, filler)
+}
+
+/// One long document per needle: passages of `filler` (each document starts
+/// at its own offset, so documents differ) with the needle inserted at a
+/// pseudo-random depth drawn from `seed`, the filler added until the
+/// document, needle included, holds at least `len` tokens (it may run over
+/// by one filler passage). `len == 0` gives the needle alone. Parts are
+/// joined with a space. Deterministic for a given seed.
+///
+/// # Panics
+/// If `len > 0` and `filler` is empty.
+pub fn needle_documents(
+    needles: &[&str],
+    filler: &[String],
+    len: usize,
+    seed: u64,
+    count_tokens: impl Fn(&str) -> usize,
+) -> Vec<String> {
+    assert!(len == 0 || !filler.is_empty(), "no filler text");
+    let mut state = seed | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let stride = (filler.len() / needles.len().max(1)).max(1);
+    needles
+        .iter()
+        .enumerate()
+        .map(|(i, needle)| {
+            let mut parts: Vec<&str> = Vec::new();
+            let mut tokens = if len == 0 { 0 } else { count_tokens(needle) };
+            let mut k = i * stride;
+            while tokens < len {
+                let f = &filler[k % filler.len()];
+                tokens += count_tokens(f);
+                parts.push(f);
+                k += 1;
+            }
+            let at = (next() as usize) % (parts.len() + 1);
+            parts.insert(at, needle);
+            parts.join(" ")
+        })
+        .collect()
+}
+
+/// Share of queries whose nearest document by cosine is their own (query `i`
+/// belongs with document `i`).
+pub fn top1_accuracy(query_vecs: &[Vec<f32>], doc_vecs: &[Vec<f32>]) -> f64 {
+    let hits = query_vecs
+        .iter()
+        .enumerate()
+        .filter(|(qi, q)| {
+            let best = doc_vecs
+                .iter()
+                .map(|d| cosine(q, d))
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|x| x.0);
+            best == Some(*qi)
+        })
+        .count();
+    hits as f64 / query_vecs.len().max(1) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1057,5 +1185,89 @@ mod tests {
             10,
         );
         assert!(close(got, (1.0 + 1.0 / 3f64.log2()) / 2.0), "{got}");
+    }
+
+    fn words(t: &str) -> usize {
+        t.split_whitespace().count()
+    }
+
+    #[test]
+    fn needle_documents_hide_each_needle_once_at_varied_depths() {
+        let filler: Vec<String> = (0..40)
+            .map(|i| format!("filler{i} a b c d e f g h i"))
+            .collect();
+        let needles = ["needleA x y", "needleB x y", "needleC x y", "needleD x y"];
+        let docs = needle_documents(&needles, &filler, 100, 7, words);
+        assert_eq!(docs.len(), 4);
+        let mut depths = HashSet::new();
+        for (i, d) in docs.iter().enumerate() {
+            assert!(words(d) >= 100, "doc {i} has {} words", words(d));
+            assert!(words(d) < 100 + 12, "doc {i} overshoots: {}", words(d));
+            for (j, n) in needles.iter().enumerate() {
+                assert_eq!(d.matches(n).count(), usize::from(i == j), "doc {i}, needle {j}");
+            }
+            depths.insert(d.find(needles[i]).unwrap());
+        }
+        assert!(depths.len() > 1, "every needle at the same depth");
+        // Documents start from different filler passages.
+        assert_ne!(docs[0].replace(needles[0], ""), docs[1].replace(needles[1], ""));
+        assert_eq!(docs, needle_documents(&needles, &filler, 100, 7, words));
+        assert_ne!(docs, needle_documents(&needles, &filler, 100, 8, words));
+        assert_eq!(
+            needle_documents(&needles, &filler, 0, 7, words),
+            needles.map(String::from).to_vec()
+        );
+    }
+
+    #[test]
+    fn needles_come_from_judged_documents_and_filler_from_the_rest() {
+        let corpus: Vec<(String, String)> = [
+            ("d1", "one two three"),
+            ("d2", "a much longer relevant text here"),
+            ("d3", "unjudged filler"),
+            ("d4", "also relevant"),
+            ("d5", "more filler"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        let q = |pairs: &[(&str, f64)]| -> HashMap<String, f64> {
+            pairs.iter().map(|(d, g)| (d.to_string(), *g)).collect()
+        };
+        let beir = Beir {
+            corpus,
+            queries: vec![
+                ("q1".into(), "claim one".into()),
+                ("q2".into(), "claim two".into()),
+                ("q3".into(), "claim three".into()),
+            ],
+            qrels: [
+                ("q1".to_string(), q(&[("d2", 1.0), ("d1", 1.0)])),
+                ("q2".to_string(), q(&[("d1", 1.0)])),
+                ("q3".to_string(), q(&[("d2", 2.0), ("d4", 1.0)])),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let (needles, filler) = needles_from_beir(&beir, 10, 4, words);
+        // q1 takes d1 (first by id), q2's only document is used, q3 skips d2
+        // (too long) and takes d4.
+        assert_eq!(
+            needles,
+            vec![
+                Needle { query: "claim one".into(), passage: "one two three".into() },
+                Needle { query: "claim three".into(), passage: "also relevant".into() },
+            ]
+        );
+        assert_eq!(filler, vec!["unjudged filler".to_string(), "more filler".to_string()]);
+        assert_eq!(needles_from_beir(&beir, 1, 4, words).0.len(), 1);
+    }
+
+    #[test]
+    fn top1_counts_queries_nearest_to_their_own_document() {
+        let docs = vec![vec![1.0f32, 0.0], vec![0.0, 1.0], vec![0.7, 0.7]];
+        let queries = vec![vec![0.9f32, 0.1], vec![0.6, 0.8], vec![0.1, 0.9]];
+        // q0 -> d0 (hit), q1 -> d2 (miss), q2 -> d1 (miss).
+        assert!(close(top1_accuracy(&queries, &docs), 1.0 / 3.0));
     }
 }
