@@ -118,25 +118,17 @@ fn svg_curve(title: &str, curves: &[(&str, &[f64])], selected: &[usize]) -> Stri
     s
 }
 
-/// Long-context check at one length: each SciFact claim must find, among
-/// one document per claim, the document that holds an abstract judged
-/// relevant to it, hidden at a random depth among unjudged abstracts that
-/// fill it to about `len` tokens (`len` 0: the abstract alone). Returns
-/// nDCG@10, top-1 (both × 100) and the documents' mean length in tokens.
-fn long_context(e: &Embedder, needles: &[eval::Needle], filler: &[String], len: usize, o: &EmbedOptions) -> Result<(f64, f64, f64)> {
-    let passages: Vec<&str> = needles.iter().map(|n| n.passage.as_str()).collect();
-    let docs = eval::needle_documents(&passages, filler, len, 0x9e37_79b9_7f4a_7c15, |t| e.count_tokens(t));
-    let doc_tokens = eval::mean(&docs.iter().map(|d| e.count_tokens(d) as f64).collect::<Vec<_>>());
-    let ids: Vec<String> = (0..docs.len()).map(|i| i.to_string()).collect();
-    let queries: Vec<String> = needles.iter().map(|n| n.query.clone()).collect();
+/// Long-context check for one method: `queries[i]` must find `docs[i]`
+/// among `docs`. Returns nDCG@10 and top-1, both × 100.
+fn long_context(e: &Embedder, docs: &[String], queries: &[String], max_tokens: usize, o: &EmbedOptions) -> Result<(f64, f64)> {
     let mut o = o.clone();
-    // Filler may run over `len` by one abstract; nothing is truncated.
-    o.max_tokens = Some(len.max(LONG_PASSAGE_TOKENS) + 1024);
-    let dv = e.embed(&docs, Role::Document, &o)?.vectors;
-    let qv = e.embed(&queries, Role::Query, &o)?.vectors;
+    o.max_tokens = Some(max_tokens);
+    let dv = e.embed(docs, Role::Document, &o)?.vectors;
+    let qv = e.embed(queries, Role::Query, &o)?.vectors;
+    let ids: Vec<String> = (0..docs.len()).map(|i| i.to_string()).collect();
     let qrels = ids.iter().map(|i| (i.clone(), [(i.clone(), 1.0)].into_iter().collect())).collect();
     let ndcg = eval::retrieval_ndcg(&qv, &ids, &dv, &ids, &qrels, 10);
-    Ok((100.0 * ndcg, 100.0 * eval::top1_accuracy(&qv, &dv), doc_tokens))
+    Ok((100.0 * ndcg, 100.0 * eval::top1_accuracy(&qv, &dv)))
 }
 
 /// Longest abstract used as a needle in the long-context check.
@@ -331,15 +323,23 @@ nothing is truncated.\n",
             );
             let cols: Vec<String> = LONG_METHODS.iter().map(|m| format!("{m} nDCG@10 | {m} top-1")).collect();
             let _ = writeln!(md, "| tokens | document tokens (mean) | {} |\n|---|---|{}", cols.join(" | "), "---|".repeat(2 * LONG_METHODS.len()));
+            let queries: Vec<String> = needles.iter().map(|n| n.query.clone()).collect();
+            let passages: Vec<&str> = needles.iter().map(|n| n.passage.as_str()).collect();
             for len in [0usize, 512, 1024, 2048, 4096] {
+                // The same documents for every method: each SciFact claim's
+                // abstract at a seeded random depth in unjudged abstracts.
+                let docs = eval::needle_documents(&passages, &filler, len, 0x9e37_79b9_7f4a_7c15, |t| e.count_tokens(t));
+                let lens: Vec<usize> = docs.iter().map(|d| e.count_tokens(d)).collect();
+                let doc_tokens = eval::mean(&lens.iter().map(|&l| l as f64).collect::<Vec<_>>());
+                // Filler may run over `len` by one abstract; room for the
+                // prompt around it, so nothing is truncated.
+                let max_tokens = lens.iter().copied().max().unwrap_or(0) + 128;
                 let mut cells = Vec::new();
-                let mut doc_tokens = 0.0;
                 for m in LONG_METHODS {
                     let t0 = Instant::now();
-                    let (ndcg, top1, tokens) = long_context(&e, &needles, &filler, len, &opts(m))?;
+                    let (ndcg, top1) = long_context(&e, &docs, &queries, max_tokens, &opts(m))?;
                     eprintln!("  long {len} {m}: {ndcg:.1} ({:.0}s)", t0.elapsed().as_secs_f64());
                     cells.push(format!("{ndcg:.1} | {top1:.0}%"));
-                    doc_tokens = tokens;
                 }
                 let label = if len == 0 { "alone".to_string() } else { len.to_string() };
                 let _ = writeln!(md, "| {label} | {doc_tokens:.0} | {} |", cells.join(" | "));

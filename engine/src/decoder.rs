@@ -636,7 +636,6 @@ impl Decoder {
     }
 }
 
-/// `[B, H, T, hd]` → `[B, H, 1, hd]` taking position `pos[b]` of sequence `b`.
 /// Runs `f` on the values of an f32 CPU tensor, in row-major order, without
 /// copying them when the tensor is already contiguous.
 fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
@@ -665,6 +664,7 @@ fn silu_mul_cpu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(out, gate.shape(), gate.device())?)
 }
 
+/// `[B, H, T, hd]` → `[B, H, 1, hd]` taking position `pos[b]` of sequence `b`.
 fn gather_positions(x: &Tensor, pos: &[usize]) -> Result<Tensor> {
     let rows: Vec<Tensor> =
         pos.iter().enumerate().map(|(b, &p)| x.narrow(0, b, 1)?.narrow(2, p, 1)).collect::<candle_core::Result<_>>()?;
