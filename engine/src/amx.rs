@@ -25,7 +25,7 @@ use once_cell::sync::Lazy;
 use rayon::prelude::*;
 
 /// Rows, columns and inputs of one kernel block.
-const BLOCK: usize = 32;
+pub(crate) const BLOCK: usize = 32;
 /// Rows of the activations handled by one task (four kernel blocks).
 const ROWS_PER_TASK: usize = 128;
 /// Output column pairs (of 32) handled by one task.
@@ -64,7 +64,7 @@ fn detect() -> bool {
     false
 }
 
-fn round_up(x: usize, to: usize) -> usize {
+pub(crate) fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
 }
 
@@ -83,6 +83,20 @@ impl PackedBf16 {
     /// `[out, in]` weight).
     pub fn pack(w: &[f32], n: usize, k: usize) -> PackedBf16 {
         assert_eq!(w.len(), n * k, "weight holds n x k values");
+        Self::pack_with(n, k, |col, i| w[col * k + i])
+    }
+
+    /// Packs the transpose of a row-major `[k, n]` matrix `v`: the weight
+    /// `w[col][i] = v[i][col]`, so that `x · wᵀ = x · v` (attention's
+    /// probabilities times its values).
+    pub fn pack_transposed(v: &[f32], k: usize, n: usize) -> PackedBf16 {
+        assert_eq!(v.len(), n * k, "matrix holds k x n values");
+        Self::pack_with(n, k, |col, i| v[i * n + col])
+    }
+
+    /// Packs the `[n, k]` weight whose value at output `col`, input `i` is
+    /// `w(col, i)`.
+    fn pack_with(n: usize, k: usize, w: impl Fn(usize, usize) -> f32 + Sync) -> PackedBf16 {
         let n_pad = round_up(n.max(1), BLOCK);
         let k_pad = round_up(k.max(1), BLOCK);
         let kb = k_pad / BLOCK;
@@ -99,12 +113,11 @@ impl PackedBf16 {
                             if col >= n {
                                 continue;
                             }
-                            let row = &w[col * k..(col + 1) * k];
                             for r in 0..16 {
                                 for p in 0..2 {
                                     let i = blk * BLOCK + 2 * r + p;
                                     if i < k {
-                                        tile[r * 32 + c * 2 + p] = to_bf16(row[i]);
+                                        tile[r * 32 + c * 2 + p] = to_bf16(w(col, i));
                                     }
                                 }
                             }
@@ -137,6 +150,8 @@ impl PackedBf16 {
         let col_tasks = self.n_pad.div_ceil(COLS_PER_TASK);
         let out = SendPtr(c.as_mut_ptr());
         (0..row_tasks * col_tasks).into_par_iter().for_each(|t| {
+            // The whole SendPtr, not its raw-pointer field, goes to the tasks.
+            let out = out;
             let (rt, ct) = (t / col_tasks, t % col_tasks);
             let rows = rt * ROWS_PER_TASK..((rt + 1) * ROWS_PER_TASK).min(m_pad);
             let cols = ct * COLS_PER_TASK..((ct + 1) * COLS_PER_TASK).min(self.n_pad);
@@ -144,7 +159,7 @@ impl PackedBf16 {
             // its own rows x columns block of `c`, which holds m_pad x n_pad
             // values; `a` holds m_pad x k_pad and the packed weight
             // n_pad x k_pad values, so every tile load stays in bounds.
-            unsafe { self.block(&a, rows, cols, out) };
+            unsafe { self.block(&a, self.k_pad, self.k_pad / BLOCK, rows, cols, out.0, self.n_pad) };
         });
         if self.n_pad == self.n {
             // Padding rows come last: dropping them copies nothing.
@@ -159,32 +174,51 @@ impl PackedBf16 {
         }
     }
 
-    /// Computes output rows `rows` x columns `cols` (multiples of 32).
-    unsafe fn block(&self, a: &[u16], rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, c: SendPtr) {
+    /// `c[r][j] = Σ_i a[r][i] w[j][i]` on the current thread, for rows `rows`
+    /// and output columns `cols` (multiples of 32, `cols` within `n_pad`),
+    /// over the first `kb` steps of 32 inputs (`kb <= k_pad / 32`). `a` is in
+    /// tile order (see [`to_bf16_tiles`]) with its inputs padded to `a_kpad`
+    /// (at least `32 kb`; `a`'s inputs past those steps are ignored); `c` has
+    /// a row stride of `c_stride` values.
+    ///
+    /// # Safety
+    /// AMX must be [`available`]; `a` must hold the rows' tiles and `c`
+    /// must be valid for writes of every row and column of the block.
+    pub(crate) unsafe fn block(
+        &self,
+        a: &[u16],
+        a_kpad: usize,
+        kb: usize,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        c: *mut f32,
+        c_stride: usize,
+    ) {
+        debug_assert!(kb * BLOCK <= self.k_pad && kb * BLOCK <= a_kpad && cols.end <= self.n_pad);
+        debug_assert!(a.len() >= rows.end * a_kpad);
         #[cfg(target_arch = "x86_64")]
         {
             let cfg = TileConfig::all_16x64();
             std::arch::asm!("ldtilecfg [{0}]", in(reg) &cfg as *const TileConfig, options(nostack, readonly));
-            let kb = self.k_pad / BLOCK;
-            let c_stride = self.n_pad * 4;
+            let w_steps = self.k_pad / BLOCK;
             for np in (cols.start / BLOCK)..(cols.end / BLOCK) {
-                let b = self.data.as_ptr().add(np * kb * 2 * 512);
+                let b = self.data.as_ptr().add(np * w_steps * 2 * 512);
                 for m0 in rows.clone().step_by(BLOCK) {
                     // Rows m0..m0+16 and m0+16..m0+32: two tile rows of `a`.
-                    let a0 = a.as_ptr().add(m0 * self.k_pad);
-                    let c0 = c.0.add(m0 * self.n_pad + np * BLOCK);
-                    kernel_32x32(a0, a0.add(16 * self.k_pad), b, kb, c0, c_stride);
+                    let a0 = a.as_ptr().add(m0 * a_kpad);
+                    let c0 = c.add(m0 * c_stride + np * BLOCK);
+                    kernel_32x32(a0, a0.add(16 * a_kpad), b, kb, c0, c_stride * 4);
                 }
             }
             std::arch::asm!("tilerelease", options(nostack, nomem));
         }
         #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("AMX is x86-64 only: {a:p} {rows:?} {cols:?} {:p}", c.0)
+        unreachable!("AMX is x86-64 only: {a:p} {a_kpad} {kb} {rows:?} {cols:?} {c:p} {c_stride}")
     }
 }
 
-/// A zeroed buffer aligned to 64 bytes, so that every tile row (64 bytes)
-/// is one cache line.
+/// A buffer aligned to 64 bytes, so that every tile row (64 bytes) is one
+/// cache line.
 pub struct Aligned<T: Copy> {
     buf: Vec<Line>,
     len: usize,
@@ -197,13 +231,24 @@ struct Line([u8; 64]);
 
 impl<T: Copy> Aligned<T> {
     /// `len` values of all-zero bits (0.0 for floats, 0 for integers).
-    fn zeroed(len: usize) -> Self {
+    pub(crate) fn zeroed(len: usize) -> Self {
         let lines = (len * std::mem::size_of::<T>()).div_ceil(64);
         Aligned {
             buf: vec![Line([0; 64]); lines],
             len,
             _t: std::marker::PhantomData,
         }
+    }
+
+    /// Makes the buffer `len` values long, reusing its memory when it is
+    /// large enough. The values are whatever the buffer held (zero where
+    /// it grew): callers overwrite what they read.
+    pub(crate) fn set_len(&mut self, len: usize) {
+        let lines = (len * std::mem::size_of::<T>()).div_ceil(64);
+        if lines > self.buf.len() {
+            self.buf.resize(lines, Line([0; 64]));
+        }
+        self.len = len;
     }
 }
 
@@ -341,6 +386,68 @@ fn to_bf16_tiles(x: &[f32], m: usize, k: usize, m_pad: usize, k_pad: usize) -> A
     a
 }
 
+/// Writes row `r` of a tile-order bf16 operand (inputs padded to `k_pad`):
+/// `src` scaled by `scale`, then zeros up to `k_pad`.
+pub(crate) fn row_to_tiles(dst: &mut [u16], k_pad: usize, r: usize, src: &[f32], scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512bf16") {
+        // SAFETY: the feature was just detected.
+        unsafe { row_to_tiles_avx512(dst, k_pad, r, src, scale) };
+        return;
+    }
+    row_to_tiles_scalar(dst, k_pad, r, src, scale)
+}
+
+fn row_to_tiles_scalar(dst: &mut [u16], k_pad: usize, r: usize, src: &[f32], scale: f32) {
+    let kb = k_pad / BLOCK;
+    let base = (r / 16) * kb * 512 + (r % 16) * 32;
+    let mut buf = [0f32; BLOCK];
+    for blk in 0..kb {
+        let d = &mut dst[base + blk * 512..base + blk * 512 + 32];
+        let lo = (blk * BLOCK).min(src.len());
+        let hi = ((blk + 1) * BLOCK).min(src.len());
+        if hi - lo == BLOCK && scale == 1.0 {
+            convert_row(&src[lo..hi], d);
+        } else {
+            buf.fill(0.0);
+            for (b, &x) in buf.iter_mut().zip(&src[lo..hi]) {
+                *b = x * scale;
+            }
+            convert_row(&buf, d);
+        }
+    }
+}
+
+/// [`row_to_tiles`] with AVX-512: 32 values (one tile row) per step, the
+/// tail masked.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn row_to_tiles_avx512(dst: &mut [u16], k_pad: usize, r: usize, src: &[f32], scale: f32) {
+    use std::arch::x86_64::*;
+    let kb = k_pad / BLOCK;
+    let base = (r / 16) * kb * 512 + (r % 16) * 32;
+    assert!(kb == 0 || dst.len() >= base + (kb - 1) * 512 + 32, "row {r} lies outside the tiles");
+    let sc = _mm512_set1_ps(scale);
+    let n = src.len();
+    let load = |i: usize| -> __m512 {
+        if i + 16 <= n {
+            _mm512_loadu_ps(src.as_ptr().add(i))
+        } else if i < n {
+            _mm512_maskz_loadu_ps(((1u32 << (n - i)) - 1) as u16, src.as_ptr().add(i))
+        } else {
+            _mm512_setzero_ps()
+        }
+    };
+    for blk in 0..kb {
+        let i = blk * BLOCK;
+        let lo = _mm512_mul_ps(load(i), sc);
+        let hi = _mm512_mul_ps(load(i + 16), sc);
+        // The second operand fills the low half.
+        let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_storeu_si512(dst.as_mut_ptr().add(base + blk * 512) as *mut _, v);
+    }
+}
+
 fn convert_row(src: &[f32], dst: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512bf16") {
@@ -412,6 +519,59 @@ mod tests {
         convert_row(&src, &mut fast);
         let slow: Vec<u16> = src.iter().map(|&v| to_bf16(v)).collect();
         assert_eq!(fast, slow);
+    }
+
+    /// Throughput of the tile kernel at the shapes of SmolLM2's layers (not a
+    /// check: `cargo test --release -p kvembed-engine --lib amx_throughput --
+    /// --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn amx_throughput() {
+        if !available() {
+            return;
+        }
+        for &(m, n, k) in &[(2048, 1536, 576), (2048, 576, 1536), (2048, 576, 576), (8192, 1536, 576)] {
+            let x = pseudo(m * k, 1);
+            let w = pseudo(n * k, 2);
+            let packed = PackedBf16::pack(&w, n, k);
+            let _ = packed.matmul(&x, m);
+            let reps = 5;
+            let t0 = std::time::Instant::now();
+            for _ in 0..reps {
+                std::hint::black_box(packed.matmul(&x, m));
+            }
+            let s = t0.elapsed().as_secs_f64() / reps as f64;
+            let flops = 2.0 * (m * n * k) as f64;
+            println!(
+                "m {m} n {n} k {k}: {:.2} ms, {:.0} GFLOP/s on {} threads",
+                s * 1e3,
+                flops / s / 1e9,
+                rayon::current_num_threads()
+            );
+        }
+    }
+
+    #[test]
+    fn rows_go_to_the_tile_layout_scaled_and_zero_padded() {
+        let (k_pad, rows) = (96, 32);
+        for len in [0, 5, 32, 45, 96] {
+            let mut fast = vec![7u16; rows * k_pad];
+            let mut slow = vec![7u16; rows * k_pad];
+            for r in [0, 3, 17] {
+                let src = pseudo(len, (r + len) as u32);
+                row_to_tiles(&mut fast, k_pad, r, &src, 0.37);
+                row_to_tiles_scalar(&mut slow, k_pad, r, &src, 0.37);
+                for (j, x) in src.iter().enumerate() {
+                    let at = (r / 16) * (k_pad / 32) * 512 + (j / 32) * 512 + (r % 16) * 32 + j % 32;
+                    assert_eq!(slow[at], to_bf16(x * 0.37), "len {len} row {r} col {j}");
+                }
+                for j in len..k_pad {
+                    let at = (r / 16) * (k_pad / 32) * 512 + (j / 32) * 512 + (r % 16) * 32 + j % 32;
+                    assert_eq!(slow[at], 0, "padding of row {r}");
+                }
+            }
+            assert_eq!(fast, slow, "len {len}");
+        }
     }
 
     #[test]

@@ -22,9 +22,16 @@ pub struct AttnShape {
     /// `Some(bias)`: key column 0 is the re-routed prefix, visible to every
     /// query, with `bias` added to its scaled logit.
     pub prefix_bias: Option<f32>,
+    /// Run the two products (`q·kᵀ` and `p·v`) on the AMX tiles in bf16
+    /// (f32 accumulation; the scale, mask and softmax stay f32), as the
+    /// layers' matrix products do. Ignored where AMX is not available.
+    pub bf16_products: bool,
 }
 
 const BLOCK: usize = 256;
+/// Query rows per task on the tile path: its scores and probabilities
+/// (rows x keys) stay in the core's L2 cache up to 4,096 keys.
+const BF16_BLOCK: usize = 64;
 
 /// An output pointer shared by rayon tasks that each write a disjoint part
 /// of the output (here and in the AMX matmul); it is only used while the
@@ -46,6 +53,9 @@ unsafe impl Sync for SendPtr {}
 /// shapes depended on the padded length differed in the last bits, which
 /// bf16 rounding downstream can amplify to 1e-3.)
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, lens: &[usize]) -> Vec<f32> {
+    if s.bf16_products && crate::amx::available() {
+        return attention_bf16(q, k, v, s, lens);
+    }
     let off = usize::from(s.prefix_bias.is_some());
     let (t, hd) = (s.seq, s.head_dim);
     let kv_t = t + off;
@@ -75,7 +85,13 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, lens: &[usize]) 
         let qb = &q[((b * s.n_heads + h) * t + start) * hd..];
         let kb = &k[(b * s.n_kv_heads + kvh) * kv_t * hd..];
         let vb = &v[(b * s.n_kv_heads + kvh) * kv_t * hd..];
-        let mut scores = vec![0f32; rows * cols];
+        SCORES.with_borrow_mut(|scores| {
+        // Every value is written by the product below (it does not read
+        // `scores`): the buffer is reused without zeroing.
+        if scores.len() < rows * cols {
+            scores.resize(rows * cols, 0.0);
+        }
+        let scores = &mut scores[..rows * cols];
         // SAFETY: shapes and strides describe slices checked above.
         unsafe {
             gemm::gemm(
@@ -101,25 +117,8 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, lens: &[usize]) 
             );
         }
         for r in 0..rows {
-            let i = start + r;
             let row = &mut scores[r * cols..(r + 1) * cols];
-            if let Some(bias) = s.prefix_bias {
-                row[0] += bias;
-            }
-            let lo = match s.window {
-                Some(w) => (i + 1).saturating_sub(w),
-                None => 0,
-            };
-            // Keys after the query get probability 0 outright; keys before
-            // the window's start go through the softmax as -inf.
-            let visible = (off + i + 1).min(cols);
-            row[visible..].fill(0.0);
-            let row = &mut row[..visible];
-            for x in &mut row[off..off + lo] {
-                *x = f32::NEG_INFINITY;
-            }
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let inv = 1.0 / crate::fastmath::exp_shifted_sum(row, max);
+            let inv = softmax_row(row, start + r, off, s);
             row.iter_mut().for_each(|x| *x *= inv);
         }
         // SAFETY: rows start..end of head h of sequence b are written by this
@@ -148,6 +147,148 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, lens: &[usize]) 
                 gemm::Parallelism::None,
             );
         }
+        });
+    });
+    out
+}
+
+thread_local! {
+    /// Each worker thread's score buffer, reused from task to task (a fresh
+    /// zeroed buffer per task cost about 6 % of a long pass in `memset`).
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The same for the bf16 path: the query tiles, the scores, the
+    /// probability tiles and the output block.
+    static TILES: std::cell::RefCell<TileScratch> = std::cell::RefCell::new(TileScratch::default());
+}
+
+/// The softmax of query `i`'s row of raw logits (already scaled) in place,
+/// with the re-routed column's bias and the masks applied; returns
+/// `1 / sum`, by which the caller multiplies the row's values (they are
+/// left unnormalised). Keys after the query (and any column past the
+/// sequence) get 0 outright; keys before a sliding window's start go
+/// through the softmax as `-inf`.
+fn softmax_row(row: &mut [f32], i: usize, off: usize, s: AttnShape) -> f32 {
+    if let Some(bias) = s.prefix_bias {
+        row[0] += bias;
+    }
+    let lo = match s.window {
+        Some(w) => (i + 1).saturating_sub(w),
+        None => 0,
+    };
+    let visible = (off + i + 1).min(row.len());
+    row[visible..].fill(0.0);
+    let row = &mut row[..visible];
+    for x in &mut row[off..off + lo] {
+        *x = f32::NEG_INFINITY;
+    }
+    let max = crate::fastmath::max(row);
+    1.0 / crate::fastmath::exp_shifted_sum(row, max)
+}
+
+struct TileScratch {
+    q: crate::amx::Aligned<u16>,
+    p: crate::amx::Aligned<u16>,
+    scores: Vec<f32>,
+    out: Vec<f32>,
+}
+
+impl Default for TileScratch {
+    fn default() -> Self {
+        TileScratch {
+            q: crate::amx::Aligned::zeroed(0),
+            p: crate::amx::Aligned::zeroed(0),
+            scores: Vec::new(),
+            out: Vec::new(),
+        }
+    }
+}
+
+/// [`attention`] with both products on the AMX tiles. Each (sequence, kv
+/// head)'s keys and transposed values are packed once, as the weights of
+/// `q·kᵀ` and `p·v`, and shared by its query heads and blocks. A query
+/// block's rows are padded to 32 and its keys to 32 (with zero
+/// probabilities), and every product covers only the sequence's real
+/// positions, so a sequence's result does not depend on its batch-mates.
+fn attention_bf16(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, lens: &[usize]) -> Vec<f32> {
+    use crate::amx::{round_up, PackedBf16, BLOCK as TILE};
+    let off = usize::from(s.prefix_bias.is_some());
+    let (t, hd) = (s.seq, s.head_dim);
+    let kv_t = t + off;
+    assert_eq!(q.len(), s.batch * s.n_heads * t * hd);
+    assert_eq!(k.len(), s.batch * s.n_kv_heads * kv_t * hd);
+    assert_eq!(v.len(), k.len());
+    let real = |b: usize| lens.get(b).copied().unwrap_or(t).min(t);
+    let packs: Vec<(PackedBf16, PackedBf16)> = (0..s.batch * s.n_kv_heads)
+        .into_par_iter()
+        .map(|bk| {
+            let n = real(bk / s.n_kv_heads) + off;
+            let kb = &k[bk * kv_t * hd..][..n * hd];
+            let vb = &v[bk * kv_t * hd..][..n * hd];
+            (PackedBf16::pack(kb, n, hd), PackedBf16::pack_transposed(vb, n, hd))
+        })
+        .collect();
+    let mut out = vec![0f32; s.batch * t * s.n_heads * hd];
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let n_rep = s.n_heads / s.n_kv_heads;
+    let blocks = t.div_ceil(BF16_BLOCK);
+    let hd_pad = round_up(hd, TILE);
+    (0..s.batch * s.n_heads * blocks).into_par_iter().for_each(|task| {
+        let out_ptr = out_ptr;
+        let blk = task % blocks;
+        let h = (task / blocks) % s.n_heads;
+        let b = task / blocks / s.n_heads;
+        let (kp, vp) = &packs[b * s.n_kv_heads + h / n_rep];
+        let start = blk * BF16_BLOCK;
+        let len = real(b);
+        if start >= len {
+            return;
+        }
+        let end = (start + BF16_BLOCK).min(len);
+        let rows = end - start;
+        let cols = end + off;
+        let (rows_pad, cols_pad) = (round_up(rows, TILE), round_up(cols, TILE));
+        TILES.with_borrow_mut(|sc| {
+            // Query rows (scaled: the scale is applied before rounding, as a
+            // scaled logit would be), zero rows up to the tile height.
+            sc.q.set_len(rows_pad * hd_pad);
+            let qb = &q[((b * s.n_heads + h) * t + start) * hd..][..rows * hd];
+            for r in 0..rows_pad {
+                let src = if r < rows { &qb[r * hd..(r + 1) * hd] } else { &[][..] };
+                crate::amx::row_to_tiles(&mut sc.q, hd_pad, r, src, s.scale);
+            }
+            sc.scores.resize(sc.scores.len().max(rows_pad * cols_pad), 0.0);
+            // SAFETY: AMX is available (checked by the caller); the query
+            // tiles hold rows_pad x hd_pad values, the keys' packing holds at
+            // least cols_pad outputs (cols <= the sequence's real keys) of
+            // hd_pad inputs, and `scores` rows_pad x cols_pad values.
+            unsafe {
+                kp.block(&sc.q, hd_pad, hd_pad / TILE, 0..rows_pad, 0..cols_pad, sc.scores.as_mut_ptr(), cols_pad);
+            }
+            sc.p.set_len(rows_pad * cols_pad);
+            for r in 0..rows_pad {
+                if r < rows {
+                    let row = &mut sc.scores[r * cols_pad..(r + 1) * cols_pad];
+                    let inv = softmax_row(row, start + r, off, s);
+                    crate::amx::row_to_tiles(&mut sc.p, cols_pad, r, row, inv);
+                } else {
+                    crate::amx::row_to_tiles(&mut sc.p, cols_pad, r, &[], 1.0);
+                }
+            }
+            sc.out.resize(sc.out.len().max(rows_pad * hd_pad), 0.0);
+            // SAFETY: as above; the values' packing has at least cols_pad
+            // inputs (the sequence's real keys, padded) and hd_pad outputs.
+            unsafe {
+                vp.block(&sc.p, cols_pad, cols_pad / TILE, 0..rows_pad, 0..hd_pad, sc.out.as_mut_ptr(), hd_pad);
+            }
+            for r in 0..rows {
+                // SAFETY: rows start..end of head h of sequence b are
+                // written by this task only; strides stay inside `out`.
+                unsafe {
+                    let dst = out_ptr.0.add(((b * t + start + r) * s.n_heads + h) * hd);
+                    std::ptr::copy_nonoverlapping(sc.out.as_ptr().add(r * hd_pad), dst, hd);
+                }
+            }
+        });
     });
     out
 }
@@ -156,8 +297,11 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, lens: &[usize]) 
 mod tests {
     use super::*;
 
-    /// Plain loops, the definition.
+    /// Plain loops, the definition. With `s.bf16_products`, the products'
+    /// operands are rounded to bf16 as the tile path rounds them: the scaled
+    /// queries, the keys, the values and the normalised probabilities.
     fn reference(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec<f32> {
+        let rnd = |x: f32| if s.bf16_products { crate::amx::from_bf16(crate::amx::to_bf16(x)) } else { x };
         let off = usize::from(s.prefix_bias.is_some());
         let (t, hd) = (s.seq, s.head_dim);
         let kv_t = t + off;
@@ -177,10 +321,11 @@ mod tests {
                         if visible {
                             let mut d = 0f32;
                             for x in 0..hd {
-                                d += q[((b * s.n_heads + h) * t + i) * hd + x]
-                                    * k[((b * s.n_kv_heads + kvh) * kv_t + c) * hd + x];
+                                let qx = q[((b * s.n_heads + h) * t + i) * hd + x];
+                                let kx = rnd(k[((b * s.n_kv_heads + kvh) * kv_t + c) * hd + x]);
+                                d += if s.bf16_products { rnd(qx * s.scale) * kx } else { qx * kx * s.scale };
                             }
-                            logits[c] = d * s.scale + if c < off { s.prefix_bias.unwrap() } else { 0.0 };
+                            logits[c] = d + if c < off { s.prefix_bias.unwrap() } else { 0.0 };
                         }
                     }
                     let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -189,7 +334,7 @@ mod tests {
                     for x in 0..hd {
                         let mut acc = 0f32;
                         for c in 0..kv_t {
-                            acc += e[c] / z * v[((b * s.n_kv_heads + kvh) * kv_t + c) * hd + x];
+                            acc += rnd(e[c] / z) * rnd(v[((b * s.n_kv_heads + kvh) * kv_t + c) * hd + x]);
                         }
                         out[((b * t + i) * s.n_heads + h) * hd + x] = acc;
                     }
@@ -211,29 +356,56 @@ mod tests {
             .collect()
     }
 
+    /// The product paths to test: f32, and bf16 tiles where the CPU has them.
+    fn paths() -> Vec<bool> {
+        if crate::amx::available() {
+            vec![false, true]
+        } else {
+            eprintln!("AMX-BF16 not available here: testing the f32 path only");
+            vec![false]
+        }
+    }
+
     #[test]
     fn matches_reference_with_prefix_window_and_gqa() {
-        for (prefix, window, seq) in
-            [(None, None, 7), (Some(1.5), None, 9), (Some(-2.0), Some(3), 11), (Some(0.0), None, 600)]
-        {
-            let s = AttnShape {
-                batch: 2,
-                seq,
-                n_heads: 4,
-                n_kv_heads: 2,
-                head_dim: 8,
-                scale: 0.3,
-                window,
-                prefix_bias: prefix,
-            };
-            let off = usize::from(prefix.is_some());
-            let q = data(2 * 4 * seq * 8, 7);
-            let k = data(2 * 2 * (seq + off) * 8, 11);
-            let v = data(2 * 2 * (seq + off) * 8, 13);
-            let got = attention(&q, &k, &v, s, &[]);
-            let want = reference(&q, &k, &v, s);
-            let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(d < 1e-4, "prefix {prefix:?} window {window:?} seq {seq}: {d}");
+        for bf16 in paths() {
+            for (prefix, window, seq, hd) in [
+                (None, None, 7, 8),
+                (Some(1.5), None, 9, 8),
+                (Some(-2.0), Some(3), 11, 8),
+                (Some(0.0), None, 600, 8),
+                (Some(2.0), None, 300, 64),
+                (None, Some(40), 70, 48),
+            ] {
+                let s = AttnShape {
+                    batch: 2,
+                    seq,
+                    n_heads: 4,
+                    n_kv_heads: 2,
+                    head_dim: hd,
+                    scale: 0.3,
+                    window,
+                    prefix_bias: prefix,
+                    bf16_products: bf16,
+                };
+                let off = usize::from(prefix.is_some());
+                let q = data(2 * 4 * seq * hd, 7);
+                let k = data(2 * 2 * (seq + off) * hd, 11);
+                let v = data(2 * 2 * (seq + off) * hd, 13);
+                let got = attention(&q, &k, &v, s, &[]);
+                let want = reference(&q, &k, &v, s);
+                let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                // bf16: the f32 softmax can round a probability to the
+                // neighbouring bf16 value of the f64 reference's.
+                let tol = if bf16 { 2e-3 } else { 1e-4 };
+                assert!(d < tol, "bf16 {bf16} prefix {prefix:?} window {window:?} seq {seq} hd {hd}: {d}");
+                if bf16 {
+                    // And the rounding is really there: the f32 result differs.
+                    let exact = reference(&q, &k, &v, AttnShape { bf16_products: false, ..s });
+                    let e = got.iter().zip(&exact).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                    assert!(e > 1e-5, "bf16 path equals the f32 reference ({e})");
+                }
+            }
         }
     }
 
@@ -241,10 +413,13 @@ mod tests {
     /// its padding rows are zero.
     #[test]
     fn padded_sequences_equal_their_unpadded_runs() {
-        for (prefix, seq, real) in [(None, 9, 5), (Some(1.0), 600, 300), (Some(0.5), 600, 513)] {
+        for (prefix, seq, real, bf16) in paths()
+            .into_iter()
+            .flat_map(|bf16| [(None, 9, 5, bf16), (Some(1.0), 600, 300, bf16), (Some(0.5), 600, 513, bf16)])
+        {
             let (h, kvh, hd) = (4, 2, 8);
             let off = usize::from(prefix.is_some());
-            let s = AttnShape { batch: 2, seq, n_heads: h, n_kv_heads: kvh, head_dim: hd, scale: 0.3, window: None, prefix_bias: prefix };
+            let s = AttnShape { batch: 2, seq, n_heads: h, n_kv_heads: kvh, head_dim: hd, scale: 0.3, window: None, prefix_bias: prefix, bf16_products: bf16 };
             let q = data(2 * h * seq * hd, 5);
             let k = data(2 * kvh * (seq + off) * hd, 6);
             let v = data(2 * kvh * (seq + off) * hd, 8);
@@ -263,7 +438,7 @@ mod tests {
             );
             let row = h * hd;
             let batched = &got[seq * row..2 * seq * row];
-            assert_eq!(&batched[..real * row], &alone[..], "prefix {prefix:?} seq {seq} real {real}");
+            assert_eq!(&batched[..real * row], &alone[..], "bf16 {bf16} prefix {prefix:?} seq {seq} real {real}");
             assert!(batched[real * row..].iter().all(|&x| x == 0.0), "padding rows are not zero");
         }
     }

@@ -558,6 +558,7 @@ impl Decoder {
                 scale: cfg.attn_scale,
                 window: l.window,
                 prefix_bias: bias,
+                bf16_products: self.amx,
             };
             let flat = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.contiguous()?.flatten_all()?.to_vec1::<f32>()?) };
             let lens: Vec<usize> = last.iter().map(|&i| i + 1).collect();

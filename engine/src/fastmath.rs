@@ -14,8 +14,16 @@ pub fn exp(x: f32) -> f32 {
     const C2: f32 = -2.121_944_4e-4;
     // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
+    // The bits of 1.5 * 2^23.
+    const ROUND_BITS: i32 = 0x4b40_0000;
     let xc = x.clamp(-87.3, 88.3);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
+    // The integer n sits in the low mantissa bits of t (its ulp is 1). Read
+    // it from there rather than with `n as i32`: Rust's saturating
+    // float-to-int cast does not vectorise, and compiled to sixteen scalar
+    // conversions per 16-wide vector.
+    let ni = (t.to_bits() as i32).wrapping_sub(ROUND_BITS);
     let r = xc - n * C1 - n * C2;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -24,7 +32,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let e = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let scale = f32::from_bits((ni.wrapping_add(127) as u32) << 23);
     let y = e * scale;
     if x < -87.3 {
         0.0
@@ -83,6 +91,23 @@ dispatch! {
 }
 
 dispatch! {
+    /// The largest value (`-inf` for an empty slice; NaNs are skipped, as
+    /// by `f32::max`). Sixteen running maxima, so the loop vectorises:
+    /// `fold(f32::max)` is one serial chain.
+    pub fn max(xs: &[f32]) -> f32 {
+        let mut acc = [f32::NEG_INFINITY; 16];
+        let mut chunks = xs.chunks_exact(16);
+        for c in &mut chunks {
+            for (&x, a) in c.iter().zip(acc.iter_mut()) {
+                *a = if x > *a { x } else { *a };
+            }
+        }
+        let m = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        acc.iter().fold(m, |m, &x| m.max(x))
+    }
+}
+
+dispatch! {
     /// `silu(g) * u` for every element: `g / (1 + exp(-g)) * u`.
     pub fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
         for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
@@ -131,6 +156,16 @@ mod tests {
         }
         assert!((sum as f64 - want_sum).abs() < 1e-5 * want_sum);
         assert_eq!(w[5], 0.0);
+
+        for n in [0, 1, 15, 16, 17, 37, 100] {
+            let ys: Vec<f32> = (0..n).map(|i| ((i * 7919) % 101) as f32 - 50.0).collect();
+            let want = ys.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max(&ys), want, "n = {n}");
+        }
+        let mut ys = vec![f32::NEG_INFINITY; 40];
+        ys[33] = -3.0;
+        ys[2] = f32::NAN;
+        assert_eq!(max(&ys), -3.0);
 
         let u: Vec<f32> = (0..37).map(|i| 1.0 - i as f32 * 0.05).collect();
         let mut out = vec![0f32; 37];
