@@ -62,8 +62,8 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, lens: &[usize]) 
     assert_eq!(q.len(), s.batch * s.n_heads * t * hd);
     assert_eq!(k.len(), s.batch * s.n_kv_heads * kv_t * hd);
     assert_eq!(v.len(), k.len());
-    let mut out = vec![0f32; s.batch * t * s.n_heads * hd];
-    let out_ptr = SendPtr(out.as_mut_ptr());
+    let mut out = Output::new(s, lens);
+    let out_ptr = out.ptr();
     let n_rep = s.n_heads / s.n_kv_heads;
     let blocks = t.div_ceil(BLOCK);
     let row_stride = s.n_heads * hd;
@@ -149,7 +149,40 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, lens: &[usize]) 
         }
         });
     });
-    out
+    out.finish()
+}
+
+/// The `[B, T, H * hd]` result, allocated without zeroing: the tasks write
+/// every real row, [`Output::finish`] zeroes the padding rows.
+struct Output {
+    buf: Vec<f32>,
+    row: usize,
+    seq: usize,
+    real: Vec<usize>,
+}
+
+impl Output {
+    fn new(s: AttnShape, lens: &[usize]) -> Output {
+        let real = (0..s.batch).map(|b| lens.get(b).copied().unwrap_or(s.seq).min(s.seq)).collect();
+        let row = s.n_heads * s.head_dim;
+        Output { buf: Vec::with_capacity(s.batch * s.seq * row), row, seq: s.seq, real }
+    }
+
+    fn ptr(&mut self) -> SendPtr {
+        SendPtr(self.buf.as_mut_ptr())
+    }
+
+    fn finish(mut self) -> Vec<f32> {
+        let p = self.buf.as_mut_ptr();
+        for (b, &real) in self.real.iter().enumerate() {
+            // SAFETY: rows real..seq of sequence b lie inside the capacity.
+            unsafe { std::ptr::write_bytes(p.add((b * self.seq + real) * self.row), 0, (self.seq - real) * self.row) };
+        }
+        // SAFETY: every row is now written: the real rows (each head's
+        // part) by the attention tasks, the padding rows just above.
+        unsafe { self.buf.set_len(self.real.len() * self.seq * self.row) };
+        self.buf
+    }
 }
 
 thread_local! {
@@ -227,8 +260,8 @@ fn attention_bf16(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, lens: &[usize])
             (PackedBf16::pack(kb, n, hd), PackedBf16::pack_transposed(vb, n, hd))
         })
         .collect();
-    let mut out = vec![0f32; s.batch * t * s.n_heads * hd];
-    let out_ptr = SendPtr(out.as_mut_ptr());
+    let mut out = Output::new(s, lens);
+    let out_ptr = out.ptr();
     let n_rep = s.n_heads / s.n_kv_heads;
     let blocks = t.div_ceil(BF16_BLOCK);
     let hd_pad = round_up(hd, TILE);
@@ -290,7 +323,7 @@ fn attention_bf16(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, lens: &[usize])
             }
         });
     });
-    out
+    out.finish()
 }
 
 #[cfg(test)]

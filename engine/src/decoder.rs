@@ -560,9 +560,11 @@ impl Decoder {
                 prefix_bias: bias,
                 bf16_products: self.amx,
             };
-            let flat = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.contiguous()?.flatten_all()?.to_vec1::<f32>()?) };
             let lens: Vec<usize> = last.iter().map(|&i| i + 1).collect();
-            let out = crate::attention::attention(&flat(&q)?, &flat(&k)?, &flat(&v)?, shape, &lens);
+            // The kernel reads the tensors' own storage (no copies).
+            let out = with_cpu_f32(&q, |q| {
+                with_cpu_f32(&k, |k| with_cpu_f32(&v, |v| crate::attention::attention(q, k, v, shape, &lens)))
+            })???;
             Tensor::from_vec(out, (b * t, nh * hd), &self.device)?
         } else {
             self.attention_tensors(q, k, v, t, offset, bias, l.window, cache)?
