@@ -6,6 +6,10 @@
 //! running single-threaded GEMMs, with the mask (causal, sliding window, the
 //! prefix column and its bias) applied in place before the softmax, so no
 //! mask tensor or repeated K/V is ever materialised.
+//!
+//! Two product paths: f32 GEMMs (`gemm` crate), and, where the layers'
+//! products run on the AMX tiles, the same two products in bf16 on the tiles
+//! (`AttnShape::bf16_products`); the scale, mask and softmax are f32 in both.
 
 use rayon::prelude::*;
 
