@@ -223,6 +223,58 @@ impl PackedBf16 {
     }
 }
 
+/// Throughput of an `m x k` by `k x n` product in GFLOP/s, mean over `reps`
+/// runs after a warm-up, three ways: `matmul` (conversion, all threads),
+/// the tile kernel alone on this thread (operands converted once), and the
+/// kernel alone with every block's results written to one small,
+/// cache-resident buffer (no output traffic). For `examples/amx_throughput.rs`.
+/// `None` where AMX is not available.
+pub fn throughput(m: usize, n: usize, k: usize, reps: usize) -> Option<[f64; 3]> {
+    if !available() {
+        return None;
+    }
+    let fill = |len: usize, seed: u32| -> Vec<f32> {
+        (0..len).map(|i| ((i as u32).wrapping_mul(2654435761) ^ seed) as f32 / u32::MAX as f32 - 0.5).collect()
+    };
+    let (x, w) = (fill(m * k, 1), fill(n * k, 2));
+    let packed = PackedBf16::pack(&w, n, k);
+    let flops = 2.0 * (m * n * k) as f64;
+    let time = |f: &mut dyn FnMut()| {
+        f();
+        let t0 = std::time::Instant::now();
+        for _ in 0..reps {
+            f();
+        }
+        flops / (t0.elapsed().as_secs_f64() / reps as f64) / 1e9
+    };
+    let full = time(&mut || {
+        std::hint::black_box(packed.matmul(&x, m));
+    });
+    let m_pad = round_up(m, BLOCK);
+    let a = to_bf16_tiles(&x, m, k, m_pad, packed.k_pad);
+    let mut c = vec![0f32; m_pad * packed.n_pad];
+    let mut small = vec![0f32; ROWS_PER_TASK * packed.n_pad];
+    let mut kernel = |to_small: bool| {
+        for rt in (0..m_pad).step_by(ROWS_PER_TASK) {
+            let rows = rt..(rt + ROWS_PER_TASK).min(m_pad);
+            for ct in (0..packed.n_pad).step_by(COLS_PER_TASK) {
+                let cols = ct..(ct + COLS_PER_TASK).min(packed.n_pad);
+                let (a, rows, out) = if to_small {
+                    (&a[rt * packed.k_pad..], 0..rows.len(), small.as_mut_ptr())
+                } else {
+                    (&a[..], rows.clone(), c.as_mut_ptr())
+                };
+                // SAFETY: AMX is available; `a` holds the rows' tiles and
+                // `c` (`small`) m_pad (ROWS_PER_TASK) rows of n_pad values.
+                unsafe { packed.block(a, packed.k_pad, packed.k_pad / BLOCK, rows, cols, out, packed.n_pad) };
+            }
+        }
+    };
+    let alone = time(&mut || kernel(false));
+    let no_output = time(&mut || kernel(true));
+    Some([full, alone, no_output])
+}
+
 /// A buffer aligned to 64 bytes, so that every tile row (64 bytes) is one
 /// cache line.
 pub struct Aligned<T: Copy> {
@@ -371,24 +423,14 @@ pub fn from_bf16(h: u16) -> f32 {
 /// tiles of 16 rows x 32 values, each tile 1 KiB contiguous, so that every
 /// tile load reads consecutive cache lines.
 fn to_bf16_tiles(x: &[f32], m: usize, k: usize, m_pad: usize, k_pad: usize) -> Aligned<u16> {
-    let kb = k_pad / BLOCK;
     let mut a = Aligned::<u16>::zeroed(m_pad * k_pad);
-    a.par_chunks_mut(16 * k_pad)
-        .enumerate()
-        .for_each(|(mb, dst)| {
-            let mut buf = vec![0u16; k_pad];
-            for r in 0..16 {
-                let i = mb * 16 + r;
-                if i >= m {
-                    break;
-                }
-                convert_row(&x[i * k..(i + 1) * k], &mut buf[..k]);
-                for blk in 0..kb {
-                    dst[blk * 512 + r * 32..blk * 512 + r * 32 + 32]
-                        .copy_from_slice(&buf[blk * 32..blk * 32 + 32]);
-                }
-            }
-        });
+    // One tile row (16 rows of x) per task; rows past m stay zero.
+    a.par_chunks_mut(16 * k_pad).enumerate().for_each(|(mb, dst)| {
+        for r in 0..16.min(m.saturating_sub(mb * 16)) {
+            let i = mb * 16 + r;
+            row_to_tiles(dst, k_pad, r, &x[i * k..(i + 1) * k], 1.0);
+        }
+    });
     a
 }
 
@@ -407,19 +449,9 @@ pub(crate) fn row_to_tiles(dst: &mut [u16], k_pad: usize, r: usize, src: &[f32],
 fn row_to_tiles_scalar(dst: &mut [u16], k_pad: usize, r: usize, src: &[f32], scale: f32) {
     let kb = k_pad / BLOCK;
     let base = (r / 16) * kb * 512 + (r % 16) * 32;
-    let mut buf = [0f32; BLOCK];
     for blk in 0..kb {
-        let d = &mut dst[base + blk * 512..base + blk * 512 + 32];
-        let lo = (blk * BLOCK).min(src.len());
-        let hi = ((blk + 1) * BLOCK).min(src.len());
-        if hi - lo == BLOCK && scale == 1.0 {
-            convert_row(&src[lo..hi], d);
-        } else {
-            buf.fill(0.0);
-            for (b, &x) in buf.iter_mut().zip(&src[lo..hi]) {
-                *b = x * scale;
-            }
-            convert_row(&buf, d);
+        for (j, d) in dst[base + blk * 512..base + blk * 512 + 32].iter_mut().enumerate() {
+            *d = src.get(blk * BLOCK + j).map_or(0, |&x| to_bf16(x * scale));
         }
     }
 }
@@ -451,35 +483,6 @@ unsafe fn row_to_tiles_avx512(dst: &mut [u16], k_pad: usize, r: usize, src: &[f3
         // The second operand fills the low half.
         let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
         _mm512_storeu_si512(dst.as_mut_ptr().add(base + blk * 512) as *mut _, v);
-    }
-}
-
-fn convert_row(src: &[f32], dst: &mut [u16]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512bf16") {
-        // SAFETY: the feature was just detected.
-        unsafe { convert_row_avx512(src, dst) };
-        return;
-    }
-    for (d, &s) in dst.iter_mut().zip(src) {
-        *d = to_bf16(s);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn convert_row_avx512(src: &[f32], dst: &mut [u16]) {
-    use std::arch::x86_64::*;
-    let n = src.len().min(dst.len());
-    let mut i = 0;
-    while i + 16 <= n {
-        let v = _mm512_loadu_ps(src.as_ptr().add(i));
-        let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
-        _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, h);
-        i += 16;
-    }
-    for j in i..n {
-        dst[j] = to_bf16(src[j]);
     }
 }
 
@@ -520,88 +523,12 @@ mod tests {
         assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
         assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
         assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
-        let src: Vec<f32> = pseudo(37, 3);
-        let mut fast = vec![0u16; 37];
-        convert_row(&src, &mut fast);
+        // The vector conversion (one tile row) rounds the same way.
+        let src: Vec<f32> = pseudo(32, 3);
+        let mut fast = vec![0u16; 512];
+        row_to_tiles(&mut fast, 32, 0, &src, 1.0);
         let slow: Vec<u16> = src.iter().map(|&v| to_bf16(v)).collect();
-        assert_eq!(fast, slow);
-    }
-
-    /// Throughput of the tile kernel at the shapes of SmolLM2's layers (not a
-    /// check: `cargo test --release -p kvembed-engine --lib amx_throughput --
-    /// --ignored --nocapture`).
-    #[test]
-    #[ignore]
-    fn amx_throughput() {
-        if !available() {
-            return;
-        }
-        for &(m, n, k) in &[(2048, 1536, 576), (2048, 576, 1536), (2048, 576, 576), (8192, 1536, 576)] {
-            let x = pseudo(m * k, 1);
-            let w = pseudo(n * k, 2);
-            let packed = PackedBf16::pack(&w, n, k);
-            let _ = packed.matmul(&x, m);
-            let reps = 5;
-            let t0 = std::time::Instant::now();
-            for _ in 0..reps {
-                std::hint::black_box(packed.matmul(&x, m));
-            }
-            let s = t0.elapsed().as_secs_f64() / reps as f64;
-            let flops = 2.0 * (m * n * k) as f64;
-            // The tile kernel alone, on this thread: operands converted once.
-            let m_pad = round_up(m, BLOCK);
-            let a = to_bf16_tiles(&x, m, k, m_pad, packed.k_pad);
-            let mut c = vec![0f32; m_pad * packed.n_pad];
-            let t1 = std::time::Instant::now();
-            for _ in 0..reps {
-                for rt in (0..m_pad).step_by(ROWS_PER_TASK) {
-                    for ct in (0..packed.n_pad).step_by(COLS_PER_TASK) {
-                        unsafe {
-                            packed.block(
-                                &a,
-                                packed.k_pad,
-                                packed.k_pad / BLOCK,
-                                rt..(rt + ROWS_PER_TASK).min(m_pad),
-                                ct..(ct + COLS_PER_TASK).min(packed.n_pad),
-                                c.as_mut_ptr(),
-                                packed.n_pad,
-                            )
-                        };
-                    }
-                }
-            }
-            let s1 = t1.elapsed().as_secs_f64() / reps as f64;
-            // The same, all results to one small block (no output traffic).
-            let mut small = vec![0f32; ROWS_PER_TASK * packed.n_pad];
-            let t2 = std::time::Instant::now();
-            for _ in 0..reps {
-                for rt in (0..m_pad).step_by(ROWS_PER_TASK) {
-                    for ct in (0..packed.n_pad).step_by(COLS_PER_TASK) {
-                        let rows = rt..(rt + ROWS_PER_TASK).min(m_pad);
-                        unsafe {
-                            packed.block(
-                                &a[rt * packed.k_pad..],
-                                packed.k_pad,
-                                packed.k_pad / BLOCK,
-                                0..rows.len(),
-                                ct..(ct + COLS_PER_TASK).min(packed.n_pad),
-                                small.as_mut_ptr(),
-                                packed.n_pad,
-                            )
-                        };
-                    }
-                }
-            }
-            let s2 = t2.elapsed().as_secs_f64() / reps as f64;
-            println!("  no output traffic: {:.0} GFLOP/s", flops / s2 / 1e9);
-            println!(
-                "m {m} n {n} k {k}: {:.2} ms, {:.0} GFLOP/s on {} threads; kernel alone on one thread {:.0} GFLOP/s",
-                s * 1e3,
-                flops / s / 1e9,
-                rayon::current_num_threads(),
-                flops / s1 / 1e9
-            );
-        }
+        assert_eq!(fast[..32], slow[..]);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! products run on the AMX tiles, the same two products in bf16 on the tiles
 //! (`AttnShape::bf16_products`); the scale, mask and softmax are f32 in both.
 
+use crate::amx::{round_up, PackedBf16, BLOCK as TILE};
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy)]
@@ -57,46 +58,95 @@ unsafe impl Sync for SendPtr {}
 /// shapes depended on the padded length differed in the last bits, which
 /// bf16 rounding downstream can amplify to 1e-3.)
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, lens: &[usize]) -> Vec<f32> {
-    if s.bf16_products && crate::amx::available() {
-        return attention_bf16(q, k, v, s, lens);
-    }
     let off = usize::from(s.prefix_bias.is_some());
     let (t, hd) = (s.seq, s.head_dim);
     let kv_t = t + off;
     assert_eq!(q.len(), s.batch * s.n_heads * t * hd);
     assert_eq!(k.len(), s.batch * s.n_kv_heads * kv_t * hd);
     assert_eq!(v.len(), k.len());
-    let mut out = Output::new(s, lens);
-    let out_ptr = out.ptr();
+    let real: Vec<usize> = (0..s.batch).map(|b| lens.get(b).copied().unwrap_or(t).min(t)).collect();
+    // The tile path packs each (sequence, kv head)'s keys and transposed
+    // values once, as the weights of `q·kᵀ` and `p·v`, shared by its query
+    // heads and blocks; only the sequence's real keys are packed.
+    let packs: Option<Vec<(PackedBf16, PackedBf16)>> = (s.bf16_products && crate::amx::available()).then(|| {
+        (0..s.batch * s.n_kv_heads)
+            .into_par_iter()
+            .map(|bk| {
+                let n = real[bk / s.n_kv_heads] + off;
+                let kb = &k[bk * kv_t * hd..][..n * hd];
+                let vb = &v[bk * kv_t * hd..][..n * hd];
+                (PackedBf16::pack(kb, n, hd), PackedBf16::pack_transposed(vb, n, hd))
+            })
+            .collect()
+    });
+    let block = if packs.is_some() { BF16_BLOCK } else { BLOCK };
+    let mut out = Vec::with_capacity(s.batch * t * s.n_heads * hd);
+    let out_ptr = SendPtr(out.as_mut_ptr());
     let n_rep = s.n_heads / s.n_kv_heads;
-    let blocks = t.div_ceil(BLOCK);
-    let row_stride = s.n_heads * hd;
+    let blocks = t.div_ceil(block);
     (0..s.batch * s.n_heads * blocks).into_par_iter().for_each(|task| {
         let out_ptr = out_ptr;
         let blk = task % blocks;
         let h = (task / blocks) % s.n_heads;
         let b = task / blocks / s.n_heads;
-        let kvh = h / n_rep;
-        let start = blk * BLOCK;
-        let real = lens.get(b).copied().unwrap_or(t).min(t);
-        if start >= real {
+        let start = blk * block;
+        if start >= real[b] {
             return;
         }
-        let end = (start + BLOCK).min(real);
-        let rows = end - start;
-        // Keys past the block's last query are masked anyway: skip them.
-        let cols = end + off;
-        let qb = &q[((b * s.n_heads + h) * t + start) * hd..];
-        let kb = &k[(b * s.n_kv_heads + kvh) * kv_t * hd..];
-        let vb = &v[(b * s.n_kv_heads + kvh) * kv_t * hd..];
-        SCORES.with_borrow_mut(|scores| {
+        let end = (start + block).min(real[b]);
+        let task = Task {
+            // Keys past the block's last query are masked anyway: skip them.
+            cols: end + off,
+            rows: end - start,
+            start,
+            q: &q[((b * s.n_heads + h) * t + start) * hd..],
+            // SAFETY: rows start..end of head h of sequence b are written
+            // by this task only; the row stride keeps them inside `out`.
+            dst: unsafe { out_ptr.0.add(((b * t + start) * s.n_heads + h) * hd) },
+        };
+        let kvh = b * s.n_kv_heads + h / n_rep;
+        match &packs {
+            Some(packs) => tile_block(&task, &packs[kvh], s),
+            None => f32_block(&task, &k[kvh * kv_t * hd..], &v[kvh * kv_t * hd..], s),
+        }
+    });
+    // Padding rows are zero; every other row was written by its tasks (each
+    // head's part), so the buffer is allocated without zeroing.
+    let row = s.n_heads * hd;
+    for (b, &len) in real.iter().enumerate() {
+        // SAFETY: rows len..t of sequence b lie inside the capacity.
+        unsafe { std::ptr::write_bytes(out.as_mut_ptr().add((b * t + len) * row), 0, (t - len) * row) };
+    }
+    // SAFETY: every row is written (above and by the tasks).
+    unsafe { out.set_len(s.batch * t * row) };
+    out
+}
+
+/// One task: query rows `start..start + rows` of one (sequence, head),
+/// against the first `cols` keys (the prefix included).
+struct Task<'a> {
+    start: usize,
+    rows: usize,
+    cols: usize,
+    /// The task's first query row; rows follow each other (`head_dim` apart).
+    q: &'a [f32],
+    /// The task's first output row; rows are `n_heads * head_dim` apart.
+    dst: *mut f32,
+}
+
+/// A task's block with f32 GEMMs; `kb`, `vb`: its kv head's keys and values.
+fn f32_block(task: &Task, kb: &[f32], vb: &[f32], s: AttnShape) {
+    let (rows, cols, hd) = (task.rows, task.cols, s.head_dim);
+    let off = usize::from(s.prefix_bias.is_some());
+    SCORES.with_borrow_mut(|scores| {
         // Every value is written by the product below (it does not read
         // `scores`): the buffer is reused without zeroing.
         if scores.len() < rows * cols {
             scores.resize(rows * cols, 0.0);
         }
         let scores = &mut scores[..rows * cols];
-        // SAFETY: shapes and strides describe slices checked above.
+        // SAFETY: shapes and strides describe slices of the caller's checked
+        // inputs; `task.dst` is valid for the task's rows.
         unsafe {
             gemm::gemm(
                 rows,
@@ -106,7 +156,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, lens: &[usize]) 
                 1,
                 cols as isize,
                 false,
-                qb.as_ptr(),
+                task.q.as_ptr(),
                 1,
                 hd as isize,
                 kb.as_ptr(),
@@ -122,20 +172,18 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, lens: &[usize]) 
         }
         for r in 0..rows {
             let row = &mut scores[r * cols..(r + 1) * cols];
-            let inv = softmax_row(row, start + r, off, s);
+            let inv = softmax_row(row, task.start + r, off, s);
             row.iter_mut().for_each(|x| *x *= inv);
         }
-        // SAFETY: rows start..end of head h of sequence b are written by this
-        // task only; strides stay inside `out`.
+        // SAFETY: as above.
         unsafe {
-            let dst = out_ptr.0.add(((b * t + start) * s.n_heads + h) * hd);
             gemm::gemm(
                 rows,
                 hd,
                 cols,
-                dst,
+                task.dst,
                 1,
-                row_stride as isize,
+                (s.n_heads * hd) as isize,
                 false,
                 scores.as_ptr(),
                 1,
@@ -151,49 +199,62 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, lens: &[usize]) 
                 gemm::Parallelism::None,
             );
         }
-        });
     });
-    out.finish()
 }
 
-/// The `[B, T, H * hd]` result, allocated without zeroing: the tasks write
-/// every real row, [`Output::finish`] zeroes the padding rows.
-struct Output {
-    buf: Vec<f32>,
-    row: usize,
-    seq: usize,
-    real: Vec<usize>,
-}
-
-impl Output {
-    fn new(s: AttnShape, lens: &[usize]) -> Output {
-        let real = (0..s.batch).map(|b| lens.get(b).copied().unwrap_or(s.seq).min(s.seq)).collect();
-        let row = s.n_heads * s.head_dim;
-        Output { buf: Vec::with_capacity(s.batch * s.seq * row), row, seq: s.seq, real }
-    }
-
-    fn ptr(&mut self) -> SendPtr {
-        SendPtr(self.buf.as_mut_ptr())
-    }
-
-    fn finish(mut self) -> Vec<f32> {
-        let p = self.buf.as_mut_ptr();
-        for (b, &real) in self.real.iter().enumerate() {
-            // SAFETY: rows real..seq of sequence b lie inside the capacity.
-            unsafe { std::ptr::write_bytes(p.add((b * self.seq + real) * self.row), 0, (self.seq - real) * self.row) };
+/// A task's block on the AMX tiles; `(kp, vp)`: its kv head's packed keys
+/// and transposed values. Rows are padded to 32 and keys to 32 (with zero
+/// probabilities); the padding never reaches the output.
+fn tile_block(task: &Task, (kp, vp): &(PackedBf16, PackedBf16), s: AttnShape) {
+    let (rows, cols, hd) = (task.rows, task.cols, s.head_dim);
+    let off = usize::from(s.prefix_bias.is_some());
+    let (rows_pad, cols_pad, hd_pad) = (round_up(rows, TILE), round_up(cols, TILE), round_up(hd, TILE));
+    TILES.with_borrow_mut(|sc| {
+        // Query rows, scaled before rounding (as a scaled logit would be),
+        // zero rows up to the tile height.
+        sc.q.set_len(rows_pad * hd_pad);
+        for r in 0..rows_pad {
+            let src = if r < rows { &task.q[r * hd..(r + 1) * hd] } else { &[][..] };
+            crate::amx::row_to_tiles(&mut sc.q, hd_pad, r, src, s.scale);
         }
-        // SAFETY: every row is now written: the real rows (each head's
-        // part) by the attention tasks, the padding rows just above.
-        unsafe { self.buf.set_len(self.real.len() * self.seq * self.row) };
-        self.buf
-    }
+        sc.scores.resize(sc.scores.len().max(rows_pad * cols_pad), 0.0);
+        // SAFETY: AMX is available (the caller packed for it); the query
+        // tiles hold rows_pad x hd_pad values, the keys' packing at least
+        // cols_pad outputs (cols <= the sequence's real keys) of hd_pad
+        // inputs, and `scores` rows_pad x cols_pad values.
+        unsafe {
+            kp.block(&sc.q, hd_pad, hd_pad / TILE, 0..rows_pad, 0..cols_pad, sc.scores.as_mut_ptr(), cols_pad);
+        }
+        sc.p.set_len(rows_pad * cols_pad);
+        for r in 0..rows_pad {
+            if r < rows {
+                let row = &mut sc.scores[r * cols_pad..(r + 1) * cols_pad];
+                let inv = softmax_row(row, task.start + r, off, s);
+                crate::amx::row_to_tiles(&mut sc.p, cols_pad, r, row, inv);
+            } else {
+                crate::amx::row_to_tiles(&mut sc.p, cols_pad, r, &[], 1.0);
+            }
+        }
+        sc.out.resize(sc.out.len().max(rows_pad * hd_pad), 0.0);
+        // SAFETY: as above; the values' packing has at least cols_pad inputs
+        // (the sequence's real keys, padded) and hd_pad outputs.
+        unsafe {
+            vp.block(&sc.p, cols_pad, cols_pad / TILE, 0..rows_pad, 0..hd_pad, sc.out.as_mut_ptr(), hd_pad);
+        }
+        for r in 0..rows {
+            // SAFETY: `task.dst` is valid for the task's rows.
+            unsafe {
+                std::ptr::copy_nonoverlapping(sc.out.as_ptr().add(r * hd_pad), task.dst.add(r * s.n_heads * hd), hd);
+            }
+        }
+    });
 }
 
 thread_local! {
     /// Each worker thread's score buffer, reused from task to task (a fresh
     /// zeroed buffer per task cost about 6 % of a long pass in `memset`).
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// The same for the bf16 path: the query tiles, the scores, the
+    /// The same for the tile path: the query tiles, the scores, the
     /// probability tiles and the output block.
     static TILES: std::cell::RefCell<TileScratch> = std::cell::RefCell::new(TileScratch::default());
 }
@@ -238,96 +299,6 @@ impl Default for TileScratch {
             out: Vec::new(),
         }
     }
-}
-
-/// [`attention`] with both products on the AMX tiles. Each (sequence, kv
-/// head)'s keys and transposed values are packed once, as the weights of
-/// `q·kᵀ` and `p·v`, and shared by its query heads and blocks. A query
-/// block's rows are padded to 32 and its keys to 32 (with zero
-/// probabilities), and every product covers only the sequence's real
-/// positions, so a sequence's result does not depend on its batch-mates.
-fn attention_bf16(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, lens: &[usize]) -> Vec<f32> {
-    use crate::amx::{round_up, PackedBf16, BLOCK as TILE};
-    let off = usize::from(s.prefix_bias.is_some());
-    let (t, hd) = (s.seq, s.head_dim);
-    let kv_t = t + off;
-    assert_eq!(q.len(), s.batch * s.n_heads * t * hd);
-    assert_eq!(k.len(), s.batch * s.n_kv_heads * kv_t * hd);
-    assert_eq!(v.len(), k.len());
-    let real = |b: usize| lens.get(b).copied().unwrap_or(t).min(t);
-    let packs: Vec<(PackedBf16, PackedBf16)> = (0..s.batch * s.n_kv_heads)
-        .into_par_iter()
-        .map(|bk| {
-            let n = real(bk / s.n_kv_heads) + off;
-            let kb = &k[bk * kv_t * hd..][..n * hd];
-            let vb = &v[bk * kv_t * hd..][..n * hd];
-            (PackedBf16::pack(kb, n, hd), PackedBf16::pack_transposed(vb, n, hd))
-        })
-        .collect();
-    let mut out = Output::new(s, lens);
-    let out_ptr = out.ptr();
-    let n_rep = s.n_heads / s.n_kv_heads;
-    let blocks = t.div_ceil(BF16_BLOCK);
-    let hd_pad = round_up(hd, TILE);
-    (0..s.batch * s.n_heads * blocks).into_par_iter().for_each(|task| {
-        let out_ptr = out_ptr;
-        let blk = task % blocks;
-        let h = (task / blocks) % s.n_heads;
-        let b = task / blocks / s.n_heads;
-        let (kp, vp) = &packs[b * s.n_kv_heads + h / n_rep];
-        let start = blk * BF16_BLOCK;
-        let len = real(b);
-        if start >= len {
-            return;
-        }
-        let end = (start + BF16_BLOCK).min(len);
-        let rows = end - start;
-        let cols = end + off;
-        let (rows_pad, cols_pad) = (round_up(rows, TILE), round_up(cols, TILE));
-        TILES.with_borrow_mut(|sc| {
-            // Query rows (scaled: the scale is applied before rounding, as a
-            // scaled logit would be), zero rows up to the tile height.
-            sc.q.set_len(rows_pad * hd_pad);
-            let qb = &q[((b * s.n_heads + h) * t + start) * hd..][..rows * hd];
-            for r in 0..rows_pad {
-                let src = if r < rows { &qb[r * hd..(r + 1) * hd] } else { &[][..] };
-                crate::amx::row_to_tiles(&mut sc.q, hd_pad, r, src, s.scale);
-            }
-            sc.scores.resize(sc.scores.len().max(rows_pad * cols_pad), 0.0);
-            // SAFETY: AMX is available (checked by the caller); the query
-            // tiles hold rows_pad x hd_pad values, the keys' packing holds at
-            // least cols_pad outputs (cols <= the sequence's real keys) of
-            // hd_pad inputs, and `scores` rows_pad x cols_pad values.
-            unsafe {
-                kp.block(&sc.q, hd_pad, hd_pad / TILE, 0..rows_pad, 0..cols_pad, sc.scores.as_mut_ptr(), cols_pad);
-            }
-            sc.p.set_len(rows_pad * cols_pad);
-            for r in 0..rows_pad {
-                if r < rows {
-                    let row = &mut sc.scores[r * cols_pad..(r + 1) * cols_pad];
-                    let inv = softmax_row(row, start + r, off, s);
-                    crate::amx::row_to_tiles(&mut sc.p, cols_pad, r, row, inv);
-                } else {
-                    crate::amx::row_to_tiles(&mut sc.p, cols_pad, r, &[], 1.0);
-                }
-            }
-            sc.out.resize(sc.out.len().max(rows_pad * hd_pad), 0.0);
-            // SAFETY: as above; the values' packing has at least cols_pad
-            // inputs (the sequence's real keys, padded) and hd_pad outputs.
-            unsafe {
-                vp.block(&sc.p, cols_pad, cols_pad / TILE, 0..rows_pad, 0..hd_pad, sc.out.as_mut_ptr(), hd_pad);
-            }
-            for r in 0..rows {
-                // SAFETY: rows start..end of head h of sequence b are
-                // written by this task only; strides stay inside `out`.
-                unsafe {
-                    let dst = out_ptr.0.add(((b * t + start + r) * s.n_heads + h) * hd);
-                    std::ptr::copy_nonoverlapping(sc.out.as_ptr().add(r * hd_pad), dst, hd);
-                }
-            }
-        });
-    });
-    out.finish()
 }
 
 #[cfg(test)]
