@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -377,7 +378,7 @@ def run(args):
                             if r.get("emb0"):
                                 slot["emb0_head"] = r["emb0"][:4]
                                 slot["_emb0"] = r["emb0"]
-                        med = sorted(slot["seconds"])[len(slot["seconds"]) // 2] if slot["seconds"] else None
+                        med = statistics.median(slot["seconds"]) if slot["seconds"] else None
                         msg = f"{b * n / med:,.0f} tok/s" if med else f"ERROR {slot.get('error', '')[:200]}"
                         print(f"[bench] {name} {key} round {rd + 1}/{rounds} {slot_name}: {msg}", flush=True)
             if "llama" in sres and "torch" in sres:

@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def st(xs):
     xs = sorted(x for x in (xs or []) if x is not None)
     if not xs:
         return None
-    return xs[0], xs[len(xs) // 2], xs[-1]
+    return xs[0], statistics.median(xs), xs[-1]
 
 
 def f(x, d=0):
@@ -64,7 +65,7 @@ def spread(t):
 
 def pct(xs):
     xs = [x for x in (xs or []) if x is not None]
-    return f"{sorted(xs)[len(xs) // 2] * 100:.0f} %" if xs else "—"
+    return f"{statistics.median(xs) * 100:.0f} %" if xs else "—"
 
 
 def busy_note(*lists):
@@ -73,7 +74,7 @@ def busy_note(*lists):
     for xs in lists:
         xs = sorted(x for x in (xs or []) if x is not None)
         if xs:
-            worst = max(worst, xs[len(xs) // 2])
+            worst = max(worst, statistics.median(xs))
     return f" (other processes held {worst * 100:.0f} % of the CPU meanwhile: not conclusive)" if worst > 0.2 else ""
 
 

@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -69,7 +70,7 @@ def make_texts(n, seed=20240611):
 
 def stats(xs):
     xs = sorted(xs)
-    return {"min": xs[0], "median": xs[len(xs) // 2], "max": xs[-1], "n": len(xs)} if xs else None
+    return {"min": xs[0], "median": statistics.median(xs), "max": xs[-1], "n": len(xs)} if xs else None
 
 
 def ensure_cluster():

@@ -304,10 +304,21 @@ pub fn time_forward(e: &Embedder, method: &str, batch: usize, len: usize, repeat
     let fopts = forward_options(e, &kvembed_engine::method::Method::from_name(method)?)?;
     let seqs = synthetic_texts(e, batch, len)?;
     forward_seconds(e, &seqs, &fopts)?;
-    let mut times = (0..repeat.max(1)).map(|_| forward_seconds(e, &seqs, &fopts)).collect::<Result<Vec<f64>>>()?;
-    times.sort_by(|a, b| a.total_cmp(b));
-    let med = times[times.len() / 2];
+    let times = (0..repeat.max(1)).map(|_| forward_seconds(e, &seqs, &fopts)).collect::<Result<Vec<f64>>>()?;
+    let med = median(&times);
     Ok((med, (batch * len) as f64 / med))
+}
+
+/// The median of run times (the mean of the two middle values for an even
+/// count; NaN for none).
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -371,13 +382,13 @@ pub fn bench(
     sort(&mut times);
     sort(&mut times2);
     let total = (batch * tokens) as f64;
-    let med = times[times.len() / 2];
+    let med = median(&times);
     if json {
         let mut doc = serde_json::json!({"method": m.name, "batch": batch, "tokens": tokens, "seconds": times,
             "tokens_per_s_median": total / med, "texts_per_s_median": batch as f64 / med,
             "matmul": e.decoder.matmul_kernel()});
         if let Some((m2, _)) = &other {
-            let med2 = times2[times2.len() / 2];
+            let med2 = median(&times2);
             doc["vs_method"] = serde_json::json!(m2.name);
             doc["vs_seconds"] = serde_json::json!(times2);
             doc["vs_tokens_per_s_median"] = serde_json::json!(total / med2);
@@ -385,7 +396,7 @@ pub fn bench(
         println!("{doc}");
     } else {
         let line = |name: &str, t: &[f64]| {
-            let med = t[t.len() / 2];
+            let med = median(t);
             println!(
                 "{} {}x{}: {:.0} tokens/s, {:.1} texts/s (median of {}; min {:.3}s max {:.3}s)",
                 name,
@@ -424,8 +435,8 @@ pub fn bench_texts(model: &ModelArgs, method: &MethodArgs, file: &Path, repeat: 
         tokens = e.embed(&texts, Role::Document, &opts)?.tokens;
         times.push(t0.elapsed().as_secs_f64());
     }
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let med = times[times.len() / 2];
+    times.sort_by(|a, b| a.total_cmp(b));
+    let med = median(&times);
     let n = texts.len() as f64;
     if json {
         println!(
@@ -504,3 +515,16 @@ pub fn quality(args: &QualityArgs) -> Result<()> {
 /// The hand-written findings that head docs/QUALITY.md (kept in
 /// docs/quality-notes.md so regenerating the page keeps them).
 pub const QUALITY_NOTES: &str = include_str!("../../docs/quality-notes.md");
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_takes_the_middle_or_the_mean_of_the_two_middle_values() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[5.0]), 5.0);
+        assert!(median(&[]).is_nan());
+    }
+}
