@@ -11,9 +11,11 @@
 //! The tile instructions are written as inline assembly (Rust's AMX
 //! intrinsics are not stable). The kernel computes a 32 x 32 block of the
 //! output with the four accumulator tiles 0-3, A tiles 4-5 and B tiles 6-7,
-//! stepping 32 inputs at a time. Rows are padded to a multiple of 32 and
-//! inputs and outputs to multiples of 32 with zeros, so the kernel needs no
-//! edge cases; a row's result never depends on the other rows of the batch.
+//! stepping 32 inputs at a time; a last block of only 16 rows uses a 16 x 32
+//! variant. Rows are padded to a multiple of 16 (one tile row: a short text
+//! of 42 tokens computes 48 rows, not 64) and inputs and outputs to
+//! multiples of 32 with zeros, so the kernels need no other edge cases; a
+//! row's result never depends on the other rows of the batch.
 //!
 //! The kernel is used only after [`available`] has checked the CPU (CPUID)
 //! and obtained the kernel's permission for the tile data state
@@ -26,6 +28,8 @@ use rayon::prelude::*;
 
 /// Rows, columns and inputs of one kernel block.
 pub(crate) const BLOCK: usize = 32;
+/// Rows of one tile: activations are padded to a multiple of this.
+pub(crate) const ROW_TILE: usize = 16;
 /// Rows of the activations handled by one task (four kernel blocks).
 const ROWS_PER_TASK: usize = 128;
 /// Output column pairs (of 32) handled by one task.
@@ -143,7 +147,7 @@ impl PackedBf16 {
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert!(available(), "AMX-BF16 is not available on this CPU");
         assert_eq!(x.len(), m * self.k, "activations hold m x k values");
-        let m_pad = round_up(m.max(1), BLOCK);
+        let m_pad = round_up(m.max(1), ROW_TILE);
         let a = to_bf16_tiles(x, m, self.k, m_pad, self.k_pad);
         // Every value of `c` is written by a tile store before it is read:
         // it is allocated, not zeroed (the memset cost about 8 % of a pass
@@ -181,7 +185,8 @@ impl PackedBf16 {
     }
 
     /// `c[r][j] = Σ_i a[r][i] w[j][i]` on the current thread, for rows `rows`
-    /// and output columns `cols` (multiples of 32, `cols` within `n_pad`),
+    /// (starting at a multiple of 32, a multiple of 16 long) and output
+    /// columns `cols` (multiples of 32, within `n_pad`),
     /// over the first `kb` steps of 32 inputs (`kb <= k_pad / 32`). `a` is in
     /// tile order (see [`to_bf16_tiles`]) with its inputs padded to `a_kpad`
     /// (at least `32 kb`; `a`'s inputs past those steps are ignored); `c` has
@@ -202,6 +207,7 @@ impl PackedBf16 {
     ) {
         debug_assert!(kb * BLOCK <= self.k_pad && kb * BLOCK <= a_kpad && cols.end <= self.n_pad);
         debug_assert!(a.len() >= rows.end * a_kpad);
+        debug_assert!(rows.start % BLOCK == 0 && rows.len() % ROW_TILE == 0);
         #[cfg(target_arch = "x86_64")]
         {
             let cfg = TileConfig::all_16x64();
@@ -210,10 +216,15 @@ impl PackedBf16 {
             for np in (cols.start / BLOCK)..(cols.end / BLOCK) {
                 let b = self.data.as_ptr().add(np * w_steps * 2 * 512);
                 for m0 in rows.clone().step_by(BLOCK) {
-                    // Rows m0..m0+16 and m0+16..m0+32: two tile rows of `a`.
+                    // Rows m0..m0+16 and m0+16..m0+32: two tile rows of `a`
+                    // (only the first for a last block of 16 rows).
                     let a0 = a.as_ptr().add(m0 * a_kpad);
                     let c0 = c.add(m0 * c_stride + np * BLOCK);
-                    kernel_32x32(a0, a0.add(16 * a_kpad), b, kb, c0, c_stride * 4);
+                    if m0 + ROW_TILE == rows.end {
+                        kernel_16x32(a0, b, kb, c0, c_stride * 4);
+                    } else {
+                        kernel_32x32(a0, a0.add(16 * a_kpad), b, kb, c0, c_stride * 4);
+                    }
                 }
             }
             std::arch::asm!("tilerelease", options(nostack, nomem));
@@ -250,7 +261,7 @@ pub fn throughput(m: usize, n: usize, k: usize, reps: usize) -> Option<[f64; 3]>
     let full = time(&mut || {
         std::hint::black_box(packed.matmul(&x, m));
     });
-    let m_pad = round_up(m, BLOCK);
+    let m_pad = round_up(m, ROW_TILE);
     let a = to_bf16_tiles(&x, m, k, m_pad, packed.k_pad);
     let mut c = vec![0f32; m_pad * packed.n_pad];
     let mut small = vec![0f32; ROWS_PER_TASK * packed.n_pad];
@@ -399,6 +410,36 @@ unsafe fn kernel_32x32(
         k = inout(reg) kb => _,
         c = in(reg) c,
         c2 = in(reg) c_low,
+        sb = in(reg) 64usize,
+        sc = in(reg) c_stride,
+        options(nostack),
+    );
+}
+
+/// [`kernel_32x32`] for 16 rows: tiles 0-1 accumulate, tile 4 holds the
+/// rows of `a`, tiles 6-7 the two halves of `b`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn kernel_16x32(a: *const u16, b: *const u16, kb: usize, c: *mut f32, c_stride: usize) {
+    std::arch::asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "2:",
+        "tileloadd tmm4, [{a} + {sb}*1]",
+        "tileloadd tmm6, [{b} + {sb}*1]",
+        "tileloadd tmm7, [{b} + {sb}*1 + 1024]",
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "add {a}, 1024",
+        "add {b}, 2048",
+        "dec {k}",
+        "jnz 2b",
+        "tilestored [{c} + {sc}*1], tmm0",
+        "tilestored [{c} + {sc}*1 + 64], tmm1",
+        a = inout(reg) a => _,
+        b = inout(reg) b => _,
+        k = inout(reg) kb => _,
+        c = in(reg) c,
         sb = in(reg) 64usize,
         sc = in(reg) c_stride,
         options(nostack),
@@ -565,6 +606,8 @@ mod tests {
         for &(m, n, k) in &[
             (1, 1, 1),
             (5, 40, 70),
+            (16, 32, 32),
+            (42, 64, 64),
             (32, 64, 96),
             (200, 300, 130),
             (64, 576, 576),

@@ -11,7 +11,7 @@
 //! products run on the AMX tiles, the same two products in bf16 on the tiles
 //! (`AttnShape::bf16_products`); the scale, mask and softmax are f32 in both.
 
-use crate::amx::{round_up, PackedBf16, BLOCK as TILE};
+use crate::amx::{round_up, PackedBf16, BLOCK as TILE, ROW_TILE};
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy)]
@@ -203,12 +203,12 @@ fn f32_block(task: &Task, kb: &[f32], vb: &[f32], s: AttnShape) {
 }
 
 /// A task's block on the AMX tiles; `(kp, vp)`: its kv head's packed keys
-/// and transposed values. Rows are padded to 32 and keys to 32 (with zero
-/// probabilities); the padding never reaches the output.
+/// and transposed values. Rows are padded to 16 (a tile row) and keys to
+/// 32 (with zero probabilities); the padding never reaches the output.
 fn tile_block(task: &Task, (kp, vp): &(PackedBf16, PackedBf16), s: AttnShape) {
     let (rows, cols, hd) = (task.rows, task.cols, s.head_dim);
     let off = usize::from(s.prefix_bias.is_some());
-    let (rows_pad, cols_pad, hd_pad) = (round_up(rows, TILE), round_up(cols, TILE), round_up(hd, TILE));
+    let (rows_pad, cols_pad, hd_pad) = (round_up(rows, ROW_TILE), round_up(cols, TILE), round_up(hd, TILE));
     TILES.with_borrow_mut(|sc| {
         // Query rows, scaled before rounding (as a scaled logit would be),
         // zero rows up to the tile height.
