@@ -4,11 +4,11 @@
 #
 #   bash scripts/quality_sweeps.sh [--report-only]
 #
-# (--report-only: rebuild the page from what .cache/sweep holds, run nothing.)
+# (--report-only: rebuild the page from what .cache/sweep holds, run nothing;
+# a list with no results there keeps its section from the current page.)
 # Results are kept in .cache/sweep/NAME, so a second run only rebuilds the
-# page. From nothing, the four lists take about two hours on 2 cores (a
-# full-size line about 13 minutes, a SmolLM2 line about 4, a Qwen line 7,
-# a Gemma line 3).
+# page. From nothing, the seven lists take about three hours on 2 cores
+# (each list's header gives the time of one of its lines).
 # Then splices docs/quality-notes.md into docs/QUALITY.md
 # (scripts/quality_notes.py), so the findings there match the notes.
 set -euo pipefail
@@ -20,7 +20,9 @@ if [ "${1:-}" = --report-only ]; then mode=(--report-only); fi
 
 page=docs/QUALITY-sweep.md
 tmp=$(mktemp)
-trap 'rm -f "$tmp"' EXIT
+old=$(mktemp)
+trap 'rm -f "$tmp" "$old"' EXIT
+cp "$page" "$old" 2>/dev/null || : > "$old"
 {
   echo "# STS sweeps of the re-routing window and bias"
   echo
@@ -29,16 +31,26 @@ trap 'rm -f "$tmp"' EXIT
   echo "Each table comes from \`bash scripts/sts_sweep.sh MODEL LIMIT DIR < scripts/sweeps/LIST.txt\`"
   echo "(\`kvembed eval --json\` once per line, release build, 2 threads). On STS every text is embedded as a"
   echo "document, so \`kv-no-reroute\` equals \`prompteol\` there. \`kv-LA-B\` is the default \`kv\` (PromptEOL"
-  echo "prompt, last-token pooling, b = 1) re-routing at layers A to B. What these tables say is written up in"
+  echo "prompt, last-token pooling, b = 1) re-routing at layers A to B, and \`kv-tp-LA-B\` the same with Token"
+  echo "Prepending over the first quarter of the layers (\`--method kv-tp\`). What these tables say is written up in"
   echo "docs/QUALITY.md (Findings)."
   for spec in \
       "smollm2 SmolLM2-135M-Instruct.Q4_1.gguf 150" \
       "smollm2-full SmolLM2-135M-Instruct.Q4_1.gguf 0" \
+      "smollm2-tp SmolLM2-135M-Instruct.Q4_1.gguf 150" \
       "qwen05 qwen2.5-coder-0.5b-instruct-q4_k_m.gguf 100" \
+      "qwen05-tp qwen2.5-coder-0.5b-instruct-q4_k_m.gguf 100" \
+      "qwen05-full qwen2.5-coder-0.5b-instruct-q4_k_m.gguf 0" \
       "gemma3 gemma-3-270m-q4_k_m.gguf 100"; do
     read -r name file limit <<< "$spec"
     echo
     echo "## $name"
+    if [ ${#mode[@]} -gt 0 ] && ! compgen -G ".cache/sweep/$name/*.json" > /dev/null \
+        && grep -qx "## $name" "$old"; then
+      # Nothing cached for this list: keep the section the page already has.
+      awk -v h="## $name" '$0 == h { on = 1; next } on && /^## / { exit } on' "$old" | sed '${/^$/d}'
+      continue
+    fi
     echo
     echo '```sh'
     echo "bash scripts/sts_sweep.sh \$KVEMBED_MODELS/$file $limit .cache/sweep/$name < scripts/sweeps/$name.txt"
@@ -48,6 +60,7 @@ trap 'rm -f "$tmp"' EXIT
   done
 } > "$tmp"
 mv "$tmp" "$page"
+rm -f "$old"
 trap - EXIT
 echo "wrote $page" >&2
 python3 scripts/quality_notes.py

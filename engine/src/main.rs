@@ -48,7 +48,8 @@ impl ModelArgs {
 #[derive(clap::Args, Clone, Default)]
 pub struct MethodArgs {
     /// Method: kv (default), kv-no-reroute, kv-paper, kv-paper-no-reroute,
-    /// mean, last, prompteol, echo, token-prepending.
+    /// kv-compress, kv-compress-no-reroute, kv-last, kv-echo, kv-tp, mean,
+    /// last, prompteol, echo, token-prepending (see the README).
     #[arg(long)]
     pub method: Option<String>,
     /// Re-routed layers, e.g. 6,7,8 or 6-8.

@@ -134,6 +134,9 @@ pub struct Method {
 /// (see docs/QUALITY.md for the study behind it).
 pub const DEFAULT_METHOD: &str = "kv";
 
+/// Token Prepending's layers: the first quarter of the depth (from layer 1).
+const TP_FRACTION: f32 = 0.25;
+
 pub const METHOD_NAMES: &[&str] = &[
     "kv",
     "kv-no-reroute",
@@ -143,6 +146,7 @@ pub const METHOD_NAMES: &[&str] = &[
     "kv-compress-no-reroute",
     "kv-last",
     "kv-echo",
+    "kv-tp",
     "mean",
     "last",
     "prompteol",
@@ -199,11 +203,15 @@ impl Method {
             // prompt, and re-routing inside Echo.
             "kv-last" => m("kv-last", COMPRESS_DOC, COMPRESS_QUERY, Pooling::Last, compress_reroute, None),
             "kv-echo" => m("kv-echo", ECHO, ECHO, Pooling::LastCopyMean, kv_reroute, None),
+            // Token Prepending in the early layers and re-routing at the
+            // default window: the two ways of letting early tokens see the
+            // whole text, in one pass.
+            "kv-tp" => m("kv-tp", PROMPTEOL, PROMPTEOL_QUERY, Pooling::Last, kv_reroute, Some(TP_FRACTION)),
             "mean" => m("mean", RAW, RAW, Pooling::Mean, None, None),
             "last" => m("last", RAW, RAW, Pooling::Last, None, None),
             "prompteol" => m("prompteol", PROMPTEOL, PROMPTEOL, Pooling::Last, None, None),
             "echo" => m("echo", ECHO, ECHO, Pooling::LastCopyMean, None, None),
-            "token-prepending" => m("token-prepending", PROMPTEOL, PROMPTEOL, Pooling::Last, None, Some(0.25)),
+            "token-prepending" => m("token-prepending", PROMPTEOL, PROMPTEOL, Pooling::Last, None, Some(TP_FRACTION)),
             other => {
                 return Err(EngineError::invalid("method", format!("'{other}' (known: {})", METHOD_NAMES.join(", "))))
             }
@@ -290,6 +298,17 @@ mod tests {
             assert_eq!(Method::from_name(n).unwrap().name, *n);
         }
         assert!(Method::from_name("nope").is_err());
+    }
+
+    #[test]
+    fn kv_tp_is_kv_with_token_prepending() {
+        let named = |n: &str| Method::from_name(n).unwrap();
+        let (kv, tp, both) = (named("kv"), named("token-prepending"), named("kv-tp"));
+        assert_eq!(both.document, kv.document);
+        assert_eq!(both.query, kv.query);
+        assert_eq!(both.reroute.unwrap().layers, kv.reroute.unwrap().layers);
+        assert_eq!(both.prepend, tp.prepend);
+        assert!(kv.prepend.is_none() && tp.reroute.is_none());
     }
 
     #[test]

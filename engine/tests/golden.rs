@@ -146,7 +146,7 @@ fn batched_and_one_by_one_embeddings_agree() {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    for method in ["kv", "kv-paper", "mean", "echo", "token-prepending"] {
+    for method in ["kv", "kv-paper", "mean", "echo", "token-prepending", "kv-tp"] {
         let opts = kvembed_engine::proto::EmbedOptions { method: Some(method.into()), ..Default::default() };
         let batched = e.embed(&texts, kvembed_engine::proto::Role::Document, &opts).unwrap().vectors;
         for (i, t) in texts.iter().enumerate() {
@@ -155,6 +155,24 @@ fn batched_and_one_by_one_embeddings_agree() {
             assert!(d < 1e-5, "{method}: text {i} differs by {d} between batched and single");
         }
     }
+}
+
+#[test]
+fn kv_tp_applies_both_re_routing_and_token_prepending() {
+    let dir = golden_dir("llama");
+    let e = Embedder::load(&LoadSpec::new(dir.to_str().unwrap())).unwrap();
+    let texts = vec!["The cat sat on the mat.".to_string(), "Stocks fell sharply on Monday.".to_string()];
+    let embed = |method: &str| {
+        let opts = kvembed_engine::proto::EmbedOptions { method: Some(method.into()), ..Default::default() };
+        e.embed(&texts, kvembed_engine::proto::Role::Document, &opts).unwrap().vectors
+    };
+    let max_diff = |a: &[Vec<f32>], b: &[Vec<f32>]| {
+        a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+    };
+    let (kv, tp, both) = (embed("kv"), embed("token-prepending"), embed("kv-tp"));
+    // Without the placeholder kv-tp would equal kv; without re-routing, token-prepending.
+    assert!(max_diff(&both, &kv) > 1e-3, "kv-tp equals kv: no Token Prepending");
+    assert!(max_diff(&both, &tp) > 1e-3, "kv-tp equals token-prepending: no re-routing");
 }
 
 #[test]
