@@ -115,7 +115,11 @@ report() {
     --svg "$(dirname "$out")/img/bench-throughput.svg"
 }
 
-if [ "$report_only" = 1 ]; then report; exit 0; fi
+if [ "$report_only" = 1 ]; then
+  # Rewriting the report from nothing would blank every figure in it.
+  [ -s "$results/run.json" ] || die "no results in $results to report (run the benchmark first)"
+  report; exit 0
+fi
 
 t_start=$SECONDS
 rm -f "$results"/*.json "$results"/*.err "$results"/*.log

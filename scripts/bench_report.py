@@ -72,7 +72,7 @@ def busy_note(*lists):
     """A warning for a target whose runs shared the machine with other work (median other load > 20 %)."""
     worst = 0.0
     for xs in lists:
-        xs = sorted(x for x in (xs or []) if x is not None)
+        xs = [x for x in (xs or []) if x is not None]
         if xs:
             worst = max(worst, statistics.median(xs))
     return f" (other processes held {worst * 100:.0f} % of the CPU meanwhile: not conclusive)" if worst > 0.2 else ""

@@ -378,7 +378,7 @@ pub fn bench(
             None => times.push(run(&fopts)?),
         }
     }
-    let sort = |v: &mut Vec<f64>| v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let sort = |v: &mut Vec<f64>| v.sort_by(|a, b| a.total_cmp(b));
     sort(&mut times);
     sort(&mut times2);
     let total = (batch * tokens) as f64;
