@@ -172,11 +172,15 @@ against the gold scores, per file, averaged per group (STS12/13/14, SICK trial).
         let step = (sample.len() / a.id_sample.max(1)).max(1);
         let sample: Vec<String> = sample.into_iter().step_by(step).take(a.id_sample).collect();
         let template = Template::parse(COMPRESS_DOC)?;
+        // The paper's rule as written (`select_window`) and the product's,
+        // which checks the minimum on both halves of random splits of the sample.
         let mut curves = Vec::new();
+        let mut checked = Vec::new();
         for pooling in [LayerPooling::Last, LayerPooling::Mean] {
             let reps = e.layer_representations(&sample, &template, pooling, 256, |_| true)?;
-            let c: Vec<f64> = reps.iter().map(|l| kvembed_engine::twonn::intrinsic_dimension(l).unwrap_or(f64::NAN)).collect();
+            let (c, sel) = kvembed_engine::twonn::select_layers(&reps, 0.2, 3);
             curves.push(c);
+            checked.push(sel);
         }
         let sel_last = kvembed_engine::twonn::select_window(&curves[0], 0.2, 3);
         let sel_mean = kvembed_engine::twonn::select_window(&curves[1], 0.2, 3);
@@ -190,6 +194,15 @@ against the gold scores, per file, averaged per group (STS12/13/14, SICK trial).
             let _ = writeln!(md, "| {l} | {:.2} | {:.2} |", curves[0][l], curves[1][l]);
         }
         let _ = writeln!(md, "\nSelection on last-token states: {}.  \nSelection on mean states: {}.\n", sel_last.rule, sel_mean.rule);
+        let _ = writeln!(
+            md,
+            "With the stability check of `select-layers` and `kv_select_layers` (the same rule on both halves of {} random splits of the sample): last-token states {:?} ({}); mean states {:?} ({}).\n",
+            kvembed_engine::twonn::STABILITY_SPLITS,
+            checked[0].layers,
+            checked[0].rule,
+            checked[1].layers,
+            checked[1].rule
+        );
         let id_layers = sel_last.layers.clone();
 
         // Every method.

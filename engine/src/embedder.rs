@@ -447,9 +447,7 @@ impl Embedder {
             opts.max_tokens.unwrap_or(512),
             progress,
         )?;
-        let curve: Vec<f64> =
-            reps.iter().map(|layer| crate::twonn::intrinsic_dimension(layer).unwrap_or(f64::NAN)).collect();
-        let sel = crate::twonn::select_window(&curve, skip as f64, window);
+        let (curve, sel) = crate::twonn::select_layers(&reps, f64::from(skip), window);
         let points = curve
             .iter()
             .enumerate()

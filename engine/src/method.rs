@@ -134,6 +134,11 @@ pub struct Method {
 /// (see docs/QUALITY.md for the study behind it).
 pub const DEFAULT_METHOD: &str = "kv";
 
+/// Where the default method's re-routing window starts, as a fraction of the
+/// depth (layers 20-22 of SmolLM2's 30). Layer selection falls back to the
+/// same window when TwoNN finds no usable minimum.
+pub const KV_WINDOW_START: f32 = 0.67;
+
 /// Token Prepending's layers: the first quarter of the depth (from layer 1).
 const TP_FRACTION: f32 = 0.25;
 
@@ -173,7 +178,7 @@ impl Method {
         // STS but loses 4.8 nDCG@10 on SciFact), while earlier windows (40 %
         // depth and below) cost a little.
         let kv_reroute = Some(RerouteConfig {
-            layers: LayerChoice::Relative { start: 0.67, width: 3 },
+            layers: LayerChoice::Relative { start: KV_WINDOW_START, width: 3 },
             bias: 1.0,
             prefix: PrefixPosition::Last,
         });

@@ -7,6 +7,7 @@
 //! minimum of the per-layer intrinsic-dimension (ID) curve, after skipping the
 //! early layers whose ID is dominated by token-level (lexical) structure.
 
+use crate::method::KV_WINDOW_START;
 use serde::{Deserialize, Serialize};
 
 /// Fraction of the sorted `mu` ratios kept for the fit. The largest ratios come
@@ -35,18 +36,13 @@ pub fn intrinsic_dimension_with(points: &[Vec<f32>], keep_fraction: f64) -> Opti
     if !(keep_fraction > 0.0 && keep_fraction <= 1.0) {
         return None;
     }
-    let dim = points.first()?.len();
-    if points.iter().any(|p| p.len() != dim) {
-        return None;
-    }
-    // A NaN coordinate would poison every distance it touches and make the
-    // neighbour search meaningless, so such points take no part at all.
-    let valid: Vec<&[f32]> = points
-        .iter()
-        .filter(|p| p.iter().all(|x| x.is_finite()))
-        .map(Vec::as_slice)
-        .collect();
-    let mut mu = two_nearest_ratios(&valid);
+    let all: Vec<usize> = (0..points.len()).collect();
+    PairDistances::new(points)?.intrinsic_dimension(&all, keep_fraction)
+}
+
+/// The slope through the origin of `-ln(1 - F(mu))` against `ln(mu)`, over
+/// the smallest `keep_fraction` of the ratios.
+fn fit(mut mu: Vec<f64>, keep_fraction: f64) -> Option<f64> {
     let n = mu.len();
     if n < 3 {
         return None;
@@ -70,34 +66,66 @@ pub fn intrinsic_dimension_with(points: &[Vec<f32>], keep_fraction: f64) -> Opti
     }
 }
 
-/// `r2 / r1` for every point with `0 < r1 < r2`.
-///
-/// `r1 == 0` (an exact duplicate) makes the ratio undefined. `r1 == r2` has
-/// probability zero for continuous data and in practice means the two nearest
-/// neighbours are copies of one point; such `mu = 1` values would pile up at
-/// `ln mu = 0`, push every other point's empirical CDF up and inflate the
-/// slope, so they are dropped as in the reference implementation. Duplicates
-/// still serve as neighbours of the other points.
-fn two_nearest_ratios(points: &[&[f32]]) -> Vec<f64> {
-    let n = points.len();
-    if n < 3 {
-        return Vec::new();
-    }
-    // Squared distances to the nearest and second-nearest neighbour.
-    let mut best = vec![(f64::INFINITY, f64::INFINITY); n];
-    // Each unordered pair is visited once and updates both ends, halving the
-    // O(N^2 D) work; no per-pair allocation.
-    for i in 0..n {
-        for j in (i + 1)..n {
-            let d2 = squared_distance(points[i], points[j]);
-            push_two_smallest(&mut best[i], d2);
-            push_two_smallest(&mut best[j], d2);
+/// Squared distances between every two points of a sample, computed once
+/// (row `i` holds the points after `i`; `N^2 / 2` values, 1 MB for 512
+/// points): the TwoNN estimate of any subset then needs no distance work,
+/// which keeps the split-half check of [`select_layers`] to a fraction of the
+/// curve's cost.
+struct PairDistances {
+    rows: Vec<Vec<f64>>,
+    /// Points with a non-finite coordinate take no part: a NaN would poison
+    /// every distance it touches and make the neighbour search meaningless.
+    finite: Vec<bool>,
+}
+
+impl PairDistances {
+    /// `None` for an empty sample or rows of different lengths.
+    fn new(points: &[Vec<f32>]) -> Option<PairDistances> {
+        use rayon::prelude::*;
+        let dim = points.first()?.len();
+        if points.iter().any(|p| p.len() != dim) {
+            return None;
         }
+        let rows = (0..points.len())
+            .into_par_iter()
+            .map(|i| points[i + 1..].iter().map(|q| squared_distance(&points[i], q)).collect())
+            .collect();
+        let finite = points.iter().map(|p| p.iter().all(|x| x.is_finite())).collect();
+        Some(PairDistances { rows, finite })
     }
-    best.into_iter()
-        .filter(|&(r1, r2)| r1 > 0.0 && r2 > r1)
-        .map(|(r1, r2)| (r2 / r1).sqrt())
-        .collect()
+
+    fn get(&self, i: usize, j: usize) -> f64 {
+        let (i, j) = if i < j { (i, j) } else { (j, i) };
+        self.rows[i][j - i - 1]
+    }
+
+    /// TwoNN intrinsic dimension of the points in `subset` (distinct indices).
+    ///
+    /// Only points with `0 < r1 < r2` give a ratio `mu = r2 / r1`. `r1 == 0`
+    /// (an exact duplicate) makes it undefined. `r1 == r2` has probability
+    /// zero for continuous data and in practice means the two nearest
+    /// neighbours are copies of one point; such `mu = 1` values would pile up
+    /// at `ln mu = 0`, push every other point's empirical CDF up and inflate
+    /// the slope, so they are dropped as in the reference implementation.
+    /// Duplicates still serve as neighbours of the other points.
+    fn intrinsic_dimension(&self, subset: &[usize], keep_fraction: f64) -> Option<f64> {
+        let points: Vec<usize> = subset.iter().copied().filter(|&i| self.finite[i]).collect();
+        let mut mu = Vec::with_capacity(points.len());
+        for &i in &points {
+            // Squared distances to the nearest and second-nearest neighbour.
+            let mut best = (f64::INFINITY, f64::INFINITY);
+            for &j in &points {
+                if j != i {
+                    push_two_smallest(&mut best, self.get(i, j));
+                }
+            }
+            let (r1, r2) = best;
+            if r1 > 0.0 && r2 > r1 {
+                mu.push((r2 / r1).sqrt());
+            }
+        }
+        fit(mu, keep_fraction)
+    }
 }
 
 fn push_two_smallest(slot: &mut (f64, f64), d2: f64) {
@@ -147,47 +175,47 @@ pub struct Selection {
 /// have no clear minimum.
 const FLAT_RELATIVE_RANGE: f64 = 0.05;
 
-/// Depth (fraction of the layers) the fallback window is centred on.
-const FALLBACK_DEPTH: f64 = 0.6;
+/// Random splits of the sample into two disjoint halves that
+/// [`select_layers`] draws to check that the minimum belongs to the model
+/// rather than to the sample.
+pub const STABILITY_SPLITS: usize = 16;
 
-/// Chooses `window` contiguous layers from a per-layer ID curve.
-///
-/// The first `ceil(skip_fraction * n)` layers are skipped; the window starts at
-/// the layer of minimum ID among the rest and is shifted left when it would run
-/// past the last layer. Non-finite entries are ignored. When no clear minimum
-/// exists (fewer than one finite value after the skip, or a relative range
-/// below 5%), the window is centred at 60% depth instead.
-///
-/// `window == 0` is treated as 1, and a window longer than the curve selects
-/// every layer. When the region after the skip is shorter than the window, the
-/// window keeps its length and ends at the last layer, reaching back into the
-/// skipped layers.
-pub fn select_window(curve: &[f64], skip_fraction: f64, window: usize) -> Selection {
-    let n = curve.len();
-    if n == 0 {
-        return Selection {
-            layers: Vec::new(),
-            rule: "empty ID curve: no layers selected".to_string(),
-        };
-    }
-    let window = window.clamp(1, n);
-    let skip_fraction = if skip_fraction.is_nan() {
-        0.0
+/// In how many of those splits both halves must put their window within one
+/// layer of the whole sample's for the minimum to be used.
+pub const STABILITY_AGREEMENT: usize = 8;
+
+/// Texts below which halves are too small to check anything.
+const MIN_TEXTS_FOR_CHECK: usize = 32;
+
+/// The minimum the method's rule finds on one curve.
+struct Minimum {
+    layer: usize,
+    value: f64,
+    /// First layer of the window (the minimum, shifted left near the end).
+    start: usize,
+}
+
+/// `ceil(skip_fraction * n)`, keeping at least one layer. The small
+/// tolerance keeps a fraction that arrived as `f32` (0.2 is 0.2000000030 in
+/// f64) from skipping one layer more than the same fraction in `f64`.
+fn skipped_layers(n: usize, skip_fraction: f64) -> usize {
+    let f = if skip_fraction.is_nan() { 0.0 } else { skip_fraction.clamp(0.0, 1.0) };
+    (((f * n as f64) - 1e-6).ceil().max(0.0) as usize).min(n - 1)
+}
+
+fn window_words(w: usize) -> String {
+    if w == 1 {
+        "window of 1 layer".to_string()
     } else {
-        skip_fraction.clamp(0.0, 1.0)
-    };
-    // At least one layer must stay eligible for the minimum.
-    let skip = ((skip_fraction * n as f64).ceil() as usize).min(n - 1);
-    let last_start = n - window;
-    let layers_from = |start: usize| (start..start + window).collect::<Vec<_>>();
-    let window_words = |w: usize| {
-        if w == 1 {
-            "window of 1 layer".to_string()
-        } else {
-            format!("window of {w}")
-        }
-    };
+        format!("window of {w}")
+    }
+}
 
+/// The minimum of `curve` after the skip, or why there is none (no finite
+/// value, or a curve flatter than [`FLAT_RELATIVE_RANGE`]). `n >= 1` and
+/// `1 <= window <= n`.
+fn find_minimum(curve: &[f64], skip: usize, window: usize) -> std::result::Result<Minimum, String> {
+    let n = curve.len();
     let mut min: Option<(usize, f64)> = None;
     let mut max = f64::NEG_INFINITY;
     for (i, &v) in curve.iter().enumerate().skip(skip) {
@@ -199,65 +227,183 @@ pub fn select_window(curve: &[f64], skip_fraction: f64, window: usize) -> Select
             min = Some((i, v));
         }
     }
-
-    // Either the clear minimum, or why there is none.
-    let clear_minimum = match min {
-        None => Err(format!(
-            "no finite ID value after skipping {skip} of {n} layers"
-        )),
-        Some((argmin, m)) => {
-            let spread = if max > 0.0 {
-                (max - m) / max
-            } else if max == m {
-                0.0
-            } else {
-                f64::INFINITY
-            };
-            if spread < FLAT_RELATIVE_RANGE {
-                Err(format!(
-                    "ID curve flat after skipping {skip} of {n} layers (relative range {spread:.3} < {FLAT_RELATIVE_RANGE})"
-                ))
-            } else {
-                Ok((argmin, m))
-            }
-        }
+    let Some((layer, value)) = min else {
+        return Err(format!("no finite ID value after skipping {skip} of {n} layers"));
     };
-
-    let (argmin, value) = match clear_minimum {
-        Ok(found) => found,
-        Err(reason) => {
-            let centre = ((FALLBACK_DEPTH * n as f64).floor() as usize).min(n - 1);
-            // Prefer staying out of the skipped layers when the window fits there.
-            let lowest = skip.min(last_start);
-            let start = centre
-                .saturating_sub((window - 1) / 2)
-                .clamp(lowest, last_start);
-            return Selection {
-                layers: layers_from(start),
-                rule: format!(
-                    "{reason}; fallback {} centred at 60% depth (layer {centre}), layers {}-{}",
-                    window_words(window),
-                    start,
-                    start + window - 1
-                ),
-            };
-        }
+    let spread = if max > 0.0 {
+        (max - value) / max
+    } else if max == value {
+        0.0
+    } else {
+        f64::INFINITY
     };
-    let start = argmin.min(last_start);
-    let mut rule = format!(
-        "ID minimum {value:.2} at layer {argmin} after skipping {skip} of {n} layers; {}",
-        window_words(window)
-    );
-    if start != argmin {
-        rule.push_str(&format!(
-            ", shifted left to layers {}-{} to end at the last layer",
-            start,
-            start + window - 1
+    if spread < FLAT_RELATIVE_RANGE {
+        return Err(format!(
+            "ID curve flat after skipping {skip} of {n} layers (relative range {spread:.3} < {FLAT_RELATIVE_RANGE})"
         ));
     }
+    Ok(Minimum { layer, value, start: layer.min(n - window) })
+}
+
+fn window_at(start: usize, window: usize) -> Vec<usize> {
+    (start..start + window).collect()
+}
+
+/// What the rule found, in words.
+fn minimum_words(m: &Minimum, skip: usize, n: usize, window: usize) -> String {
+    let mut rule = format!(
+        "ID minimum {:.2} at layer {} after skipping {skip} of {n} layers; {}",
+        m.value,
+        m.layer,
+        window_words(window)
+    );
+    if m.start != m.layer {
+        rule.push_str(&format!(", shifted left to layers {}-{} to end at the last layer", m.start, m.start + window - 1));
+    }
+    rule
+}
+
+/// The window used when the curve gives no usable minimum: the default
+/// method's ([`KV_WINDOW_START`] of the depth, after the skipped layers where
+/// it fits), so a calibration that finds nothing changes nothing.
+fn fallback(n: usize, skip: usize, window: usize, reason: String) -> Selection {
+    let start = ((KV_WINDOW_START * n as f32).round() as usize).max(skip).min(n - window);
     Selection {
-        layers: layers_from(start),
-        rule,
+        layers: window_at(start, window),
+        rule: format!(
+            "{reason}; fallback {} at two thirds of the depth (the default window), layers {}-{}",
+            window_words(window),
+            start,
+            start + window - 1
+        ),
+    }
+}
+
+/// Chooses `window` contiguous layers from a per-layer ID curve: the
+/// method's rule, without the stability check of [`select_layers`].
+///
+/// The first `ceil(skip_fraction * n)` layers are skipped; the window starts at
+/// the layer of minimum ID among the rest and is shifted left when it would run
+/// past the last layer. Non-finite entries are ignored. When no clear minimum
+/// exists (no finite value after the skip, or a relative range below 5%), the
+/// default method's window (two thirds of the depth) is used instead.
+///
+/// `window == 0` is treated as 1, and a window longer than the curve selects
+/// every layer. When the region after the skip is shorter than the window, the
+/// window keeps its length and ends at the last layer, reaching back into the
+/// skipped layers.
+pub fn select_window(curve: &[f64], skip_fraction: f64, window: usize) -> Selection {
+    let n = curve.len();
+    if n == 0 {
+        return Selection { layers: Vec::new(), rule: "empty ID curve: no layers selected".to_string() };
+    }
+    let window = window.clamp(1, n);
+    let skip = skipped_layers(n, skip_fraction);
+    match find_minimum(curve, skip, window) {
+        Ok(m) => Selection { layers: window_at(m.start, window), rule: minimum_words(&m, skip, n, window) },
+        Err(reason) => fallback(n, skip, window, reason),
+    }
+}
+
+/// `k` distinct indices below `n`, drawn by a partial Fisher-Yates shuffle
+/// seeded with `seed` (deterministic: the same sample gives the same check).
+fn random_subset(n: usize, k: usize, seed: u64) -> Vec<usize> {
+    let mut rng = SplitMix(seed);
+    let mut idx: Vec<usize> = (0..n).collect();
+    for i in 0..k.min(n) {
+        let j = i + (rng.next_u64() % (n - i) as u64) as usize;
+        idx.swap(i, j);
+    }
+    idx.truncate(k.min(n));
+    idx
+}
+
+/// The ID curve of per-layer representations (`reps[layer][text]`) and the
+/// layers to re-route: the method's rule ([`select_window`]) with its
+/// minimum checked for stability.
+///
+/// TwoNN on a few hundred texts is noisy: on small backbones the layer of the
+/// minimum moves by ten layers or more between samples of the same data
+/// (docs/QUALITY.md). So the sample is split [`STABILITY_SPLITS`] times at
+/// random into two halves with no text in common, the rule is applied to
+/// each half, and the minimum is used only when in at least
+/// [`STABILITY_AGREEMENT`] splits both halves put their window within one
+/// layer of the whole sample's. Otherwise, and when there are fewer than 32
+/// texts, the default method's window is used (as for a flat curve). The rule
+/// text says which happened and how many splits agreed.
+pub fn select_layers(reps: &[Vec<Vec<f32>>], skip_fraction: f64, window: usize) -> (Vec<f64>, Selection) {
+    use rayon::prelude::*;
+    let texts = reps.first().map_or(0, Vec::len);
+    let checked = texts >= MIN_TEXTS_FOR_CHECK;
+    // Halves of one split share no text, so they are two independent samples
+    // of the same data; halves that overlapped would share the very texts
+    // that can pull a noisy estimate down.
+    let half = texts / 2;
+    let halves: Vec<Vec<usize>> = if checked {
+        (0..STABILITY_SPLITS as u64)
+            .flat_map(|k| {
+                let order = random_subset(texts, texts, 0x5EED_0000 + k);
+                [order[..half].to_vec(), order[half..2 * half].to_vec()]
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let everything: Vec<usize> = (0..texts).collect();
+    let mut curve = Vec::with_capacity(reps.len());
+    let mut half_curves = vec![Vec::with_capacity(reps.len()); halves.len()];
+    for layer in reps {
+        let distances = PairDistances::new(layer);
+        let id = |subset: &[usize]| {
+            distances.as_ref().and_then(|d| d.intrinsic_dimension(subset, DEFAULT_KEEP_FRACTION)).unwrap_or(f64::NAN)
+        };
+        curve.push(id(&everything));
+        let ids: Vec<f64> = halves.par_iter().map(|h| id(h)).collect();
+        for (c, v) in half_curves.iter_mut().zip(ids) {
+            c.push(v);
+        }
+    }
+
+    let n = curve.len();
+    if n == 0 {
+        return (curve, select_window(&[], skip_fraction, window));
+    }
+    let window = window.clamp(1, n);
+    let skip = skipped_layers(n, skip_fraction);
+    let whole = match find_minimum(&curve, skip, window) {
+        Ok(m) => m,
+        Err(reason) => return (curve, fallback(n, skip, window, reason)),
+    };
+    let found = minimum_words(&whole, skip, n, window);
+    if !checked {
+        let reason = format!(
+            "{found}, but {texts} texts are too few to check that minimum (at least {MIN_TEXTS_FOR_CHECK})"
+        );
+        return (curve, fallback(n, skip, window, reason));
+    }
+    let near = |c: &Vec<f64>| find_minimum(c, skip, window).is_ok_and(|m| m.start.abs_diff(whole.start) <= 1);
+    let agree = half_curves.chunks(2).filter(|pair| pair.iter().all(near)).count();
+    let agreement = format!(
+        "in {agree} of {STABILITY_SPLITS} random splits of the sample into two halves both halves put their window within one layer"
+    );
+    let selection = if agree >= STABILITY_AGREEMENT {
+        Selection { layers: window_at(whole.start, window), rule: format!("{found}; {agreement}") }
+    } else {
+        fallback(n, skip, window, format!("{found}, not stable: only {agreement} of it"))
+    };
+    (curve, selection)
+}
+
+/// SplitMix64: tiny and deterministic, for the random halves (and test data).
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
     }
 }
 
@@ -265,18 +411,7 @@ pub fn select_window(curve: &[f64], skip_fraction: f64, window: usize) -> Select
 mod tests {
     use super::*;
 
-    /// SplitMix64: tiny, deterministic, good enough for test data.
-    struct SplitMix(u64);
-
     impl SplitMix {
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-
         /// Uniform in [0, 1).
         fn uniform(&mut self) -> f64 {
             (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
@@ -513,15 +648,18 @@ mod tests {
     }
 
     #[test]
-    fn flat_curve_falls_back_to_sixty_percent_depth() {
+    fn flat_curve_falls_back_to_the_default_window() {
         let curve: Vec<f64> = (0..30).map(|i| 10.0 + (i % 2) as f64 * 0.1).collect();
         let sel = select_window(&curve, 0.2, 3);
-        // centre floor(0.6 * 30) = 18
-        assert_eq!(sel.layers, vec![17, 18, 19]);
+        // the default method's window: round(0.67 * 30) = 20
+        assert_eq!(sel.layers, vec![20, 21, 22]);
+        assert_eq!(sel.layers, crate::method::Method::from_name("kv").unwrap().reroute.unwrap().layers.resolve(30));
         assert!(sel.rule.contains("flat"), "{}", sel.rule);
-        assert!(sel.rule.contains("60% depth"), "{}", sel.rule);
+        assert!(sel.rule.contains("two thirds of the depth"), "{}", sel.rule);
         let even = select_window(&curve, 0.2, 4);
-        assert_eq!(even.layers, vec![17, 18, 19, 20]);
+        assert_eq!(even.layers, vec![20, 21, 22, 23]);
+        // A skip beyond two thirds keeps the fallback out of the skipped layers.
+        assert_eq!(select_window(&curve, 0.8, 3).layers, vec![24, 25, 26]);
     }
 
     #[test]
@@ -534,9 +672,99 @@ mod tests {
 
         let all_nan = vec![f64::NAN; 10];
         let sel = select_window(&all_nan, 0.2, 3);
-        // centre floor(0.6 * 10) = 6
-        assert_eq!(sel.layers, vec![5, 6, 7]);
+        // round(0.67 * 10) = 7
+        assert_eq!(sel.layers, vec![7, 8, 9]);
         assert!(sel.rule.contains("no finite ID"), "{}", sel.rule);
+    }
+
+    #[test]
+    fn a_fraction_passed_as_f32_skips_as_many_layers_as_in_f64() {
+        // 0.2f32 is 0.2000000030 in f64: 30 layers must still skip 6, not 7.
+        let curve = curve_with_min(30, 6);
+        let wide = select_window(&curve, f64::from(0.2f32), 3);
+        assert_eq!(wide.layers, vec![6, 7, 8], "{}", wide.rule);
+        assert!(wide.rule.contains("skipping 6 of 30"), "{}", wide.rule);
+        assert_eq!(select_window(&curve, 0.2, 3), wide);
+    }
+
+    /// `reps[layer][text]`: `texts` points per layer, each layer in a random
+    /// subspace of R^48 of the dimension `dims[layer]`.
+    fn layered_sample(dims: &[usize], texts: usize, seed: u64) -> Vec<Vec<Vec<f32>>> {
+        dims.iter()
+            .enumerate()
+            .map(|(l, &d)| subspace_points_with(texts, d, 48, seed + l as u64, Spread::Gaussian))
+            .collect()
+    }
+
+    #[test]
+    fn a_clear_minimum_survives_the_halves() {
+        // Layer 6 of 12 lives in 3 dimensions, the rest in 12.
+        let mut dims = vec![12; 12];
+        dims[6] = 3;
+        let (curve, sel) = select_layers(&layered_sample(&dims, 200, 7), 0.2, 3);
+        assert_eq!(curve.len(), 12);
+        assert!(curve[6] < 5.0 && curve[3] > 8.0, "{curve:?}");
+        assert_eq!(sel.layers, vec![6, 7, 8], "{}", sel.rule);
+        assert!(sel.rule.contains(&format!("in {STABILITY_SPLITS} of {STABILITY_SPLITS} random splits")), "{}", sel.rule);
+        // The curve is the plain per-layer estimate.
+        let reps = layered_sample(&dims, 200, 7);
+        let plain: Vec<f64> = reps.iter().map(|l| intrinsic_dimension(l).unwrap()).collect();
+        assert_eq!(curve, plain);
+    }
+
+    #[test]
+    fn a_minimum_made_of_noise_falls_back_to_the_default_window() {
+        // Every layer draws its points from one and the same 10-dimensional
+        // distribution: the curve still has a minimum, wherever sampling
+        // noise puts it, and independent halves put theirs elsewhere.
+        let (layers, texts) = (12, 64);
+        let pool = subspace_points_with(layers * texts, 10, 48, 11, Spread::Gaussian);
+        let reps: Vec<Vec<Vec<f32>>> = pool.chunks(texts).map(<[Vec<f32>]>::to_vec).collect();
+        let curve: Vec<f64> = reps.iter().map(|l| intrinsic_dimension(l).unwrap()).collect();
+        let plain = select_window(&curve, 0.2, 3);
+        assert!(plain.rule.starts_with("ID minimum"), "{}", plain.rule);
+        let (_, sel) = select_layers(&reps, 0.2, 3);
+        // round(0.67 * 12) = 8
+        assert_eq!(sel.layers, vec![8, 9, 10], "{}", sel.rule);
+        assert!(sel.rule.contains("not stable"), "{}", sel.rule);
+    }
+
+    #[test]
+    fn too_few_texts_fall_back_and_say_why() {
+        let mut dims = vec![12; 12];
+        dims[6] = 3;
+        let (_, sel) = select_layers(&layered_sample(&dims, 20, 7), 0.2, 3);
+        assert_eq!(sel.layers, vec![8, 9, 10]);
+        assert!(sel.rule.contains("too few"), "{}", sel.rule);
+    }
+
+    #[test]
+    fn pair_distances_match_the_direct_estimate_on_any_subset() {
+        let mut points = subspace_points(120, 4, 16, 5);
+        points[3] = points[4].clone(); // an exact duplicate
+        points[7][2] = f32::NAN; // takes no part
+        let distances = PairDistances::new(&points).unwrap();
+        let all: Vec<usize> = (0..points.len()).collect();
+        for subset in [all, random_subset(120, 60, 9), random_subset(120, 60, 10)] {
+            let direct: Vec<Vec<f32>> = subset.iter().map(|&i| points[i].clone()).collect();
+            let (a, b) = (distances.intrinsic_dimension(&subset, 0.9).unwrap(), intrinsic_dimension(&direct).unwrap());
+            assert_eq!(a, b);
+        }
+        assert!(distances.intrinsic_dimension(&[0, 1], 0.9).is_none());
+        assert!(PairDistances::new(&[vec![1.0, 2.0], vec![1.0]]).is_none());
+        assert!(PairDistances::new(&[]).is_none());
+    }
+
+    #[test]
+    fn random_subsets_are_distinct_deterministic_indices() {
+        let a = random_subset(100, 50, 3);
+        assert_eq!(a, random_subset(100, 50, 3));
+        assert_ne!(a, random_subset(100, 50, 4));
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 50);
+        assert!(sorted.iter().all(|&i| i < 100));
     }
 
     #[test]
