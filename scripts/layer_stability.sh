@@ -11,8 +11,9 @@
 # Samples (512 texts each, shuffled with a fixed seed): the first sentences
 # of every STS pair, the second sentences, SciFact claims and SciFact titles
 # with abstracts. Models: SmolLM2-135M, Qwen2.5-Coder-0.5B and Gemma-3-270M
-# from .cache/models (scripts/fetch-models.sh smollm2 qwen05 gemma3). About
-# 15 minutes on 2 cores.
+# from .cache/models (scripts/fetch-models.sh smollm2 qwen05 gemma3). The
+# page in the repo took 68 minutes on 2 cores shared with other runs; the
+# Qwen runs on SciFact abstracts are most of it.
 set -euo pipefail
 # shellcheck source=scripts/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"

@@ -7,7 +7,7 @@
 //! minimum of the per-layer intrinsic-dimension (ID) curve, after skipping the
 //! early layers whose ID is dominated by token-level (lexical) structure.
 
-use crate::method::KV_WINDOW_START;
+use crate::method::{LayerChoice, KV_WINDOW_START};
 use serde::{Deserialize, Serialize};
 
 /// Fraction of the sorted `mu` ratios kept for the fit. The largest ratios come
@@ -267,7 +267,8 @@ fn minimum_words(m: &Minimum, skip: usize, n: usize, window: usize) -> String {
 /// method's ([`KV_WINDOW_START`] of the depth, after the skipped layers where
 /// it fits), so a calibration that finds nothing changes nothing.
 fn fallback(n: usize, skip: usize, window: usize, reason: String) -> Selection {
-    let start = ((KV_WINDOW_START * n as f32).round() as usize).max(skip).min(n - window);
+    let default = LayerChoice::Relative { start: KV_WINDOW_START, width: window }.resolve(n);
+    let start = default[0].max(skip).min(n - window);
     Selection {
         layers: window_at(start, window),
         rule: format!(
