@@ -5,7 +5,7 @@
 use crate::decoder::{Decoder, ForwardOptions, LayerPooling, Reroute, TokenPrepend};
 use crate::error::{EngineError, Result};
 use crate::loader::{self, ModelSource, TensorStore, WeightFormat};
-use crate::method::{Method, Pooling, Template, DEFAULT_METHOD};
+use crate::method::{Method, Pooling, Prepend, Template, DEFAULT_METHOD};
 use crate::tokenizer::TextTokenizer;
 use candle_core::{DType, Device, Tensor};
 use kvembed_proto::{EmbedOptions, LayerPoint, Role, SelectOptions, Truncation};
@@ -279,15 +279,16 @@ impl Embedder {
             Role::Document => &method.document,
             Role::Query => &method.query,
         };
-        let (prepared, truncated) = self.prepare(texts, template, max_tokens, truncate, method.prepend.is_some())?;
+        let placeholder = method.prepend.map(|p| self.placeholder_position(p));
+        let (prepared, truncated) = self.prepare(texts, template, max_tokens, truncate, placeholder)?;
         let n_layers = self.decoder.cfg.n_layers;
         let reroute = match &method.reroute {
             Some(r) => Some(Reroute::new(&r.layers.resolve(n_layers), n_layers, r.bias, r.prefix)?),
             None => None,
         };
-        let prepend = method.prepend.map(|frac| TokenPrepend {
-            position: usize::from(self.tokenizer.add_bos && self.tokenizer.bos.is_some()),
-            layers: 1..((frac * n_layers as f32).round() as usize).max(2),
+        let prepend = method.prepend.zip(placeholder).map(|(p, position)| TokenPrepend {
+            position,
+            layers: 1..((p.fraction * n_layers as f32).round() as usize).max(2),
         });
         let fopts = ForwardOptions { reroute, prepend, collect_layers: None };
         let tokens = prepared.iter().map(|p| p.ids.len()).sum();
@@ -302,8 +303,15 @@ impl Embedder {
         Ok(EmbedOutput { vectors, truncated, tokens })
     }
 
+    /// Token Prepending's placeholder position: as asked, else right after
+    /// BOS (the paper's place), first where the model adds no BOS.
+    fn placeholder_position(&self, p: Prepend) -> usize {
+        p.position.unwrap_or(usize::from(self.tokenizer.add_bos && self.tokenizer.bos.is_some()))
+    }
+
     /// Token ids for each text in its template, BOS first where the model
-    /// wants it. Template pieces are tokenized on their own so the text's
+    /// wants it, and Token Prepending's placeholder at position `placeholder`
+    /// if given. Template pieces are tokenized on their own so the text's
     /// tokens (and truncation) never depend on the prompt.
     fn prepare(
         &self,
@@ -311,7 +319,7 @@ impl Embedder {
         template: &Template,
         max_tokens: usize,
         truncate: bool,
-        placeholder: bool,
+        placeholder: Option<usize>,
     ) -> Result<(Vec<Prepared>, Vec<Truncation>)> {
         let pieces: Vec<&str> = template.pieces.iter().map(String::as_str).collect();
         let piece_ids = self.tokenizer.encode_many(&pieces)?;
@@ -331,11 +339,6 @@ impl Embedder {
             let mut ids = Vec::with_capacity(t.len() * template.slots() + 32);
             ids.extend(bos);
             let mean_start = ids.len();
-            if placeholder {
-                // Token Prepending's placeholder: any token works, its state is
-                // replaced from layer 1 on; EOS keeps it out of the text.
-                ids.push(self.tokenizer.eos.or(self.tokenizer.bos).unwrap_or(0));
-            }
             let mut last_copy = 0..0;
             for (k, p) in piece_ids.iter().enumerate() {
                 ids.extend_from_slice(p);
@@ -349,6 +352,15 @@ impl Embedder {
                 // An empty text with no prompt and no BOS: one EOS token
                 // stands for it, so every input gets a vector.
                 ids.push(self.tokenizer.eos.or(self.tokenizer.bos).unwrap_or(0));
+            }
+            if let Some(at) = placeholder {
+                // Any token works, its state is replaced from layer 1 on; EOS
+                // keeps it out of the text. Where it goes matters, see
+                // docs/QUALITY.md ("Token Prepending's placeholder").
+                let at = at.min(ids.len());
+                ids.insert(at, self.tokenizer.eos.or(self.tokenizer.bos).unwrap_or(0));
+                let shift = |i: usize| if i >= at { i + 1 } else { i };
+                last_copy = shift(last_copy.start)..shift(last_copy.end);
             }
             let mean_start = mean_start.min(ids.len() - 1);
             out.push(Prepared { ids, last_copy, mean_start });
@@ -392,7 +404,7 @@ impl Embedder {
         max_tokens: usize,
         mut progress: impl FnMut(usize) -> bool,
     ) -> Result<Vec<Vec<Vec<f32>>>> {
-        let (prepared, _) = self.prepare(texts, template, max_tokens, true, false)?;
+        let (prepared, _) = self.prepare(texts, template, max_tokens, true, None)?;
         let n_layers = self.decoder.cfg.n_layers;
         let mut reps = vec![vec![Vec::new(); prepared.len()]; n_layers];
         let fopts = ForwardOptions { collect_layers: Some(pooling), ..Default::default() };
@@ -512,4 +524,46 @@ pub fn normalize(mut v: Vec<f32>) -> Vec<f32> {
         v.iter_mut().for_each(|x| *x = (*x as f64 / norm) as f32);
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn golden(arch: &str) -> Embedder {
+        let dir = format!("{}/tests/golden/{arch}", env!("CARGO_MANIFEST_DIR"));
+        Embedder::load(&LoadSpec::new(&dir)).unwrap()
+    }
+
+    /// Token Prepending's placeholder: right after BOS, first without BOS,
+    /// or where asked; the rest of the input is the baseline's, unchanged.
+    #[test]
+    fn token_prepending_placeholder_position() {
+        let texts = vec!["The cat sat on the mat.".to_string()];
+        let tp = Method::from_name("token-prepending").unwrap();
+        let asked = |pos| tp.clone().with_options(&EmbedOptions { placeholder_position: Some(pos), ..Default::default() });
+        for (arch, with_bos) in [("qwen2", false), ("llama", true)] {
+            let e = golden(arch);
+            assert_eq!(e.tokenizer.add_bos && e.tokenizer.bos.is_some(), with_bos, "{arch}");
+            let (plain, _) = e.prepare(&texts, &tp.document, 64, false, None).unwrap();
+            let plain = &plain[0].ids;
+            let token = e.tokenizer.eos.or(e.tokenizer.bos).unwrap_or(0);
+            let default = e.placeholder_position(tp.prepend.unwrap());
+            assert_eq!(default, usize::from(with_bos), "{arch}");
+            if with_bos {
+                assert_eq!(plain[0], e.tokenizer.bos.unwrap(), "{arch}");
+            }
+            for at in [default, 0, 1] {
+                let m = asked(at).unwrap();
+                assert_eq!(e.placeholder_position(m.prepend.unwrap()), at, "{arch}");
+                let (marked, _) = e.prepare(&texts, &m.document, 64, false, Some(at)).unwrap();
+                let marked = &marked[0].ids;
+                assert_eq!(marked.len(), plain.len() + 1, "{arch} at {at}");
+                assert_eq!(marked[at], token, "{arch} at {at}");
+                assert_eq!(&marked[..at], &plain[..at], "{arch} at {at}");
+                assert_eq!(&marked[at + 1..], &plain[at..], "{arch} at {at}");
+            }
+        }
+        assert!(asked(2).is_err(), "position 2 is refused");
+    }
 }

@@ -73,6 +73,10 @@ pub struct MethodArgs {
     /// Re-routed key position: last (as written) or zero.
     #[arg(long)]
     pub prefix_position: Option<String>,
+    /// Token Prepending's placeholder position, 0 or 1 (default: right
+    /// after BOS where the model adds one, else first).
+    #[arg(long)]
+    pub placeholder_position: Option<usize>,
 }
 
 impl MethodArgs {
@@ -90,6 +94,7 @@ impl MethodArgs {
             truncate: Some(!self.no_truncate),
             pooling: self.pooling.clone(),
             prefix_position: self.prefix_position.clone(),
+            placeholder_position: self.placeholder_position,
         })
     }
 }

@@ -126,8 +126,17 @@ pub struct Method {
     pub query: Template,
     pub pooling: Pooling,
     pub reroute: Option<RerouteConfig>,
-    /// Token Prepending over this fraction of the layers (from layer 1).
-    pub prepend: Option<f32>,
+    pub prepend: Option<Prepend>,
+}
+
+/// Token Prepending (Fu et al., 2024): a placeholder token whose state is
+/// overwritten by the last token's from layer 1 to `fraction` of the depth.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prepend {
+    pub fraction: f32,
+    /// The placeholder's position in the token sequence. `None`: the paper's
+    /// place, right after BOS; first where the model adds no BOS.
+    pub position: Option<usize>,
 }
 
 /// The product default: what re-routing needs to pay off on small backbones
@@ -140,7 +149,7 @@ pub const DEFAULT_METHOD: &str = "kv";
 pub const KV_WINDOW_START: f32 = 0.67;
 
 /// Token Prepending's layers: the first quarter of the depth (from layer 1).
-const TP_FRACTION: f32 = 0.25;
+const TOKEN_PREPENDING: Prepend = Prepend { fraction: 0.25, position: None };
 
 pub const METHOD_NAMES: &[&str] = &[
     "kv",
@@ -211,12 +220,12 @@ impl Method {
             // Token Prepending in the early layers and re-routing at the
             // default window: the two ways of letting early tokens see the
             // whole text, in one pass.
-            "kv-tp" => m("kv-tp", PROMPTEOL, PROMPTEOL_QUERY, Pooling::Last, kv_reroute, Some(TP_FRACTION)),
+            "kv-tp" => m("kv-tp", PROMPTEOL, PROMPTEOL_QUERY, Pooling::Last, kv_reroute, Some(TOKEN_PREPENDING)),
             "mean" => m("mean", RAW, RAW, Pooling::Mean, None, None),
             "last" => m("last", RAW, RAW, Pooling::Last, None, None),
             "prompteol" => m("prompteol", PROMPTEOL, PROMPTEOL, Pooling::Last, None, None),
             "echo" => m("echo", ECHO, ECHO, Pooling::LastCopyMean, None, None),
-            "token-prepending" => m("token-prepending", PROMPTEOL, PROMPTEOL, Pooling::Last, None, Some(TP_FRACTION)),
+            "token-prepending" => m("token-prepending", PROMPTEOL, PROMPTEOL, Pooling::Last, None, Some(TOKEN_PREPENDING)),
             other => {
                 return Err(EngineError::invalid("method", format!("'{other}' (known: {})", METHOD_NAMES.join(", "))))
             }
@@ -250,6 +259,14 @@ impl Method {
             };
             if let Some(r) = &mut self.reroute {
                 r.prefix = pos;
+            }
+        }
+        if let Some(pos) = o.placeholder_position {
+            if pos > 1 {
+                return Err(EngineError::invalid("placeholder_position", format!("{pos} (0 or 1)")));
+            }
+            if let Some(p) = &mut self.prepend {
+                p.position = Some(pos);
             }
         }
         if let Some(layers) = &o.layers {

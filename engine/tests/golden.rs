@@ -139,20 +139,24 @@ fn gemma3_matches_transformers() {
 #[test]
 fn batched_and_one_by_one_embeddings_agree() {
     // Different lengths in one batch: each sequence re-routes its own last
-    // real token and padding never leaks.
-    let dir = golden_dir("gemma3");
-    let e = Embedder::load(&LoadSpec::new(dir.to_str().unwrap())).unwrap();
+    // real token and padding never leaks. Gemma adds BOS, Qwen2 does not
+    // (Token Prepending's placeholder then follows the prompt's first token).
     let texts: Vec<String> = ["a", "The cat sat on the mat.", "We read the text and the query, twice over and again.", ""]
         .iter()
         .map(|s| s.to_string())
         .collect();
-    for method in ["kv", "kv-paper", "mean", "echo", "token-prepending", "kv-tp"] {
-        let opts = kvembed_engine::proto::EmbedOptions { method: Some(method.into()), ..Default::default() };
-        let batched = e.embed(&texts, kvembed_engine::proto::Role::Document, &opts).unwrap().vectors;
-        for (i, t) in texts.iter().enumerate() {
-            let single = e.embed(std::slice::from_ref(t), kvembed_engine::proto::Role::Document, &opts).unwrap().vectors;
-            let d = batched[i].iter().zip(&single[0]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(d < 1e-5, "{method}: text {i} differs by {d} between batched and single");
+    for arch in ["gemma3", "qwen2"] {
+        let dir = golden_dir(arch);
+        let e = Embedder::load(&LoadSpec::new(dir.to_str().unwrap())).unwrap();
+        for method in ["kv", "kv-paper", "mean", "echo", "token-prepending", "kv-tp"] {
+            let opts = kvembed_engine::proto::EmbedOptions { method: Some(method.into()), ..Default::default() };
+            let batched = e.embed(&texts, kvembed_engine::proto::Role::Document, &opts).unwrap().vectors;
+            for (i, t) in texts.iter().enumerate() {
+                let single =
+                    e.embed(std::slice::from_ref(t), kvembed_engine::proto::Role::Document, &opts).unwrap().vectors;
+                let d = batched[i].iter().zip(&single[0]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(d < 1e-5, "{arch} {method}: text {i} differs by {d} between batched and single");
+            }
         }
     }
 }

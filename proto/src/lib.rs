@@ -67,6 +67,10 @@ pub struct EmbedOptions {
     /// position, the method as written) or `zero`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix_position: Option<String>,
+    /// Token Prepending's placeholder position (0 or 1). `None`: right after
+    /// BOS where the model adds one, else first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placeholder_position: Option<usize>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
