@@ -92,7 +92,7 @@ print("*Paper's rule*: the window at the ID minimum (the layer of the "
       "`kv_select_layers` use, the same rule with the minimum kept only when "
       "in at least 8 of 16 random splits of the sample into two halves both "
       "halves put their window within one layer of it; otherwise the default "
-      "window at two thirds of the depth (marked *fallback*).\n")
+      "`kv` window of the binary that ran (marked *fallback*).\n")
 for m in models:
     print(f"## {m}\n")
     print("| sample | representation | paper's rule: minimum at layer | splits agreeing | checked: layers |")

@@ -280,7 +280,7 @@ pub fn synthetic_texts(e: &Embedder, batch: usize, tokens: usize) -> Result<Vec<
 fn forward_options(e: &Embedder, m: &kvembed_engine::method::Method) -> Result<kvembed_engine::decoder::ForwardOptions> {
     let n = e.decoder.cfg.n_layers;
     let reroute = match &m.reroute {
-        Some(r) => Some(kvembed_engine::decoder::Reroute::new(&r.layers.resolve(n), n, r.bias, r.prefix)?),
+        Some(r) => Some(kvembed_engine::decoder::Reroute::new(&r.layers.resolve(n, e.decoder.cfg.family), n, r.bias, r.prefix)?),
         None => None,
     };
     Ok(kvembed_engine::decoder::ForwardOptions { reroute, ..Default::default() })

@@ -174,16 +174,17 @@ against the gold scores, per file, averaged per group (STS12/13/14, SICK trial).
         let template = Template::parse(COMPRESS_DOC)?;
         // The paper's rule as written (`select_window`) and the product's,
         // which checks the minimum on both halves of random splits of the sample.
+        let family = e.decoder.cfg.family;
         let mut curves = Vec::new();
         let mut checked = Vec::new();
         for pooling in [LayerPooling::Last, LayerPooling::Mean] {
             let reps = e.layer_representations(&sample, &template, pooling, 256, |_| true)?;
-            let (c, sel) = kvembed_engine::twonn::select_layers(&reps, 0.2, 3);
+            let (c, sel) = kvembed_engine::twonn::select_layers(&reps, 0.2, 3, family);
             curves.push(c);
             checked.push(sel);
         }
-        let sel_last = kvembed_engine::twonn::select_window(&curves[0], 0.2, 3);
-        let sel_mean = kvembed_engine::twonn::select_window(&curves[1], 0.2, 3);
+        let sel_last = kvembed_engine::twonn::select_window(&curves[0], 0.2, 3, family);
+        let sel_mean = kvembed_engine::twonn::select_window(&curves[1], 0.2, 3, family);
         let svg = svg_curve(&format!("TwoNN intrinsic dimension per layer: {name}"), &[("last token", &curves[0]), ("mean", &curves[1])], &sel_last.layers);
         let svg_name = format!("id-{}.svg", name.replace(['.', ' '], "_"));
         std::fs::write(plot_dir.join(&svg_name), svg).map_err(|e| EngineError::io(&plot_dir, e))?;

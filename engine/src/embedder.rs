@@ -240,7 +240,7 @@ impl Embedder {
             layers: cfg.n_layers,
             device: describe_device(&device, dtype),
             default_method: method.name.clone(),
-            default_layers: method.reroute.as_ref().map(|r| r.layers.resolve(cfg.n_layers)).unwrap_or_default(),
+            default_layers: method.reroute.as_ref().map(|r| r.layers.resolve(cfg.n_layers, cfg.family)).unwrap_or_default(),
             default_bias: method.reroute.as_ref().map(|r| r.bias).unwrap_or(0.0),
             document_prompt: method.document.source(),
             query_prompt: method.query.source(),
@@ -283,7 +283,7 @@ impl Embedder {
         let (prepared, truncated) = self.prepare(texts, template, max_tokens, truncate, placeholder)?;
         let n_layers = self.decoder.cfg.n_layers;
         let reroute = match &method.reroute {
-            Some(r) => Some(Reroute::new(&r.layers.resolve(n_layers), n_layers, r.bias, r.prefix)?),
+            Some(r) => Some(Reroute::new(&r.layers.resolve(n_layers, self.decoder.cfg.family), n_layers, r.bias, r.prefix)?),
             None => None,
         };
         let prepend = method.prepend.zip(placeholder).map(|(p, position)| TokenPrepend {
@@ -459,7 +459,7 @@ impl Embedder {
             opts.max_tokens.unwrap_or(512),
             progress,
         )?;
-        let (curve, sel) = crate::twonn::select_layers(&reps, f64::from(skip), window);
+        let (curve, sel) = crate::twonn::select_layers(&reps, f64::from(skip), window, self.decoder.cfg.family);
         let points = curve
             .iter()
             .enumerate()

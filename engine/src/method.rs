@@ -1,6 +1,7 @@
 //! Embedding methods: prompt templates, pooling, re-routing windows and the
 //! training-free baselines, all on the same backbone and selectable by name.
 
+use crate::arch::Family;
 use crate::decoder::PrefixPosition;
 use crate::error::{EngineError, Result};
 use kvembed_proto::EmbedOptions;
@@ -74,12 +75,18 @@ pub enum LayerChoice {
     Fixed(Vec<usize>),
     /// A window of `width` layers starting at `start` × depth.
     Relative { start: f32, width: usize },
+    /// The default method's window for the model's family
+    /// ([`kv_window_start`]).
+    KvDefault { width: usize },
 }
 
 impl LayerChoice {
-    pub fn resolve(&self, n_layers: usize) -> Vec<usize> {
+    pub fn resolve(&self, n_layers: usize, family: Family) -> Vec<usize> {
         match self {
             LayerChoice::Fixed(v) => v.clone(),
+            LayerChoice::KvDefault { width } => {
+                LayerChoice::Relative { start: kv_window_start(family), width: *width }.resolve(n_layers, family)
+            }
             LayerChoice::Relative { start, width } => {
                 let width = (*width).clamp(1, n_layers);
                 let first = ((*start * n_layers as f32).round() as usize).min(n_layers - width);
@@ -144,9 +151,15 @@ pub struct Prepend {
 pub const DEFAULT_METHOD: &str = "kv";
 
 /// Where the default method's re-routing window starts, as a fraction of the
-/// depth (layers 20-22 of SmolLM2's 30). Layer selection falls back to the
-/// same window when TwoNN finds no usable minimum.
-pub const KV_WINDOW_START: f32 = 0.67;
+/// depth: two thirds (layers 20-22 of SmolLM2's 30), half on Qwen2 (12-14 of
+/// Qwen2.5-0.5B's 24), from the sweeps in docs/QUALITY.md. Layer selection
+/// falls back to the same window when TwoNN finds no usable minimum.
+pub fn kv_window_start(family: Family) -> f32 {
+    match family {
+        Family::Qwen2 => 0.5,
+        _ => 0.67,
+    }
+}
 
 /// Token Prepending's layers: the first quarter of the depth (from layer 1).
 const TOKEN_PREPENDING: Prepend = Prepend { fraction: 0.25, position: None };
@@ -181,13 +194,15 @@ impl Method {
         };
         // The product default, from the study in docs/QUALITY.md: on small
         // backbones the PromptEOL prompt with last-token pooling is far
-        // stronger than the compression prompt, and re-routing pays on it at
-        // two thirds of the depth with b = 1 (layers 20-22 of SmolLM2's 30:
-        // ahead of PromptEOL on every STS group at full size; 18-20 ties on
-        // STS but loses 4.8 nDCG@10 on SciFact), while earlier windows (40 %
-        // depth and below) cost a little.
+        // stronger than the compression prompt, and re-routing pays on it
+        // with b = 1 at two thirds of the depth (layers 20-22 of SmolLM2's
+        // 30: ahead of PromptEOL on every STS group at full size; 18-20 ties
+        // on STS but loses 4.8 nDCG@10 on SciFact; 40 % depth and below cost
+        // a little), and at half the depth on Qwen2 (12-14 of 24: ahead of
+        // every baseline on STS and SciFact, where 16-18 trails Token
+        // Prepending on STS).
         let kv_reroute = Some(RerouteConfig {
-            layers: LayerChoice::Relative { start: KV_WINDOW_START, width: 3 },
+            layers: LayerChoice::KvDefault { width: 3 },
             bias: 1.0,
             prefix: PrefixPosition::Last,
         });
@@ -292,17 +307,21 @@ mod tests {
 
     #[test]
     fn relative_windows_fit_the_model() {
+        let f = Family::Llama;
         let w = LayerChoice::Relative { start: 0.9, width: 3 };
-        assert_eq!(w.resolve(30), vec![27, 28, 29]);
-        assert_eq!(w.resolve(4), vec![1, 2, 3]);
-        assert_eq!(LayerChoice::Relative { start: 0.2, width: 3 }.resolve(30), vec![6, 7, 8]);
-        assert_eq!(LayerChoice::Relative { start: 0.4, width: 3 }.resolve(30), vec![12, 13, 14]);
-        // The default `kv` window on the three test backbones' depths
-        // (SmolLM2 30 layers, Qwen2.5-0.5B 24, Gemma-3-270M 18).
+        assert_eq!(w.resolve(30, f), vec![27, 28, 29]);
+        assert_eq!(w.resolve(4, f), vec![1, 2, 3]);
+        assert_eq!(w.resolve(30, Family::Qwen2), vec![27, 28, 29], "a relative window ignores the family");
+        assert_eq!(LayerChoice::Relative { start: 0.2, width: 3 }.resolve(30, f), vec![6, 7, 8]);
+        assert_eq!(LayerChoice::Relative { start: 0.4, width: 3 }.resolve(30, f), vec![12, 13, 14]);
+        // The default `kv` window on the test backbones (SmolLM2 30 layers,
+        // Qwen2.5-0.5B 24, Qwen2.5-1.5B 28, Gemma-3-270M 18).
         let kv = Method::from_name("kv").unwrap().reroute.unwrap().layers;
-        assert_eq!(kv.resolve(30), vec![20, 21, 22]);
-        assert_eq!(kv.resolve(24), vec![16, 17, 18]);
-        assert_eq!(kv.resolve(18), vec![12, 13, 14]);
+        assert_eq!(kv.resolve(30, Family::Llama), vec![20, 21, 22]);
+        assert_eq!(kv.resolve(24, Family::Qwen2), vec![12, 13, 14]);
+        assert_eq!(kv.resolve(28, Family::Qwen2), vec![14, 15, 16]);
+        assert_eq!(kv.resolve(18, Family::Gemma3), vec![12, 13, 14]);
+        assert_eq!(kv.resolve(2, Family::Qwen2), vec![0, 1], "a window wider than the model is cut to it");
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! minimum of the per-layer intrinsic-dimension (ID) curve, after skipping the
 //! early layers whose ID is dominated by token-level (lexical) structure.
 
-use crate::method::{LayerChoice, KV_WINDOW_START};
+use crate::arch::Family;
+use crate::method::{kv_window_start, LayerChoice};
 use serde::{Deserialize, Serialize};
 
 /// Fraction of the sorted `mu` ratios kept for the fit. The largest ratios come
@@ -264,16 +265,18 @@ fn minimum_words(m: &Minimum, skip: usize, n: usize, window: usize) -> String {
 }
 
 /// The window used when the curve gives no usable minimum: the default
-/// method's ([`KV_WINDOW_START`] of the depth, after the skipped layers where
-/// it fits), so a calibration that finds nothing changes nothing.
-fn fallback(n: usize, skip: usize, window: usize, reason: String) -> Selection {
-    let default = LayerChoice::Relative { start: KV_WINDOW_START, width: window }.resolve(n);
+/// method's for the model's family ([`kv_window_start`] of the depth, after
+/// the skipped layers where it fits), so a calibration that finds nothing
+/// changes nothing.
+fn fallback(n: usize, skip: usize, window: usize, reason: String, family: Family) -> Selection {
+    let default = LayerChoice::KvDefault { width: window }.resolve(n, family);
     let start = default[0].max(skip).min(n - window);
     Selection {
         layers: window_at(start, window),
         rule: format!(
-            "{reason}; fallback {} at two thirds of the depth (the default window), layers {}-{}",
+            "{reason}; fallback {} at {:.2} of the depth (the default window), layers {}-{}",
             window_words(window),
+            kv_window_start(family),
             start,
             start + window - 1
         ),
@@ -287,13 +290,13 @@ fn fallback(n: usize, skip: usize, window: usize, reason: String) -> Selection {
 /// the layer of minimum ID among the rest and is shifted left when it would run
 /// past the last layer. Non-finite entries are ignored. When no clear minimum
 /// exists (no finite value after the skip, or a relative range below 5%), the
-/// default method's window (two thirds of the depth) is used instead.
+/// default method's window for `family` is used instead.
 ///
 /// `window == 0` is treated as 1, and a window longer than the curve selects
 /// every layer. When the region after the skip is shorter than the window, the
 /// window keeps its length and ends at the last layer, reaching back into the
 /// skipped layers.
-pub fn select_window(curve: &[f64], skip_fraction: f64, window: usize) -> Selection {
+pub fn select_window(curve: &[f64], skip_fraction: f64, window: usize, family: Family) -> Selection {
     let n = curve.len();
     if n == 0 {
         return Selection { layers: Vec::new(), rule: "empty ID curve: no layers selected".to_string() };
@@ -302,7 +305,7 @@ pub fn select_window(curve: &[f64], skip_fraction: f64, window: usize) -> Select
     let skip = skipped_layers(n, skip_fraction);
     match find_minimum(curve, skip, window) {
         Ok(m) => Selection { layers: window_at(m.start, window), rule: minimum_words(&m, skip, n, window) },
-        Err(reason) => fallback(n, skip, window, reason),
+        Err(reason) => fallback(n, skip, window, reason, family),
     }
 }
 
@@ -332,7 +335,12 @@ fn random_subset(n: usize, k: usize, seed: u64) -> Vec<usize> {
 /// layer of the whole sample's. Otherwise, and when there are fewer than 32
 /// texts, the default method's window is used (as for a flat curve). The rule
 /// text says which happened and how many splits agreed.
-pub fn select_layers(reps: &[Vec<Vec<f32>>], skip_fraction: f64, window: usize) -> (Vec<f64>, Selection) {
+pub fn select_layers(
+    reps: &[Vec<Vec<f32>>],
+    skip_fraction: f64,
+    window: usize,
+    family: Family,
+) -> (Vec<f64>, Selection) {
     use rayon::prelude::*;
     let texts = reps.first().map_or(0, Vec::len);
     let checked = texts >= MIN_TEXTS_FOR_CHECK;
@@ -367,20 +375,20 @@ pub fn select_layers(reps: &[Vec<Vec<f32>>], skip_fraction: f64, window: usize) 
 
     let n = curve.len();
     if n == 0 {
-        return (curve, select_window(&[], skip_fraction, window));
+        return (curve, select_window(&[], skip_fraction, window, family));
     }
     let window = window.clamp(1, n);
     let skip = skipped_layers(n, skip_fraction);
     let whole = match find_minimum(&curve, skip, window) {
         Ok(m) => m,
-        Err(reason) => return (curve, fallback(n, skip, window, reason)),
+        Err(reason) => return (curve, fallback(n, skip, window, reason, family)),
     };
     let found = minimum_words(&whole, skip, n, window);
     if !checked {
         let reason = format!(
             "{found}, but {texts} texts are too few to check that minimum (at least {MIN_TEXTS_FOR_CHECK})"
         );
-        return (curve, fallback(n, skip, window, reason));
+        return (curve, fallback(n, skip, window, reason, family));
     }
     let near = |c: &Vec<f64>| find_minimum(c, skip, window).is_ok_and(|m| m.start.abs_diff(whole.start) <= 1);
     let agree = half_curves.chunks(2).filter(|pair| pair.iter().all(near)).count();
@@ -390,7 +398,7 @@ pub fn select_layers(reps: &[Vec<Vec<f32>>], skip_fraction: f64, window: usize) 
     let selection = if agree >= STABILITY_AGREEMENT {
         Selection { layers: window_at(whole.start, window), rule: format!("{found}; {agreement}") }
     } else {
-        fallback(n, skip, window, format!("{found}, not stable: only {agreement} of it"))
+        fallback(n, skip, window, format!("{found}, not stable: only {agreement} of it"), family)
     };
     (curve, selection)
 }
@@ -411,6 +419,9 @@ impl SplitMix {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The family of the tests' curves (its default window: two thirds).
+    const FAMILY: Family = Family::Llama;
 
     impl SplitMix {
         /// Uniform in [0, 1).
@@ -616,7 +627,7 @@ mod tests {
     #[test]
     fn window_starts_at_minimum_in_the_middle() {
         let curve = curve_with_min(30, 14);
-        let sel = select_window(&curve, 0.2, 3);
+        let sel = select_window(&curve, 0.2, 3, FAMILY);
         assert_eq!(sel.layers, vec![14, 15, 16]);
         assert_eq!(
             sel.rule,
@@ -627,11 +638,11 @@ mod tests {
     #[test]
     fn minimum_at_last_layer_shifts_window_left() {
         let curve = curve_with_min(30, 29);
-        let sel = select_window(&curve, 0.2, 3);
+        let sel = select_window(&curve, 0.2, 3, FAMILY);
         assert_eq!(sel.layers, vec![27, 28, 29]);
         assert!(sel.rule.contains("at layer 29"), "{}", sel.rule);
         assert!(sel.rule.contains("shifted left"), "{}", sel.rule);
-        let near_end = select_window(&curve_with_min(30, 28), 0.2, 3);
+        let near_end = select_window(&curve_with_min(30, 28), 0.2, 3, FAMILY);
         assert_eq!(near_end.layers, vec![27, 28, 29]);
     }
 
@@ -639,28 +650,34 @@ mod tests {
     fn minimum_in_skipped_region_is_ignored() {
         let mut curve = curve_with_min(30, 20);
         curve[2] = 1.0; // early lexical layers often have a low ID
-        let sel = select_window(&curve, 0.2, 3);
+        let sel = select_window(&curve, 0.2, 3, FAMILY);
         assert_eq!(sel.layers, vec![20, 21, 22]);
         // ceil(0.2 * 32) = 7: layer 6 is skipped too, layer 7 is not.
         let mut c = vec![10.0; 32];
         c[6] = 1.0;
         c[7] = 2.0;
-        assert_eq!(select_window(&c, 0.2, 2).layers, vec![7, 8]);
+        assert_eq!(select_window(&c, 0.2, 2, FAMILY).layers, vec![7, 8]);
     }
 
     #[test]
     fn flat_curve_falls_back_to_the_default_window() {
         let curve: Vec<f64> = (0..30).map(|i| 10.0 + (i % 2) as f64 * 0.1).collect();
-        let sel = select_window(&curve, 0.2, 3);
+        let sel = select_window(&curve, 0.2, 3, FAMILY);
         // the default method's window: round(0.67 * 30) = 20
         assert_eq!(sel.layers, vec![20, 21, 22]);
-        assert_eq!(sel.layers, crate::method::Method::from_name("kv").unwrap().reroute.unwrap().layers.resolve(30));
+        let kv = crate::method::Method::from_name("kv").unwrap().reroute.unwrap().layers;
+        assert_eq!(sel.layers, kv.resolve(30, FAMILY));
         assert!(sel.rule.contains("flat"), "{}", sel.rule);
-        assert!(sel.rule.contains("two thirds of the depth"), "{}", sel.rule);
-        let even = select_window(&curve, 0.2, 4);
+        assert!(sel.rule.contains("at 0.67 of the depth"), "{}", sel.rule);
+        // Qwen2's default window is at half the depth, and so is its fallback.
+        let qwen = select_window(&curve, 0.2, 3, Family::Qwen2);
+        assert_eq!(qwen.layers, vec![15, 16, 17]);
+        assert_eq!(qwen.layers, kv.resolve(30, Family::Qwen2));
+        assert!(qwen.rule.contains("at 0.50 of the depth"), "{}", qwen.rule);
+        let even = select_window(&curve, 0.2, 4, FAMILY);
         assert_eq!(even.layers, vec![20, 21, 22, 23]);
         // A skip beyond two thirds keeps the fallback out of the skipped layers.
-        assert_eq!(select_window(&curve, 0.8, 3).layers, vec![24, 25, 26]);
+        assert_eq!(select_window(&curve, 0.8, 3, FAMILY).layers, vec![24, 25, 26]);
     }
 
     #[test]
@@ -668,11 +685,11 @@ mod tests {
         let mut curve = curve_with_min(30, 12);
         curve[20] = f64::NAN;
         curve[25] = f64::NEG_INFINITY;
-        let sel = select_window(&curve, 0.2, 3);
+        let sel = select_window(&curve, 0.2, 3, FAMILY);
         assert_eq!(sel.layers, vec![12, 13, 14]);
 
         let all_nan = vec![f64::NAN; 10];
-        let sel = select_window(&all_nan, 0.2, 3);
+        let sel = select_window(&all_nan, 0.2, 3, FAMILY);
         // round(0.67 * 10) = 7
         assert_eq!(sel.layers, vec![7, 8, 9]);
         assert!(sel.rule.contains("no finite ID"), "{}", sel.rule);
@@ -682,10 +699,10 @@ mod tests {
     fn a_fraction_passed_as_f32_skips_as_many_layers_as_in_f64() {
         // 0.2f32 is 0.2000000030 in f64: 30 layers must still skip 6, not 7.
         let curve = curve_with_min(30, 6);
-        let wide = select_window(&curve, f64::from(0.2f32), 3);
+        let wide = select_window(&curve, f64::from(0.2f32), 3, FAMILY);
         assert_eq!(wide.layers, vec![6, 7, 8], "{}", wide.rule);
         assert!(wide.rule.contains("skipping 6 of 30"), "{}", wide.rule);
-        assert_eq!(select_window(&curve, 0.2, 3), wide);
+        assert_eq!(select_window(&curve, 0.2, 3, FAMILY), wide);
     }
 
     /// `reps[layer][text]`: `texts` points per layer, each layer in a random
@@ -702,7 +719,7 @@ mod tests {
         // Layer 6 of 12 lives in 3 dimensions, the rest in 12.
         let mut dims = vec![12; 12];
         dims[6] = 3;
-        let (curve, sel) = select_layers(&layered_sample(&dims, 200, 7), 0.2, 3);
+        let (curve, sel) = select_layers(&layered_sample(&dims, 200, 7), 0.2, 3, FAMILY);
         assert_eq!(curve.len(), 12);
         assert!(curve[6] < 5.0 && curve[3] > 8.0, "{curve:?}");
         assert_eq!(sel.layers, vec![6, 7, 8], "{}", sel.rule);
@@ -722,9 +739,9 @@ mod tests {
         let pool = subspace_points_with(layers * texts, 10, 48, 11, Spread::Gaussian);
         let reps: Vec<Vec<Vec<f32>>> = pool.chunks(texts).map(<[Vec<f32>]>::to_vec).collect();
         let curve: Vec<f64> = reps.iter().map(|l| intrinsic_dimension(l).unwrap()).collect();
-        let plain = select_window(&curve, 0.2, 3);
+        let plain = select_window(&curve, 0.2, 3, FAMILY);
         assert!(plain.rule.starts_with("ID minimum"), "{}", plain.rule);
-        let (_, sel) = select_layers(&reps, 0.2, 3);
+        let (_, sel) = select_layers(&reps, 0.2, 3, FAMILY);
         // round(0.67 * 12) = 8
         assert_eq!(sel.layers, vec![8, 9, 10], "{}", sel.rule);
         assert!(sel.rule.contains("not stable"), "{}", sel.rule);
@@ -734,7 +751,7 @@ mod tests {
     fn too_few_texts_fall_back_and_say_why() {
         let mut dims = vec![12; 12];
         dims[6] = 3;
-        let (_, sel) = select_layers(&layered_sample(&dims, 20, 7), 0.2, 3);
+        let (_, sel) = select_layers(&layered_sample(&dims, 20, 7), 0.2, 3, FAMILY);
         assert_eq!(sel.layers, vec![8, 9, 10]);
         assert!(sel.rule.contains("too few"), "{}", sel.rule);
     }
@@ -770,33 +787,33 @@ mod tests {
 
     #[test]
     fn degenerate_sizes() {
-        let empty = select_window(&[], 0.2, 3);
+        let empty = select_window(&[], 0.2, 3, FAMILY);
         assert!(empty.layers.is_empty());
         assert!(empty.rule.contains("empty"));
 
         // Window longer than the curve: every layer.
-        assert_eq!(select_window(&[3.0, 1.0], 0.2, 5).layers, vec![0, 1]);
+        assert_eq!(select_window(&[3.0, 1.0], 0.2, 5, FAMILY).layers, vec![0, 1]);
         // Window 0 behaves as 1.
-        let one = select_window(&curve_with_min(10, 6), 0.2, 0);
+        let one = select_window(&curve_with_min(10, 6), 0.2, 0, FAMILY);
         assert_eq!(one.layers, vec![6]);
         assert!(one.rule.contains("window of 1 layer"), "{}", one.rule);
         // Single layer curve.
-        assert_eq!(select_window(&[4.0], 0.5, 3).layers, vec![0]);
+        assert_eq!(select_window(&[4.0], 0.5, 3, FAMILY).layers, vec![0]);
         // Skip everything: the last layer stays eligible.
-        assert_eq!(select_window(&curve_with_min(8, 7), 1.0, 1).layers, vec![7]);
+        assert_eq!(select_window(&curve_with_min(8, 7), 1.0, 1, FAMILY).layers, vec![7]);
     }
 
     #[test]
     fn short_tail_keeps_window_length() {
         // n = 10, skip ceil(0.8 * 10) = 8, window 3 cannot fit in [8, 9]:
         // it ends at the last layer and reaches into the skipped region.
-        let sel = select_window(&curve_with_min(10, 9), 0.8, 3);
+        let sel = select_window(&curve_with_min(10, 9), 0.8, 3, FAMILY);
         assert_eq!(sel.layers, vec![7, 8, 9]);
     }
 
     #[test]
     fn selection_serialises() {
-        let sel = select_window(&curve_with_min(12, 5), 0.25, 2);
+        let sel = select_window(&curve_with_min(12, 5), 0.25, 2, FAMILY);
         let json = serde_json::to_string(&sel).unwrap();
         let back: Selection = serde_json::from_str(&json).unwrap();
         assert_eq!(back, sel);
