@@ -152,12 +152,15 @@ pub const DEFAULT_METHOD: &str = "kv";
 
 /// Where the default method's re-routing window starts, as a fraction of the
 /// depth: two thirds (layers 20-22 of SmolLM2's 30), half on Qwen2 (12-14 of
-/// Qwen2.5-0.5B's 24), from the sweeps in docs/QUALITY.md. Layer selection
-/// falls back to the same window when TwoNN finds no usable minimum.
+/// Qwen2.5-0.5B's 24), a third on Gemma 3 (6-8 of Gemma-3-270M's 18), from
+/// the sweeps in docs/QUALITY.md (one backbone per family; the families
+/// without one keep two thirds). Layer selection falls back to the same
+/// window when TwoNN finds no usable minimum.
 pub fn kv_window_start(family: Family) -> f32 {
     match family {
         Family::Qwen2 => 0.5,
-        _ => 0.67,
+        Family::Gemma3 => 0.33,
+        Family::Llama | Family::Mistral | Family::Qwen3 => 0.67,
     }
 }
 
@@ -198,9 +201,10 @@ impl Method {
         // with b = 1 at two thirds of the depth (layers 20-22 of SmolLM2's
         // 30: ahead of PromptEOL on every STS group at full size; 18-20 ties
         // on STS but loses 4.8 nDCG@10 on SciFact; 40 % depth and below cost
-        // a little), and at half the depth on Qwen2 (12-14 of 24: ahead of
+        // a little), at half the depth on Qwen2 (12-14 of 24: ahead of
         // every baseline on STS and SciFact, where 16-18 trails Token
-        // Prepending on STS).
+        // Prepending on STS) and at a third on Gemma 3 (6-8 of 18: ahead of
+        // PromptEOL on STS and SciFact, where 12-14 trails it on both).
         let kv_reroute = Some(RerouteConfig {
             layers: LayerChoice::KvDefault { width: 3 },
             bias: 1.0,
@@ -320,7 +324,8 @@ mod tests {
         assert_eq!(kv.resolve(30, Family::Llama), vec![20, 21, 22]);
         assert_eq!(kv.resolve(24, Family::Qwen2), vec![12, 13, 14]);
         assert_eq!(kv.resolve(28, Family::Qwen2), vec![14, 15, 16]);
-        assert_eq!(kv.resolve(18, Family::Gemma3), vec![12, 13, 14]);
+        assert_eq!(kv.resolve(18, Family::Gemma3), vec![6, 7, 8]);
+        assert_eq!(kv.resolve(32, Family::Mistral), vec![21, 22, 23]);
         assert_eq!(kv.resolve(2, Family::Qwen2), vec![0, 1], "a window wider than the model is cut to it");
     }
 
