@@ -326,6 +326,9 @@ impl Embedder {
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let text_ids = self.tokenizer.encode_many(&refs)?;
         let bos = if self.tokenizer.add_bos { self.tokenizer.bos } else { None };
+        // A token outside any text: the stand-in for an empty input and
+        // Token Prepending's placeholder.
+        let filler = self.tokenizer.eos.or(self.tokenizer.bos).unwrap_or(0);
         let mut truncated = Vec::new();
         let mut out = Vec::with_capacity(texts.len());
         for (index, mut t) in text_ids.into_iter().enumerate() {
@@ -351,14 +354,14 @@ impl Embedder {
             if ids.is_empty() {
                 // An empty text with no prompt and no BOS: one EOS token
                 // stands for it, so every input gets a vector.
-                ids.push(self.tokenizer.eos.or(self.tokenizer.bos).unwrap_or(0));
+                ids.push(filler);
             }
             if let Some(at) = placeholder {
                 // Any token works, its state is replaced from layer 1 on; EOS
                 // keeps it out of the text. Where it goes matters, see
                 // docs/QUALITY.md ("Token Prepending's placeholder").
                 let at = at.min(ids.len());
-                ids.insert(at, self.tokenizer.eos.or(self.tokenizer.bos).unwrap_or(0));
+                ids.insert(at, filler);
                 let shift = |i: usize| if i >= at { i + 1 } else { i };
                 last_copy = shift(last_copy.start)..shift(last_copy.end);
             }
