@@ -225,12 +225,16 @@ fn tile_block(task: &Task, (kp, vp): &(PackedBf16, PackedBf16), s: AttnShape) {
         unsafe {
             kp.block(&sc.q, hd_pad, hd_pad / TILE, 0..rows_pad, 0..cols_pad, sc.scores.as_mut_ptr(), cols_pad);
         }
+        // Each row's unnormalised probabilities go to the tiles as they are
+        // computed; the row's output is scaled by `1 / sum` below.
         sc.p.set_len(rows_pad * cols_pad);
+        sc.inv.clear();
         for r in 0..rows_pad {
             if r < rows {
                 let row = &mut sc.scores[r * cols_pad..(r + 1) * cols_pad];
-                let inv = softmax_row(row, task.start + r, off, s);
-                crate::amx::row_to_tiles(&mut sc.p, cols_pad, r, row, inv);
+                let (visible, max) = mask_row(row, task.start + r, off, s);
+                let sum = crate::amx::exp_row_to_tiles(&mut sc.p, cols_pad, r, &row[..visible], max);
+                sc.inv.push(1.0 / sum);
             } else {
                 crate::amx::row_to_tiles(&mut sc.p, cols_pad, r, &[], 1.0);
             }
@@ -241,10 +245,13 @@ fn tile_block(task: &Task, (kp, vp): &(PackedBf16, PackedBf16), s: AttnShape) {
         unsafe {
             vp.block(&sc.p, cols_pad, cols_pad / TILE, 0..rows_pad, 0..hd_pad, sc.out.as_mut_ptr(), hd_pad);
         }
-        for r in 0..rows {
+        for (r, &inv) in sc.inv.iter().enumerate() {
+            let src = &sc.out[r * hd_pad..r * hd_pad + hd];
             // SAFETY: `task.dst` is valid for the task's rows.
-            unsafe {
-                std::ptr::copy_nonoverlapping(sc.out.as_ptr().add(r * hd_pad), task.dst.add(r * s.n_heads * hd), hd);
+            let dst = unsafe { task.dst.add(r * s.n_heads * hd) };
+            for (j, &x) in src.iter().enumerate() {
+                // SAFETY: as above; j < head_dim.
+                unsafe { dst.add(j).write(x * inv) };
             }
         }
     });
@@ -266,6 +273,17 @@ thread_local! {
 /// sequence) get 0 outright; keys before a sliding window's start go
 /// through the softmax as `-inf`.
 fn softmax_row(row: &mut [f32], i: usize, off: usize, s: AttnShape) -> f32 {
+    let (visible, max) = mask_row(row, i, off, s);
+    row[visible..].fill(0.0);
+    1.0 / crate::fastmath::exp_shifted_sum(&mut row[..visible], max)
+}
+
+/// The masks of [`softmax_row`] on query `i`'s row of scaled logits: the
+/// re-routed column's bias added, keys before a sliding window's start set
+/// to `-inf`. Returns how many leading keys the query sees (the rest are
+/// left as they are: the caller gives them probability 0) and their
+/// largest logit.
+fn mask_row(row: &mut [f32], i: usize, off: usize, s: AttnShape) -> (usize, f32) {
     if let Some(bias) = s.prefix_bias {
         row[0] += bias;
     }
@@ -274,13 +292,10 @@ fn softmax_row(row: &mut [f32], i: usize, off: usize, s: AttnShape) -> f32 {
         None => 0,
     };
     let visible = (off + i + 1).min(row.len());
-    row[visible..].fill(0.0);
-    let row = &mut row[..visible];
     for x in &mut row[off..off + lo] {
         *x = f32::NEG_INFINITY;
     }
-    let max = crate::fastmath::max(row);
-    1.0 / crate::fastmath::exp_shifted_sum(row, max)
+    (visible, crate::fastmath::max(&row[..visible]))
 }
 
 struct TileScratch {
@@ -288,6 +303,8 @@ struct TileScratch {
     p: crate::amx::Aligned<u16>,
     scores: Vec<f32>,
     out: Vec<f32>,
+    /// `1 / sum` of each row's probabilities.
+    inv: Vec<f32>,
 }
 
 impl Default for TileScratch {
@@ -297,6 +314,7 @@ impl Default for TileScratch {
             p: crate::amx::Aligned::zeroed(0),
             scores: Vec::new(),
             out: Vec::new(),
+            inv: Vec::new(),
         }
     }
 }
@@ -307,7 +325,8 @@ mod tests {
 
     /// Plain loops, the definition. With `s.bf16_products`, the products'
     /// operands are rounded to bf16 as the tile path rounds them: the scaled
-    /// queries, the keys, the values and the normalised probabilities.
+    /// queries, the keys, the values and the unnormalised probabilities
+    /// (`exp(logit - max)`; the product is divided by their sum after).
     fn reference(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec<f32> {
         let rnd = |x: f32| if s.bf16_products { crate::amx::from_bf16(crate::amx::to_bf16(x)) } else { x };
         let off = usize::from(s.prefix_bias.is_some());
@@ -342,9 +361,9 @@ mod tests {
                     for x in 0..hd {
                         let mut acc = 0f32;
                         for c in 0..kv_t {
-                            acc += rnd(e[c] / z) * rnd(v[((b * s.n_kv_heads + kvh) * kv_t + c) * hd + x]);
+                            acc += rnd(e[c]) * rnd(v[((b * s.n_kv_heads + kvh) * kv_t + c) * hd + x]);
                         }
-                        out[((b * t + i) * s.n_heads + h) * hd + x] = acc;
+                        out[((b * t + i) * s.n_heads + h) * hd + x] = acc / z;
                     }
                 }
             }
@@ -403,8 +422,9 @@ mod tests {
                 let got = attention(&q, &k, &v, s, &[]);
                 let want = reference(&q, &k, &v, s);
                 let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                // bf16: the f32 softmax can round a probability to the
-                // neighbouring bf16 value of the f64 reference's.
+                // bf16: the kernel's exp (relative error 1e-5) can round a
+                // probability to the neighbouring bf16 value of the
+                // reference's libm exp.
                 let tol = if bf16 { 2e-3 } else { 1e-4 };
                 assert!(d < tol, "bf16 {bf16} prefix {prefix:?} window {window:?} seq {seq} hd {hd}: {d}");
                 if bf16 {

@@ -194,6 +194,45 @@ impl Weight {
             }
         }
     }
+
+    /// `forward` of several weights on the same input (a layer's q, k and v;
+    /// gate and up): on the AMX tiles the input is converted to bf16 once.
+    fn forward_shared<const N: usize>(ws: [&Weight; N], x: &Tensor) -> Result<[Tensor; N]> {
+        let packed: Option<Vec<&crate::amx::PackedBf16>> =
+            ws.iter().map(|w| if let Weight::Amx(p) = w { Some(p) } else { None }).collect();
+        let ys = match packed {
+            None => ws.iter().map(|w| w.forward(x)).collect::<Result<Vec<_>>>()?,
+            Some(packed) => {
+                let mut lead = x.dims().to_vec();
+                let k = lead.pop().expect("activations have a feature dimension");
+                let rows = lead.iter().product::<usize>();
+                let tiles = with_cpu_f32(x, |data| crate::amx::Tiles::new(data, rows, k))?;
+                packed
+                    .iter()
+                    .map(|p| {
+                        let shape = [&lead[..], &[p.n()]].concat();
+                        Ok(Tensor::from_vec(p.matmul_tiles(&tiles), shape, x.device())?)
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
+        Ok(ys.try_into().expect("one output per weight"))
+    }
+
+    /// `forward(silu(gate) * up)` for f32 CPU tensors; on the AMX tiles the
+    /// activation is formed while the rows are converted to bf16, never
+    /// stored.
+    fn forward_silu_gated(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        let Weight::Amx(p) = self else {
+            return self.forward(&silu_mul_cpu(gate, up)?);
+        };
+        let mut out = gate.dims().to_vec();
+        out.pop().expect("activations have a feature dimension");
+        let rows = out.iter().product::<usize>();
+        let y = with_cpu_f32(gate, |g| with_cpu_f32(up, |u| p.matmul_silu_gated(g, u, rows)))??;
+        out.push(p.n());
+        Ok(Tensor::from_vec(y, out, gate.device())?)
+    }
 }
 
 struct Linear {
@@ -203,7 +242,17 @@ struct Linear {
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.w.forward(x)?;
+        self.add_bias(self.w.forward(x)?)
+    }
+
+    /// [`Weight::forward_shared`] with each layer's bias.
+    fn forward_shared<const N: usize>(ls: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
+        let ys = Weight::forward_shared(ls.map(|l| &l.w), x)?;
+        let ys = ls.iter().zip(ys).map(|(l, y)| l.add_bias(y)).collect::<Result<Vec<_>>>()?;
+        Ok(ys.try_into().expect("one output per layer"))
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -501,9 +550,10 @@ impl Decoder {
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         let dt = self.dtype;
         let h = l.attn_norm.forward_as(x, dt)?.reshape((b * t, d))?;
-        let q = l.q.forward(&h)?.reshape((b, t, nh, hd))?;
-        let k = l.k.forward(&h)?.reshape((b, t, nkv, hd))?;
-        let v = l.v.forward(&h)?.reshape((b, t, nkv, hd))?;
+        let [q, k, v] = Linear::forward_shared([&l.q, &l.k, &l.v], &h)?;
+        let q = q.reshape((b, t, nh, hd))?;
+        let k = k.reshape((b, t, nkv, hd))?;
+        let v = v.reshape((b, t, nkv, hd))?;
         let q = match &l.q_norm {
             Some(n) => n.forward_as(&q, dt)?,
             None => q,
@@ -579,14 +629,14 @@ impl Decoder {
         let x = (x + att.reshape((b, t, d))?)?;
 
         let h = l.ffn_norm.forward_as(&x, dt)?.reshape((b * t, d))?;
-        let gate = l.gate.forward(&h)?;
-        let up = l.up.forward(&h)?;
-        let act = match cfg.activation {
-            Activation::Silu if gate.device().is_cpu() && gate.dtype() == DType::F32 => silu_mul_cpu(&gate, &up)?,
-            Activation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
-            Activation::GeluTanh => (gate.gelu()? * up)?,
+        let [gate, up] = Weight::forward_shared([&l.gate, &l.up], &h)?;
+        let m = match cfg.activation {
+            Activation::Silu if gate.device().is_cpu() && gate.dtype() == DType::F32 => {
+                l.down.forward_silu_gated(&gate, &up)?
+            }
+            Activation::Silu => l.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?,
+            Activation::GeluTanh => l.down.forward(&(gate.gelu()? * up)?)?,
         };
-        let m = l.down.forward(&act)?;
         let m = match &l.post_ffn_norm {
             Some(n) => n.forward_as(&m, DType::F32)?,
             None => m.to_dtype(DType::F32)?,
