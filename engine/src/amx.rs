@@ -180,7 +180,10 @@ impl PackedBf16 {
             // its own rows x columns block of `c`, which holds m_pad x n_pad
             // values; `a` holds m_pad x k_pad and the packed weight
             // n_pad x k_pad values, so every tile load stays in bounds.
-            unsafe { self.block(&a.data, self.k_pad, self.k_pad / BLOCK, rows, cols, out.0, self.n_pad) };
+            unsafe {
+                let c = out.0.add(rows.start * self.n_pad + cols.start);
+                self.block(&a.data, self.k_pad, self.k_pad / BLOCK, rows, cols, c, self.n_pad)
+            };
         });
         // SAFETY: the tasks above stored every row (m_pad) and column
         // (n_pad) of the capacity.
@@ -203,8 +206,9 @@ impl PackedBf16 {
     /// columns `cols` (multiples of 32, within `n_pad`),
     /// over the first `kb` steps of 32 inputs (`kb <= k_pad / 32`). `a` is in
     /// tile order (see [`to_bf16_tiles`]) with its inputs padded to `a_kpad`
-    /// (at least `32 kb`; `a`'s inputs past those steps are ignored); `c` has
-    /// a row stride of `c_stride` values.
+    /// (at least `32 kb`; `a`'s inputs past those steps are ignored); `c`
+    /// points at the block's first value (row `rows.start`, column
+    /// `cols.start`) and has a row stride of `c_stride` values.
     ///
     /// # Safety
     /// AMX must be [`available`]; `a` must hold the rows' tiles and `c`
@@ -233,7 +237,7 @@ impl PackedBf16 {
                     // Rows m0..m0+16 and m0+16..m0+32: two tile rows of `a`
                     // (only the first for a last block of 16 rows).
                     let a0 = a.as_ptr().add(m0 * a_kpad);
-                    let c0 = c.add(m0 * c_stride + np * BLOCK);
+                    let c0 = c.add((m0 - rows.start) * c_stride + np * BLOCK - cols.start);
                     if m0 + ROW_TILE == rows.end {
                         kernel_16x32(a0, b, kb, c0, c_stride * 4);
                     } else {
@@ -285,9 +289,9 @@ pub fn throughput(m: usize, n: usize, k: usize, reps: usize) -> Option<[f64; 3]>
             for ct in (0..packed.n_pad).step_by(COLS_PER_TASK) {
                 let cols = ct..(ct + COLS_PER_TASK).min(packed.n_pad);
                 let (a, rows, out) = if to_small {
-                    (&a[rt * packed.k_pad..], 0..rows.len(), small.as_mut_ptr())
+                    (&a[rt * packed.k_pad..], 0..rows.len(), small[ct..].as_mut_ptr())
                 } else {
-                    (&a[..], rows.clone(), c.as_mut_ptr())
+                    (&a[..], rows.clone(), c[rt * packed.n_pad + ct..].as_mut_ptr())
                 };
                 // SAFETY: AMX is available; `a` holds the rows' tiles and
                 // `c` (`small`) m_pad (ROWS_PER_TASK) rows of n_pad values.
@@ -488,6 +492,102 @@ pub fn to_bf16(x: f32) -> u16 {
 /// bf16 back to f32 (exact).
 pub fn from_bf16(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
+}
+
+/// A SiLU-gated MLP's gate and up weights (`[n, k]` each) packed as one
+/// weight for the tile kernel, so that a task's block of outputs holds both
+/// halves of the same columns: output columns come in groups of
+/// [`GATE_GROUP`] gate columns followed by the same up columns.
+/// [`activation`](Self::activation) turns each block into
+/// `silu(gate) * up` in bf16 tile order right away, so neither product is
+/// ever stored in f32 (at 16 x 512 tokens each is a 50 MB buffer per layer,
+/// written, then read back).
+pub struct SiluGatedBf16 {
+    gate_up: PackedBf16,
+    n: usize,
+}
+
+/// Columns of the gate (and of up) next to each other in a [`SiluGatedBf16`]:
+/// half a task's columns.
+const GATE_GROUP: usize = COLS_PER_TASK / 2;
+
+impl SiluGatedBf16 {
+    /// `None` unless `n` is a multiple of [`GATE_GROUP`] (so that the
+    /// activation's tiles have the down projection's padding).
+    pub fn pack(gate: &[f32], up: &[f32], n: usize, k: usize) -> Option<SiluGatedBf16> {
+        assert_eq!(gate.len(), n * k, "gate holds n x k values");
+        assert_eq!(up.len(), n * k, "up holds n x k values");
+        if n == 0 || n % GATE_GROUP != 0 {
+            return None;
+        }
+        let gate_up = PackedBf16::pack_with(2 * n, k, |col, i| {
+            let (group, j) = (col / (2 * GATE_GROUP), col % (2 * GATE_GROUP));
+            let w = if j < GATE_GROUP { gate } else { up };
+            w[(group * GATE_GROUP + j % GATE_GROUP) * k + i]
+        });
+        Some(SiluGatedBf16 { gate_up, n })
+    }
+
+    /// The gate's (and up's) outputs: the down projection's inputs.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// `silu(x · gateᵀ) * (x · upᵀ)`, in tile order, ready for the down
+    /// projection. Panics when [`available`] is false.
+    pub fn activation(&self, a: &Tiles) -> Tiles {
+        let w = &self.gate_up;
+        assert!(available(), "AMX-BF16 is not available on this CPU");
+        assert_eq!(a.k, w.k, "activations have this weight's inputs");
+        let m_pad = a.data.len() / w.k_pad;
+        // Every row of every tile (padding rows too: zero inputs give zero
+        // activations) is written by the tasks below.
+        let mut act = Aligned::<u16>::for_overwrite(m_pad * self.n);
+        let act_ptr = SendU16(act.as_mut_ptr());
+        let row_tasks = m_pad.div_ceil(ROWS_PER_TASK);
+        let col_tasks = w.n_pad / COLS_PER_TASK;
+        (0..row_tasks * col_tasks).into_par_iter().for_each(|t| {
+            let act_ptr = act_ptr;
+            let (rt, ct) = (t / col_tasks, t % col_tasks);
+            let rows = rt * ROWS_PER_TASK..((rt + 1) * ROWS_PER_TASK).min(m_pad);
+            let cols = ct * COLS_PER_TASK..(ct + 1) * COLS_PER_TASK;
+            GATED.with_borrow_mut(|(c, row)| {
+                c.resize(ROWS_PER_TASK * COLS_PER_TASK, 0.0);
+                row.resize(GATE_GROUP, 0.0);
+                // SAFETY: AMX is available (asserted above); `c` holds the
+                // task's rows x COLS_PER_TASK values; `a` holds m_pad x k_pad
+                // and the packed weight n_pad x k_pad values.
+                unsafe { w.block(&a.data, w.k_pad, w.k_pad / BLOCK, rows.clone(), cols, c.as_mut_ptr(), COLS_PER_TASK) };
+                let kb = self.n / BLOCK;
+                for (i, r) in rows.enumerate() {
+                    let (g, u) = c[i * COLS_PER_TASK..(i + 1) * COLS_PER_TASK].split_at(GATE_GROUP);
+                    crate::fastmath::silu_mul(g, u, row);
+                    // The tiles of this row group and of the task's
+                    // GATE_GROUP / 32 column blocks: written by this task only.
+                    let first = (r / ROW_TILE) * kb * 512 + ct * (GATE_GROUP / BLOCK) * 512;
+                    // SAFETY: inside `act` (m_pad x n values); the task's rows
+                    // are whole row groups (ROWS_PER_TASK is a multiple of 16)
+                    // and its column blocks are its own, so no other task
+                    // writes this range while the slice lives.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(act_ptr.0.add(first), GATE_GROUP / BLOCK * 512) };
+                    row_to_tiles(dst, GATE_GROUP, r % ROW_TILE, row, 1.0);
+                }
+            });
+        });
+        Tiles { data: act, m: a.m, k: self.n }
+    }
+}
+
+/// [`SendPtr`] for the bf16 tiles.
+#[derive(Clone, Copy)]
+struct SendU16(*mut u16);
+// SAFETY: as SendPtr: writers never overlap, and no task outlives the loop.
+unsafe impl Send for SendU16 {}
+unsafe impl Sync for SendU16 {}
+
+thread_local! {
+    /// Each worker's block of gate and up outputs and one row of activations.
+    static GATED: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Activations converted to bf16 in tile order, for any number of products
@@ -762,6 +862,29 @@ mod tests {
                 }
                 assert!((sum as f64 - want_sum).abs() <= 1e-5 * want_sum, "len {len}: {sum} vs {want_sum}");
             }
+        }
+    }
+
+    #[test]
+    fn packed_gate_and_up_give_the_unfused_mlp_bit_for_bit() {
+        if !available() {
+            eprintln!("AMX-BF16 not available here: skipping the gated MLP test");
+            return;
+        }
+        assert!(SiluGatedBf16::pack(&pseudo(96 * 8, 1), &pseudo(96 * 8, 2), 96, 8).is_none(), "96 columns: no fused path");
+        // Rows: one tile row, padding, and more than one task of rows;
+        // columns: one task and three.
+        for &(m, n, k, d) in &[(1, 128, 40, 24), (42, 384, 64, 70), (300, 256, 96, 32)] {
+            let (x, gate, up, down) = (pseudo(m * k, 3), pseudo(n * k, 4), pseudo(n * k, 5), pseudo(d * n, 6));
+            let fused = SiluGatedBf16::pack(&gate, &up, n, k).expect("n is a multiple of 128");
+            assert_eq!(fused.n(), n);
+            let down = PackedBf16::pack(&down, d, n);
+            let got = down.matmul_tiles(&fused.activation(&Tiles::new(&x, m, k)));
+            let (g, u) = (PackedBf16::pack(&gate, n, k).matmul(&x, m), PackedBf16::pack(&up, n, k).matmul(&x, m));
+            let want = down.matmul_silu_gated(&g, &u, m);
+            assert_eq!(got.len(), m * d);
+            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "m{m} n{n} k{k} d{d}");
+            assert!(got.iter().any(|&v| v != 0.0));
         }
     }
 

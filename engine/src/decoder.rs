@@ -164,11 +164,7 @@ impl Weight {
 
     /// An `[out, in]` weight packed for the AMX kernel.
     fn amx(m: QMatMul) -> Result<Weight> {
-        let QMatMul::Tensor(w) = m else {
-            return Err(EngineError::invalid("weights", "AMX packing needs a dense weight"));
-        };
-        let (n, k) = w.dims2()?;
-        let data = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let (data, n, k) = dense_f32(m)?;
         Ok(Weight::Amx(crate::amx::PackedBf16::pack(&data, n, k)))
     }
 
@@ -235,6 +231,25 @@ impl Weight {
     }
 }
 
+/// A dense `[out, in]` weight's f32 values, with `out` and `in`.
+fn dense_f32(m: QMatMul) -> Result<(Vec<f32>, usize, usize)> {
+    let QMatMul::Tensor(w) = m else {
+        return Err(EngineError::invalid("weights", "AMX packing needs a dense weight"));
+    };
+    let (n, k) = w.dims2()?;
+    Ok((w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, n, k))
+}
+
+/// A layer's MLP weights.
+enum Ffn {
+    /// Gate, up and down, applied one after the other.
+    Split { gate: Weight, up: Weight, down: Weight },
+    /// SiLU-gated on the AMX tiles, gate and up packed together so that
+    /// their outputs become the down projection's bf16 input block by
+    /// block ([`crate::amx::SiluGatedBf16`]).
+    AmxSilu { gate_up: crate::amx::SiluGatedBf16, down: crate::amx::PackedBf16 },
+}
+
 struct Linear {
     w: Weight,
     b: Option<Tensor>,
@@ -271,9 +286,7 @@ struct Layer {
     post_attn_norm: Option<Norm>,
     ffn_norm: Norm,
     post_ffn_norm: Option<Norm>,
-    gate: Weight,
-    up: Weight,
-    down: Weight,
+    ffn: Ffn,
     theta: f32,
     scaling: RopeScaling,
     window: Option<usize>,
@@ -392,6 +405,23 @@ impl Decoder {
                 Weight::new(m, dtype)
             }
         };
+        let ffn = |gate: &str, up: &str, down: &str| -> Result<Ffn> {
+            if amx && cfg.activation == Activation::Silu {
+                let (g, n, k) = dense_f32(store.matmul(gate, dev, format)?)?;
+                let (u, nu, ku) = dense_f32(store.matmul(up, dev, format)?)?;
+                if (nu, ku) != (n, k) {
+                    return Err(EngineError::Corrupt {
+                        path: store.path().into(),
+                        reason: format!("{gate} is {n}x{k} but {up} is {nu}x{ku}"),
+                    });
+                }
+                if let Some(gate_up) = crate::amx::SiluGatedBf16::pack(&g, &u, n, k) {
+                    let (d, dn, dk) = dense_f32(store.matmul(down, dev, format)?)?;
+                    return Ok(Ffn::AmxSilu { gate_up, down: crate::amx::PackedBf16::pack(&d, dn, dk) });
+                }
+            }
+            Ok(Ffn::Split { gate: weight(gate)?, up: weight(up)?, down: weight(down)? })
+        };
         let opt_norm = |n: &str| -> Result<Option<Norm>> {
             if store.has(n) {
                 Ok(Some(Norm::load(store, n, &cfg, dev)?))
@@ -428,9 +458,7 @@ impl Decoder {
                 post_attn_norm,
                 ffn_norm: Norm::load(store, &format!("{ffn_norm_name}.weight"), &cfg, dev)?,
                 post_ffn_norm: if cfg.sandwich_norm { opt_norm(&p("post_ffw_norm.weight"))? } else { None },
-                gate: weight(&p("ffn_gate.weight"))?,
-                up: weight(&p("ffn_up.weight"))?,
-                down: weight(&p("ffn_down.weight"))?,
+                ffn: ffn(&p("ffn_gate.weight"), &p("ffn_up.weight"), &p("ffn_down.weight"))?,
                 theta: cfg.layer_rope_theta(i),
                 scaling: cfg.layer_rope_scaling(i),
                 window: cfg.layer_window(i),
@@ -629,13 +657,22 @@ impl Decoder {
         let x = (x + att.reshape((b, t, d))?)?;
 
         let h = l.ffn_norm.forward_as(&x, dt)?.reshape((b * t, d))?;
-        let [gate, up] = Weight::forward_shared([&l.gate, &l.up], &h)?;
-        let m = match cfg.activation {
-            Activation::Silu if gate.device().is_cpu() && gate.dtype() == DType::F32 => {
-                l.down.forward_silu_gated(&gate, &up)?
+        let m = match &l.ffn {
+            Ffn::AmxSilu { gate_up, down } => {
+                let rows = b * t;
+                let act = with_cpu_f32(&h, |x| gate_up.activation(&crate::amx::Tiles::new(x, rows, d)))?;
+                Tensor::from_vec(down.matmul_tiles(&act), (rows, down.n()), &self.device)?
             }
-            Activation::Silu => l.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?,
-            Activation::GeluTanh => l.down.forward(&(gate.gelu()? * up)?)?,
+            Ffn::Split { gate, up, down } => {
+                let [gate, up] = Weight::forward_shared([gate, up], &h)?;
+                match cfg.activation {
+                    Activation::Silu if gate.device().is_cpu() && gate.dtype() == DType::F32 => {
+                        down.forward_silu_gated(&gate, &up)?
+                    }
+                    Activation::Silu => down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?,
+                    Activation::GeluTanh => down.forward(&(gate.gelu()? * up)?)?,
+                }
+            }
         };
         let m = match &l.post_ffn_norm {
             Some(n) => n.forward_as(&m, DType::F32)?,
