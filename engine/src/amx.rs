@@ -148,15 +148,6 @@ impl PackedBf16 {
         self.matmul_tiles(&Tiles::new(x, m, self.k))
     }
 
-    /// `silu(gate) * up` times this weight's transpose, for `gate` and `up`
-    /// `[m, k]` (row-major): a gated MLP's down projection. The activation
-    /// is computed row by row as the rows are converted to bf16, so it is
-    /// never stored in f32 (at 16 x 512 tokens that buffer is 50 MB per
-    /// layer, written, then read back by the conversion).
-    pub fn matmul_silu_gated(&self, gate: &[f32], up: &[f32], m: usize) -> Vec<f32> {
-        self.matmul_tiles(&Tiles::from_rows(Rows::SiluGated(gate, up), m, self.k))
-    }
-
     /// [`matmul`](Self::matmul) of activations already converted.
     pub fn matmul_tiles(&self, a: &Tiles) -> Vec<f32> {
         assert!(available(), "AMX-BF16 is not available on this CPU");
@@ -280,7 +271,7 @@ pub fn throughput(m: usize, n: usize, k: usize, reps: usize) -> Option<[f64; 3]>
         std::hint::black_box(packed.matmul(&x, m));
     });
     let m_pad = round_up(m, ROW_TILE);
-    let a = to_bf16_tiles(Rows::Plain(&x), m, k, m_pad, packed.k_pad);
+    let a = to_bf16_tiles(&x, m, k, m_pad, packed.k_pad);
     let mut c = vec![0f32; m_pad * packed.n_pad];
     let mut small = vec![0f32; ROWS_PER_TASK * packed.n_pad];
     let mut kernel = |to_small: bool| {
@@ -603,11 +594,7 @@ pub struct Tiles {
 impl Tiles {
     /// `x [m, k]`, row-major.
     pub fn new(x: &[f32], m: usize, k: usize) -> Tiles {
-        Tiles::from_rows(Rows::Plain(x), m, k)
-    }
-
-    fn from_rows(x: Rows, m: usize, k: usize) -> Tiles {
-        x.check(m * k);
+        assert_eq!(x.len(), m * k, "activations hold m x k values");
         let m_pad = round_up(m.max(1), ROW_TILE);
         let k_pad = round_up(k.max(1), BLOCK);
         Tiles {
@@ -618,48 +605,18 @@ impl Tiles {
     }
 }
 
-/// The activations of a product, `m` rows of `k` values.
-#[derive(Clone, Copy)]
-enum Rows<'a> {
-    /// `x [m, k]`, row-major.
-    Plain(&'a [f32]),
-    /// `silu(gate) * up`, both `[m, k]` row-major.
-    SiluGated(&'a [f32], &'a [f32]),
-}
-
-impl Rows<'_> {
-    fn check(self, len: usize) {
-        match self {
-            Rows::Plain(x) => assert_eq!(x.len(), len, "activations hold m x k values"),
-            Rows::SiluGated(g, u) => {
-                assert_eq!(g.len(), len, "gate holds m x k values");
-                assert_eq!(u.len(), len, "up holds m x k values");
-            }
-        }
-    }
-}
-
-/// The rows `x` to bf16 in tile order, the padding zero: `[m_pad / 16][k_pad / 32]`
+/// `x [m, k]` to bf16 in tile order, the padding zero: `[m_pad / 16][k_pad / 32]`
 /// tiles of 16 rows x 32 values, each tile 1 KiB contiguous, so that every
 /// tile load reads consecutive cache lines.
-fn to_bf16_tiles(x: Rows, m: usize, k: usize, m_pad: usize, k_pad: usize) -> Aligned<u16> {
+fn to_bf16_tiles(x: &[f32], m: usize, k: usize, m_pad: usize, k_pad: usize) -> Aligned<u16> {
     // Every row, padding included, is written below: no zeroing first (it
     // cost about 4 % of a 16 x 512 pass in `memset`).
     let mut a = Aligned::<u16>::for_overwrite(m_pad * k_pad);
     // One tile row (16 rows of x) per task; rows past m are zeros.
     a.par_chunks_mut(16 * k_pad).enumerate().for_each(|(mb, dst)| {
-        let mut act = Vec::new();
         for r in 0..16 {
             let i = mb * 16 + r;
-            let src = match x {
-                _ if i >= m => &[][..],
-                Rows::Plain(x) => &x[i * k..(i + 1) * k],
-                Rows::SiluGated(g, u) => {
-                    act.resize(k, 0.0);
-                    crate::fastmath::silu_mul(&g[i * k..(i + 1) * k], &u[i * k..(i + 1) * k], &mut act);
-                    &act[..]
-                }
-            };
+            let src = if i < m { &x[i * k..(i + 1) * k] } else { &[][..] };
             row_to_tiles(dst, k_pad, r, src, 1.0);
         }
     });
@@ -881,7 +838,9 @@ mod tests {
             let down = PackedBf16::pack(&down, d, n);
             let got = down.matmul_tiles(&fused.activation(&Tiles::new(&x, m, k)));
             let (g, u) = (PackedBf16::pack(&gate, n, k).matmul(&x, m), PackedBf16::pack(&up, n, k).matmul(&x, m));
-            let want = down.matmul_silu_gated(&g, &u, m);
+            let mut act = vec![0f32; m * n];
+            crate::fastmath::silu_mul(&g, &u, &mut act);
+            let want = down.matmul(&act, m);
             assert_eq!(got.len(), m * d);
             assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "m{m} n{n} k{k} d{d}");
             assert!(got.iter().any(|&v| v != 0.0));

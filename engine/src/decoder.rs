@@ -214,21 +214,6 @@ impl Weight {
         };
         Ok(ys.try_into().expect("one output per weight"))
     }
-
-    /// `forward(silu(gate) * up)` for f32 CPU tensors; on the AMX tiles the
-    /// activation is formed while the rows are converted to bf16, never
-    /// stored.
-    fn forward_silu_gated(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-        let Weight::Amx(p) = self else {
-            return self.forward(&silu_mul_cpu(gate, up)?);
-        };
-        let mut out = gate.dims().to_vec();
-        out.pop().expect("activations have a feature dimension");
-        let rows = out.iter().product::<usize>();
-        let y = with_cpu_f32(gate, |g| with_cpu_f32(up, |u| p.matmul_silu_gated(g, u, rows)))??;
-        out.push(p.n());
-        Ok(Tensor::from_vec(y, out, gate.device())?)
-    }
 }
 
 /// A dense `[out, in]` weight's f32 values, with `out` and `in`.
@@ -667,7 +652,7 @@ impl Decoder {
                 let [gate, up] = Weight::forward_shared([gate, up], &h)?;
                 match cfg.activation {
                     Activation::Silu if gate.device().is_cpu() && gate.dtype() == DType::F32 => {
-                        down.forward_silu_gated(&gate, &up)?
+                        down.forward(&silu_mul_cpu(&gate, &up)?)?
                     }
                     Activation::Silu => down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?,
                     Activation::GeluTanh => down.forward(&(gate.gelu()? * up)?)?,
