@@ -508,7 +508,7 @@ impl SiluGatedBf16 {
     pub fn pack(gate: &[f32], up: &[f32], n: usize, k: usize) -> Option<SiluGatedBf16> {
         assert_eq!(gate.len(), n * k, "gate holds n x k values");
         assert_eq!(up.len(), n * k, "up holds n x k values");
-        if n == 0 || n % GATE_GROUP != 0 {
+        if n == 0 || !n.is_multiple_of(GATE_GROUP) {
             return None;
         }
         let gate_up = PackedBf16::pack_with(2 * n, k, |col, i| {
@@ -534,10 +534,11 @@ impl SiluGatedBf16 {
         // Every row of every tile (padding rows too: zero inputs give zero
         // activations) is written by the tasks below.
         let mut act = Aligned::<u16>::for_overwrite(m_pad * self.n);
-        let act_ptr = SendU16(act.as_mut_ptr());
+        let act_ptr = SendPtr(act.as_mut_ptr());
         let row_tasks = m_pad.div_ceil(ROWS_PER_TASK);
         let col_tasks = w.n_pad / COLS_PER_TASK;
         (0..row_tasks * col_tasks).into_par_iter().for_each(|t| {
+            // The whole SendPtr, not its raw-pointer field, goes to the tasks.
             let act_ptr = act_ptr;
             let (rt, ct) = (t / col_tasks, t % col_tasks);
             let rows = rt * ROWS_PER_TASK..((rt + 1) * ROWS_PER_TASK).min(m_pad);
@@ -568,13 +569,6 @@ impl SiluGatedBf16 {
         Tiles { data: act, m: a.m, k: self.n }
     }
 }
-
-/// [`SendPtr`] for the bf16 tiles.
-#[derive(Clone, Copy)]
-struct SendU16(*mut u16);
-// SAFETY: as SendPtr: writers never overlap, and no task outlives the loop.
-unsafe impl Send for SendU16 {}
-unsafe impl Sync for SendU16 {}
 
 thread_local! {
     /// Each worker's block of gate and up outputs and one row of activations.
@@ -725,7 +719,7 @@ unsafe fn exp_row_to_tiles_avx512(dst: &mut [u16], k_pad: usize, r: usize, src: 
             let hi = exp(_mm512_sub_ps(load(i + 16), max));
             acc = _mm512_add_ps(acc, _mm512_add_ps(lo, hi));
             // The second operand fills the low half.
-            std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo))
+            std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
         };
         _mm512_storeu_si512(dst.as_mut_ptr().add(base + blk * 512) as *mut _, v);
     }

@@ -39,13 +39,18 @@ const BLOCK: usize = 256;
 const BF16_BLOCK: usize = 64;
 
 /// An output pointer shared by rayon tasks that each write a disjoint part
-/// of the output (here and in the AMX matmul); it is only used while the
+/// of the output (here and in the AMX products); it is only used while the
 /// output is borrowed by the parallel loop.
-#[derive(Clone, Copy)]
-pub(crate) struct SendPtr(pub(crate) *mut f32);
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
 // SAFETY: see above: writers never overlap, and no task outlives the loop.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
 
 /// `q`: `[B, H, T, hd]`; `k`, `v`: `[B, Hkv, T + prefix, hd]`, all contiguous.
 /// `lens[b]`: the real (unpadded) length of sequence `b` (missing: `T`).
@@ -80,7 +85,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, lens: &[usize]) 
             .collect()
     });
     let block = if packs.is_some() { BF16_BLOCK } else { BLOCK };
-    let mut out = Vec::with_capacity(s.batch * t * s.n_heads * hd);
+    let mut out: Vec<f32> = Vec::with_capacity(s.batch * t * s.n_heads * hd);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let n_rep = s.n_heads / s.n_kv_heads;
     let blocks = t.div_ceil(block);
