@@ -33,7 +33,8 @@
 #   --wait-idle S        wait up to S seconds for the machine to become idle
 #                        (other processes using < 15 % of the CPU) before measuring
 #
-# Setup (idempotent, skipped when already done): a Python venv .venv-bench
+# Setup (idempotent, skipped when already done): for the SQL part,
+# scripts/setup.sh when the project's PostgreSQL is not installed yet; a Python venv .venv-bench
 # with the pins of scripts/requirements-bench.txt and llama-cpp-python compiled
 # from source for this CPU (every SIMD extension it has but AMX, see
 # llama_cmake_args below); the release build of the engine.
@@ -191,6 +192,12 @@ setup_venv() {
 if [ "$do_peers" = 1 ] && [ -n "$peers" ]; then setup_venv; fi
 cp "$venv/.llama-cmake-args" "$results/llama-cmake-args.txt" 2>/dev/null || true
 if [ "$do_sql" = 1 ] && ! "$py" -c 'import psycopg' 2>/dev/null; then setup_venv; fi
+# The SQL part needs the project's PostgreSQL with pgvector and the extension:
+# set them up now, not after the long peers part.
+if [ "$do_sql" = 1 ] && [ ! -x "$PG_CONFIG" ]; then
+  say "no PostgreSQL install at $PG_CONFIG: running scripts/setup.sh"
+  bash scripts/setup.sh
+fi
 
 say "building the engine (cargo build --release -p kvembed-engine)"
 nice -n 10 cargo build --release -q -p kvembed-engine --bin kvembed

@@ -180,19 +180,16 @@ impl Weight {
                 Ok(y.reshape(out)?)
             }
             Weight::Quantized(q) => qmatmul(q, x),
-            Weight::Amx(p) => {
-                let mut out = x.dims().to_vec();
-                out.pop().expect("activations have a feature dimension");
-                let rows = out.iter().product::<usize>();
-                let y = with_cpu_f32(x, |data| p.matmul(data, rows))?;
-                out.push(p.n());
-                Ok(Tensor::from_vec(y, out, x.device())?)
+            Weight::Amx(_) => {
+                let [y] = Weight::forward_shared([self], x)?;
+                Ok(y)
             }
         }
     }
 
     /// `forward` of several weights on the same input (a layer's q, k and v;
     /// gate and up): on the AMX tiles the input is converted to bf16 once.
+    /// (An AMX weight's own `forward` is this with one weight.)
     fn forward_shared<const N: usize>(ws: [&Weight; N], x: &Tensor) -> Result<[Tensor; N]> {
         let packed: Option<Vec<&crate::amx::PackedBf16>> =
             ws.iter().map(|w| if let Weight::Amx(p) = w { Some(p) } else { None }).collect();
@@ -400,10 +397,18 @@ impl Decoder {
                         reason: format!("{gate} is {n}x{k} but {up} is {nu}x{ku}"),
                     });
                 }
-                if let Some(gate_up) = crate::amx::SiluGatedBf16::pack(&g, &u, n, k) {
-                    let (d, dn, dk) = dense_f32(store.matmul(down, dev, format)?)?;
-                    return Ok(Ffn::AmxSilu { gate_up, down: crate::amx::PackedBf16::pack(&d, dn, dk) });
-                }
+                let packed = crate::amx::SiluGatedBf16::pack(&g, &u, n, k);
+                let (d, dn, dk) = dense_f32(store.matmul(down, dev, format)?)?;
+                let down = crate::amx::PackedBf16::pack(&d, dn, dk);
+                return Ok(match packed {
+                    Some(gate_up) => Ffn::AmxSilu { gate_up, down },
+                    // The weights already read, packed one by one.
+                    None => Ffn::Split {
+                        gate: Weight::Amx(crate::amx::PackedBf16::pack(&g, n, k)),
+                        up: Weight::Amx(crate::amx::PackedBf16::pack(&u, n, k)),
+                        down: Weight::Amx(down),
+                    },
+                });
             }
             Ok(Ffn::Split { gate: weight(gate)?, up: weight(up)?, down: weight(down)? })
         };
