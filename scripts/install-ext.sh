@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build kvembed and install it into the PostgreSQL named by $PG_CONFIG (the
-# pgserver install in .venv, see scripts/setup.sh):
+# pgserver install in .venv by default, Debian's PostgreSQL N with --pg N;
+# see scripts/env.sh):
 #
 #   1. the inference server `kvembed` (engine/ crate), copied to
 #      $(pg_config --bindir)/kvembed, where the extension's background worker
@@ -9,10 +10,11 @@
 #      `cargo pgrx install`: kvembed.so into $(pg_config --pkglibdir),
 #      kvembed.control and kvembed--<version>.sql into $(pg_config --sharedir)/extension.
 #
-#   scripts/install-ext.sh
+#   scripts/install-ext.sh [--pg N]
 #
 # A running cluster keeps the old library loaded: `scripts/pg.sh restart`.
 set -euo pipefail
+if [ "${1:-}" = --pg ]; then export KVEMBED_PG=${2:?--pg needs a major version}; shift 2; fi
 # shellcheck source=scripts/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$KVEMBED_ROOT"
@@ -48,13 +50,15 @@ have=$(cargo pgrx --version 2>/dev/null | awk '{print $2}') || true
 [ "$have" = "$KVEMBED_PGRX_VERSION" ] \
   || die "cargo-pgrx $KVEMBED_PGRX_VERSION is required (found: '${have:-none}'); run scripts/setup.sh"
 
-if ! grep -qsF "pg18 = \"$PG_CONFIG\"" "$PGRX_HOME/config.toml"; then
-  echo "install-ext.sh: cargo pgrx init --pg18 $PG_CONFIG (PGRX_HOME=$PGRX_HOME)"
-  cargo pgrx init --pg18 "$PG_CONFIG"
+if ! grep -qsF "pg$KVEMBED_PG = \"$PG_CONFIG\"" "$PGRX_HOME/config.toml"; then
+  mapfile -t init_args < <(kvembed_pgrx_init_args)
+  echo "install-ext.sh: cargo pgrx init ${init_args[*]} (PGRX_HOME=$PGRX_HOME)"
+  cargo pgrx init "${init_args[@]}"
 fi
 
-echo "install-ext.sh: building and installing the extension (cargo pgrx install --release)"
-(cd extension && cargo pgrx install --release -p kvembed --pg-config "$PG_CONFIG")
+echo "install-ext.sh: building and installing the extension for PostgreSQL $KVEMBED_PG (cargo pgrx install --release)"
+(cd extension && cargo pgrx install --release -p kvembed --pg-config "$PG_CONFIG" \
+   --no-default-features --features "pg$KVEMBED_PG")
 pkglibdir=$("$PG_CONFIG" --pkglibdir)
 sharedir=$("$PG_CONFIG" --sharedir)
 # Install scripts of earlier releases, so that upgrades from them can be

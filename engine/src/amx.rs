@@ -23,7 +23,6 @@
 //! matmul.
 
 use crate::attention::SendPtr;
-use once_cell::sync::Lazy;
 use rayon::prelude::*;
 
 /// Rows, columns and inputs of one kernel block.
@@ -35,37 +34,10 @@ const ROWS_PER_TASK: usize = 128;
 /// Output column pairs (of 32) handled by one task.
 const COLS_PER_TASK: usize = 8 * BLOCK;
 
-/// Whether this CPU and kernel let the process use AMX-BF16 (checked once).
+/// Whether this CPU and kernel let the process use AMX-BF16 and
+/// `KVEMBED_CPU` does not cap it (checked once, see [`crate::cpu`]).
 pub fn available() -> bool {
-    static AVAILABLE: Lazy<bool> = Lazy::new(detect);
-    *AVAILABLE
-}
-
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn detect() -> bool {
-    use std::arch::x86_64::__cpuid_count;
-    // CPUID.(EAX=7, ECX=0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
-    let leaf7 = __cpuid_count(7, 0);
-    let has_amx = leaf7.edx & (1 << 22) != 0 && leaf7.edx & (1 << 24) != 0;
-    if !has_amx || !std::arch::is_x86_feature_detected!("avx512bf16") {
-        return false;
-    }
-    // Linux hands out the 8 KiB tile data state only on request.
-    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-    const XFEATURE_XTILEDATA: libc::c_long = 18;
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_arch_prctl,
-            ARCH_REQ_XCOMP_PERM,
-            XFEATURE_XTILEDATA,
-        )
-    };
-    rc == 0
-}
-
-#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-fn detect() -> bool {
-    false
+    crate::cpu::amx_bf16()
 }
 
 pub(crate) fn round_up(x: usize, to: usize) -> usize {
@@ -621,7 +593,7 @@ fn to_bf16_tiles(x: &[f32], m: usize, k: usize, m_pad: usize, k_pad: usize) -> A
 /// `src` scaled by `scale`, then zeros up to `k_pad`.
 pub(crate) fn row_to_tiles(dst: &mut [u16], k_pad: usize, r: usize, src: &[f32], scale: f32) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512bf16") {
+    if crate::cpu::avx512bf16() {
         // SAFETY: the feature was just detected.
         unsafe { row_to_tiles_avx512(dst, k_pad, r, src, scale) };
         return;
@@ -678,7 +650,7 @@ unsafe fn row_to_tiles_avx512(dst: &mut [u16], k_pad: usize, r: usize, src: &[f3
 /// exponentials are never stored in f32 and read back.
 pub(crate) fn exp_row_to_tiles(dst: &mut [u16], k_pad: usize, r: usize, src: &[f32], max: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512bf16") {
+    if crate::cpu::avx512bf16() {
         // SAFETY: the feature was just detected.
         return unsafe { exp_row_to_tiles_avx512(dst, k_pad, r, src, max) };
     }

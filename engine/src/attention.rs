@@ -12,6 +12,7 @@
 //! (`AttnShape::bf16_products`); the scale, mask and softmax are f32 in both.
 
 use crate::amx::{round_up, PackedBf16, BLOCK as TILE, ROW_TILE};
+use crate::matmul::Gemm;
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy)]
@@ -153,27 +154,22 @@ fn f32_block(task: &Task, kb: &[f32], vb: &[f32], s: AttnShape) {
         // SAFETY: shapes and strides describe slices of the caller's checked
         // inputs; `task.dst` is valid for the task's rows.
         unsafe {
-            gemm::gemm(
-                rows,
-                cols,
-                hd,
-                scores.as_mut_ptr(),
-                1,
-                cols as isize,
-                false,
-                task.q.as_ptr(),
-                1,
-                hd as isize,
-                kb.as_ptr(),
-                hd as isize,
-                1,
-                0.0,
-                s.scale,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+            Gemm {
+                m: rows,
+                n: cols,
+                k: hd,
+                dst_cs: 1,
+                dst_rs: cols as isize,
+                read_dst: false,
+                lhs_cs: 1,
+                lhs_rs: hd as isize,
+                rhs_cs: hd as isize,
+                rhs_rs: 1,
+                alpha: 0.0,
+                beta: s.scale,
+                parallel: false,
+            }
+            .run(scores.as_mut_ptr(), task.q.as_ptr(), kb.as_ptr());
         }
         for r in 0..rows {
             let row = &mut scores[r * cols..(r + 1) * cols];
@@ -182,27 +178,22 @@ fn f32_block(task: &Task, kb: &[f32], vb: &[f32], s: AttnShape) {
         }
         // SAFETY: as above.
         unsafe {
-            gemm::gemm(
-                rows,
-                hd,
-                cols,
-                task.dst,
-                1,
-                (s.n_heads * hd) as isize,
-                false,
-                scores.as_ptr(),
-                1,
-                cols as isize,
-                vb.as_ptr(),
-                1,
-                hd as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+            Gemm {
+                m: rows,
+                n: hd,
+                k: cols,
+                dst_cs: 1,
+                dst_rs: (s.n_heads * hd) as isize,
+                read_dst: false,
+                lhs_cs: 1,
+                lhs_rs: cols as isize,
+                rhs_cs: 1,
+                rhs_rs: hd as isize,
+                alpha: 0.0,
+                beta: 1.0,
+                parallel: false,
+            }
+            .run(task.dst, scores.as_ptr(), vb.as_ptr());
         }
     });
 }

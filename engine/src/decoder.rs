@@ -174,9 +174,15 @@ impl Weight {
                 let dims = x.dims().to_vec();
                 let (&k, lead) = dims.split_last().expect("activations have a feature dimension");
                 let rows = lead.iter().product::<usize>();
-                let y = x.contiguous()?.reshape((rows, k))?.matmul(wt)?;
+                let n = wt.dim(1)?;
                 let mut out = lead.to_vec();
-                out.push(wt.dim(1)?);
+                out.push(n);
+                if x.device().is_cpu() && x.dtype() == DType::F32 && wt.dtype() == DType::F32 {
+                    // The CPU f32 product with its kernels chosen by crate::cpu.
+                    let y = with_cpu_f32(x, |xs| with_cpu_f32(wt, |ws| crate::matmul::matmul(xs, rows, k, ws, n)))??;
+                    return Ok(Tensor::from_vec(y, out, x.device())?);
+                }
+                let y = x.contiguous()?.reshape((rows, k))?.matmul(wt)?;
                 Ok(y.reshape(out)?)
             }
             Weight::Quantized(q) => qmatmul(q, x),

@@ -111,12 +111,12 @@ macro_rules! dispatch {
                 unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the feature was just detected.
+                if crate::cpu::avx512f() {
+                    // SAFETY: the feature was detected (crate::cpu).
                     return unsafe { avx512($($arg),*) };
                 }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: the features were just detected.
+                if crate::cpu::avx2_fma() {
+                    // SAFETY: the features were detected (crate::cpu).
                     return unsafe { avx2($($arg),*) };
                 }
             }

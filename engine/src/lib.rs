@@ -9,6 +9,8 @@ pub mod error;
 pub mod arch;
 pub mod loader;
 pub mod tokenizer;
+pub mod cpu;
+pub mod matmul;
 pub mod amx;
 pub mod attention;
 pub mod fastmath;

@@ -201,6 +201,8 @@ enum Cmd {
     },
     /// The quality study: writes docs/QUALITY.md and its plots.
     Quality(cli::QualityArgs),
+    /// The CPU features the engine's kernels use here (after KVEMBED_CPU), as JSON.
+    Cpu,
     /// Serve embeddings on a Unix socket (run by the PostgreSQL worker).
     Serve {
         #[arg(long)]
@@ -220,7 +222,23 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = kvembed_engine::cpu::check_env() {
+        eprintln!("kvembed: error: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.cmd {
+        Cmd::Cpu => {
+            let f = kvembed_engine::cpu::features();
+            let json = serde_json::json!({
+                "level": f.to_string(),
+                "avx2_fma": f.avx2_fma,
+                "avx512f": f.avx512f,
+                "avx512bf16": f.avx512bf16,
+                "amx_bf16": f.amx_bf16,
+            });
+            println!("{json}");
+            Ok(())
+        }
         Cmd::Embed { model, method, query, file, npy, texts } => {
             cli::embed(&model, &method, query, file.as_deref(), npy.as_deref(), texts)
         }

@@ -59,12 +59,13 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     volunteer_for_oom_killer();
     let listener = bind(&opts.socket)?;
     log(&format!(
-        "listening on {} (model '{}', device {}, threads {}, batch_tokens {})",
+        "listening on {} (model '{}', device {}, threads {}, batch_tokens {}, cpu kernels {})",
         opts.socket.display(),
         opts.model,
         opts.device,
         opts.threads,
-        opts.batch_tokens
+        opts.batch_tokens,
+        crate::cpu::features()
     ));
 
     let shared = Arc::new(Shared::new(opts));
@@ -168,6 +169,7 @@ impl Shared {
             texts_served: self.texts_served.load(Ordering::Relaxed),
             tokens_served: self.tokens_served.load(Ordering::Relaxed),
             pid: std::process::id(),
+            cpu: crate::cpu::features().to_string(),
             ..Default::default()
         };
         match &*self.model.lock() {

@@ -68,6 +68,7 @@ mod kvembed {
             "dim": s.dim,
             "n_layers": s.layers,
             "device": s.device,
+            "cpu": s.cpu,
             "method": opts.method.unwrap_or(s.default_method),
             "layers": layers,
             "layers_source": layers_source,

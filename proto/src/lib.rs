@@ -197,6 +197,11 @@ pub struct Status {
     pub tokens_served: u64,
     pub load_error: Option<String>,
     pub pid: u32,
+    /// The instruction-set level the engine's CPU kernels run at, e.g.
+    /// `x86-64-v3 (avx2+fma)` (the engine's `cpu` module; `KVEMBED_CPU`
+    /// caps it). Empty from an engine that predates it.
+    #[serde(default)]
+    pub cpu: String,
 }
 
 // `Status` makes this enum large; responses are built once per request and
