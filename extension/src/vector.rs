@@ -107,7 +107,7 @@ fn pgvector_type_oid(name: &CStr) -> pg_sys::Oid {
     unsafe {
         let ext = pg_sys::get_extension_oid(c"vector".as_ptr(), true);
         if ext != pg_sys::InvalidOid {
-            let schema = pg_sys::get_extension_schema(ext);
+            let schema = extension_schema(ext);
             let oid = pg_sys::GetSysCacheOid(
                 pg_sys::SysCacheIdentifier::TYPENAMENSP as i32,
                 pg_sys::Anum_pg_type_oid as pg_sys::AttrNumber,
@@ -129,6 +129,46 @@ fn pgvector_type_oid(name: &CStr) -> pg_sys::Oid {
     .set_hint("CREATE EXTENSION vector; (CREATE EXTENSION kvembed CASCADE installs it)")
     .report(PgLogLevel::ERROR);
     unreachable!()
+}
+
+/// The schema an extension was installed in.
+#[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+unsafe fn extension_schema(ext: pg_sys::Oid) -> pg_sys::Oid {
+    pg_sys::get_extension_schema(ext)
+}
+
+/// The schema an extension was installed in: PostgreSQL exports
+/// `get_extension_schema()` from 16 on; before, this is its body (one
+/// lookup of pg_extension by OID through its index).
+#[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+unsafe fn extension_schema(ext: pg_sys::Oid) -> pg_sys::Oid {
+    let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+    let rel = pg_sys::table_open(pg_sys::ExtensionRelationId, lock);
+    let mut key = std::mem::MaybeUninit::<pg_sys::ScanKeyData>::zeroed();
+    pg_sys::ScanKeyInit(
+        key.as_mut_ptr(),
+        pg_sys::Anum_pg_extension_oid as pg_sys::AttrNumber,
+        pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+        pg_sys::Oid::from(pg_sys::F_OIDEQ),
+        pg_sys::Datum::from(ext),
+    );
+    let scan = pg_sys::systable_beginscan(
+        rel,
+        pg_sys::Oid::from(pg_sys::ExtensionOidIndexId),
+        true,
+        std::ptr::null_mut(),
+        1,
+        key.as_mut_ptr(),
+    );
+    let tuple = pg_sys::systable_getnext(scan);
+    let schema = if tuple.is_null() {
+        pg_sys::InvalidOid
+    } else {
+        (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_extension>(tuple)).extnamespace
+    };
+    pg_sys::systable_endscan(scan);
+    pg_sys::table_close(rel, lock);
+    schema
 }
 
 /// IEEE 754 binary16 bits of `v`, rounded to nearest even (what pgvector's

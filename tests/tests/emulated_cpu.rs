@@ -9,7 +9,7 @@
 //! emulation is slow, and what is checked here is which instructions run,
 //! not the model.
 
-use kvembed_tests::{cosine, pg_bin, repo_root};
+use kvembed_tests::{cosine, pg_bin, record_figures, repo_root};
 use postgres::{Client, NoTls};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -205,7 +205,8 @@ impl Drop for EmulatedCluster {
 /// and searched (the statement that crashed the wheel's pgvector), the other
 /// distance operators and quantisation, and the vectors equal to the native
 /// engine's.
-fn the_whole_stack_on(cpu: &str, port: u16) {
+fn the_whole_stack_on(test: &str, cpu: &str, port: u16) {
+    let started = Instant::now();
     let cluster = EmulatedCluster::start(cpu, port);
     let mut c = cluster.connect();
     c.batch_execute("CREATE EXTENSION kvembed CASCADE").expect("CREATE EXTENSION kvembed CASCADE");
@@ -278,14 +279,23 @@ fn the_whole_stack_on(cpu: &str, port: u16) {
     let stored: Vec<Vec<f32>> =
         c.query("SELECT emb::real[] FROM docs ORDER BY id LIMIT 4", &[]).unwrap().iter().map(|r| r.get(0)).collect();
     assert_same_vectors(&format!("kv_embed on emulated {cpu}"), &stored, &native);
+    record_figures(
+        test,
+        serde_json::json!({
+            "emulated_cpu": cpu,
+            "engine_kernels": cpu_line,
+            "rows_embedded_and_indexed": corpus.len(),
+            "seconds": started.elapsed().as_secs_f64(),
+        }),
+    );
 }
 
 #[test]
 fn postgres_pgvector_and_kvembed_on_an_emulated_avx2_cpu() {
-    the_whole_stack_on(AVX2_CPU, 54341);
+    the_whole_stack_on("postgres_pgvector_and_kvembed_on_an_emulated_avx2_cpu", AVX2_CPU, 54341);
 }
 
 #[test]
 fn postgres_pgvector_and_kvembed_on_an_emulated_cpu_without_avx() {
-    the_whole_stack_on(SSE_CPU, 54342);
+    the_whole_stack_on("postgres_pgvector_and_kvembed_on_an_emulated_cpu_without_avx", SSE_CPU, 54342);
 }
