@@ -14,8 +14,9 @@
 #
 # Source: Debian's source package pgvector 0.8.0-1 (suite trixie), fetched
 # with apt-get source through a private apt configuration (the machine's own
-# apt sources are not touched); the upstream tarball is checked against the
-# SHA-256 pinned below. One patch, scripts/pgvector/pgvector-0.8.0-portable.patch:
+# apt sources are not touched), or, where that fails (no apt, no Debian
+# archive keys), the same tarball from the Debian archive's pool; either way
+# the upstream tarball must match the SHA-256 pinned below. One patch, scripts/pgvector/pgvector-0.8.0-portable.patch:
 #   - no -march=native (the Makefile's portable setting, as Debian builds it):
 #     the distance functions still choose FMA / AVX-512 popcount at run time;
 #   - PostgreSQL 18: vacuum_delay_point(false) (new argument) in
@@ -52,20 +53,31 @@ build="$cache/build-$major"
 
 fetch_source() {
   if [ -s "$tarball" ] && echo "$PGVECTOR_SHA256  $tarball" | sha256sum -c --status; then return; fi
-  command -v apt-get >/dev/null || die "apt-get not found: put pgvector_$PGVECTOR_VERSION.orig.tar.gz (sha256 $PGVECTOR_SHA256) at $tarball"
-  note "fetching Debian's source package pgvector $PGVECTOR_DEBIAN_VERSION (trixie)"
-  local apt="$cache/apt"
-  rm -rf "$apt"; mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$apt/parts"
-  echo "deb-src http://deb.debian.org/debian trixie main" > "$apt/sources.list"
-  local o=(-o "Dir::Etc::SourceList=$apt/sources.list" -o "Dir::Etc::SourceParts=$apt/parts"
-           -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache" -o "APT::Sandbox::User=$(id -un)"
-           -o "Debug::NoLocking=1" -qq)
-  apt-get "${o[@]}" update || die "apt-get update (trixie deb-src) failed"
-  (cd "$cache" && apt-get "${o[@]}" source --download-only "pgvector=$PGVECTOR_DEBIAN_VERSION") \
-    || die "apt-get source pgvector=$PGVECTOR_DEBIAN_VERSION failed"
+  rm -f "$tarball"
+  if command -v apt-get >/dev/null; then
+    note "fetching Debian's source package pgvector $PGVECTOR_DEBIAN_VERSION (trixie)"
+    local apt="$cache/apt"
+    rm -rf "$apt"; mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$apt/parts"
+    echo "deb-src http://deb.debian.org/debian trixie main" > "$apt/sources.list"
+    local o=(-o "Dir::Etc::SourceList=$apt/sources.list" -o "Dir::Etc::SourceParts=$apt/parts"
+             -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache" -o "APT::Sandbox::User=$(id -un)"
+             -o "Debug::NoLocking=1" -qq)
+    if ! { apt-get "${o[@]}" update \
+           && (cd "$cache" && apt-get "${o[@]}" source --download-only "pgvector=$PGVECTOR_DEBIAN_VERSION"); }; then
+      note "apt-get source failed (a system without Debian's archive keys?)"
+    fi
+    rm -rf "$apt"
+  fi
+  if [ ! -s "$tarball" ]; then
+    # The same file from the Debian archive's pool; the pinned SHA-256 below
+    # is what vouches for it either way.
+    local url="http://deb.debian.org/debian/pool/main/p/pgvector/pgvector_$PGVECTOR_VERSION.orig.tar.gz"
+    note "downloading $url"
+    "${KVEMBED_PYTHON:-python3}" -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' \
+      "$url" "$tarball" || die "could not download $url; put the file (sha256 $PGVECTOR_SHA256) at $tarball"
+  fi
   echo "$PGVECTOR_SHA256  $tarball" | sha256sum -c --status \
     || die "$tarball does not have the pinned SHA-256 $PGVECTOR_SHA256"
-  rm -rf "$apt"
 }
 
 prepare_build() {

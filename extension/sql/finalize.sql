@@ -134,17 +134,22 @@ BEGIN
                             tbl, vec_col, text_col)
     INTO total;
   RAISE NOTICE 'kv_backfill: % rows of % to embed', total, tbl;
+  -- A row is (tableoid, ctid): ctids repeat across the partitions of a
+  -- partitioned table and the children of an inherited one. The UPDATE
+  -- re-checks that the vector is still NULL.
   LOOP
     EXECUTE pg_catalog.format($q$
       WITH batch AS (
-        SELECT ctid AS tid, %2$I::text AS t FROM %1$s
+        SELECT tableoid AS rel, ctid AS tid, %2$I::text AS t FROM %1$s
         WHERE %3$I IS NULL AND %2$I IS NOT NULL
         LIMIT %4$s FOR UPDATE SKIP LOCKED),
-      packed AS (SELECT array_agg(tid) AS tids, array_agg(t) AS ts FROM batch),
+      packed AS (SELECT array_agg(rel) AS rels, array_agg(tid) AS tids, array_agg(t) AS ts FROM batch),
       embedded AS (
-        SELECT e.tid, e.v FROM packed, unnest(packed.tids, @extschema@.kv_embed_batch(packed.ts)) AS e(tid, v)
+        SELECT e.rel, e.tid, e.v
+        FROM packed, unnest(packed.rels, packed.tids, @extschema@.kv_embed_batch(packed.ts)) AS e(rel, tid, v)
         WHERE packed.tids IS NOT NULL)
-      UPDATE %1$s AS x SET %3$I = embedded.v FROM embedded WHERE x.ctid = embedded.tid
+      UPDATE %1$s AS x SET %3$I = embedded.v FROM embedded
+      WHERE x.tableoid = embedded.rel AND x.ctid = embedded.tid AND x.%3$I IS NULL
     $q$, tbl, text_col, vec_col, batch_size);
     GET DIAGNOSTICS n = ROW_COUNT;
     EXIT WHEN n = 0;

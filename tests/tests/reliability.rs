@@ -567,6 +567,7 @@ fn extension_objects(db: &str) -> Vec<String> {
     c.query(
         "SELECT pg_describe_object(d.classid, d.objid, d.objsubid)
                 || coalesce(' ' || (SELECT provolatile::text || proisstrict::text || proparallel::text || coalesce(proacl::text, '')
+                                           || ' ' || md5(prosrc)
                                     FROM pg_proc WHERE d.classid = 'pg_proc'::regclass AND oid = d.objid), '')
          FROM pg_depend d JOIN pg_extension e ON d.refobjid = e.oid
          WHERE e.extname = 'kvembed' AND d.deptype = 'e' ORDER BY 1",

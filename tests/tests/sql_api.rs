@@ -334,6 +334,57 @@ fn backfill_fills_null_vectors_in_batches() {
     assert!(max_abs_diff(&stored, &fresh) <= 1e-5);
 }
 
+/// Every row of `table` has `emb = kv_embed(body)`; returns how many rows.
+fn assert_each_row_has_its_own_vector(s: &mut Session, table: &str) -> usize {
+    let rows = s
+        .query(&format!("SELECT tableoid::regclass::text, body, emb::real[] FROM {table} ORDER BY 1, 2"), &[])
+        .unwrap();
+    for row in &rows {
+        let (part, body): (String, String) = (row.get(0), row.get(1));
+        let stored: Option<Vec<f32>> = row.get(2);
+        let stored = stored.unwrap_or_else(|| panic!("{part}: '{body}' was left NULL"));
+        let own = vector(s, "SELECT kv_embed($1)::real[]", &[&body]);
+        let d = max_abs_diff(&stored, &own);
+        assert!(d <= 1e-5, "{part}: '{body}' holds another row's vector (max difference {d}, cosine {})", cosine(&stored, &own));
+    }
+    rows.len()
+}
+
+/// Row identity is (tableoid, ctid): ctids repeat across the partitions of a
+/// partitioned table and the children of an inherited one, and a backfill
+/// that matched rows by ctid alone wrote the first partition's vectors into
+/// the second's rows.
+#[test]
+fn backfill_gives_each_row_of_partitioned_and_inherited_tables_its_own_vector() {
+    let (_g, mut s) = session();
+    s.batch_execute(
+        "DROP TABLE IF EXISTS part_docs, inh_docs CASCADE;
+         CREATE TABLE part_docs (lang text NOT NULL, body text, emb vector) PARTITION BY LIST (lang);
+         CREATE TABLE part_docs_en PARTITION OF part_docs FOR VALUES IN ('en');
+         CREATE TABLE part_docs_de PARTITION OF part_docs FOR VALUES IN ('de');
+         INSERT INTO part_docs (lang, body) VALUES
+           ('en', 'The cat sat on the mat.'), ('en', 'Stock markets fell sharply.'),
+           ('de', 'Zwei Hunde spielen im Schnee.'), ('de', 'Der Zug hat Verspätung.');
+         CREATE TABLE inh_docs (body text, emb vector);
+         CREATE TABLE inh_docs_child () INHERITS (inh_docs);
+         INSERT INTO inh_docs (body) VALUES ('A parent row about astronomy.'), ('A parent row about cooking.');
+         INSERT INTO inh_docs_child (body) VALUES ('A child row about football.'), ('A child row about compilers.');",
+    )
+    .unwrap();
+    // Both partitions start with rows at ctid (0,1) and (0,2).
+    let ctids: Vec<String> =
+        s.query("SELECT ctid::text FROM part_docs ORDER BY 1", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(ctids, ["(0,1)", "(0,1)", "(0,2)", "(0,2)"], "the test needs repeated ctids");
+    for batch in [4, 2, 1] {
+        s.batch_execute("UPDATE part_docs SET emb = NULL; UPDATE inh_docs SET emb = NULL").unwrap();
+        s.batch_execute(&format!("CALL kv_backfill('part_docs', 'body', 'emb', {batch})")).unwrap();
+        assert_eq!(assert_each_row_has_its_own_vector(&mut s, "part_docs"), 4, "batch size {batch}");
+        s.batch_execute(&format!("CALL kv_backfill('inh_docs', 'body', 'emb', {batch})")).unwrap();
+        assert_eq!(assert_each_row_has_its_own_vector(&mut s, "inh_docs"), 4, "batch size {batch}");
+    }
+    s.batch_execute("DROP TABLE part_docs, inh_docs CASCADE").unwrap();
+}
+
 #[test]
 fn several_sessions_at_once() {
     let (_g, mut s) = session();
