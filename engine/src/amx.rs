@@ -594,7 +594,7 @@ fn to_bf16_tiles(x: &[f32], m: usize, k: usize, m_pad: usize, k_pad: usize) -> A
 pub(crate) fn row_to_tiles(dst: &mut [u16], k_pad: usize, r: usize, src: &[f32], scale: f32) {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::avx512bf16() {
-        // SAFETY: the feature was just detected.
+        // SAFETY: the feature was detected (crate::cpu).
         unsafe { row_to_tiles_avx512(dst, k_pad, r, src, scale) };
         return;
     }
@@ -651,7 +651,7 @@ unsafe fn row_to_tiles_avx512(dst: &mut [u16], k_pad: usize, r: usize, src: &[f3
 pub(crate) fn exp_row_to_tiles(dst: &mut [u16], k_pad: usize, r: usize, src: &[f32], max: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::avx512bf16() {
-        // SAFETY: the feature was just detected.
+        // SAFETY: the feature was detected (crate::cpu).
         return unsafe { exp_row_to_tiles_avx512(dst, k_pad, r, src, max) };
     }
     let e: Vec<f32> = src.iter().map(|&x| crate::fastmath::exp_nonpositive(x - max)).collect();
