@@ -25,17 +25,17 @@ esac
 # and numpy for the scripts.
 export KVEMBED_VENV="$KVEMBED_ROOT/.venv"
 export KVEMBED_PGSERVER_VERSION="0.1.6"
+# The wheel's pg_config, whichever PostgreSQL is selected.
+export KVEMBED_WHEEL_PG_CONFIG="$KVEMBED_VENV/lib/python3.11/site-packages/pgserver/pginstall/bin/pg_config"
 if [ -n "${KVEMBED_PG_CONFIG:-}" ]; then
   PG_CONFIG=$KVEMBED_PG_CONFIG
 elif [ "$KVEMBED_PG" = 18 ]; then
-  PG_CONFIG="$KVEMBED_VENV/lib/python3.11/site-packages/pgserver/pginstall/bin/pg_config"
+  PG_CONFIG=$KVEMBED_WHEEL_PG_CONFIG
 else
   PG_CONFIG="/usr/lib/postgresql/$KVEMBED_PG/bin/pg_config"
 fi
 export PG_CONFIG
 export PG_BINDIR="${PG_CONFIG%/pg_config}"
-# The wheel's pg_config, whichever PostgreSQL is selected.
-export KVEMBED_WHEEL_PG_CONFIG="$KVEMBED_VENV/lib/python3.11/site-packages/pgserver/pginstall/bin/pg_config"
 export KVEMBED_PGRX_VERSION="0.18.1"
 # cargo-pgrx's config (which pg_config to build against) per checkout, so two
 # checkouts of the repo never point each other at the wrong PostgreSQL.
