@@ -179,7 +179,8 @@ against the gold scores, per file, averaged per group (STS12/13/14, SICK trial).
         let mut checked = Vec::new();
         for pooling in [LayerPooling::Last, LayerPooling::Mean] {
             let reps = e.layer_representations(&sample, &template, pooling, 256, |_| true)?;
-            let (c, sel) = kvembed_engine::twonn::select_layers(&reps, 0.2, 3, family);
+            let (c, sel) = kvembed_engine::twonn::select_layers(&reps, 0.2, 3, family, &mut || true)
+                .expect("never stopped");
             curves.push(c);
             checked.push(sel);
         }

@@ -294,6 +294,9 @@ pub struct Decoder {
     /// The fused CPU attention kernel (true on CPU, used only in f32);
     /// tensor ops otherwise.
     pub cpu_attention_kernel: bool,
+    /// Forward passes started so far (the server reports it: how much work
+    /// ran, counted in units that do not depend on the CPU's speed).
+    pub passes: std::sync::atomic::AtomicU64,
 }
 
 /// The compute dtype when none is asked for: f32 on the CPU (exact against
@@ -482,6 +485,7 @@ impl Decoder {
             dtype,
             amx,
             cpu_attention_kernel: dev.is_cpu(),
+            passes: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -516,13 +520,17 @@ impl Decoder {
         let mut flat = Vec::with_capacity(b * t);
         for s in seqs {
             if let Some(bad) = s.iter().find(|&&id| id >= vocab) {
-                return Err(EngineError::TokenizerMismatch(format!(
-                    "token id {bad} is outside the model's vocabulary of {vocab}"
+                // The model loaded fine; its tokenizer and weights disagree
+                // (an engine error, not a load failure).
+                return Err(EngineError::Other(format!(
+                    "the tokenizer produced token id {bad}, outside the model's vocabulary of {vocab}: \
+                     the tokenizer does not match the weights"
                 )));
             }
             flat.extend_from_slice(s);
             flat.extend(std::iter::repeat_n(0u32, t - s.len()));
         }
+        self.passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let ids = Tensor::from_vec(flat, (b, t), &self.device)?;
         let mut x = self.embed.lookup(&ids)?;
         if let Some(scale) = self.cfg.embed_scale {

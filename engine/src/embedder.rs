@@ -43,7 +43,11 @@ pub struct ModelInfo {
     pub default_bias: f32,
     pub document_prompt: String,
     pub query_prompt: String,
+    /// Default limit on a text's tokens: [`DEFAULT_MAX_TOKENS`], or the
+    /// model's trained context where that is shorter.
     pub max_tokens: usize,
+    /// The positions the model was trained on (its context length).
+    pub context: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -244,7 +248,8 @@ impl Embedder {
             default_bias: method.reroute.as_ref().map(|r| r.bias).unwrap_or(0.0),
             document_prompt: method.document.source(),
             query_prompt: method.query.source(),
-            max_tokens: DEFAULT_MAX_TOKENS,
+            max_tokens: DEFAULT_MAX_TOKENS.min(cfg.max_position.max(1)),
+            context: cfg.max_position.max(1),
         };
         Ok(Embedder { decoder, tokenizer, source, info, batch_tokens: DEFAULT_BATCH_TOKENS })
     }
@@ -259,9 +264,22 @@ impl Embedder {
 
     /// Embed with the method named in `opts` (or the default) and its overrides.
     pub fn embed(&self, texts: &[String], role: Role, opts: &EmbedOptions) -> Result<EmbedOutput> {
+        self.embed_cancellable(texts, role, opts, &|| true)
+    }
+
+    /// `embed`, asking `keep_going` before every forward pass: once it says
+    /// no (everyone waiting went away), the work stops with
+    /// [`EngineError::Cancelled`] after at most the pass already running.
+    pub fn embed_cancellable(
+        &self,
+        texts: &[String],
+        role: Role,
+        opts: &EmbedOptions,
+        keep_going: &dyn Fn() -> bool,
+    ) -> Result<EmbedOutput> {
         let method = Method::from_name(opts.method.as_deref().unwrap_or(DEFAULT_METHOD))?.with_options(opts)?;
         let max_tokens = opts.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
-        self.embed_with(texts, role, &method, max_tokens, opts.truncate.unwrap_or(true))
+        self.embed_with(texts, role, &method, max_tokens, opts.truncate.unwrap_or(true), keep_going)
     }
 
     pub fn embed_with(
@@ -271,6 +289,7 @@ impl Embedder {
         method: &Method,
         max_tokens: usize,
         truncate: bool,
+        keep_going: &dyn Fn() -> bool,
     ) -> Result<EmbedOutput> {
         if max_tokens == 0 {
             return Err(EngineError::invalid("max_tokens", "must be at least 1"));
@@ -294,6 +313,9 @@ impl Embedder {
         let tokens = prepared.iter().map(|p| p.ids.len()).sum();
         let mut vectors = vec![Vec::new(); prepared.len()];
         for batch in self.batches(&prepared) {
+            if !keep_going() {
+                return Err(EngineError::Cancelled("embedding stopped: its clients went away".into()));
+            }
             let seqs: Vec<Vec<u32>> = batch.iter().map(|&i| prepared[i].ids.clone()).collect();
             let out = self.decoder.forward(&seqs, &fopts)?;
             for (bi, &i) in batch.iter().enumerate() {
@@ -421,7 +443,7 @@ impl Embedder {
                 }
             }
             if !progress(batch.len()) {
-                return Err(EngineError::Other("layer selection cancelled: its client went away".into()));
+                return Err(EngineError::Cancelled("layer selection stopped: its client went away".into()));
             }
         }
         Ok(reps)
@@ -432,11 +454,15 @@ impl Embedder {
         self.select_layers_with_progress(texts, opts, |_| true)
     }
 
+    /// `select_layers`, reporting the texts done to `progress` after every
+    /// forward pass and asking it (with 0) before every layer's distances;
+    /// once it returns false the selection stops with
+    /// [`EngineError::Cancelled`].
     pub fn select_layers_with_progress(
         &self,
         texts: &[String],
         opts: &SelectOptions,
-        progress: impl FnMut(usize) -> bool,
+        mut progress: impl FnMut(usize) -> bool,
     ) -> Result<LayerSelection> {
         if texts.len() < 8 {
             return Err(EngineError::invalid(
@@ -460,9 +486,11 @@ impl Embedder {
             &template,
             pooling,
             opts.max_tokens.unwrap_or(512),
-            progress,
+            &mut progress,
         )?;
-        let (curve, sel) = crate::twonn::select_layers(&reps, f64::from(skip), window, self.decoder.cfg.family);
+        let (curve, sel) =
+            crate::twonn::select_layers(&reps, f64::from(skip), window, self.decoder.cfg.family, &mut || progress(0))
+                .ok_or_else(|| EngineError::Cancelled("layer selection stopped: its client went away".into()))?;
         let points = curve
             .iter()
             .enumerate()
@@ -568,5 +596,19 @@ mod tests {
             }
         }
         assert!(asked(2).is_err(), "position 2 is refused");
+    }
+
+    /// A token id the weights have no row for is an engine error (the
+    /// tokenizer and the weights disagree), not a failure to load the model,
+    /// and it runs no forward pass.
+    #[test]
+    fn a_token_id_outside_the_vocabulary_is_an_internal_error() {
+        let e = golden("llama");
+        let Err(err) = e.decoder.forward(&[vec![1, u32::MAX]], &ForwardOptions::default()) else {
+            panic!("a token id outside the vocabulary was accepted");
+        };
+        assert_eq!(err.kind(), kvembed_proto::ErrorKind::Internal, "{err}");
+        assert!(err.to_string().contains("outside the model's vocabulary"), "{err}");
+        assert_eq!(e.decoder.passes.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 }

@@ -32,6 +32,11 @@ pub enum EngineError {
     #[error("text {index} has {tokens} tokens, more than max_tokens = {max} (enable truncation or raise the limit)")]
     TooLong { index: usize, tokens: usize, max: usize },
 
+    /// The work was stopped between forward passes: everyone waiting for it
+    /// went away (cancelled statements).
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
 

@@ -217,6 +217,12 @@ enum Cmd {
         batch_tokens: usize,
         #[arg(long, default_value_t = kvembed_engine::embedder::DEFAULT_MAX_TOKENS)]
         max_tokens: usize,
+        /// Ceiling on any request's max_tokens (0 = the model's context).
+        #[arg(long, default_value_t = kvembed_engine::embedder::DEFAULT_MAX_TOKENS)]
+        max_tokens_limit: usize,
+        /// Ceiling on the texts of one layer selection.
+        #[arg(long, default_value_t = kvembed_engine::server::DEFAULT_MAX_CALIBRATION_TEXTS)]
+        max_calibration_texts: usize,
     },
 }
 
@@ -268,7 +274,7 @@ fn main() -> ExitCode {
             model.load().and_then(|e| e.generate(&prompt, max_new)).map(|s| println!("{prompt}{s}"))
         }
         Cmd::Quality(args) => cli::quality(&args),
-        Cmd::Serve { socket, model, device, threads, batch_tokens, max_tokens } => {
+        Cmd::Serve { socket, model, device, threads, batch_tokens, max_tokens, max_tokens_limit, max_calibration_texts } => {
             kvembed_engine::server::serve(kvembed_engine::server::ServeOptions {
                 socket,
                 model,
@@ -276,6 +282,8 @@ fn main() -> ExitCode {
                 threads,
                 batch_tokens,
                 max_tokens,
+                max_tokens_limit,
+                max_calibration_texts,
             })
         }
     };

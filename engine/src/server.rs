@@ -50,6 +50,36 @@ pub struct ServeOptions {
     pub batch_tokens: usize,
     /// Default `max_tokens` for requests that do not set one; 0 = the model's.
     pub max_tokens: usize,
+    /// The administrator's ceiling on the tokens of one text: a request
+    /// asking for more gets this many (truncated, or refused where it asked
+    /// for no truncation). Capped at the model's trained context; 0 = that
+    /// context alone.
+    pub max_tokens_limit: usize,
+    /// The administrator's ceiling on the texts of one layer selection
+    /// (TwoNN keeps `N^2 / 2` distances per layer); 0 = the default.
+    pub max_calibration_texts: usize,
+}
+
+/// Texts a layer selection may take when no limit is given: 4,096 texts keep
+/// 67 MB of distances per layer.
+pub const DEFAULT_MAX_CALIBRATION_TEXTS: usize = 4096;
+
+impl ServeOptions {
+    /// The ceiling on one text's tokens for a model with `context` positions.
+    fn token_limit(&self, context: usize) -> usize {
+        match self.max_tokens_limit {
+            0 => context,
+            n => n.min(context),
+        }
+        .max(1)
+    }
+
+    fn calibration_limit(&self) -> usize {
+        match self.max_calibration_texts {
+            0 => DEFAULT_MAX_CALIBRATION_TEXTS,
+            n => n,
+        }
+    }
 }
 
 /// Serves until the process is killed, the parent goes away, or a client
@@ -80,7 +110,18 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         let shared = shared.clone();
         std::thread::Builder::new()
             .name("kvembed-infer".into())
-            .spawn(move || inference_loop(&shared))
+            .spawn(move || {
+                // Queued requests wait for this thread alone: if it ever
+                // ends, the process must go, so that the supervisor starts
+                // a fresh one instead of leaving every statement waiting.
+                let end = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inference_loop(&shared)));
+                let why = match end {
+                    Ok(()) => "it returned".to_string(),
+                    Err(panic) => panic_message(&panic),
+                };
+                log(&format!("the inference thread died ({why}); exiting"));
+                std::process::exit(70);
+            })
             .map_err(|e| EngineError::Other(format!("cannot start the inference thread: {e}")))?;
     }
 
@@ -125,6 +166,8 @@ struct Shared {
     tokens_served: AtomicU64,
     /// A fault armed by `Request::Fault`, taken by the next embedding batch.
     fault: Mutex<Option<Fault>>,
+    /// The embedder once loaded, for its forward-pass counter.
+    loaded: Mutex<Option<Arc<Embedder>>>,
 }
 
 impl Shared {
@@ -139,6 +182,7 @@ impl Shared {
             texts_served: AtomicU64::new(0),
             tokens_served: AtomicU64::new(0),
             fault: Mutex::new(None),
+            loaded: Mutex::new(None),
         }
     }
 
@@ -170,8 +214,12 @@ impl Shared {
             tokens_served: self.tokens_served.load(Ordering::Relaxed),
             pid: std::process::id(),
             cpu: crate::cpu::features().to_string(),
+            max_calibration_texts: self.opts.calibration_limit(),
             ..Default::default()
         };
+        if let Some(e) = &*self.loaded.lock() {
+            s.forward_passes = e.decoder.passes.load(Ordering::Relaxed);
+        }
         match &*self.model.lock() {
             ModelState::Loading => s.state = "loading".into(),
             ModelState::Failed(_, msg) => {
@@ -192,10 +240,12 @@ impl Shared {
                 s.default_bias = info.default_bias;
                 s.document_prompt = info.document_prompt.clone();
                 s.query_prompt = info.query_prompt.clone();
+                s.max_tokens_limit = self.opts.token_limit(info.context);
                 s.max_tokens = match self.opts.max_tokens {
                     0 => info.max_tokens,
                     n => n,
-                };
+                }
+                .min(s.max_tokens_limit);
             }
         }
         s
@@ -242,7 +292,9 @@ fn load_model(shared: &Shared) {
                 info.device,
                 embedder.decoder.matmul_kernel()
             ));
-            ModelState::Ready(Arc::new(embedder), info)
+            let embedder = Arc::new(embedder);
+            *shared.loaded.lock() = Some(embedder.clone());
+            ModelState::Ready(embedder, info)
         }
         Err((kind, message)) => {
             log(&format!("model load failed: {message}"));
@@ -277,15 +329,27 @@ struct Job {
     reply: mpsc::Sender<Outcome>,
     /// Set by the connection thread when its client has gone away.
     abandoned: Arc<AtomicBool>,
+    /// The client's connection: the inference thread looks at it itself
+    /// before every forward pass, so a cancelled statement costs at most the
+    /// pass already running (not whatever runs until its connection thread
+    /// next looks).
+    client: Option<Arc<UnixStream>>,
 }
 
 impl Job {
     fn is_abandoned(&self) -> bool {
-        self.abandoned.load(Ordering::Relaxed)
+        if self.abandoned.load(Ordering::Relaxed) {
+            return true;
+        }
+        if self.client.as_deref().is_some_and(client_gone) {
+            self.abandoned.store(true, Ordering::Relaxed);
+            return true;
+        }
+        false
     }
 }
 
-fn inference_loop(shared: &Shared) {
+fn inference_loop(shared: &Shared) -> ! {
     loop {
         let batch = take_batch(shared);
         if batch.is_empty() {
@@ -374,9 +438,12 @@ fn run_embed_batch(shared: &Shared, embedder: &Embedder, dim: usize, batch: Vec<
         }
     }
     let fault = shared.fault.lock().take();
+    // Stop between forward passes once every client of the batch has gone:
+    // a cancelled request holds the engine for one more pass at most.
+    let someone_waits = || batch.iter().any(|j| !j.is_abandoned());
     match guarded(|| {
         inject(fault);
-        embedder.embed(&texts, role, &options)
+        embedder.embed_cancellable(&texts, role, &options, &someone_waits)
     }) {
         Ok(out) => {
             shared.tokens_served.fetch_add(out.tokens as u64, Ordering::Relaxed);
@@ -403,6 +470,7 @@ fn run_embed_batch(shared: &Shared, embedder: &Embedder, dim: usize, batch: Vec<
                 });
             }
         }
+        Err(_) if !someone_waits() => {}
         Err(_) if batch.len() > 1 => {
             // One request's bad input must not fail its batch-mates: run each
             // on its own so every error lands on the request that caused it.
@@ -428,8 +496,10 @@ fn run_select_layers(embedder: &Embedder, job: Job) {
     // A layer selection can take minutes: stop between batches once its
     // client has gone (cancelled statement), instead of holding the engine.
     let progress = |n: usize| {
-        done += n;
-        let _ = job.reply.send(Outcome::Progress(done, total));
+        if n > 0 {
+            done += n;
+            let _ = job.reply.send(Outcome::Progress(done, total));
+        }
         !job.is_abandoned()
     };
     let outcome = match guarded(|| embedder.select_layers_with_progress(texts, options, progress)) {
@@ -540,12 +610,29 @@ fn handle_connection(stream: UnixStream, shared: &Shared) {
                     Err((kind, message)) => {
                         proto::write_json(&mut writer, &Response::Error { kind, message })
                     }
+                    Ok(_) if texts.len() > proto::MAX_REQUEST_TEXTS => proto::write_json(
+                        &mut writer,
+                        &Response::Error {
+                            kind: ErrorKind::InvalidInput,
+                            message: format!(
+                                "one request carries {} texts, more than {}: split it",
+                                texts.len(),
+                                proto::MAX_REQUEST_TEXTS
+                            ),
+                        },
+                    ),
                     Ok((embedder, info)) => {
-                        let cap = options.max_tokens.unwrap_or(info.max_tokens).max(1);
+                        // No session goes above the administrator's ceiling.
+                        let cap = options
+                            .max_tokens
+                            .unwrap_or(info.max_tokens)
+                            .min(shared.opts.token_limit(info.context))
+                            .max(1);
+                        options.max_tokens = Some(cap);
                         let mut texts = texts;
                         if options.truncate != Some(false) {
                             for t in &mut texts {
-                                cut_far_beyond(t, cap);
+                                proto::cut_far_beyond(t, cap);
                             }
                         }
                         let tokens = texts.iter().map(|t| estimate_tokens(&embedder, t, cap)).sum();
@@ -557,36 +644,34 @@ fn handle_connection(stream: UnixStream, shared: &Shared) {
                     }
                 }
             }
-            Request::SelectLayers { texts, options } => {
-                match submit(shared, &stream, &mut writer, Work::SelectLayers { texts, options }) {
-                    None => return,
-                    Some(outcome) => send_outcome(&mut writer, outcome),
+            Request::SelectLayers { texts, mut options } => {
+                let limit = shared.opts.calibration_limit();
+                if texts.len() > limit {
+                    proto::write_json(
+                        &mut writer,
+                        &Response::Error {
+                            kind: ErrorKind::InvalidInput,
+                            message: format!(
+                                "a layer selection over {} texts, more than kvembed.max_calibration_texts = {limit}",
+                                texts.len()
+                            ),
+                        },
+                    )
+                } else {
+                    if let Ok((_, info)) = shared.wait_loaded() {
+                        let cap = shared.opts.token_limit(info.context);
+                        options.max_tokens = Some(options.max_tokens.unwrap_or(512).min(cap));
+                    }
+                    match submit(shared, &stream, &mut writer, Work::SelectLayers { texts, options }) {
+                        None => return,
+                        Some(outcome) => send_outcome(&mut writer, outcome),
+                    }
                 }
             }
         };
         if sent.is_err() {
             return;
         }
-    }
-}
-
-/// No token is anywhere near this long; a text longer than `cap` such tokens
-/// is truncated anyway.
-const MAX_BYTES_PER_TOKEN: usize = 64;
-
-/// With truncation on, only the first `cap` tokens matter: drop the bytes
-/// far beyond them before tokenising, so 10 MB of text (or one 10 MB
-/// "word", which byte-level BPE merges in quadratic time) costs no more than
-/// a long paragraph. The kept prefix tokenises exactly as before, because the
-/// cut lies well past the last token kept.
-fn cut_far_beyond(text: &mut String, cap: usize) {
-    let limit = cap.saturating_mul(MAX_BYTES_PER_TOKEN);
-    if text.len() > limit {
-        let mut end = limit;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
     }
 }
 
@@ -607,7 +692,8 @@ fn estimate_tokens(embedder: &Embedder, text: &str, cap: usize) -> usize {
 fn submit<W: Write>(shared: &Shared, stream: &UnixStream, writer: &mut W, work: Work) -> Option<Outcome> {
     let (tx, rx) = mpsc::channel();
     let abandoned = Arc::new(AtomicBool::new(false));
-    shared.queue.lock().push_back(Job { work, reply: tx, abandoned: abandoned.clone() });
+    let client = stream.try_clone().ok().map(Arc::new);
+    shared.queue.lock().push_back(Job { work, reply: tx, abandoned: abandoned.clone(), client });
     shared.queue_changed.notify_one();
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
@@ -749,7 +835,7 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         let options = EmbedOptions { bias, ..Default::default() };
         let work = Work::Embed { texts: vec!["x".into()], role, options, tokens };
-        (Job { work, reply: tx, abandoned: Arc::new(AtomicBool::new(false)) }, rx)
+        (Job { work, reply: tx, abandoned: Arc::new(AtomicBool::new(false)), client: None }, rx)
     }
 
     fn shared(batch_tokens: usize) -> Shared {
@@ -760,6 +846,8 @@ mod tests {
             threads: 1,
             batch_tokens,
             max_tokens: 0,
+            max_tokens_limit: 0,
+            max_calibration_texts: 0,
         })
     }
 
@@ -808,17 +896,6 @@ mod tests {
         assert_eq!(tokens_of(&take_batch(&s)), vec![500]);
         assert_eq!(tokens_of(&take_batch(&s)), vec![5]);
         assert!(s.queue.lock().is_empty());
-    }
-
-    #[test]
-    fn huge_texts_are_cut_on_a_char_boundary_far_beyond_the_cap() {
-        let mut t = "é".repeat(10_000); // 2 bytes per char
-        cut_far_beyond(&mut t, 10);
-        assert!(t.len() <= 10 * MAX_BYTES_PER_TOKEN && t.len() >= 10 * MAX_BYTES_PER_TOKEN - 1);
-        assert!(t.chars().all(|c| c == 'é'));
-        let mut short = "short".to_string();
-        cut_far_beyond(&mut short, 10);
-        assert_eq!(short, "short");
     }
 
     #[test]

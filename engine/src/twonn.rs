@@ -335,12 +335,16 @@ fn random_subset(n: usize, k: usize, seed: u64) -> Vec<usize> {
 /// layer of the whole sample's. Otherwise, and when there are fewer than 32
 /// texts, the default method's window is used (as for a flat curve). The rule
 /// text says which happened and how many splits agreed.
+///
+/// `keep_going` is asked before each layer's distances (the costly part:
+/// `N^2 / 2` of them); once it says no, the selection stops and gives `None`.
 pub fn select_layers(
     reps: &[Vec<Vec<f32>>],
     skip_fraction: f64,
     window: usize,
     family: Family,
-) -> (Vec<f64>, Selection) {
+    keep_going: &mut dyn FnMut() -> bool,
+) -> Option<(Vec<f64>, Selection)> {
     use rayon::prelude::*;
     let texts = reps.first().map_or(0, Vec::len);
     let checked = texts >= MIN_TEXTS_FOR_CHECK;
@@ -362,6 +366,9 @@ pub fn select_layers(
     let mut curve = Vec::with_capacity(reps.len());
     let mut half_curves = vec![Vec::with_capacity(reps.len()); halves.len()];
     for layer in reps {
+        if !keep_going() {
+            return None;
+        }
         let distances = PairDistances::new(layer);
         let id = |subset: &[usize]| {
             distances.as_ref().and_then(|d| d.intrinsic_dimension(subset, DEFAULT_KEEP_FRACTION)).unwrap_or(f64::NAN)
@@ -375,20 +382,20 @@ pub fn select_layers(
 
     let n = curve.len();
     if n == 0 {
-        return (curve, select_window(&[], skip_fraction, window, family));
+        return Some((curve, select_window(&[], skip_fraction, window, family)));
     }
     let window = window.clamp(1, n);
     let skip = skipped_layers(n, skip_fraction);
     let whole = match find_minimum(&curve, skip, window) {
         Ok(m) => m,
-        Err(reason) => return (curve, fallback(n, skip, window, reason, family)),
+        Err(reason) => return Some((curve, fallback(n, skip, window, reason, family))),
     };
     let found = minimum_words(&whole, skip, n, window);
     if !checked {
         let reason = format!(
             "{found}, but {texts} texts are too few to check that minimum (at least {MIN_TEXTS_FOR_CHECK})"
         );
-        return (curve, fallback(n, skip, window, reason, family));
+        return Some((curve, fallback(n, skip, window, reason, family)));
     }
     let near = |c: &Vec<f64>| find_minimum(c, skip, window).is_ok_and(|m| m.start.abs_diff(whole.start) <= 1);
     let agree = half_curves.chunks(2).filter(|pair| pair.iter().all(near)).count();
@@ -400,7 +407,7 @@ pub fn select_layers(
     } else {
         fallback(n, skip, window, format!("{found}, not stable: only {agreement} of it"), family)
     };
-    (curve, selection)
+    Some((curve, selection))
 }
 
 /// SplitMix64: tiny and deterministic, for the random halves (and test data).
@@ -719,7 +726,7 @@ mod tests {
         // Layer 6 of 12 lives in 3 dimensions, the rest in 12.
         let mut dims = vec![12; 12];
         dims[6] = 3;
-        let (curve, sel) = select_layers(&layered_sample(&dims, 200, 7), 0.2, 3, FAMILY);
+        let (curve, sel) = select_layers(&layered_sample(&dims, 200, 7), 0.2, 3, FAMILY, &mut || true).unwrap();
         assert_eq!(curve.len(), 12);
         assert!(curve[6] < 5.0 && curve[3] > 8.0, "{curve:?}");
         assert_eq!(sel.layers, vec![6, 7, 8], "{}", sel.rule);
@@ -741,17 +748,31 @@ mod tests {
         let curve: Vec<f64> = reps.iter().map(|l| intrinsic_dimension(l).unwrap()).collect();
         let plain = select_window(&curve, 0.2, 3, FAMILY);
         assert!(plain.rule.starts_with("ID minimum"), "{}", plain.rule);
-        let (_, sel) = select_layers(&reps, 0.2, 3, FAMILY);
+        let (_, sel) = select_layers(&reps, 0.2, 3, FAMILY, &mut || true).unwrap();
         // round(0.67 * 12) = 8
         assert_eq!(sel.layers, vec![8, 9, 10], "{}", sel.rule);
         assert!(sel.rule.contains("not stable"), "{}", sel.rule);
     }
 
     #[test]
+    fn a_stopped_selection_computes_no_more_layers() {
+        let dims = vec![12; 12];
+        let reps = layered_sample(&dims, 64, 7);
+        let mut asked = 0;
+        let mut keep_going = || {
+            asked += 1;
+            asked <= 3
+        };
+        assert!(select_layers(&reps, 0.2, 3, FAMILY, &mut keep_going).is_none());
+        // Three layers' distances, then the fourth question stopped it.
+        assert_eq!(asked, 4);
+    }
+
+    #[test]
     fn too_few_texts_fall_back_and_say_why() {
         let mut dims = vec![12; 12];
         dims[6] = 3;
-        let (_, sel) = select_layers(&layered_sample(&dims, 20, 7), 0.2, 3, FAMILY);
+        let (_, sel) = select_layers(&layered_sample(&dims, 20, 7), 0.2, 3, FAMILY, &mut || true).unwrap();
         assert_eq!(sel.layers, vec![8, 9, 10]);
         assert!(sel.rule.contains("too few"), "{}", sel.rule);
     }

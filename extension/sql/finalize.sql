@@ -61,10 +61,21 @@ DECLARE
   result jsonb;
   started timestamptz := clock_timestamp();
   source text := format('%s.%I', tbl, col);
+  max_texts int := current_setting('kvembed.max_calibration_texts')::int;
 BEGIN
   IF sample_size IS NULL OR sample_size < 1 THEN
     RAISE EXCEPTION 'kv_select_layers: sample_size must be positive, got %', sample_size
       USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF NOT has_function_privilege('kvembed.select_layers_raw(text[], integer, real)', 'EXECUTE') THEN
+    RAISE EXCEPTION 'kv_select_layers: permission denied to run a layer selection'
+      USING ERRCODE = 'insufficient_privilege',
+            HINT = 'A layer selection holds the shared engine for minutes and its memory grows with the square of the sample: superusers and members of kvembed_admin run it.';
+  END IF;
+  IF sample_size > max_texts THEN
+    RAISE NOTICE 'kv_select_layers: sample_size % is above kvembed.max_calibration_texts; sampling % texts',
+      sample_size, max_texts;
+    sample_size := max_texts;
   END IF;
   IF store AND NOT (has_table_privilege('kvembed.calibration', 'INSERT')
                     AND has_table_privilege('kvembed.calibration', 'UPDATE')) THEN
@@ -167,6 +178,10 @@ COMMENT ON PROCEDURE @extschema@.kv_backfill(regclass, name, name, int) IS
   'Embeds the NULL vectors of a table in batches, committing and reporting progress as it goes';
 
 -- Only superusers and kvembed_admin restart the engine.
+-- A layer selection costs the shared engine minutes and memory that grows
+-- with the square of its sample: not for every role.
+REVOKE EXECUTE ON FUNCTION kvembed.select_layers_raw(text[], integer, real) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION kvembed.select_layers_raw(text[], integer, real) TO kvembed_admin;
 REVOKE EXECUTE ON FUNCTION @extschema@.kv_restart() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.kv_restart() TO kvembed_admin;
 REVOKE EXECUTE ON FUNCTION @extschema@.kv_debug_fault(text) FROM PUBLIC;

@@ -15,20 +15,20 @@ use pgrx::JsonB;
 /// Embeds one text as a pgvector `vector` (L2-normalised). `role` is
 /// 'document' (default) or 'query': queries get the query prompt.
 #[pg_extern(immutable, strict, parallel_safe)]
-fn kv_embed(input: DbText, role: default!(&str, "'document'")) -> Vector {
+fn kv_embed(input: DbText, role: default!(DbText, "'document'")) -> Vector {
     Vector(embed_texts(vec![input.into_utf8()], role).pop().unwrap_or_default())
 }
 
 /// Same as `kv_embed`, as a `halfvec`: HNSW indexes `halfvec` up to 4,000
 /// dimensions (`vector` only up to 2,000).
 #[pg_extern(immutable, strict, parallel_safe)]
-fn kv_embed_half(input: DbText, role: default!(&str, "'document'")) -> HalfVec {
+fn kv_embed_half(input: DbText, role: default!(DbText, "'document'")) -> HalfVec {
     HalfVec(embed_texts(vec![input.into_utf8()], role).pop().unwrap_or_default())
 }
 
 /// Embeds many texts in one engine request; NULL elements give NULL.
 #[pg_extern(immutable, strict, parallel_safe)]
-fn kv_embed_batch(inputs: Array<'_, DbText>, role: default!(&str, "'document'")) -> Vec<Option<Vector>> {
+fn kv_embed_batch(inputs: Array<'_, DbText>, role: default!(DbText, "'document'")) -> Vec<Option<Vector>> {
     let mut texts = Vec::new();
     let present: Vec<bool> = inputs
         .iter()
@@ -76,6 +76,9 @@ mod kvembed {
             "document_prompt": opts.document_prompt.unwrap_or(s.document_prompt),
             "query_prompt": opts.query_prompt.unwrap_or(s.query_prompt),
             "max_tokens": opts.max_tokens.unwrap_or(s.max_tokens),
+            "max_tokens_limit": s.max_tokens_limit,
+            "max_calibration_texts": s.max_calibration_texts,
+            "forward_passes": s.forward_passes,
             "on_overflow": if opts.truncate == Some(false) { "error" } else { "truncate" },
             "batch_tokens": engine.batch_tokens,
             "threads": s.threads,
@@ -101,6 +104,16 @@ mod kvembed {
     ) -> JsonB {
         let texts: Vec<String> = texts.iter().flatten().map(DbText::into_utf8).collect();
         let n = texts.len();
+        let limit = settings::EngineSettings::current().max_calibration_texts;
+        if n > limit as usize {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                format!("kvembed: a layer selection over {n} texts, more than kvembed.max_calibration_texts = {limit}"),
+                "kvembed",
+            )
+            .set_hint("Sample fewer texts, or ask an administrator to raise kvembed.max_calibration_texts.")
+            .report(PgLogLevel::ERROR);
+        }
         let options = SelectOptions {
             skip_fraction,
             window: window.map(|w| w.max(1) as usize),
@@ -176,7 +189,7 @@ fn parse_role(role: &str) -> Role {
     Role::parse(role).unwrap_or_else(|| {
         ErrorReport::new(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("kvembed: unknown role '{role}'"),
+            format!("kvembed: unknown role '{}'", crate::text::for_message(role)),
             "kvembed",
         )
         .set_hint("Use 'document' (the default) or 'query'.")
@@ -199,22 +212,48 @@ fn request_options() -> EmbedOptions {
     settings::embed_options(layers)
 }
 
-fn embed_texts(texts: Vec<String>, role: &str) -> Vec<Vec<f32>> {
-    let role = parse_role(role);
+/// Embeds `texts`, in requests of bounded size (`kvembed_proto::request_bounds`):
+/// a large `kv_embed_batch` neither builds one huge request and reply nor
+/// holds the engine for the whole array at once, and a cancel stops it
+/// within one forward pass of the engine.
+fn embed_texts(texts: Vec<String>, role: DbText) -> Vec<Vec<f32>> {
+    let role = parse_role(&role.into_utf8());
     let options = request_options();
-    let count = texts.len();
-    let out = client::embed(texts, role, options);
-    if out.vectors.len() != count {
-        client::raise(
-            kvembed_proto::ErrorKind::Protocol,
-            &format!("asked for {count} embeddings, got {}", out.vectors.len()),
-        );
+    let mut texts = texts;
+    if options.truncate != Some(false) {
+        // Only the first max_tokens tokens of a text are kept: the bytes far
+        // beyond them need not travel (the engine cuts at the same place).
+        let cap = options.max_tokens.unwrap_or_else(|| client::with_engine(true, |e| Ok(e.status.max_tokens)));
+        if cap > 0 {
+            texts.iter_mut().for_each(|t| kvembed_proto::cut_far_beyond(t, cap));
+        }
     }
-    report_truncations(&out.truncated, count);
-    out.vectors
+    let count = texts.len();
+    let mut vectors = Vec::new();
+    if vectors.try_reserve_exact(count).is_err() {
+        client::out_of_memory(&format!("room for {count} embeddings"));
+    }
+    let mut truncated = Vec::new();
+    let bounds = kvembed_proto::request_bounds(&texts);
+    let mut texts = texts.into_iter();
+    let mut start = 0;
+    for end in bounds {
+        let chunk: Vec<String> = texts.by_ref().take(end - start).collect();
+        let out = client::embed(chunk, role, options.clone());
+        truncated.extend(out.truncated.into_iter().map(|t| Truncation { index: t.index + start, ..t }));
+        vectors.extend(out.vectors);
+        start = end;
+    }
+    report_truncations(&truncated, count);
+    vectors
 }
 
 fn report_truncations(truncated: &[Truncation], count: usize) {
+    if let (false, Some((asked, limit))) = (truncated.is_empty(), settings::max_tokens_over_limit()) {
+        notice!(
+            "kvembed: kvembed.max_tokens = {asked} is above the administrator's kvembed.max_tokens_limit = {limit}; texts are cut at {limit} tokens"
+        );
+    }
     match truncated {
         [] => {}
         [t] if count == 1 => notice!(

@@ -39,7 +39,36 @@ pub struct Embedded {
 /// an ERROR: a request is never silently retried, since the engine may have
 /// died because of it.
 pub fn with_engine<T>(wait_ready: bool, f: impl FnOnce(&mut Engine) -> io::Result<T>) -> T {
-    try_with_engine(wait_ready, f).unwrap_or_else(|e| lost_connection(e))
+    try_with_engine(wait_ready, f).unwrap_or_else(|e| io_failure(e))
+}
+
+/// Raises the ERROR that fits a failed exchange with the engine.
+fn io_failure(e: io::Error) -> ! {
+    match e.kind() {
+        // Refused before a byte was sent (the frame limit): the request,
+        // not the engine, is the problem.
+        io::ErrorKind::InvalidInput => {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                format!("kvembed: the request is too large to send to the engine: {e}"),
+                "kvembed",
+            )
+            .set_hint("Embed fewer or shorter texts per call, or SET kvembed.on_overflow = 'truncate'.")
+            .report(PgLogLevel::ERROR);
+            unreachable!()
+        }
+        io::ErrorKind::OutOfMemory => out_of_memory(&e.to_string()),
+        io::ErrorKind::InvalidData => raise(ErrorKind::Protocol, &e.to_string()),
+        _ => lost_connection(e),
+    }
+}
+
+/// An allocation this backend could not make: an ERROR (the statement
+/// fails), never an abort (which would restart every session).
+pub fn out_of_memory(what: &str) -> ! {
+    ErrorReport::new(PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY, format!("kvembed: out of memory: {what}"), "kvembed")
+        .report(PgLogLevel::ERROR);
+    unreachable!()
 }
 
 /// `with_engine`, returning the I/O error instead of raising it.
@@ -59,11 +88,23 @@ fn try_with_engine<T>(wait_ready: bool, f: impl FnOnce(&mut Engine) -> io::Resul
 /// Embeds `texts` with the session's settings; ERRORs carry the engine's
 /// message under a SQLSTATE that fits it.
 pub fn embed(texts: Vec<String>, role: proto::Role, options: proto::EmbedOptions) -> Embedded {
+    let asked = texts.len();
     let request = Request::Embed { texts, role, options };
     let (response, vectors) = with_engine(true, |engine| {
         let response = engine.call(&request)?;
         let values = match &response {
-            Response::Embeddings { .. } => Some(proto::read_f32s(&mut engine.io())?),
+            // The shape is checked against the request and the model before
+            // a single value is allocated.
+            Response::Embeddings { count, dim, .. } => {
+                let expected_dim = engine.status.dim;
+                if *count != asked || (expected_dim != 0 && *dim != expected_dim) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("asked for {asked} embeddings of dimension {expected_dim}, the engine announced {count} of {dim}"),
+                    ));
+                }
+                Some(proto::read_f32s_exact(&mut engine.io(), count * dim)?)
+            }
             _ => None,
         };
         Ok((response, values))

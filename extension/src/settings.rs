@@ -21,6 +21,8 @@ pub static THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(8192);
 pub static ENGINE_PATH: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static ENGINE_MEMORY_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static MAX_TOKENS_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(4096);
+pub static MAX_CALIBRATION_TEXTS: GucSetting<i32> = GucSetting::<i32>::new(4096);
 
 pub static METHOD: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static LAYERS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"auto"));
@@ -101,6 +103,28 @@ pub fn define() {
         i32::MAX,
         Sighup,
         GucFlags::UNIT_MB,
+    );
+
+    GucRegistry::define_int_guc(
+        c"kvembed.max_tokens_limit",
+        c"Ceiling on the tokens of one text for every session: kvembed.max_tokens above it counts as this (also capped at the model's trained context).",
+        c"What one text may cost the shared engine is the administrator's choice, not the session's: \
+          a longer text is truncated to this many tokens with a NOTICE (or refused where kvembed.on_overflow = 'error').",
+        &MAX_TOKENS_LIMIT,
+        1,
+        1 << 20,
+        Sighup,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"kvembed.max_calibration_texts",
+        c"Ceiling on the sample of one kv_select_layers() call (TwoNN keeps N^2/2 distances per layer in the engine).",
+        c"",
+        &MAX_CALIBRATION_TEXTS,
+        8,
+        1 << 20,
+        Sighup,
+        none,
     );
 
     GucRegistry::define_string_guc(
@@ -200,6 +224,10 @@ pub struct EngineSettings {
     pub batch_tokens: i32,
     /// Address-space limit of the engine in MB (0 = none).
     pub memory_limit_mb: i32,
+    /// Ceiling on the tokens of one text (`kvembed.max_tokens_limit`).
+    pub max_tokens_limit: i32,
+    /// Ceiling on the texts of one layer selection.
+    pub max_calibration_texts: i32,
 }
 
 impl EngineSettings {
@@ -211,6 +239,8 @@ impl EngineSettings {
             threads: THREADS.get(),
             batch_tokens: BATCH_TOKENS.get(),
             memory_limit_mb: ENGINE_MEMORY_LIMIT.get(),
+            max_tokens_limit: MAX_TOKENS_LIMIT.get(),
+            max_calibration_texts: MAX_CALIBRATION_TEXTS.get(),
         }
     }
 }
@@ -287,6 +317,13 @@ fn prompt(setting: &GucSetting<Option<CString>>, name: &str) -> Option<String> {
     Some(p)
 }
 
+/// Whether the session asked for more tokens per text than the
+/// administrator allows (its texts are cut at the limit instead).
+pub fn max_tokens_over_limit() -> Option<(i32, i32)> {
+    let (asked, limit) = (MAX_TOKENS.get(), MAX_TOKENS_LIMIT.get());
+    (asked > limit).then_some((asked, limit))
+}
+
 pub fn overflow() -> Overflow {
     ON_OVERFLOW.get()
 }
@@ -304,8 +341,10 @@ pub fn embed_options(layers: Option<Vec<usize>>) -> EmbedOptions {
         bias: bias(),
         document_prompt: prompt(&DOCUMENT_PROMPT, "kvembed.document_prompt"),
         query_prompt: prompt(&QUERY_PROMPT, "kvembed.query_prompt"),
+        // The session's choice, never above the administrator's ceiling
+        // (the engine applies the same ceiling to whatever it is sent).
         max_tokens: match MAX_TOKENS.get() {
-            n if n > 0 => Some(n as usize),
+            n if n > 0 => Some(n.min(MAX_TOKENS_LIMIT.get()) as usize),
             _ => None,
         },
         truncate: Some(overflow() == Overflow::Truncate),

@@ -113,6 +113,20 @@ impl DbText {
     }
 }
 
+/// `s` as it may appear in a message: PostgreSQL takes message text to be
+/// in the database encoding and converts it for the client, so in a
+/// database that is neither UTF-8 nor SQL_ASCII the UTF-8 bytes of a
+/// non-ASCII character would reach the client garbled (`rÃ´le`). There,
+/// non-ASCII characters are written as `\u{f4}` escapes instead.
+pub fn for_message(s: &str) -> String {
+    // SAFETY: reads the session's database encoding; no arguments.
+    let encoding = unsafe { pg_sys::GetDatabaseEncoding() } as u32;
+    if s.is_ascii() || encoding == pg_sys::pg_enc::PG_UTF8 || encoding == pg_sys::pg_enc::PG_SQL_ASCII {
+        return s.to_string();
+    }
+    s.chars().map(|c| if c.is_ascii() { c.to_string() } else { c.escape_unicode().to_string() }).collect()
+}
+
 fn invalid_utf8(offset: usize) -> ! {
     ErrorReport::new(
         PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,

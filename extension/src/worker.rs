@@ -312,6 +312,10 @@ impl Supervisor {
             .arg(s.batch_tokens.to_string())
             .arg("--max-tokens")
             .arg("0")
+            .arg("--max-tokens-limit")
+            .arg(s.max_tokens_limit.to_string())
+            .arg("--max-calibration-texts")
+            .arg(s.max_calibration_texts.to_string())
             .current_dir(runtime_dir().parent().unwrap_or(Path::new("/")))
             .stdin(Stdio::null());
         let memory_limit = (s.memory_limit_mb > 0).then(|| (s.memory_limit_mb as libc::rlim_t) << 20);

@@ -19,6 +19,60 @@ pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame either side accepts (256 MiB): a guard against garbage lengths.
 pub const MAX_FRAME: usize = 256 << 20;
 
+/// Most texts one `Embed` request may carry; the server refuses more. The
+/// extension splits a larger `kv_embed_batch` into requests of at most
+/// [`REQUEST_TEXTS`] texts and [`REQUEST_BYTES`] bytes, so that neither the
+/// request, nor the reply, nor the work of one request grows with the array.
+pub const MAX_REQUEST_TEXTS: usize = 4096;
+/// Texts per request the extension sends (see [`MAX_REQUEST_TEXTS`]).
+pub const REQUEST_TEXTS: usize = 256;
+/// Bytes of text per request the extension aims for (one text larger than
+/// this travels alone).
+pub const REQUEST_BYTES: usize = 8 << 20;
+
+/// No token is anywhere near this many bytes long: a text longer than
+/// `max_tokens * MAX_BYTES_PER_TOKEN` bytes certainly has more than
+/// `max_tokens` tokens.
+pub const MAX_BYTES_PER_TOKEN: usize = 64;
+
+/// With truncation on, only the first `max_tokens` tokens of a text matter:
+/// drops the bytes far beyond them (on a character boundary), so 10 MB of
+/// text (or one 10 MB "word", which byte-level BPE merges in quadratic time)
+/// costs no more than a long paragraph, in the request and in the
+/// tokenizer. The kept prefix tokenises exactly as before, because the cut
+/// lies well past the last token kept.
+pub fn cut_far_beyond(text: &mut String, max_tokens: usize) {
+    let limit = max_tokens.saturating_mul(MAX_BYTES_PER_TOKEN);
+    if text.len() > limit {
+        let mut end = limit;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+}
+
+/// Splits `texts` into consecutive requests of at most [`REQUEST_TEXTS`]
+/// texts and about [`REQUEST_BYTES`] bytes (at least one text each); returns
+/// the end index of each request.
+pub fn request_bounds(texts: &[String]) -> Vec<usize> {
+    let mut bounds = Vec::new();
+    let (mut count, mut bytes) = (0, 0);
+    for (i, t) in texts.iter().enumerate() {
+        if count > 0 && (count == REQUEST_TEXTS || bytes + t.len() > REQUEST_BYTES) {
+            bounds.push(i);
+            count = 0;
+            bytes = 0;
+        }
+        count += 1;
+        bytes += t.len();
+    }
+    if count > 0 {
+        bounds.push(texts.len());
+    }
+    bounds
+}
+
 /// Which side of an asymmetric search a text is on: documents and queries get
 /// different prompt templates.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -202,6 +256,19 @@ pub struct Status {
     /// caps it). Empty from an engine that predates it.
     #[serde(default)]
     pub cpu: String,
+    /// Forward passes run since the engine started: work counted in units
+    /// that do not depend on the CPU's speed.
+    #[serde(default)]
+    pub forward_passes: u64,
+    /// The administrator's ceiling on the tokens of one text
+    /// (`kvembed.max_tokens_limit`, capped at the model's context); no
+    /// request's `max_tokens` goes above it. 0 from an engine that predates it.
+    #[serde(default)]
+    pub max_tokens_limit: usize,
+    /// The administrator's ceiling on the texts of one layer selection
+    /// (`kvembed.max_calibration_texts`).
+    #[serde(default)]
+    pub max_calibration_texts: usize,
 }
 
 // `Status` makes this enum large; responses are built once per request and
@@ -295,6 +362,29 @@ pub fn write_f32s<W: Write>(w: &mut W, values: &[f32]) -> io::Result<()> {
     write_frame(w, &bytes)
 }
 
+/// Reads an f32 frame that must hold exactly `expected` values: the length
+/// is checked before anything is allocated, and the allocation itself may
+/// fail with an error instead of aborting the process.
+pub fn read_f32s_exact<R: Read>(r: &mut R, expected: usize) -> io::Result<Vec<f32>> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if Some(len) != expected.checked_mul(4) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("an f32 frame of {len} bytes where {expected} values were announced"),
+        ));
+    }
+    let mut bytes = Vec::new();
+    bytes.try_reserve_exact(len).map_err(|e| io::Error::new(io::ErrorKind::OutOfMemory, e))?;
+    bytes.resize(len, 0);
+    r.read_exact(&mut bytes)?;
+    let mut out = Vec::new();
+    out.try_reserve_exact(expected).map_err(|e| io::Error::new(io::ErrorKind::OutOfMemory, e))?;
+    out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+    Ok(out)
+}
+
 pub fn read_f32s<R: Read>(r: &mut R) -> io::Result<Vec<f32>> {
     let bytes = read_frame(r)?;
     if bytes.len() % 4 != 0 {
@@ -370,6 +460,43 @@ mod tests {
         let mut buf = Vec::new();
         write_json(&mut buf, &Response::Progress { done: 3, total: 9 }).unwrap();
         assert_eq!(read_json::<_, Response>(&mut &buf[..]).unwrap(), Response::Progress { done: 3, total: 9 });
+    }
+
+    #[test]
+    fn f32_frames_are_checked_against_the_announced_shape_before_allocating() {
+        let mut buf = Vec::new();
+        write_f32s(&mut buf, &[1.0, 2.0, 3.0]).unwrap();
+        assert_eq!(read_f32s_exact(&mut &buf[..], 3).unwrap(), vec![1.0, 2.0, 3.0]);
+        let err = read_f32s_exact(&mut &buf[..], 2).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        // A header claiming more than announced is refused without reading on.
+        let mut lying = (4000u32).to_le_bytes().to_vec();
+        lying.extend_from_slice(&[0; 8]);
+        assert_eq!(read_f32s_exact(&mut &lying[..], 2).unwrap_err().kind(), io::ErrorKind::InvalidData);
+        // A count whose byte size overflows is refused too.
+        assert!(read_f32s_exact(&mut &buf[..], usize::MAX / 2).is_err());
+    }
+
+    #[test]
+    fn requests_are_split_by_texts_and_bytes() {
+        let small: Vec<String> = (0..REQUEST_TEXTS * 2 + 3).map(|i| i.to_string()).collect();
+        assert_eq!(request_bounds(&small), vec![REQUEST_TEXTS, REQUEST_TEXTS * 2, REQUEST_TEXTS * 2 + 3]);
+        let big = "x".repeat(REQUEST_BYTES / 2 + 1);
+        let texts = vec![big.clone(), big.clone(), "y".into(), "x".repeat(REQUEST_BYTES * 2)];
+        // Two halves do not fit together; a text over the limit travels alone.
+        assert_eq!(request_bounds(&texts), vec![1, 3, 4]);
+        assert!(request_bounds(&[]).is_empty());
+    }
+
+    #[test]
+    fn huge_texts_are_cut_on_a_char_boundary_far_beyond_the_cap() {
+        let mut t = "é".repeat(10_000); // 2 bytes per char
+        cut_far_beyond(&mut t, 10);
+        assert!(t.len() <= 10 * MAX_BYTES_PER_TOKEN && t.len() >= 10 * MAX_BYTES_PER_TOKEN - 1);
+        assert!(t.chars().all(|c| c == 'é'));
+        let mut short = "short".to_string();
+        cut_far_beyond(&mut short, 10);
+        assert_eq!(short, "short");
     }
 
     #[test]

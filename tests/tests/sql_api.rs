@@ -457,25 +457,38 @@ fn only_superusers_change_what_the_engine_loads() {
 #[test]
 fn overlong_input_truncates_with_a_notice_or_errors() {
     let (_g, mut s) = session();
+    let d = dim(&mut s) as usize;
+    let unit = |v: &[f32]| v.len() == d && (v.iter().map(|x| x * x).sum::<f32>().sqrt() - 1.0).abs() < 1e-4;
     let long = "lorem ipsum dolor sit amet ".repeat(200);
     s.batch_execute("SET kvembed.max_tokens = 16").unwrap();
     s.take_notices();
     let v = vector(&mut s, "SELECT kv_embed($1)::real[]", &[&long]);
-    assert!(!v.is_empty());
+    assert!(unit(&v), "a {d}-dimensional unit vector");
     let notices = s.take_notices();
     assert!(notices.iter().any(|n| n.contains("truncated")), "expected a truncation NOTICE, got {notices:?}");
-    // Truncation keeps the beginning: same vector as the text cut short by the engine.
-    s.batch_execute("SET kvembed.on_overflow = 'error'").unwrap();
+    // Truncation keeps the beginning: a shorter text with the same first 16
+    // tokens gives the same vector, and keeping 32 tokens gives another.
+    let shorter = "lorem ipsum dolor sit amet ".repeat(20);
+    let same = vector(&mut s, "SELECT kv_embed($1)::real[]", &[&shorter]);
+    assert!(max_abs_diff(&v, &same) <= 1e-6, "the kept tokens are the text's first 16");
+    s.batch_execute("SET kvembed.max_tokens = 32").unwrap();
+    let more = vector(&mut s, "SELECT kv_embed($1)::real[]", &[&long]);
+    assert!(max_abs_diff(&v, &more) > 1e-3, "32 tokens must give another vector than 16");
+    s.batch_execute("SET kvembed.max_tokens = 16; SET kvembed.on_overflow = 'error'").unwrap();
     let err = s.query_one("SELECT kv_embed($1)", &[&long]).expect_err("too long must fail");
     let (code, msg) = sql_error(&err);
     assert_eq!(code, "54000", "{msg}");
-    // Short texts are unaffected, and 10 MB of text is handled (truncated).
-    let v = vector(&mut s, "SELECT kv_embed('short')::real[]", &[]);
-    assert!(!v.is_empty());
-    s.batch_execute("SET kvembed.on_overflow = 'truncate'").unwrap();
+    // Short texts are unaffected (the same vector as without a limit), and
+    // 10 MB of text is handled: cut to its first 16 tokens like a shorter run.
+    let short = vector(&mut s, "SELECT kv_embed('short')::real[]", &[]);
+    s.batch_execute("SET kvembed.max_tokens = 0").unwrap();
+    let unlimited = vector(&mut s, "SELECT kv_embed('short')::real[]", &[]);
+    assert!(unit(&short) && max_abs_diff(&short, &unlimited) <= 1e-6);
+    s.batch_execute("SET kvembed.max_tokens = 16; SET kvembed.on_overflow = 'truncate'").unwrap();
     let huge = "x".repeat(10 << 20);
     let v = vector(&mut s, "SELECT kv_embed($1)::real[]", &[&huge]);
-    assert!(!v.is_empty());
+    let run = vector(&mut s, "SELECT kv_embed($1)::real[]", &[&"x".repeat(4096)]);
+    assert!(unit(&v) && max_abs_diff(&v, &run) <= 1e-6, "10 MB is its first 16 tokens");
 }
 
 #[test]
@@ -499,7 +512,8 @@ fn invalid_settings_and_roles_are_clear_errors() {
     assert!(sql_error(&err).1.contains("kvembed"), "{err}");
     // The session still works.
     s.batch_execute("SET kvembed.layers = 'default'").unwrap();
-    assert!(!vector(&mut s, "SELECT kv_embed('x')::real[]", &[]).is_empty());
+    let v = vector(&mut s, "SELECT kv_embed('x')::real[]", &[]);
+    assert!(max_abs_diff(&v, &engine_embed(&["x"], Role::Document)[0]) <= 1e-6, "the session's settings are back to the defaults");
 }
 
 #[test]
@@ -543,8 +557,18 @@ fn non_utf8_databases_convert_or_refuse_clearly() {
                 let (code, msg) = sql_error(&err);
                 assert_eq!(code, "22021", "{q}: {msg}");
             }
+            // The role argument too (it was a pgrx panic, XX000).
+            let err = c.batch_execute("SELECT kv_embed('x', E'r\\xf4le')").expect_err("invalid UTF-8 role");
+            assert_eq!(sql_error(&err).0, "22021", "{err}");
             let one: i32 = c.query_one("SELECT 1", &[]).unwrap().get(0);
             assert_eq!(one, 1);
+        } else {
+            // A role that is not ASCII is converted, then refused by name
+            // (non-ASCII escaped: message text is taken to be LATIN1 here).
+            let err = c.batch_execute("SELECT kv_embed('x', 'rôle')").expect_err("unknown role");
+            let (code, msg) = sql_error(&err);
+            assert_eq!(code, "22023", "{msg}");
+            assert!(msg.contains("unknown role 'r\\u{f4}le'"), "{msg}");
         }
         drop(c);
         admin.batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)")).unwrap();

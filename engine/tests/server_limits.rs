@@ -1,0 +1,190 @@
+//! The server's protection of the one shared engine, through its socket
+//! protocol, on a real model (SmolLM2, `scripts/fetch-models.sh smollm2`):
+//! a cancelled request stops within one forward pass (counted in passes, not
+//! seconds), and no request gets more tokens per text, texts per request or
+//! texts per layer selection than the server's limits allow.
+
+use kvembed_proto::{self as proto, EmbedOptions, Request, Response, Role, SelectOptions, Status};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn model() -> String {
+    let dir = std::env::var("KVEMBED_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models"));
+    let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.is_file(), "{} missing: run scripts/fetch-models.sh smollm2", p.display());
+    p.to_string_lossy().into_owned()
+}
+
+/// A `kvembed serve` process on a private socket, killed when dropped.
+struct Server {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(self.socket.parent().unwrap());
+    }
+}
+
+impl Server {
+    fn start(name: &str, extra: &[&str]) -> Server {
+        let dir = std::env::temp_dir().join(format!("kvembed-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let socket = dir.join("engine.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_kvembed"))
+            .args(["serve", "--socket", socket.to_str().unwrap(), "--model", &model(), "--threads", "2"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start kvembed serve");
+        let server = Server { child, socket };
+        let started = Instant::now();
+        loop {
+            if let Ok(mut c) = server.try_connect() {
+                if c.status().state == "ready" {
+                    return server;
+                }
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "the server did not get ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn try_connect(&self) -> std::io::Result<Conn> {
+        let mut c = Conn(UnixStream::connect(&self.socket)?);
+        match c.call(&Request::Hello { version: proto::PROTOCOL_VERSION })? {
+            Response::Hello { .. } => Ok(c),
+            other => panic!("unexpected greeting {other:?}"),
+        }
+    }
+
+    fn connect(&self) -> Conn {
+        self.try_connect().expect("connect to the server")
+    }
+}
+
+struct Conn(UnixStream);
+
+impl Conn {
+    fn call(&mut self, r: &Request) -> std::io::Result<Response> {
+        proto::write_json(&mut self.0, r)?;
+        proto::read_json(&mut self.0)
+    }
+
+    fn status(&mut self) -> Status {
+        match self.call(&Request::Status).unwrap() {
+            Response::Status(s) => s,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// Embeds and returns (vectors, truncations) or the error.
+    fn embed(
+        &mut self,
+        texts: Vec<String>,
+        options: EmbedOptions,
+    ) -> Result<(Vec<Vec<f32>>, Vec<proto::Truncation>), (proto::ErrorKind, String)> {
+        match self.call(&Request::Embed { texts, role: Role::Document, options }).unwrap() {
+            Response::Embeddings { count, dim, truncated, .. } => {
+                let values = proto::read_f32s_exact(&mut self.0, count * dim).unwrap();
+                Ok((values.chunks(dim).map(<[f32]>::to_vec).collect(), truncated))
+            }
+            Response::Error { kind, message } => Err((kind, message)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+fn texts(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("text number {i}: a short sentence about topic {}", i % 17)).collect()
+}
+
+#[test]
+fn a_cancelled_request_stops_within_one_forward_pass() {
+    // A small pass budget makes the request hundreds of passes long.
+    let server = Server::start("cancel", &["--batch-tokens", "256"]);
+    let mut watcher = server.connect();
+    let before = watcher.status().forward_passes;
+
+    let mut victim = server.connect();
+    proto::write_json(
+        &mut victim.0,
+        &Request::Embed { texts: texts(3000), role: Role::Document, options: EmbedOptions::default() },
+    )
+    .unwrap();
+    // Let it run a few passes, then go away as a cancelled statement does.
+    let started = Instant::now();
+    while watcher.status().forward_passes < before + 3 {
+        assert!(started.elapsed() < Duration::from_secs(120), "the request never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(victim);
+    let at_cancel = watcher.status().forward_passes;
+
+    // The next request is served as soon as the cancelled one has stopped
+    // (requests run one after the other), and needs one pass itself.
+    let mut other = server.connect();
+    other.embed(vec!["the next statement".into()], EmbedOptions::default()).unwrap();
+    let after = watcher.status().forward_passes;
+    assert!(
+        after - at_cancel <= 2,
+        "{} passes ran after the cancel: only the one running then and the next request's own may",
+        after - at_cancel
+    );
+    // And the cancelled request really was far from done.
+    let (_, _) = other.embed(texts(3000)[..8].to_vec(), EmbedOptions::default()).unwrap();
+    assert!(at_cancel - before < 50, "the cancel came late: {} passes had run", at_cancel - before);
+}
+
+#[test]
+fn no_request_goes_above_the_servers_limits() {
+    let server =
+        Server::start("limits", &["--max-tokens-limit", "32", "--max-calibration-texts", "40", "--batch-tokens", "4096"]);
+    let mut c = server.connect();
+    let status = c.status();
+    assert_eq!(status.max_tokens_limit, 32);
+    assert_eq!(status.max_tokens, 32, "the default may not exceed the limit");
+    assert_eq!(status.max_calibration_texts, 40);
+
+    let long = "lorem ipsum dolor sit amet ".repeat(60); // ~300 tokens
+    // Asking for more tokens than the limit truncates to the limit...
+    let wide = EmbedOptions { max_tokens: Some(100_000), ..Default::default() };
+    let (v_wide, truncated) = c.embed(vec![long.clone()], wide).unwrap();
+    assert_eq!(truncated.len(), 1, "{truncated:?}");
+    assert_eq!(truncated[0].kept, 32);
+    assert!(truncated[0].tokens > 200, "{truncated:?}");
+    // ... and gives exactly what 32 tokens give.
+    let at_limit = EmbedOptions { max_tokens: Some(32), ..Default::default() };
+    let (v_limit, _) = c.embed(vec![long.clone()], at_limit).unwrap();
+    assert_eq!(v_wide, v_limit);
+    // With truncation off the text is refused, never run in full.
+    let strict = EmbedOptions { max_tokens: Some(100_000), truncate: Some(false), ..Default::default() };
+    let (kind, message) = c.embed(vec![long], strict).unwrap_err();
+    assert_eq!(kind, proto::ErrorKind::TooLong, "{message}");
+    assert!(message.contains("max_tokens = 32"), "{message}");
+
+    // Too many texts in one request: refused before any work.
+    let passes = c.status().forward_passes;
+    let (kind, message) = c.embed(texts(proto::MAX_REQUEST_TEXTS + 1), EmbedOptions::default()).unwrap_err();
+    assert_eq!(kind, proto::ErrorKind::InvalidInput, "{message}");
+    assert!(message.contains("split it"), "{message}");
+    assert_eq!(c.status().forward_passes, passes);
+
+    // A layer selection over more texts than allowed: refused before any work.
+    let request = Request::SelectLayers { texts: texts(41), options: SelectOptions::default() };
+    match c.call(&request).unwrap() {
+        Response::Error { kind, message } => {
+            assert_eq!(kind, proto::ErrorKind::InvalidInput, "{message}");
+            assert!(message.contains("max_calibration_texts = 40"), "{message}");
+        }
+        other => panic!("a 41-text selection was accepted: {other:?}"),
+    }
+    assert_eq!(c.status().forward_passes, passes);
+}
