@@ -83,6 +83,15 @@ if [ "$smoke" = 0 ]; then
   phase "engine + proto tests (cargo test --release -p kvembed-proto -p kvembed-engine)"
   cargo test --release -p kvembed-proto -p kvembed-engine -- "$@"
 
+  # The AMX tile kernels' own tests are #[ignore]d (reported as ignored
+  # where the CPU lacks AMX-BF16, never as passed); run them where it has it.
+  if target/release/kvembed cpu | grep -q '"amx_bf16":true'; then
+    phase "AMX-BF16 tile kernel tests (this CPU has AMX: cargo test ... amx:: -- --ignored)"
+    cargo test --release -p kvembed-engine --lib amx:: -- --ignored "$@"
+  else
+    echo "test.sh: this CPU has no AMX-BF16: the tile kernel tests stay ignored (the f32 kernels are tested above)"
+  fi
+
   phase "engine unit and golden tests with the kernels capped at x86-64-v3 (KVEMBED_CPU=x86-64-v3)"
   KVEMBED_CPU=x86-64-v3 cargo test --release -p kvembed-engine --lib --test golden --test bf16 -- "$@"
 
