@@ -132,7 +132,7 @@ impl PackedBf16 {
         let mut c: Vec<f32> = Vec::with_capacity(m_pad * self.n_pad);
         let row_tasks = m_pad.div_ceil(ROWS_PER_TASK);
         let col_tasks = self.n_pad.div_ceil(COLS_PER_TASK);
-        let out = SendPtr(c.as_mut_ptr());
+        let out = SendPtr::spare(&mut c);
         (0..row_tasks * col_tasks).into_par_iter().for_each(|t| {
             // The whole SendPtr, not its raw-pointer field, goes to the tasks.
             let out = out;
@@ -144,7 +144,7 @@ impl PackedBf16 {
             // values; `a` holds m_pad x k_pad and the packed weight
             // n_pad x k_pad values, so every tile load stays in bounds.
             unsafe {
-                let c = out.0.add(rows.start * self.n_pad + cols.start);
+                let c = out.get().add(rows.start * self.n_pad + cols.start);
                 self.block(&a.data, self.k_pad, self.k_pad / BLOCK, rows, cols, c, self.n_pad)
             };
         });
@@ -186,9 +186,11 @@ impl PackedBf16 {
         c: *mut f32,
         c_stride: usize,
     ) {
-        debug_assert!(kb * BLOCK <= self.k_pad && kb * BLOCK <= a_kpad && cols.end <= self.n_pad);
-        debug_assert!(a.len() >= rows.end * a_kpad);
-        debug_assert!(rows.start % BLOCK == 0 && rows.len() % ROW_TILE == 0);
+        // Real checks, in release builds too: the tile loads below read raw
+        // memory. (A few comparisons per block of 32 x 32 x k products.)
+        assert!(kb * BLOCK <= self.k_pad && kb * BLOCK <= a_kpad && cols.end <= self.n_pad, "block outside the operands");
+        assert!(a.len() >= rows.end * a_kpad, "activation rows outside `a`");
+        assert!(rows.start % BLOCK == 0 && rows.len() % ROW_TILE == 0 && cols.start % BLOCK == 0, "unaligned block");
         #[cfg(target_arch = "x86_64")]
         {
             let cfg = TileConfig::all_16x64();
@@ -290,15 +292,26 @@ impl<T: Copy> Aligned<T> {
         }
     }
 
-    /// `len` values, uninitialised: for callers that write every value
-    /// before any is read (the kernels only store to it first).
+    /// `len` values for callers that write every value before reading any
+    /// (the kernels only store to it first). The memory comes zeroed from
+    /// the allocator (`calloc`: fresh pages are zero already, so there is
+    /// no `memset` pass for large buffers), never uninitialised: every
+    /// value is a valid `T` whatever the caller does.
     pub(crate) fn for_overwrite(len: usize) -> Self {
         let lines = (len * std::mem::size_of::<T>()).div_ceil(64);
-        let mut buf = Vec::with_capacity(lines);
-        // SAFETY: the capacity holds `lines` lines; Line is plain bytes with
-        // no invalid values, and every caller overwrites the values before
-        // reading them.
-        unsafe { buf.set_len(lines) };
+        if lines == 0 {
+            return Aligned::zeroed(len);
+        }
+        let layout = std::alloc::Layout::array::<Line>(lines).expect("buffer size overflows");
+        // SAFETY: the layout has a non-zero size; a null return is handled.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) } as *mut Line;
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        // SAFETY: `ptr` was allocated by the global allocator with the
+        // layout of `lines` Lines; all of them are initialised (zero bytes
+        // are a valid Line), so length and capacity are `lines`.
+        let buf = unsafe { Vec::from_raw_parts(ptr, lines, lines) };
         Aligned {
             buf,
             len,
@@ -506,7 +519,7 @@ impl SiluGatedBf16 {
         // Every row of every tile (padding rows too: zero inputs give zero
         // activations) is written by the tasks below.
         let mut act = Aligned::<u16>::for_overwrite(m_pad * self.n);
-        let act_ptr = SendPtr(act.as_mut_ptr());
+        let act_ptr = SendPtr::new(&mut act);
         let row_tasks = m_pad.div_ceil(ROWS_PER_TASK);
         let col_tasks = w.n_pad / COLS_PER_TASK;
         (0..row_tasks * col_tasks).into_par_iter().for_each(|t| {
@@ -533,7 +546,7 @@ impl SiluGatedBf16 {
                     // are whole row groups (ROWS_PER_TASK is a multiple of 16)
                     // and its column blocks are its own, so no other task
                     // writes this range while the slice lives.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(act_ptr.0.add(first), GATE_GROUP / BLOCK * 512) };
+                    let dst = unsafe { std::slice::from_raw_parts_mut(act_ptr.get().add(first), GATE_GROUP / BLOCK * 512) };
                     row_to_tiles(dst, GATE_GROUP, r % ROW_TILE, row, 1.0);
                 }
             });
@@ -725,6 +738,18 @@ mod tests {
             }
         }
         y
+    }
+
+    /// Buffers for kernels to overwrite are still initialised memory
+    /// (zeroes), whatever their size, and 64-byte aligned for the tiles.
+    #[test]
+    fn buffers_for_overwrite_are_zeroed_and_aligned() {
+        for len in [0, 1, 31, 32, 1000, 1 << 20] {
+            let b = Aligned::<u16>::for_overwrite(len);
+            assert_eq!(b.len(), len);
+            assert!(b.iter().all(|&v| v == 0), "len {len}");
+            assert_eq!(b.as_ptr() as usize % 64, 0, "len {len}");
+        }
     }
 
     #[test]

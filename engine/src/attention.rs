@@ -40,18 +40,39 @@ const BLOCK: usize = 256;
 const BF16_BLOCK: usize = 64;
 
 /// An output pointer shared by rayon tasks that each write a disjoint part
-/// of the output (here and in the AMX products); it is only used while the
-/// output is borrowed by the parallel loop.
-pub(crate) struct SendPtr<T>(pub(crate) *mut T);
-impl<T> Clone for SendPtr<T> {
+/// of the output (here and in the AMX products). It borrows the output
+/// mutably for `'a`, so it cannot outlive the buffer, nor be used while
+/// anything else reads or resizes it; it is `Send`/`Sync` only for element
+/// types that are.
+pub(crate) struct SendPtr<'a, T>(*mut T, std::marker::PhantomData<&'a mut [T]>);
+
+impl<'a, T> SendPtr<'a, T> {
+    /// Over a slice that the tasks write disjoint parts of.
+    pub(crate) fn new(out: &'a mut [T]) -> Self {
+        SendPtr(out.as_mut_ptr(), std::marker::PhantomData)
+    }
+
+    /// Over the spare capacity of `out`, which the tasks fill before the
+    /// caller sets its length.
+    pub(crate) fn spare(out: &'a mut Vec<T>) -> Self {
+        SendPtr(out.as_mut_ptr(), std::marker::PhantomData)
+    }
+
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+impl<T> Clone for SendPtr<'_, T> {
     fn clone(&self) -> Self {
         *self
     }
 }
-impl<T> Copy for SendPtr<T> {}
-// SAFETY: see above: writers never overlap, and no task outlives the loop.
-unsafe impl<T> Send for SendPtr<T> {}
-unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> Copy for SendPtr<'_, T> {}
+// SAFETY: the tasks that share it write disjoint parts of the borrowed
+// buffer (each use site says which), and the borrow ends with the loop.
+unsafe impl<T: Send> Send for SendPtr<'_, T> {}
+unsafe impl<T: Send> Sync for SendPtr<'_, T> {}
 
 /// `q`: `[B, H, T, hd]`; `k`, `v`: `[B, Hkv, T + prefix, hd]`, all contiguous.
 /// `lens[b]`: the real (unpadded) length of sequence `b` (missing: `T`).
@@ -67,6 +88,14 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, lens: &[usize]) 
     let off = usize::from(s.prefix_bias.is_some());
     let (t, hd) = (s.seq, s.head_dim);
     let kv_t = t + off;
+    // Each kv head serves n_heads / n_kv_heads query heads: anything else
+    // would index kv heads that do not exist.
+    assert!(
+        s.n_kv_heads > 0 && s.n_heads % s.n_kv_heads == 0,
+        "{} query heads cannot share {} kv heads",
+        s.n_heads,
+        s.n_kv_heads
+    );
     assert_eq!(q.len(), s.batch * s.n_heads * t * hd);
     assert_eq!(k.len(), s.batch * s.n_kv_heads * kv_t * hd);
     assert_eq!(v.len(), k.len());
@@ -87,7 +116,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, lens: &[usize]) 
     });
     let block = if packs.is_some() { BF16_BLOCK } else { BLOCK };
     let mut out: Vec<f32> = Vec::with_capacity(s.batch * t * s.n_heads * hd);
-    let out_ptr = SendPtr(out.as_mut_ptr());
+    let out_ptr = SendPtr::spare(&mut out);
     let n_rep = s.n_heads / s.n_kv_heads;
     let blocks = t.div_ceil(block);
     (0..s.batch * s.n_heads * blocks).into_par_iter().for_each(|task| {
@@ -108,7 +137,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, lens: &[usize]) 
             q: &q[((b * s.n_heads + h) * t + start) * hd..],
             // SAFETY: rows start..end of head h of sequence b are written
             // by this task only; the row stride keeps them inside `out`.
-            dst: unsafe { out_ptr.0.add(((b * t + start) * s.n_heads + h) * hd) },
+            dst: unsafe { out_ptr.get().add(((b * t + start) * s.n_heads + h) * hd) },
         };
         let kvh = b * s.n_kv_heads + h / n_rep;
         match &packs {
@@ -431,6 +460,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Query heads that cannot be shared evenly by the kv heads are refused
+    /// before any memory is read (the kv head index would run past `k`).
+    #[test]
+    #[should_panic(expected = "3 query heads cannot share 2 kv heads")]
+    fn uneven_head_groups_are_refused() {
+        let (seq, hd) = (4, 8);
+        let s = AttnShape {
+            batch: 1,
+            seq,
+            n_heads: 3,
+            n_kv_heads: 2,
+            head_dim: hd,
+            scale: 0.3,
+            window: None,
+            prefix_bias: None,
+            bf16_products: false,
+        };
+        let _ = attention(&data(3 * seq * hd, 1), &data(2 * seq * hd, 2), &data(2 * seq * hd, 3), s, &[seq]);
     }
 
     /// A padded sequence gets exactly (bit for bit) what it gets alone, and

@@ -188,3 +188,55 @@ fn no_request_goes_above_the_servers_limits() {
     }
     assert_eq!(c.status().forward_passes, passes);
 }
+
+#[test]
+fn garbage_on_the_socket_is_refused_and_the_server_serves_on() {
+    use std::io::{Read, Write};
+    let server = Server::start("garbage", &[]);
+    let mut c = server.connect();
+    let served = c.status().requests_served;
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut refused = 0;
+    for case in 0..200 {
+        let mut s = UnixStream::connect(&server.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let len = (next() % 300) as usize;
+        let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        let sent = match case % 3 {
+            // A frame of random bytes: not JSON, or not a request.
+            0 => proto::write_frame(&mut s, &bytes),
+            // A length over the limit.
+            1 => s.write_all(&(proto::MAX_FRAME as u32 + 1 + (next() as u32 >> 8)).to_le_bytes()),
+            // A valid request with a byte flipped.
+            _ => {
+                let mut frame = Vec::new();
+                proto::write_json(&mut frame, &Request::Embed { texts: vec!["x".into()], role: Role::Query, options: EmbedOptions::default() }).unwrap();
+                let at = 4 + (next() as usize) % (frame.len() - 4);
+                frame[at] ^= 0x5a;
+                s.write_all(&frame)
+            }
+        };
+        sent.unwrap();
+        // Either an answer (an error, or an embedding when the flip kept it
+        // valid) or a closed connection; never a hang or a dead server.
+        let mut reply = Vec::new();
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        s.read_to_end(&mut reply).expect("the server answers or closes, within 10 s");
+        if let Ok(Response::Error { kind: proto::ErrorKind::Protocol, .. }) = proto::read_json::<_, Response>(&mut &reply[..]) {
+            refused += 1;
+        }
+    }
+    assert!(refused > 50, "only {refused} of 200 garbage requests got a protocol error");
+    // The same process serves on.
+    let mut after = server.connect();
+    let status = after.status();
+    assert_eq!(status.state, "ready");
+    assert!(status.requests_served >= served);
+    after.embed(vec!["still serving".into()], EmbedOptions::default()).unwrap();
+}

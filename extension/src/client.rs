@@ -59,6 +59,13 @@ fn io_failure(e: io::Error) -> ! {
         }
         io::ErrorKind::OutOfMemory => out_of_memory(&e.to_string()),
         io::ErrorKind::InvalidData => raise(ErrorKind::Protocol, &e.to_string()),
+        io::ErrorKind::TimedOut => {
+            ErrorReport::new(PgSqlErrorCode::ERRCODE_SYSTEM_ERROR, format!("kvembed: {e}"), "kvembed")
+                .set_detail("The engine is running but does not answer (stopped, deadlocked or starved of memory); this statement gave up and closed its connection.")
+                .set_hint("See the server log and kv_status(); SELECT kv_restart() starts a fresh engine. Raise kvembed.engine_timeout for very long requests.")
+                .report(PgLogLevel::ERROR);
+            unreachable!()
+        }
         _ => lost_connection(e),
     }
 }
@@ -185,7 +192,7 @@ pub fn status() -> Status {
 /// Returns the pid that was asked, or None when no engine was running.
 pub fn shutdown() -> Option<u32> {
     CACHED.with(|c| c.borrow_mut().take());
-    let stream = UnixStream::connect(worker::socket_path()).ok()?;
+    let stream = connect_nonblocking(&worker::socket_path()).ok()?;
     stream.set_nonblocking(true).ok()?;
     let mut engine = Engine { stream, status: Status::default() };
     match engine.call(&Request::Shutdown) {
@@ -254,7 +261,7 @@ fn connect(wait_ready: bool) -> Engine {
     let path = worker::socket_path();
     let mut last_problem = String::from("the engine socket does not exist yet");
     loop {
-        match UnixStream::connect(&path) {
+        match connect_nonblocking(&path) {
             Ok(stream) => match greet(stream, wait_ready, deadline) {
                 Ok(engine) if wait_ready && engine.status.state == "loading" => {
                     last_problem = format!("the engine is still loading '{}'", engine.status.model);
@@ -264,6 +271,9 @@ fn connect(wait_ready: bool) -> Engine {
             },
             Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
                 worker::ensure_supervisor();
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                last_problem = "the engine does not accept connections (its listen queue is full)".into();
             }
             Err(e) => last_problem = format!("cannot connect to {}: {e}", path.display()),
         }
@@ -285,6 +295,39 @@ fn connect(wait_ready: bool) -> Engine {
         }
         sleep_interruptibly(Duration::from_millis(100));
     }
+}
+
+/// `UnixStream::connect` without ever blocking: a blocking connect to an
+/// engine whose listen queue is full would wait, deaf to interrupts, for as
+/// long as the engine does not accept. Here a full queue is `WouldBlock`
+/// (`EAGAIN`), which the caller retries with interruptible sleeps.
+fn connect_nonblocking(path: &std::path::Path) -> io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: zeroed sockaddr_un is a valid value (family set below).
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "socket path too long"));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain socket(2); the fd is owned by the UnixStream right away.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket nobody else owns.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
+    let rc = unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 fn greet(stream: UnixStream, wait_ready: bool, deadline: Instant) -> io::Result<Engine> {
@@ -310,15 +353,31 @@ fn greet(stream: UnixStream, wait_ready: bool, deadline: Instant) -> io::Result<
 
 /// Reads and writes on the non-blocking socket, sleeping on the latch and
 /// the socket between attempts and checking for interrupts on every wake-up.
+/// A read or write that makes no progress for `kvembed.engine_timeout`
+/// fails with `TimedOut`: the engine is wedged.
 struct Interruptible<'a>(&'a UnixStream);
+
+impl Interruptible<'_> {
+    fn wait(&self, event: u32, since: Instant) -> io::Result<()> {
+        if let Some(limit) = crate::settings::engine_timeout() {
+            if since.elapsed() >= limit {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no word from the engine for kvembed.engine_timeout ({} s)", limit.as_secs()),
+                ));
+            }
+        }
+        wait_socket(self.0, event);
+        Ok(())
+    }
+}
 
 impl Read for Interruptible<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let since = Instant::now();
         loop {
             match (&*self.0).read(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    wait_socket(self.0, pg_sys::WL_SOCKET_READABLE)
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(pg_sys::WL_SOCKET_READABLE, since)?,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 other => return other,
             }
@@ -328,11 +387,10 @@ impl Read for Interruptible<'_> {
 
 impl Write for Interruptible<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let since = Instant::now();
         loop {
             match (&*self.0).write(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    wait_socket(self.0, pg_sys::WL_SOCKET_WRITEABLE)
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(pg_sys::WL_SOCKET_WRITEABLE, since)?,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 other => return other,
             }

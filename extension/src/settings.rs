@@ -33,6 +33,7 @@ pub static QUERY_PROMPT: GucSetting<Option<CString>> = GucSetting::<Option<CStri
 pub static MAX_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(512);
 pub static ON_OVERFLOW: GucSetting<Overflow> = GucSetting::<Overflow>::new(Overflow::Truncate);
 pub static START_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(120);
+pub static ENGINE_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(600);
 
 /// What to do with a text longer than `kvembed.max_tokens`.
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -196,6 +197,19 @@ pub fn define() {
         GucFlags::UNIT_S,
     );
 
+    GucRegistry::define_int_guc(
+        c"kvembed.engine_timeout",
+        c"How long a statement waits without a word from the engine before it fails (0 = no limit).",
+        c"A wedged engine (stopped, deadlocked, swapping) would otherwise hold the statement, and the row locks \
+          of a generated-column INSERT, until statement_timeout, which is off by default. The engine answers \
+          each request of at most 256 texts, and reports a layer selection's progress after every batch.",
+        &ENGINE_TIMEOUT,
+        0,
+        24 * 3600,
+        Userset,
+        GucFlags::UNIT_S,
+    );
+
     // SAFETY: plain call into PostgreSQL with a static C string; from now on
     // an unknown `kvembed.*` name is an error instead of a silent placeholder.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"kvembed".as_ptr()) };
@@ -326,6 +340,14 @@ pub fn max_tokens_over_limit() -> Option<(i32, i32)> {
 
 pub fn overflow() -> Overflow {
     ON_OVERFLOW.get()
+}
+
+/// `None`: wait for the engine as long as it takes.
+pub fn engine_timeout() -> Option<std::time::Duration> {
+    match ENGINE_TIMEOUT.get() {
+        n if n > 0 => Some(std::time::Duration::from_secs(n as u64)),
+        _ => None,
+    }
 }
 
 pub fn start_timeout() -> std::time::Duration {

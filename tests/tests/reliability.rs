@@ -910,3 +910,100 @@ fn ordinary_roles_cannot_make_one_request_cost_more_than_the_administrators_limi
         serde_json::json!({"max_tokens_limit": 64, "max_calibration_texts": 16, "refusals": 8}),
     );
 }
+
+/// Resumes a stopped engine when the test ends, however it ends.
+struct Resume(i32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").args(["-CONT", &self.0.to_string()]).status();
+    }
+}
+
+/// Non-blocking connections to the engine's socket until its listen queue
+/// is full (the engine accepts none while it is stopped).
+fn fill_listen_queue(path: &std::path::Path) -> Vec<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let mut held = Vec::new();
+    let bytes = path.as_os_str().as_bytes();
+    loop {
+        // SAFETY: a zeroed sockaddr_un is valid; the path fits (asserted).
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        assert!(bytes.len() < addr.sun_path.len());
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+            *d = *s as libc::c_char;
+        }
+        // SAFETY: plain socket(2) and connect(2) on a socket this test owns.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+        let rc = unsafe { libc::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), (&addr as *const libc::sockaddr_un).cast(), len) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "connect: {e}");
+            return held;
+        }
+        held.push(fd);
+        assert!(held.len() < 100_000, "the listen queue never filled");
+    }
+}
+
+#[test]
+fn a_wedged_engine_fails_statements_after_kvembed_engine_timeout_and_never_blocks_a_connect() {
+    let (_g, mut s) = session();
+    let (reference, _) = embed_until_ok(&mut s, Duration::from_secs(60));
+    let mut bystander = Bystander::new();
+    let data_dir: String = s.query_one("SELECT current_setting('data_directory')", &[]).unwrap().get(0);
+    let socket = std::path::Path::new(&data_dir).join("kvembed/engine.sock");
+    let pid = engine_pid(&mut s);
+    kill_engine(pid, "-STOP");
+    let resume = Resume(pid);
+
+    // A session already connected gets no answer: it fails after
+    // kvembed.engine_timeout instead of waiting for statement_timeout (off).
+    s.batch_execute("SET kvembed.engine_timeout = '2s'").unwrap();
+    let started = Instant::now();
+    let err = s.query_one("SELECT kv_embed('asked of a stopped engine')", &[]).expect_err("no answer comes");
+    let waited = started.elapsed();
+    let (code, message) = sql_error(&err);
+    assert_eq!(code, "58000", "{message}");
+    assert!(message.contains("kvembed.engine_timeout"), "{message}");
+    assert!(waited >= Duration::from_secs(2) && waited < Duration::from_secs(5), "failed after {waited:?}");
+
+    // A new session while the engine's listen queue is full: its connect
+    // must not block (a blocking connect is deaf to statement_timeout).
+    let held = fill_listen_queue(&socket);
+    let queued = held.len();
+    let newcomer = std::thread::spawn(|| {
+        let mut n = connect();
+        n.batch_execute("SET statement_timeout = '1s'").unwrap();
+        let started = Instant::now();
+        let r = n.query_one("SELECT kv_embed('a new session')", &[]).map(|_| ()).map_err(|e| sql_error(&e));
+        (r, started.elapsed())
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !newcomer.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let finished = newcomer.is_finished();
+    drop(held);
+    drop(resume); // the engine goes on (and a hung connect would return now)
+    assert!(finished, "a new session's kv_embed hung in connect() while the engine's listen queue was full");
+    let (result, took) = newcomer.join().unwrap();
+    assert_eq!(result.map_err(|e| e.0), Err("57014".to_string()), "statement_timeout must cancel the wait");
+    assert!(took < Duration::from_secs(3), "cancelled after {took:?}");
+
+    // The engine, resumed, serves the same vectors; nothing else noticed.
+    s.batch_execute("RESET kvembed.engine_timeout").unwrap();
+    let (after, _) = embed_until_ok(&mut s, Duration::from_secs(60));
+    assert!(max_abs_diff(&after, &reference) <= 1e-6);
+    bystander.check();
+    record_figures(
+        "a_wedged_engine_fails_statements_after_kvembed_engine_timeout_and_never_blocks_a_connect",
+        serde_json::json!({"engine_timeout_s": 2, "failed_after_s": waited.as_secs_f64(),
+                           "queued_connections": queued, "new_session_cancelled_after_s": took.as_secs_f64()}),
+    );
+}
