@@ -95,6 +95,7 @@ impl MethodArgs {
             pooling: self.pooling.clone(),
             prefix_position: self.prefix_position.clone(),
             placeholder_position: self.placeholder_position,
+            expect_model: None,
         })
     }
 }

@@ -320,7 +320,7 @@ enum Outcome {
     /// Intermediate: `done` of `total` texts processed (select-layers only).
     Progress(usize, usize),
     Embeddings { vectors: Vec<Vec<f32>>, dim: usize, truncated: Vec<Truncation>, tokens: usize },
-    Layers(LayerSelection, usize),
+    Layers(LayerSelection, usize, String),
     Error(ErrorKind, String),
 }
 
@@ -503,7 +503,7 @@ fn run_select_layers(embedder: &Embedder, job: Job) {
         !job.is_abandoned()
     };
     let outcome = match guarded(|| embedder.select_layers_with_progress(texts, options, progress)) {
-        Ok(selection) => Outcome::Layers(selection, texts.len()),
+        Ok(selection) => Outcome::Layers(selection, texts.len(), embedder.info().model_id),
         Err((kind, msg)) => Outcome::Error(kind, msg),
     };
     let _ = job.reply.send(outcome);
@@ -602,77 +602,90 @@ fn handle_connection(stream: UnixStream, shared: &Shared) {
                 log("shutting down on request");
                 std::process::exit(0);
             }
-            Request::Embed { texts, role, mut options } => {
-                if options.max_tokens.is_none() && shared.opts.max_tokens > 0 {
-                    options.max_tokens = Some(shared.opts.max_tokens);
-                }
-                match shared.wait_loaded() {
-                    Err((kind, message)) => {
-                        proto::write_json(&mut writer, &Response::Error { kind, message })
-                    }
-                    Ok(_) if texts.len() > proto::MAX_REQUEST_TEXTS => proto::write_json(
-                        &mut writer,
-                        &Response::Error {
-                            kind: ErrorKind::InvalidInput,
-                            message: format!(
-                                "one request carries {} texts, more than {}: split it",
-                                texts.len(),
-                                proto::MAX_REQUEST_TEXTS
-                            ),
-                        },
-                    ),
-                    Ok((embedder, info)) => {
-                        // No session goes above the administrator's ceiling.
-                        let cap = options
-                            .max_tokens
-                            .unwrap_or(info.max_tokens)
-                            .min(shared.opts.token_limit(info.context))
-                            .max(1);
-                        options.max_tokens = Some(cap);
-                        let mut texts = texts;
-                        if options.truncate != Some(false) {
-                            for t in &mut texts {
-                                proto::cut_far_beyond(t, cap);
-                            }
-                        }
-                        let tokens = texts.iter().map(|t| estimate_tokens(&embedder, t, cap)).sum();
-                        let work = Work::Embed { texts, role, options, tokens };
-                        match submit(shared, &stream, &mut writer, work) {
-                            None => return,
-                            Some(outcome) => send_outcome(&mut writer, outcome),
-                        }
-                    }
-                }
-            }
-            Request::SelectLayers { texts, mut options } => {
-                let limit = shared.opts.calibration_limit();
-                if texts.len() > limit {
-                    proto::write_json(
-                        &mut writer,
-                        &Response::Error {
-                            kind: ErrorKind::InvalidInput,
-                            message: format!(
-                                "a layer selection over {} texts, more than kvembed.max_calibration_texts = {limit}",
-                                texts.len()
-                            ),
-                        },
-                    )
-                } else {
-                    if let Ok((_, info)) = shared.wait_loaded() {
-                        let cap = shared.opts.token_limit(info.context);
-                        options.max_tokens = Some(options.max_tokens.unwrap_or(512).min(cap));
-                    }
-                    match submit(shared, &stream, &mut writer, Work::SelectLayers { texts, options }) {
-                        None => return,
-                        Some(outcome) => send_outcome(&mut writer, outcome),
-                    }
-                }
-            }
+            Request::Embed { texts, role, options } => match admit_embed(shared, texts, role, options) {
+                Err((kind, message)) => proto::write_json(&mut writer, &Response::Error { kind, message }),
+                Ok(work) => match submit(shared, &stream, &mut writer, work) {
+                    None => return,
+                    Some(outcome) => send_outcome(&mut writer, outcome),
+                },
+            },
+            Request::SelectLayers { texts, options } => match admit_selection(shared, texts, options) {
+                Err((kind, message)) => proto::write_json(&mut writer, &Response::Error { kind, message }),
+                Ok(work) => match submit(shared, &stream, &mut writer, work) {
+                    None => return,
+                    Some(outcome) => send_outcome(&mut writer, outcome),
+                },
+            },
         };
         if sent.is_err() {
             return;
         }
     }
+}
+
+/// Checks an `Embed` request against the server's limits before it is
+/// queued, and applies them: every refusal happens here, before any work.
+fn admit_embed(
+    shared: &Shared,
+    mut texts: Vec<String>,
+    role: Role,
+    mut options: EmbedOptions,
+) -> std::result::Result<Work, (ErrorKind, String)> {
+    let (embedder, info) = shared.wait_loaded()?;
+    let refuse = |message: String| Err((ErrorKind::InvalidInput, message));
+    if texts.len() > proto::MAX_REQUEST_TEXTS {
+        return refuse(format!(
+            "one request carries {} texts, more than {}: split it",
+            texts.len(),
+            proto::MAX_REQUEST_TEXTS
+        ));
+    }
+    // The reply must fit one frame: refused before the work, not after it.
+    if texts.len().saturating_mul(info.dim).saturating_mul(4) > proto::MAX_FRAME {
+        return refuse(format!(
+            "{} embeddings of dimension {} exceed the {} byte reply limit: split the request",
+            texts.len(),
+            info.dim,
+            proto::MAX_FRAME
+        ));
+    }
+    if let Some(expected) = options.expect_model.as_ref().filter(|m| **m != info.model_id) {
+        return Err((
+            ErrorKind::ModelChanged,
+            format!("the request was prepared for model '{expected}', the engine now serves '{}'", info.model_id),
+        ));
+    }
+    // The session's limit, else the server's default; never above the
+    // administrator's ceiling.
+    let asked = options.max_tokens.or((shared.opts.max_tokens > 0).then_some(shared.opts.max_tokens));
+    let cap = asked.unwrap_or(info.max_tokens).min(shared.opts.token_limit(info.context)).max(1);
+    options.max_tokens = Some(cap);
+    if options.truncate != Some(false) {
+        for t in &mut texts {
+            proto::cut_far_beyond(t, cap);
+        }
+    }
+    let tokens = texts.iter().map(|t| estimate_tokens(&embedder, t, cap)).sum();
+    Ok(Work::Embed { texts, role, options, tokens })
+}
+
+/// The same for a layer selection: its sample and its texts' length.
+fn admit_selection(
+    shared: &Shared,
+    texts: Vec<String>,
+    mut options: SelectOptions,
+) -> std::result::Result<Work, (ErrorKind, String)> {
+    let limit = shared.opts.calibration_limit();
+    if texts.len() > limit {
+        return Err((
+            ErrorKind::InvalidInput,
+            format!("a layer selection over {} texts, more than kvembed.max_calibration_texts = {limit}", texts.len()),
+        ));
+    }
+    let (_, info) = shared.wait_loaded()?;
+    let cap = shared.opts.token_limit(info.context);
+    options.max_tokens = Some(options.max_tokens.unwrap_or(512).min(cap));
+    Ok(Work::SelectLayers { texts, options })
 }
 
 /// Tokens a text will cost in a batch, for packing only: exact for ordinary
@@ -748,9 +761,9 @@ fn send_outcome<W: Write>(w: &mut W, outcome: Outcome) -> io::Result<()> {
             let flat: Vec<f32> = vectors.into_iter().flatten().collect();
             proto::write_f32s(w, &flat)
         }
-        Outcome::Layers(sel, texts) => proto::write_json(
+        Outcome::Layers(sel, texts, model_id) => proto::write_json(
             w,
-            &Response::Layers { curve: sel.curve, selected: sel.selected, rule: sel.rule, texts },
+            &Response::Layers { curve: sel.curve, selected: sel.selected, rule: sel.rule, texts, model_id },
         ),
         Outcome::Progress(done, total) => proto::write_json(w, &Response::Progress { done, total }),
         Outcome::Error(kind, message) => proto::write_json(w, &Response::Error { kind, message }),

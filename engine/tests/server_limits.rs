@@ -240,3 +240,35 @@ fn garbage_on_the_socket_is_refused_and_the_server_serves_on() {
     assert!(status.requests_served >= served);
     after.embed(vec!["still serving".into()], EmbedOptions::default()).unwrap();
 }
+
+#[test]
+fn requests_name_the_model_they_were_prepared_for() {
+    let server = Server::start("model-id", &["--max-calibration-texts", "64"]);
+    let mut c = server.connect();
+    let status = c.status();
+    assert!(!status.model_id.is_empty());
+    // Prepared for another model (the engine restarted with a new one since
+    // the session looked up its calibration): refused, nothing runs.
+    let passes = status.forward_passes;
+    let stale = EmbedOptions { expect_model: Some("llama:/elsewhere/other.gguf:30x576:1".into()), ..Default::default() };
+    let (kind, message) = c.embed(vec!["x".into()], stale).unwrap_err();
+    assert_eq!(kind, proto::ErrorKind::ModelChanged, "{message}");
+    assert!(message.contains(&status.model_id), "{message}");
+    assert_eq!(c.status().forward_passes, passes);
+    // Prepared for this one: served.
+    let current = EmbedOptions { expect_model: Some(status.model_id.clone()), ..Default::default() };
+    c.embed(vec!["x".into()], current).unwrap();
+    // A layer selection names the model it ran on.
+    let request = Request::SelectLayers { texts: texts(16), options: SelectOptions::default() };
+    proto::write_json(&mut c.0, &request).unwrap();
+    loop {
+        match proto::read_json::<_, Response>(&mut c.0).unwrap() {
+            Response::Progress { .. } => continue,
+            Response::Layers { model_id, .. } => {
+                assert_eq!(model_id, status.model_id);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

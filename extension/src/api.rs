@@ -120,9 +120,11 @@ mod kvembed {
             representation: None,
             max_tokens: settings::embed_options(None).max_tokens,
         };
-        let model_id = client::with_engine(true, |e| Ok(e.status.model_id.clone()));
         match client::select_layers(texts, options) {
-            Response::Layers { curve, selected, rule, texts } => {
+            // Stored under the model the engine ran the selection on, which
+            // it names in its reply (it may have restarted since this
+            // session last asked).
+            Response::Layers { curve, selected, rule, texts, model_id } => {
                 calibration::invalidate();
                 JsonB(serde_json::json!({
                     "model_id": model_id,
@@ -200,16 +202,20 @@ fn parse_role(role: &str) -> Role {
 
 /// The request options for this session: its settings, with `layers = auto`
 /// resolved against the stored calibration of the loaded model.
+///
+/// With `layers = auto` the layers depend on the model: the request names
+/// the model they were looked up for, and the engine refuses it if it has
+/// restarted with another model in between.
 fn request_options() -> EmbedOptions {
-    let layers = match settings::layers() {
-        LayerChoice::Explicit(l) => Some(l),
-        LayerChoice::Default => None,
+    let (layers, expect_model) = match settings::layers() {
+        LayerChoice::Explicit(l) => (Some(l), None),
+        LayerChoice::Default => (None, None),
         LayerChoice::Auto => {
             let model_id = client::with_engine(true, |e| Ok(e.status.model_id.clone()));
-            calibration::layers_for(&model_id)
+            (calibration::layers_for(&model_id), Some(model_id))
         }
     };
-    settings::embed_options(layers)
+    EmbedOptions { expect_model, ..settings::embed_options(layers) }
 }
 
 /// Embeds `texts`, in requests of bounded size (`kvembed_proto::request_bounds`):

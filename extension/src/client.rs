@@ -467,6 +467,11 @@ pub fn raise(kind: ErrorKind, message: &str) -> ! {
             format!("kvembed: protocol mismatch with the engine: {message}"),
             Some("The extension and the kvembed binary come from different builds; reinstall both.".into()),
         ),
+        ErrorKind::ModelChanged => (
+            PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+            format!("kvembed: the engine's model changed while this statement ran: {message}"),
+            Some("Retry the statement: it will use the model loaded now (and its calibration).".into()),
+        ),
         ErrorKind::Internal => {
             (PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("kvembed engine error: {message}"), None)
         }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
 /// Bumped on any incompatible change; `Hello` checks it.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame either side accepts (256 MiB): a guard against garbage lengths.
 pub const MAX_FRAME: usize = 256 << 20;
@@ -125,6 +125,11 @@ pub struct EmbedOptions {
     /// BOS where the model adds one, else first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placeholder_position: Option<usize>,
+    /// The `model_id` these options were prepared for (the layers of a
+    /// stored calibration belong to one model): the server refuses the
+    /// request with [`ErrorKind::ModelChanged`] if it now serves another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_model: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -206,6 +211,9 @@ pub enum ErrorKind {
     Loading,
     /// Protocol mismatch.
     Protocol,
+    /// The request was prepared for another model than the one loaded now
+    /// (the engine restarted with a new `kvembed.model` in between).
+    ModelChanged,
     /// Anything else inside the engine.
     Internal,
 }
@@ -301,6 +309,10 @@ pub enum Response {
         /// How the selection was made (e.g. "minimum at layer 9").
         rule: String,
         texts: usize,
+        /// The model the selection was made on: the calibration is stored
+        /// under it (not under what the client believed was loaded).
+        #[serde(default)]
+        model_id: String,
     },
     Status(Status),
     /// Answer to `Shutdown`; the server exits right after sending it.

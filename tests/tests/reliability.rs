@@ -1007,3 +1007,75 @@ fn a_wedged_engine_fails_statements_after_kvembed_engine_timeout_and_never_block
                            "queued_connections": queued, "new_session_cancelled_after_s": took.as_secs_f64()}),
     );
 }
+
+/// Puts the real kvembed_admin back (renamed away by the test below) and
+/// drops the impostor, however the test ends.
+struct RestoreAdminRole;
+
+impl Drop for RestoreAdminRole {
+    fn drop(&mut self) {
+        let mut admin = Session::connect("postgres", "postgres");
+        let _ = admin.batch_execute("DROP DATABASE IF EXISTS kvembed_test_impostor WITH (FORCE)");
+        let _ = admin.batch_execute(
+            "DO $$ BEGIN
+               IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'kvembed_admin_saved') THEN
+                 BEGIN
+                   DROP ROLE IF EXISTS kvembed_admin;
+                 EXCEPTION WHEN dependent_objects_still_exist THEN
+                   -- Privileges it was given (where the check failed) pin it: set it aside.
+                   EXECUTE format('ALTER ROLE kvembed_admin RENAME TO %I',
+                                  'kvembed_test_impostor_' || (extract(epoch FROM now()) * 1000)::bigint);
+                 END;
+                 ALTER ROLE kvembed_admin_saved RENAME TO kvembed_admin;
+               END IF;
+             END $$",
+        );
+    }
+}
+
+#[test]
+fn installing_over_a_kvembed_admin_someone_else_created_is_refused() {
+    let (_g, mut s) = session();
+    let mut admin = Session::connect("postgres", "postgres");
+    admin
+        .batch_execute(
+            "DO $$ BEGIN
+               IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'kvembed_test_creator') THEN
+                 CREATE ROLE kvembed_test_creator LOGIN CREATEROLE;
+               END IF;
+             END $$",
+        )
+        .unwrap();
+    admin.batch_execute("DROP DATABASE IF EXISTS kvembed_test_impostor WITH (FORCE)").unwrap();
+    admin.batch_execute("CREATE DATABASE kvembed_test_impostor").unwrap();
+    // The real role (which other databases' kvembed grants to) steps aside.
+    admin.batch_execute("ALTER ROLE kvembed_admin RENAME TO kvembed_admin_saved").unwrap();
+    let restore = RestoreAdminRole;
+    // A CREATEROLE user creates the role first.
+    let mut creator = Session::connect("postgres", "kvembed_test_creator");
+    creator.batch_execute("CREATE ROLE kvembed_admin NOLOGIN").unwrap();
+    let mut fresh = Session::connect("kvembed_test_impostor", "postgres");
+    let err = fresh.batch_execute("CREATE EXTENSION kvembed CASCADE").expect_err("an impostor kvembed_admin");
+    let (code, message) = sql_error(&err);
+    assert_eq!(code, "42501", "{message}");
+    assert!(message.contains("kvembed_test_creator") && message.contains("ADMIN OPTION"), "{message}");
+    let installed: i64 = fresh.query_one("SELECT count(*) FROM pg_extension WHERE extname = 'kvembed'", &[]).unwrap().get(0);
+    assert_eq!(installed, 0);
+    // A login role of that name is refused as well.
+    admin.batch_execute("DROP ROLE kvembed_admin; CREATE ROLE kvembed_admin LOGIN").unwrap();
+    let err = fresh.batch_execute("CREATE EXTENSION kvembed CASCADE").expect_err("a login kvembed_admin");
+    assert_eq!(sql_error(&err).0, "42501", "{err}");
+    // The role kvembed creates itself, with members a superuser granted, is
+    // accepted: the real one, back in place.
+    drop(fresh);
+    drop(restore);
+    let mut other = fresh_database("kvembed_test_impostor");
+    let v = vector(&mut other.client, "SELECT kv_embed('x')::real[]", &[]);
+    assert_eq!(v.len() as i32, s.query_one("SELECT dim FROM kv_status()", &[]).unwrap().get::<_, i32>(0));
+    drop(other);
+    admin.batch_execute("DROP DATABASE kvembed_test_impostor WITH (FORCE)").unwrap();
+    record_figures(
+        "installing_over_a_kvembed_admin_someone_else_created_is_refused",
+        serde_json::json!({"refusals": 2}),
+    );
+}
