@@ -267,6 +267,21 @@ impl Embedder {
         self.embed_cancellable(texts, role, opts, &|| true)
     }
 
+    /// What a request's prompt adds to each text in a forward pass: the
+    /// prompt's own tokens (BOS and placeholder included) and how many copies
+    /// of the text it holds (two for Echo).
+    pub fn prompt_cost(&self, role: Role, opts: &EmbedOptions) -> Result<(usize, usize)> {
+        let method = Method::from_name(opts.method.as_deref().unwrap_or(DEFAULT_METHOD))?.with_options(opts)?;
+        let template = match role {
+            Role::Document => &method.document,
+            Role::Query => &method.query,
+        };
+        let pieces: Vec<&str> = template.pieces.iter().map(String::as_str).collect();
+        let fixed: usize = self.tokenizer.encode_many(&pieces)?.iter().map(Vec::len).sum();
+        let extra = usize::from(self.tokenizer.add_bos && self.tokenizer.bos.is_some()) + usize::from(method.prepend.is_some());
+        Ok((fixed + extra, template.slots().max(1)))
+    }
+
     /// `embed`, asking `keep_going` before every forward pass: once it says
     /// no (everyone waiting went away), the work stops with
     /// [`EngineError::Cancelled`] after at most the pass already running.

@@ -312,8 +312,50 @@ fn load_model(shared: &Shared) {
 // Jobs and the inference thread
 
 enum Work {
-    Embed { texts: Vec<String>, role: Role, options: EmbedOptions, tokens: usize },
+    Embed(EmbedWork),
     SelectLayers { texts: Vec<String>, options: SelectOptions },
+}
+
+/// An `Embed` request, run in slices of at most one batch budget: after each
+/// slice a request with texts left goes to the back of the queue, so a large
+/// request shares the engine with everyone else instead of holding it.
+struct EmbedWork {
+    texts: Vec<String>,
+    /// What each text costs a forward pass in tokens, prompt included (an
+    /// estimate where the text will be cut).
+    cost: Vec<usize>,
+    role: Role,
+    options: EmbedOptions,
+    /// Texts before `next` are done; their vectors and truncations are kept.
+    next: usize,
+    vectors: Vec<Vec<f32>>,
+    truncated: Vec<Truncation>,
+    /// Tokens run so far.
+    tokens: usize,
+}
+
+impl EmbedWork {
+    fn remaining_cost(&self) -> usize {
+        self.cost[self.next..].iter().sum()
+    }
+
+    /// How many of the remaining texts fit `budget` tokens (at least one).
+    fn fitting(&self, budget: usize) -> usize {
+        let mut total = 0;
+        let mut n = 0;
+        for &c in &self.cost[self.next..] {
+            if n > 0 && total + c > budget {
+                break;
+            }
+            total += c;
+            n += 1;
+        }
+        n
+    }
+
+    fn same_kind(&self, other: &EmbedWork) -> bool {
+        self.role == other.role && self.options == other.options
+    }
 }
 
 enum Outcome {
@@ -358,14 +400,14 @@ fn inference_loop(shared: &Shared) -> ! {
         let (embedder, info) = match shared.wait_loaded() {
             Ok(loaded) => loaded,
             Err((kind, msg)) => {
-                for job in batch {
+                for (job, _) in batch {
                     let _ = job.reply.send(Outcome::Error(kind, msg.clone()));
                 }
                 continue;
             }
         };
-        if matches!(batch[0].work, Work::SelectLayers { .. }) {
-            for job in batch {
+        if matches!(batch[0].0.work, Work::SelectLayers { .. }) {
+            for (job, _) in batch {
                 run_select_layers(&embedder, job);
             }
         } else {
@@ -374,10 +416,12 @@ fn inference_loop(shared: &Shared) -> ! {
     }
 }
 
-/// Waits for work, then takes the oldest job and, if it is an `Embed`, every
-/// other queued `Embed` with the same role and options that still fits the
-/// token budget. Other jobs keep their place in the queue.
-fn take_batch(shared: &Shared) -> Vec<Job> {
+/// Waits for work, then takes the oldest job and, if it is an `Embed`, as
+/// many of its texts as fit the batch budget (at least one), and every other
+/// queued `Embed` with the same role and options whose remaining texts fit
+/// what is left of the budget. Returns the jobs with the number of texts of
+/// each to run now. Other jobs keep their place in the queue.
+fn take_batch(shared: &Shared) -> Vec<(Job, usize)> {
     let mut queue = shared.queue.lock();
     loop {
         while queue.front().is_some_and(Job::is_abandoned) {
@@ -389,12 +433,15 @@ fn take_batch(shared: &Shared) -> Vec<Job> {
         shared.queue_changed.wait(&mut queue);
     }
     let first = queue.pop_front().expect("queue is not empty");
-    let (role, options, mut total) = match &first.work {
-        Work::Embed { role, options, tokens, .. } => (*role, options.clone(), *tokens),
-        Work::SelectLayers { .. } => return vec![first],
-    };
     let budget = shared.opts.batch_tokens.max(1);
-    let mut batch = vec![first];
+    let (count, mut total) = match &first.work {
+        Work::Embed(w) => {
+            let n = w.fitting(budget);
+            (n, w.cost[w.next..w.next + n].iter().sum::<usize>())
+        }
+        Work::SelectLayers { .. } => return vec![(first, 0)],
+    };
+    let mut batch = vec![(first, count)];
     let mut i = 0;
     while i < queue.len() {
         let job = &queue[i];
@@ -402,18 +449,17 @@ fn take_batch(shared: &Shared) -> Vec<Job> {
             queue.remove(i);
             continue;
         }
-        let fits = match &job.work {
-            Work::Embed { role: r, options: o, tokens, .. } => {
-                *r == role && *o == options && total + tokens <= budget
-            }
-            Work::SelectLayers { .. } => false,
+        let fits = match (&job.work, &batch[0].0.work) {
+            (Work::Embed(w), Work::Embed(lead)) => w.same_kind(lead) && total + w.remaining_cost() <= budget,
+            _ => false,
         };
         if fits {
             if let Some(job) = queue.remove(i) {
-                if let Work::Embed { tokens, .. } = &job.work {
-                    total += tokens;
+                if let Work::Embed(w) = &job.work {
+                    total += w.remaining_cost();
+                    let n = w.texts.len() - w.next;
+                    batch.push((job, n));
                 }
-                batch.push(job);
             }
         } else {
             i += 1;
@@ -422,64 +468,81 @@ fn take_batch(shared: &Shared) -> Vec<Job> {
     batch
 }
 
-fn run_embed_batch(shared: &Shared, embedder: &Embedder, dim: usize, batch: Vec<Job>) {
-    let batch: Vec<Job> = batch.into_iter().filter(|j| !j.is_abandoned()).collect();
+/// Runs one slice: `count` texts of each job, from where it stands. A job
+/// that is done gets its reply; one with texts left goes to the back of the
+/// queue.
+fn run_embed_batch(shared: &Shared, embedder: &Embedder, dim: usize, batch: Vec<(Job, usize)>) {
+    let mut batch: Vec<(Job, usize)> = batch.into_iter().filter(|(j, _)| !j.is_abandoned()).collect();
     if batch.is_empty() {
         return;
     }
-    let (role, options) = match &batch[0].work {
-        Work::Embed { role, options, .. } => (*role, options.clone()),
+    let (role, options) = match &batch[0].0.work {
+        Work::Embed(w) => (w.role, w.options.clone()),
         Work::SelectLayers { .. } => unreachable!("select-layers jobs are never batched"),
     };
     let mut texts = Vec::new();
-    for job in &batch {
-        if let Work::Embed { texts: t, .. } = &job.work {
-            texts.extend(t.iter().cloned());
+    for (job, count) in &batch {
+        if let Work::Embed(w) = &job.work {
+            texts.extend(w.texts[w.next..w.next + count].iter().cloned());
         }
     }
     let fault = shared.fault.lock().take();
     // Stop between forward passes once every client of the batch has gone:
     // a cancelled request holds the engine for one more pass at most.
-    let someone_waits = || batch.iter().any(|j| !j.is_abandoned());
-    match guarded(|| {
+    let someone_waits = || batch.iter().any(|(j, _)| !j.is_abandoned());
+    let outcome = guarded(|| {
         inject(fault);
         embedder.embed_cancellable(&texts, role, &options, &someone_waits)
-    }) {
+    });
+    let anyone_waits = someone_waits();
+    match outcome {
         Ok(out) => {
             shared.tokens_served.fetch_add(out.tokens as u64, Ordering::Relaxed);
             let mut vectors = out.vectors.into_iter();
             let mut offset = 0;
-            for job in batch {
-                let Work::Embed { texts: t, tokens, .. } = &job.work else { continue };
-                let n = t.len();
-                let mine: Vec<Vec<f32>> = vectors.by_ref().take(n).collect();
-                let truncated = out
-                    .truncated
-                    .iter()
-                    .filter(|tr| tr.index >= offset && tr.index < offset + n)
-                    .map(|tr| Truncation { index: tr.index - offset, ..tr.clone() })
-                    .collect();
-                offset += n;
+            let mut unfinished = Vec::new();
+            for (mut job, count) in batch.drain(..) {
+                let Work::Embed(w) = &mut job.work else { continue };
+                w.vectors.extend(vectors.by_ref().take(count));
+                let start = w.next;
+                w.truncated.extend(
+                    out.truncated
+                        .iter()
+                        .filter(|tr| tr.index >= offset && tr.index < offset + count)
+                        .map(|tr| Truncation { index: tr.index - offset + start, ..tr.clone() }),
+                );
+                w.tokens += w.cost[start..start + count].iter().sum::<usize>();
+                w.next += count;
+                offset += count;
+                if w.next < w.texts.len() {
+                    unfinished.push(job);
+                    continue;
+                }
                 shared.requests_served.fetch_add(1, Ordering::Relaxed);
-                shared.texts_served.fetch_add(n as u64, Ordering::Relaxed);
+                shared.texts_served.fetch_add(w.texts.len() as u64, Ordering::Relaxed);
                 let _ = job.reply.send(Outcome::Embeddings {
-                    vectors: mine,
+                    vectors: std::mem::take(&mut w.vectors),
                     dim,
-                    truncated,
-                    tokens: *tokens,
+                    truncated: std::mem::take(&mut w.truncated),
+                    tokens: w.tokens,
                 });
             }
+            if !unfinished.is_empty() {
+                let mut queue = shared.queue.lock();
+                queue.extend(unfinished);
+                shared.queue_changed.notify_one();
+            }
         }
-        Err(_) if !someone_waits() => {}
+        Err(_) if !anyone_waits => {}
         Err(_) if batch.len() > 1 => {
             // One request's bad input must not fail its batch-mates: run each
             // on its own so every error lands on the request that caused it.
-            for job in batch {
-                run_embed_batch(shared, embedder, dim, vec![job]);
+            for entry in batch {
+                run_embed_batch(shared, embedder, dim, vec![entry]);
             }
         }
         Err((kind, msg)) => {
-            for job in batch {
+            for (job, _) in batch {
                 let _ = job.reply.send(Outcome::Error(kind, msg.clone()));
             }
         }
@@ -660,13 +723,43 @@ fn admit_embed(
     let asked = options.max_tokens.or((shared.opts.max_tokens > 0).then_some(shared.opts.max_tokens));
     let cap = asked.unwrap_or(info.max_tokens).min(shared.opts.token_limit(info.context)).max(1);
     options.max_tokens = Some(cap);
-    if options.truncate != Some(false) {
+    let truncate = options.truncate != Some(false);
+    if truncate {
         for t in &mut texts {
             proto::cut_far_beyond(t, cap);
         }
     }
-    let tokens = texts.iter().map(|t| estimate_tokens(&embedder, t, cap)).sum();
-    Ok(Work::Embed { texts, role, options, tokens })
+    // What each text costs a pass (for slicing and packing), and without
+    // truncation the refusal of a text over the limit, up front.
+    let (fixed, slots) = embedder.prompt_cost(role, &options).map_err(|e| (e.kind(), e.to_string()))?;
+    let mut cost = Vec::with_capacity(texts.len());
+    for (index, t) in texts.iter().enumerate() {
+        let tokens = if truncate { estimate_tokens(&embedder, t, cap) } else { exact_tokens(&embedder, t, cap) };
+        if !truncate && tokens > cap {
+            return Err((ErrorKind::TooLong, crate::EngineError::TooLong { index, tokens, max: cap }.to_string()));
+        }
+        cost.push(fixed + slots * tokens.min(cap));
+    }
+    Ok(Work::Embed(EmbedWork {
+        texts,
+        cost,
+        role,
+        options,
+        next: 0,
+        vectors: Vec::new(),
+        truncated: Vec::new(),
+        tokens: 0,
+    }))
+}
+
+/// A text's exact token count, for refusing it when truncation is off; a
+/// text longer than `cap` tokens can be anything above `cap` (it is refused
+/// either way), so megabytes are not tokenised to say so.
+fn exact_tokens(embedder: &Embedder, text: &str, cap: usize) -> usize {
+    if text.len() > cap.saturating_mul(proto::MAX_BYTES_PER_TOKEN) {
+        return cap + 1;
+    }
+    embedder.count_tokens(text)
 }
 
 /// The same for a layer selection: its sample and its texts' length.
@@ -844,11 +937,24 @@ fn log(msg: &str) {
 mod tests {
     use super::*;
 
-    fn job(role: Role, bias: Option<f32>, tokens: usize) -> (Job, mpsc::Receiver<Outcome>) {
+    fn job_of(role: Role, bias: Option<f32>, cost: Vec<usize>) -> (Job, mpsc::Receiver<Outcome>) {
         let (tx, rx) = mpsc::channel();
         let options = EmbedOptions { bias, ..Default::default() };
-        let work = Work::Embed { texts: vec!["x".into()], role, options, tokens };
+        let work = Work::Embed(EmbedWork {
+            texts: vec!["x".into(); cost.len()],
+            cost,
+            role,
+            options,
+            next: 0,
+            vectors: Vec::new(),
+            truncated: Vec::new(),
+            tokens: 0,
+        });
         (Job { work, reply: tx, abandoned: Arc::new(AtomicBool::new(false)), client: None }, rx)
+    }
+
+    fn job(role: Role, bias: Option<f32>, tokens: usize) -> (Job, mpsc::Receiver<Outcome>) {
+        job_of(role, bias, vec![tokens])
     }
 
     fn shared(batch_tokens: usize) -> Shared {
@@ -864,14 +970,35 @@ mod tests {
         })
     }
 
-    fn tokens_of(batch: &[Job]) -> Vec<usize> {
+    /// The tokens each job of a batch runs now.
+    fn tokens_of(batch: &[(Job, usize)]) -> Vec<usize> {
         batch
             .iter()
-            .map(|j| match &j.work {
-                Work::Embed { tokens, .. } => *tokens,
+            .map(|(j, n)| match &j.work {
+                Work::Embed(w) => w.cost[w.next..w.next + n].iter().sum(),
                 Work::SelectLayers { .. } => 0,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_large_request_runs_in_slices_of_the_budget() {
+        let s = shared(10);
+        let (big, _rb) = job_of(Role::Document, None, vec![4; 7]);
+        let (small, _rs) = job(Role::Query, None, 3);
+        s.queue.lock().push_back(big);
+        s.queue.lock().push_back(small);
+        // Two of the big request's texts fit the budget of 10.
+        let batch = take_batch(&s);
+        assert_eq!(tokens_of(&batch), vec![8]);
+        assert_eq!(batch[0].1, 2);
+        // The other request is next in line, not behind the whole big one.
+        assert_eq!(s.queue.lock().len(), 1);
+        // One text larger than the budget still runs (alone).
+        let (huge, _rh) = job_of(Role::Document, None, vec![50, 1]);
+        let q = shared(10);
+        q.queue.lock().push_back(huge);
+        assert_eq!(tokens_of(&take_batch(&q)), vec![50]);
     }
 
     #[test]

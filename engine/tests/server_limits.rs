@@ -272,3 +272,43 @@ fn requests_name_the_model_they_were_prepared_for() {
         }
     }
 }
+
+#[test]
+fn a_large_request_does_not_hold_the_engine_for_the_others() {
+    let server = Server::start("fair", &["--batch-tokens", "256"]);
+    let mut watcher = server.connect();
+    let before = watcher.status().forward_passes;
+    let big = texts(400);
+    let mut a = server.connect();
+    proto::write_json(&mut a.0, &Request::Embed { texts: big.clone(), role: Role::Document, options: EmbedOptions::default() })
+        .unwrap();
+    let started = Instant::now();
+    while watcher.status().forward_passes < before + 3 {
+        assert!(started.elapsed() < Duration::from_secs(120), "the request never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Another session's text comes in while the large request runs: it
+    // waits for the slice running (a batch budget), not for the request.
+    let mut b = server.connect();
+    let asked_at = watcher.status().forward_passes;
+    b.embed(vec!["a short question from another session".into()], EmbedOptions::default()).unwrap();
+    let waited = watcher.status().forward_passes - asked_at;
+    assert!(waited <= 4, "the other session waited {waited} forward passes");
+    // The large request completes, each text with the vector it has alone.
+    let (vectors, truncated) = match proto::read_json::<_, Response>(&mut a.0).unwrap() {
+        Response::Embeddings { count, dim, truncated, .. } => {
+            let values = proto::read_f32s_exact(&mut a.0, count * dim).unwrap();
+            (values.chunks(dim).map(<[f32]>::to_vec).collect::<Vec<_>>(), truncated)
+        }
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(vectors.len(), big.len());
+    assert!(truncated.is_empty());
+    let total = watcher.status().forward_passes - before;
+    assert!(total > 20, "the request ran in only {total} passes: not sliced as the test assumes");
+    for i in [0, 199, 399] {
+        let (alone, _) = b.embed(vec![big[i].clone()], EmbedOptions::default()).unwrap();
+        let diff = alone[0].iter().zip(&vectors[i]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff <= 1e-6, "text {i} differs by {diff} from its vector alone");
+    }
+}
