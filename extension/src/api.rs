@@ -26,7 +26,8 @@ fn kv_embed_half(input: DbText, role: default!(DbText, "'document'")) -> HalfVec
     HalfVec(embed_texts(vec![input.into_utf8()], role).pop().unwrap_or_default())
 }
 
-/// Embeds many texts in one engine request; NULL elements give NULL.
+/// Embeds many texts; NULL elements give NULL. The array travels to the
+/// engine in requests of at most 256 texts, one after the other.
 #[pg_extern(immutable, strict, parallel_safe)]
 fn kv_embed_batch(inputs: Array<'_, DbText>, role: default!(DbText, "'document'")) -> Vec<Option<Vector>> {
     let mut texts = Vec::new();
