@@ -166,8 +166,6 @@ struct Shared {
     tokens_served: AtomicU64,
     /// A fault armed by `Request::Fault`, taken by the next embedding batch.
     fault: Mutex<Option<Fault>>,
-    /// The embedder once loaded, for its forward-pass counter.
-    loaded: Mutex<Option<Arc<Embedder>>>,
 }
 
 impl Shared {
@@ -182,7 +180,6 @@ impl Shared {
             texts_served: AtomicU64::new(0),
             tokens_served: AtomicU64::new(0),
             fault: Mutex::new(None),
-            loaded: Mutex::new(None),
         }
     }
 
@@ -217,17 +214,15 @@ impl Shared {
             max_calibration_texts: self.opts.calibration_limit(),
             ..Default::default()
         };
-        if let Some(e) = &*self.loaded.lock() {
-            s.forward_passes = e.decoder.passes.load(Ordering::Relaxed);
-        }
         match &*self.model.lock() {
             ModelState::Loading => s.state = "loading".into(),
             ModelState::Failed(_, msg) => {
                 s.state = "failed".into();
                 s.load_error = Some(msg.clone());
             }
-            ModelState::Ready(_, info) => {
+            ModelState::Ready(embedder, info) => {
                 s.state = "ready".into();
+                s.forward_passes = embedder.decoder.passes.load(Ordering::Relaxed);
                 // `model` stays the setting as given (what kvembed.model says);
                 // `model_id` identifies the weights.
                 s.model_id = info.model_id.clone();
@@ -292,9 +287,7 @@ fn load_model(shared: &Shared) {
                 info.device,
                 embedder.decoder.matmul_kernel()
             ));
-            let embedder = Arc::new(embedder);
-            *shared.loaded.lock() = Some(embedder.clone());
-            ModelState::Ready(embedder, info)
+            ModelState::Ready(Arc::new(embedder), info)
         }
         Err((kind, message)) => {
             log(&format!("model load failed: {message}"));
@@ -335,6 +328,10 @@ struct EmbedWork {
 }
 
 impl EmbedWork {
+    fn new(texts: Vec<String>, cost: Vec<usize>, role: Role, options: EmbedOptions) -> EmbedWork {
+        EmbedWork { texts, cost, role, options, next: 0, vectors: Vec::new(), truncated: Vec::new(), tokens: 0 }
+    }
+
     fn remaining_cost(&self) -> usize {
         self.cost[self.next..].iter().sum()
     }
@@ -740,16 +737,7 @@ fn admit_embed(
         }
         cost.push(fixed + slots * tokens.min(cap));
     }
-    Ok(Work::Embed(EmbedWork {
-        texts,
-        cost,
-        role,
-        options,
-        next: 0,
-        vectors: Vec::new(),
-        truncated: Vec::new(),
-        tokens: 0,
-    }))
+    Ok(Work::Embed(EmbedWork::new(texts, cost, role, options)))
 }
 
 /// A text's exact token count, for refusing it when truncation is off; a
@@ -940,16 +928,7 @@ mod tests {
     fn job_of(role: Role, bias: Option<f32>, cost: Vec<usize>) -> (Job, mpsc::Receiver<Outcome>) {
         let (tx, rx) = mpsc::channel();
         let options = EmbedOptions { bias, ..Default::default() };
-        let work = Work::Embed(EmbedWork {
-            texts: vec!["x".into(); cost.len()],
-            cost,
-            role,
-            options,
-            next: 0,
-            vectors: Vec::new(),
-            truncated: Vec::new(),
-            tokens: 0,
-        });
+        let work = Work::Embed(EmbedWork::new(vec!["x".into(); cost.len()], cost, role, options));
         (Job { work, reply: tx, abandoned: Arc::new(AtomicBool::new(false)), client: None }, rx)
     }
 

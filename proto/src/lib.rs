@@ -397,13 +397,6 @@ pub fn read_f32s_exact<R: Read>(r: &mut R, expected: usize) -> io::Result<Vec<f3
     Ok(out)
 }
 
-pub fn read_f32s<R: Read>(r: &mut R) -> io::Result<Vec<f32>> {
-    let bytes = read_frame(r)?;
-    if bytes.len() % 4 != 0 {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "f32 frame length not a multiple of 4"));
-    }
-    Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-}
 
 #[cfg(test)]
 mod tests {
@@ -441,7 +434,7 @@ mod tests {
         let mut buf = Vec::new();
         write_f32s(&mut buf, &v).unwrap();
         assert_eq!(buf.len(), 4 + 16);
-        assert_eq!(read_f32s(&mut &buf[..]).unwrap(), v);
+        assert_eq!(read_f32s_exact(&mut &buf[..], v.len()).unwrap(), v);
     }
 
     #[test]

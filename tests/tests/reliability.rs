@@ -212,12 +212,16 @@ fn a_panic_in_inference_fails_only_its_batch() {
 }
 
 /// Puts the memory limit back even when an assertion fails.
-struct ResetMemoryLimit;
+/// Resets engine settings (`ALTER SYSTEM RESET`, reload) when a test ends,
+/// however it ends.
+struct ResetSettings(&'static [&'static str]);
 
-impl Drop for ResetMemoryLimit {
+impl Drop for ResetSettings {
     fn drop(&mut self) {
         let mut admin = Session::connect("postgres", "postgres");
-        let _ = admin.batch_execute("ALTER SYSTEM RESET kvembed.engine_memory_limit");
+        for name in self.0 {
+            let _ = admin.batch_execute(&format!("ALTER SYSTEM RESET {name}"));
+        }
         let _ = admin.batch_execute("SELECT pg_reload_conf()");
     }
 }
@@ -228,7 +232,7 @@ fn running_out_of_memory_while_loading_is_a_clear_error() {
     let (reference, _) = embed_until_ok(&mut s, Duration::from_secs(60));
     let mut bystander = Bystander::new();
     let old_pid = engine_pid(&mut s);
-    let _reset = ResetMemoryLimit;
+    let _reset = ResetSettings(&["kvembed.engine_memory_limit"]);
     // The model needs ~0.6 GB once its weights are dequantized to f32.
     let mut admin = Session::connect("postgres", "postgres");
     admin.batch_execute("ALTER SYSTEM SET kvembed.engine_memory_limit = '256MB'").unwrap();
@@ -800,18 +804,6 @@ fn a_cancelled_kv_embed_batch_of_100000_texts_frees_the_engine_within_one_forwar
     );
 }
 
-/// Restores the administrator's limits when a test ends, however it ends.
-struct ResetLimits;
-
-impl Drop for ResetLimits {
-    fn drop(&mut self) {
-        let mut admin = Session::connect("postgres", "postgres");
-        let _ = admin.batch_execute("ALTER SYSTEM RESET kvembed.max_tokens_limit");
-        let _ = admin.batch_execute("ALTER SYSTEM RESET kvembed.max_calibration_texts");
-        let _ = admin.batch_execute("SELECT pg_reload_conf()");
-    }
-}
-
 /// Waits until the engine reports `key` = `value` in its status.
 fn wait_for_status(s: &mut Session, key: &str, value: i64) {
     let started = Instant::now();
@@ -832,7 +824,7 @@ fn wait_for_status(s: &mut Session, key: &str, value: i64) {
 fn ordinary_roles_cannot_make_one_request_cost_more_than_the_administrators_limits() {
     let (_g, mut s) = session();
     ensure_login_role(&mut s, "kvembed_test_mallory");
-    let _reset = ResetLimits;
+    let _reset = ResetSettings(&["kvembed.max_tokens_limit", "kvembed.max_calibration_texts"]);
     let mut admin = Session::connect("postgres", "postgres");
     for sql in [
         "ALTER SYSTEM SET kvembed.max_tokens_limit = 64",
