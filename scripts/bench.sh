@@ -199,9 +199,9 @@ if [ "$do_sql" = 1 ] && [ ! -x "$PG_CONFIG" ]; then
   bash scripts/setup.sh
 fi
 
-say "building the engine (cargo build --release -p kvembed-engine)"
-nice -n 10 cargo build --release -q -p kvembed-engine --bin kvembed
-kvembed="${CARGO_TARGET_DIR:-$KVEMBED_ROOT/target}/release/kvembed"
+say "building the research CLI (cargo build --release -p kvembed-tools)"
+nice -n 10 cargo build --release -q -p kvembed-tools --bin kvembed-lab
+kvembed="${CARGO_TARGET_DIR:-$KVEMBED_ROOT/target}/release/kvembed-lab"
 "$kvembed" --version > "$results/engine-version.txt"
 
 # Share of the machine's CPU capacity in use over 5 seconds, in percent.

@@ -7,14 +7,14 @@ Two modes:
       A long-lived peer process. It loads the model once, then reads one JSON
       command per line on stdin and answers one JSON line on stdout:
         {"ids": FILE, "warmup": 1, "repeat": R}  ->  {"seconds": [...], "emb0": [...]}
-      FILE is what `kvembed bench --dump-tokens` wrote. Every run embeds all
+      FILE is what `kvembed-lab bench --dump-tokens` wrote. Every run embeds all
       the sequences of FILE in one batch: a forward pass and mean pooling,
       exactly the token ids the engine's `bench` times (no prompt, no BOS).
 
   bench_peers.py run --kvembed BIN --model NAME=GGUF ... --out results.json
       For each model and shape, one runtime after the other so that machine
       noise hits every runtime alike: the engine without and with re-routing
-      (`kvembed bench --method kv-no-reroute --vs kv`: both in one process,
+      (`kvembed-lab bench --method kv-no-reroute --vs kv`: both in one process,
       their runs alternating), llama.cpp, PyTorch.
       Writes every timing to the results file (read by bench_report.py).
 
@@ -290,7 +290,7 @@ class Peer:
 
 
 def engine_run(kvembed, model, method, b, n, threads, repeat, vs=None):
-    """`kvembed bench` (warm-up included); with `vs`, both methods in one process, runs alternating."""
+    """`kvembed-lab bench` (warm-up included); with `vs`, both methods in one process, runs alternating."""
     cmd = [kvembed, "bench", "--json", "-m", model, "--threads", str(threads), "--method", method,
            "--batch", str(b), "--tokens", str(n), "--repeat", str(repeat)] + (["--vs", vs] if vs else [])
     t0 = time.perf_counter()
@@ -351,7 +351,7 @@ def run(args):
             sres = {"batch": b, "tokens": n, "loadavg": os.getloadavg()[0]}
             # Interleave: each round runs every runtime once, in a rotating order.
             # The engine's two methods run in one process, their runs alternating
-            # (`kvembed bench --method kv-no-reroute --vs kv`).
+            # (`kvembed-lab bench --method kv-no-reroute --vs kv`).
             order = ["engine"] + runtimes
             rounds = args.rounds
             per_round = max(1, args.repeat // rounds)

@@ -411,14 +411,14 @@ def main():
         w("Not measured in this run (`--no-peers-part` or `--sql-only`).")
         w("")
     else:
-        w("The same GGUF file and the **same token ids** for every runtime: `kvembed bench --dump-tokens` writes the")
+        w("The same GGUF file and the **same token ids** for every runtime: `kvembed-lab bench --dump-tokens` writes the")
         w("synthetic sequences of a shape (ordinary English words, no prompt, no BOS) and the peers read them.")
         w("Each timed run is one batched forward pass over all the texts of the shape; the same amount of work for all:")
         w("")
-        w("- **kvembed**: `kvembed bench --method kv-no-reroute --threads T` times the decoder's forward pass (the")
+        w("- **kvembed**: `kvembed-lab bench --method kv-no-reroute --threads T` times the decoder's forward pass (the")
         w("  padded batch in one pass, `--batch-tokens` 8192). Matmul weights dequantised at load, the default: to bf16")
         w("  tiles for the AMX matrix units where the CPU has AMX-BF16, else to f32 (the machine table says which ran).")
-        w("  `kvembed bench` runs no prompt and no pooling, unlike `kvembed embed`; the pooling is negligible next to the pass.")
+        w("  `kvembed-lab bench` runs no prompt and no pooling, unlike `kvembed-lab embed`; the pooling is negligible next to the pass.")
         w("- **llama.cpp**: llama-cpp-python's low-level API, one context per shape with `embeddings = true`,")
         w("  mean pooling, one sequence per text in one `llama_decode` (`n_batch = n_ubatch =` all tokens),")
         w("  a per-sequence (non-unified) KV cache, `n_threads = n_threads_batch = T`, weights as stored in the GGUF")
@@ -470,12 +470,12 @@ def main():
         # ---- 2. re-routing
         w("## 2. Re-routing overhead")
         w("")
-        w("`kvembed bench --method kv` (KV-Embedding: at three layers, the last token's key and value prepended as an")
+        w("`kvembed-lab bench --method kv` (KV-Embedding: at three layers, the last token's key and value prepended as an")
         w("extra attention column) against `--method kv-no-reroute`, the same forward pass without re-routing, on the")
         if peers.get("engine_vs"):
-            w("same ids, in one process, their runs alternating (`kvembed bench --method kv-no-reroute --vs kv`).")
+            w("same ids, in one process, their runs alternating (`kvembed-lab bench --method kv-no-reroute --vs kv`).")
         else:
-            w("same ids, one after the other (separate `kvembed bench` runs).")
+            w("same ids, one after the other (separate `kvembed-lab bench` runs).")
         w("")
         w("| model | shape | no re-routing tokens/s | re-routing tokens/s | overhead |")
         w("| --- | --- | --- | --- | --- |")
@@ -507,7 +507,7 @@ def main():
         w(f"method `{st_.get('method') or 'kv'}`, `max_tokens` {st_.get('max_tokens', '?')}. The table `src` holds {n:,} synthetic")
         w("sentences (1 to 4 clauses, generated from a fixed seed). Every path embeds those texts as documents (with")
         w("the method's prompt) and is compared with the engine alone on the same texts:")
-        w(f"`kvembed bench --file texts.txt` (prompt, tokenizer, forward passes packed by `batch_tokens`, pooling;")
+        w(f"`kvembed-lab bench --file texts.txt` (prompt, tokenizer, forward passes packed by `batch_tokens`, pooling;")
         w(f"model loaded) gives **{f(eng_tps, 1)} texts/s** (median; range {mmm(rate3(eng.get('texts', 1), eng.get('seconds')), 1)};"
           f" {f(eng.get('tokens'))} tokens with prompts; " +
           ("the binary the cluster's engine runs)." if eng.get("binary") == "server" else
@@ -620,7 +620,7 @@ def main():
             w(f"`SELECT * FROM kv_select_layers('src', 'body', {cal['rows']}, store => false)`: {mmm(s, 2)} s "
               f"for {cal['rows']:,} rows ({mmm(rate3(cal['rows'], cal.get('seconds')), 1)} texts/s; compression prompt, every layer's final-token state, TwoNN per layer).")
             if cal.get("cli_seconds"):
-                w(f"The command-line tool on the same texts, `kvembed select-layers --file ... --sample {cal['rows']}`, "
+                w(f"The command-line tool on the same texts, `kvembed-lab select-layers --file ... --sample {cal['rows']}`, "
                   f"model load included: {mmm(st(cal['cli_seconds']), 2)} s.")
         else:
             w("Not measured in this run.")

@@ -4,7 +4,7 @@
 Runs against a running cluster with kvembed installed, found through the
 libpq environment (PGHOST, PGPORT, PGUSER) that scripts/env.sh sets; tools
 (psql, pgbench) from $PG_BINDIR. Every figure is relative to the engine's own
-throughput on the same texts: `kvembed bench --file` (prompt, tokenizer,
+throughput on the same texts: `kvembed-lab bench --file` (prompt, tokenizer,
 forward passes, pooling; model already loaded), with the same method,
 max_tokens, batch_tokens and threads as the cluster's engine.
 

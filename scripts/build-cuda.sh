@@ -83,7 +83,7 @@ log "nvcc: $("$NVCC" --version | tail -2 | head -1)"
 log "CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP, target dir $TARGET_DIR, $JOBS jobs"
 
 start=$(date +%s)
-nice -n 10 cargo build --release -p kvembed-engine --features cuda --target-dir "$TARGET_DIR" -j "$JOBS"
+nice -n 10 cargo build --release -p kvembed-server -p kvembed-tools --features cuda --target-dir "$TARGET_DIR" -j "$JOBS"
 BIN="$TARGET_DIR/release/kvembed"
 log "built $BIN in $(( $(date +%s) - start )) s, $(du -h "$BIN" | cut -f1)"
 # A stripped copy (the debug line tables more than double the size): this is

@@ -3,10 +3,10 @@
 # pgserver install in .venv by default, Debian's PostgreSQL N with --pg N;
 # see scripts/env.sh):
 #
-#   1. the inference server `kvembed` (engine/ crate), copied to
+#   1. the inference server `kvembed` (engine/server, package kvembed-server), copied to
 #      $(pg_config --bindir)/kvembed, where the extension's background worker
 #      looks for it;
-#   2. the extension itself (extension/ crate, package `kvembed`) with
+#   2. the extension itself (the package `kvembed` at the repository root) with
 #      `cargo pgrx install`: kvembed.so into $(pg_config --pkglibdir),
 #      kvembed.control and kvembed--<version>.sql into $(pg_config --sharedir)/extension.
 #
@@ -32,19 +32,14 @@ if [ -n "${KVEMBED_ENGINE_BIN:-}" ]; then
   [ -x "$KVEMBED_ENGINE_BIN" ] || die "KVEMBED_ENGINE_BIN=$KVEMBED_ENGINE_BIN is not an executable"
   engine_bin=$KVEMBED_ENGINE_BIN
 else
-  echo "install-ext.sh: building the inference server (cargo build --release -p kvembed-engine --bin kvembed)"
-  cargo build --release -p kvembed-engine --bin kvembed
+  echo "install-ext.sh: building the inference server (cargo build --release -p kvembed-server --bin kvembed)"
+  cargo build --release -p kvembed-server --bin kvembed
   engine_bin=${CARGO_TARGET_DIR:-$KVEMBED_ROOT/target}/release/kvembed
 fi
 # Copy then rename, so that a server still running the old binary keeps it.
 install -m 755 "$engine_bin" "$bindir/.kvembed.new"
 mv -f "$bindir/.kvembed.new" "$bindir/kvembed"
 echo "install-ext.sh: installed $bindir/kvembed"
-
-if [ ! -f extension/Cargo.toml ]; then
-  echo "install-ext.sh: WARNING: extension/Cargo.toml does not exist yet; the PostgreSQL extension was NOT installed" >&2
-  exit 0
-fi
 
 have=$(cargo pgrx --version 2>/dev/null | awk '{print $2}') || true
 [ "$have" = "$KVEMBED_PGRX_VERSION" ] \
@@ -57,13 +52,13 @@ if ! grep -qsF "pg$KVEMBED_PG = \"$PG_CONFIG\"" "$PGRX_HOME/config.toml"; then
 fi
 
 echo "install-ext.sh: building and installing the extension for PostgreSQL $KVEMBED_PG (cargo pgrx install --release)"
-(cd extension && cargo pgrx install --release -p kvembed --pg-config "$PG_CONFIG" \
-   --no-default-features --features "pg$KVEMBED_PG")
+cargo pgrx install --release -p kvembed --pg-config "$PG_CONFIG" \
+  --no-default-features --features "pg$KVEMBED_PG"
 pkglibdir=$("$PG_CONFIG" --pkglibdir)
 sharedir=$("$PG_CONFIG" --sharedir)
 # Install scripts of earlier releases, so that upgrades from them can be
 # tested (CREATE EXTENSION ... VERSION 'old'; ALTER EXTENSION ... UPDATE).
-for old in extension/sql/releases/kvembed--*.sql; do
+for old in sql/releases/kvembed--*.sql; do
   [ -e "$old" ] || continue
   install -m 644 "$old" "$sharedir/extension/$(basename "$old")"
 done

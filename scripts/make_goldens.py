@@ -6,8 +6,8 @@ tiny randomly initialised decoder-only model with transformers (fixed seeds), sa
 it as a Hugging Face model directory and writes reference hidden states, for a
 plain forward pass and for KV-Embedding re-routing (defined below), to
 
-    engine/tests/golden/<arch>/{config.json, model.safetensors, tokenizer.json, golden.json}
-    engine/tests/golden/llama-sharded/  (same llama weights, split into several
+    engine/core/tests/golden/<arch>/{config.json, model.safetensors, tokenizer.json, golden.json}
+    engine/core/tests/golden/llama-sharded/  (same llama weights, split into several
         model-0000i-of-0000N.safetensors + model.safetensors.index.json, same golden.json)
 
 The Rust engine's tests compare against these files; CI only reads them and needs

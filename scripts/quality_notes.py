@@ -1,6 +1,6 @@
 """Splice the hand-written findings (docs/quality-notes.md) into docs/QUALITY.md.
 
-`kvembed quality` embeds docs/quality-notes.md when it writes the page (the
+`kvembed-lab quality` embeds docs/quality-notes.md when it writes the page (the
 notes are compiled into the binary). When only the notes change, this puts
 them in place without re-running the study (hours on 2 cores): it replaces
 everything from "## What the study covers" up to the first per-model section
@@ -22,14 +22,14 @@ if "## What the study covers" not in notes:
     sys.exit(f"{notes_path}: expected a '## What the study covers' heading")
 start = page.find("## What the study covers")
 if start < 0:
-    sys.exit(f"{page_path}: no notes block; run `kvembed quality` instead")
+    sys.exit(f"{page_path}: no notes block; run `kvembed-lab quality` instead")
 # The block ends at the first per-model section, which the command writes as
 # "## <model file>" followed by "<N> layers, hidden size ...". Headings of
 # older notes before it belong to the block, so renamed headings go too.
 model = re.compile(r"^## .+\n\n\d+ layers, hidden size ", re.M)
 m = model.search(page, start)
 if m is None:
-    sys.exit(f"{page_path}: no model section after the notes; run `kvembed quality` instead")
+    sys.exit(f"{page_path}: no model section after the notes; run `kvembed-lab quality` instead")
 end = m.start()
 new = page[:start] + notes.rstrip() + "\n\n" + page[end:].lstrip("\n")
 if "--check" in sys.argv[1:]:

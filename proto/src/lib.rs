@@ -16,6 +16,19 @@ use std::io::{self, Read, Write};
 /// Bumped on any incompatible change; `Hello` checks it.
 pub const PROTOCOL_VERSION: u32 = 3;
 
+/// A text's token budget when neither the request nor the session sets one
+/// (the default of `kvembed.max_tokens`, and of a layer selection's texts).
+pub const DEFAULT_MAX_TOKENS: usize = 512;
+/// The administrator's ceiling on any request's `max_tokens` (the default of
+/// `kvembed.max_tokens_limit`); also the engine's budget for a text where no
+/// server applies one (the CLI). Always capped at the model's trained context.
+pub const DEFAULT_MAX_TOKENS_LIMIT: usize = 4096;
+/// Padded tokens per forward pass (the default of `kvembed.batch_tokens`).
+pub const DEFAULT_BATCH_TOKENS: usize = 8192;
+/// Most texts of one layer selection (the default of
+/// `kvembed.max_calibration_texts`): TwoNN keeps `N^2 / 2` distances per layer.
+pub const DEFAULT_MAX_CALIBRATION_TEXTS: usize = 4096;
+
 /// Largest frame either side accepts (256 MiB): a guard against garbage lengths.
 pub const MAX_FRAME: usize = 256 << 20;
 

@@ -32,7 +32,7 @@ fn qemu() -> PathBuf {
 }
 
 fn tiny_model() -> PathBuf {
-    repo_root().join("engine/tests/golden/llama")
+    repo_root().join("engine/core/tests/golden/llama")
 }
 
 /// The engine that `scripts/install-ext.sh` installed next to `postgres`.

@@ -2,7 +2,7 @@
 //! the engine's, generated columns, HNSW, semantic search, layer selection,
 //! concurrency, privileges, NULL/empty input, overflow, settings validation.
 
-use kvembed_engine::{Embedder, LoadSpec};
+use kvembed_core::{Embedder, LoadSpec};
 use kvembed_proto::{EmbedOptions, Role};
 use kvembed_tests::*;
 use once_cell::sync::Lazy;

@@ -1,16 +1,26 @@
-//! `kvembed`: the engine's command-line tool and inference server.
+//! `kvembed-lab`: the research command line. Every method and knob of the
+//! core (pooling overrides, prefix and placeholder positions, ID
+//! representations), STS/BEIR evaluation, the quality study behind
+//! docs/QUALITY.md, forward-pass benchmarks and .npy output. The product
+//! binary that PostgreSQL starts is `kvembed` (engine/server).
 
 use clap::{Parser, Subcommand};
-use kvembed_engine::proto::{EmbedOptions, SelectOptions};
-use kvembed_engine::{Embedder, LoadSpec};
+use kvembed_core::proto::{EmbedOptions, SelectOptions};
+use kvembed_core::{Embedder, LoadSpec};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod cli;
-mod cli_quality;
+mod eval;
+mod npy;
+mod quality;
 
 #[derive(Parser)]
-#[command(name = "kvembed", version, about = "Training-free text embeddings from frozen decoder LLMs (KV-Embedding)")]
+#[command(
+    name = "kvembed-lab",
+    version,
+    about = "The research command line of kvembed: every method and knob, evaluation, the quality study, benchmarks"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -31,13 +41,13 @@ pub struct ModelArgs {
     #[arg(long, env = "KVEMBED_DTYPE", default_value = "auto")]
     pub dtype: String,
     /// Padded tokens per forward pass.
-    #[arg(long, default_value_t = kvembed_engine::embedder::DEFAULT_BATCH_TOKENS)]
+    #[arg(long, default_value_t = kvembed_core::proto::DEFAULT_BATCH_TOKENS)]
     pub batch_tokens: usize,
 }
 
 impl ModelArgs {
-    pub fn load(&self) -> Result<Embedder, kvembed_engine::EngineError> {
-        let dtype = kvembed_engine::decoder::parse_dtype(&self.dtype)?;
+    pub fn load(&self) -> Result<Embedder, kvembed_core::EngineError> {
+        let dtype = kvembed_core::model::decoder::parse_dtype(&self.dtype)?;
         let spec = LoadSpec { model: self.model.clone(), device: self.device.clone(), threads: self.threads, weights: None };
         let mut e = Embedder::load_with_dtype(&spec, dtype)?;
         e.batch_tokens = self.batch_tokens.max(1);
@@ -80,11 +90,11 @@ pub struct MethodArgs {
 }
 
 impl MethodArgs {
-    pub fn options(&self) -> Result<EmbedOptions, kvembed_engine::EngineError> {
+    pub fn options(&self) -> Result<EmbedOptions, kvembed_core::EngineError> {
         Ok(EmbedOptions {
             method: self.method.clone(),
             layers: match &self.layers {
-                Some(s) => kvembed_engine::method::LayerChoice::parse_list(s)?,
+                Some(s) => kvembed_core::method::LayerChoice::parse_list(s)?,
                 None => None,
             },
             bias: self.bias,
@@ -201,41 +211,20 @@ enum Cmd {
         prompt: String,
     },
     /// The quality study: writes docs/QUALITY.md and its plots.
-    Quality(cli::QualityArgs),
+    Quality(quality::QualityArgs),
     /// The CPU features the engine's kernels use here (after KVEMBED_CPU), as JSON.
     Cpu,
-    /// Serve embeddings on a Unix socket (run by the PostgreSQL worker).
-    Serve {
-        #[arg(long)]
-        socket: PathBuf,
-        #[arg(long)]
-        model: String,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
-        #[arg(long, default_value_t = kvembed_engine::embedder::DEFAULT_BATCH_TOKENS)]
-        batch_tokens: usize,
-        #[arg(long, default_value_t = kvembed_engine::embedder::DEFAULT_MAX_TOKENS)]
-        max_tokens: usize,
-        /// Ceiling on any request's max_tokens (0 = the model's context).
-        #[arg(long, default_value_t = kvembed_engine::embedder::DEFAULT_MAX_TOKENS)]
-        max_tokens_limit: usize,
-        /// Ceiling on the texts of one layer selection.
-        #[arg(long, default_value_t = kvembed_engine::server::DEFAULT_MAX_CALIBRATION_TEXTS)]
-        max_calibration_texts: usize,
-    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = kvembed_engine::cpu::check_env() {
-        eprintln!("kvembed: error: {e}");
+    if let Err(e) = kvembed_core::model::cpu::check_env() {
+        eprintln!("kvembed-lab: error: {e}");
         return ExitCode::FAILURE;
     }
     let result = match cli.cmd {
         Cmd::Cpu => {
-            let f = kvembed_engine::cpu::features();
+            let f = kvembed_core::model::cpu::features();
             let json = serde_json::json!({
                 "level": f.to_string(),
                 "avx2_fma": f.avx2_fma,
@@ -274,24 +263,12 @@ fn main() -> ExitCode {
         Cmd::Generate { model, max_new, prompt } => {
             model.load().and_then(|e| e.generate(&prompt, max_new)).map(|s| println!("{prompt}{s}"))
         }
-        Cmd::Quality(args) => cli::quality(&args),
-        Cmd::Serve { socket, model, device, threads, batch_tokens, max_tokens, max_tokens_limit, max_calibration_texts } => {
-            kvembed_engine::server::serve(kvembed_engine::server::ServeOptions {
-                socket,
-                model,
-                device,
-                threads,
-                batch_tokens,
-                max_tokens,
-                max_tokens_limit,
-                max_calibration_texts,
-            })
-        }
+        Cmd::Quality(args) => quality::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("kvembed: error: {e}");
+            eprintln!("kvembed-lab: error: {e}");
             ExitCode::FAILURE
         }
     }

@@ -1,4 +1,5 @@
-//! `kvembed serve`: the inference server behind the PostgreSQL extension.
+//! `kvembed serve`: the inference server behind the PostgreSQL extension
+//! (the `kvembed` binary of this crate, `src/main.rs`).
 //!
 //! One server per cluster. The extension's background worker starts it as a
 //! separate OS process (never a postmaster child), watches it and restarts it
@@ -19,8 +20,8 @@
 //!   the results back. Jobs of clients that went away are skipped;
 //! * a watchdog thread exits when the parent (the supervisor) is gone.
 
-use crate::embedder::{Embedder, LayerSelection, LoadSpec, ModelInfo};
-use crate::{EngineError, Result};
+use kvembed_core::embedder::{Embedder, LayerSelection, LoadSpec, ModelInfo};
+use kvembed_core::{EngineError, Result};
 use kvembed_proto::{
     self as proto, EmbedOptions, ErrorKind, Fault, Request, Response, Role, SelectOptions, Truncation,
 };
@@ -60,10 +61,6 @@ pub struct ServeOptions {
     pub max_calibration_texts: usize,
 }
 
-/// Texts a layer selection may take when no limit is given: 4,096 texts keep
-/// 67 MB of distances per layer.
-pub const DEFAULT_MAX_CALIBRATION_TEXTS: usize = 4096;
-
 impl ServeOptions {
     /// The ceiling on one text's tokens for a model with `context` positions.
     fn token_limit(&self, context: usize) -> usize {
@@ -76,7 +73,7 @@ impl ServeOptions {
 
     fn calibration_limit(&self) -> usize {
         match self.max_calibration_texts {
-            0 => DEFAULT_MAX_CALIBRATION_TEXTS,
+            0 => proto::DEFAULT_MAX_CALIBRATION_TEXTS,
             n => n,
         }
     }
@@ -95,7 +92,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         opts.device,
         opts.threads,
         opts.batch_tokens,
-        crate::cpu::features()
+        kvembed_core::model::cpu::features()
     ));
 
     let shared = Arc::new(Shared::new(opts));
@@ -210,7 +207,7 @@ impl Shared {
             texts_served: self.texts_served.load(Ordering::Relaxed),
             tokens_served: self.tokens_served.load(Ordering::Relaxed),
             pid: std::process::id(),
-            cpu: crate::cpu::features().to_string(),
+            cpu: kvembed_core::model::cpu::features().to_string(),
             max_calibration_texts: self.opts.calibration_limit(),
             ..Default::default()
         };
@@ -733,7 +730,7 @@ fn admit_embed(
     for (index, t) in texts.iter().enumerate() {
         let tokens = if truncate { estimate_tokens(&embedder, t, cap) } else { exact_tokens(&embedder, t, cap) };
         if !truncate && tokens > cap {
-            return Err((ErrorKind::TooLong, crate::EngineError::TooLong { index, tokens, max: cap }.to_string()));
+            return Err((ErrorKind::TooLong, EngineError::TooLong { index, tokens, max: cap }.to_string()));
         }
         cost.push(fixed + slots * tokens.min(cap));
     }
@@ -765,7 +762,7 @@ fn admit_selection(
     }
     let (_, info) = shared.wait_loaded()?;
     let cap = shared.opts.token_limit(info.context);
-    options.max_tokens = Some(options.max_tokens.unwrap_or(512).min(cap));
+    options.max_tokens = Some(options.max_tokens.unwrap_or(proto::DEFAULT_MAX_TOKENS).min(cap));
     Ok(Work::SelectLayers { texts, options })
 }
 

@@ -35,6 +35,7 @@ pub fn write_npy_f32(path: &Path, rows: &[Vec<f32>]) -> io::Result<()> {
 ///
 /// # Errors
 /// `InvalidInput` if the rows have different lengths.
+#[cfg(test)]
 pub fn to_npy_bytes(rows: &[Vec<f32>]) -> io::Result<Vec<u8>> {
     let dim = common_dim(rows)?;
     let mut buf = Vec::with_capacity(2 * ALIGN + rows.len() * dim * 4);

@@ -18,11 +18,11 @@ use std::ffi::{CStr, CString};
 pub static MODEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static DEVICE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"cpu"));
 pub static THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
-pub static BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(8192);
+pub static BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(kvembed_proto::DEFAULT_BATCH_TOKENS as i32);
 pub static ENGINE_PATH: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static ENGINE_MEMORY_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(0);
-pub static MAX_TOKENS_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(4096);
-pub static MAX_CALIBRATION_TEXTS: GucSetting<i32> = GucSetting::<i32>::new(4096);
+pub static MAX_TOKENS_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(kvembed_proto::DEFAULT_MAX_TOKENS_LIMIT as i32);
+pub static MAX_CALIBRATION_TEXTS: GucSetting<i32> = GucSetting::<i32>::new(kvembed_proto::DEFAULT_MAX_CALIBRATION_TEXTS as i32);
 
 pub static METHOD: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static LAYERS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"auto"));
@@ -30,7 +30,7 @@ pub static BIAS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::ne
 pub static DOCUMENT_PROMPT: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c""));
 pub static QUERY_PROMPT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
-pub static MAX_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(512);
+pub static MAX_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(kvembed_proto::DEFAULT_MAX_TOKENS as i32);
 pub static ON_OVERFLOW: GucSetting<Overflow> = GucSetting::<Overflow>::new(Overflow::Truncate);
 pub static START_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(120);
 pub static ENGINE_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(600);

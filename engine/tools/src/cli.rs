@@ -2,12 +2,12 @@
 
 use crate::{MethodArgs, ModelArgs};
 use indicatif::{ProgressBar, ProgressStyle};
-use kvembed_engine::eval::{self, StsSet};
-use kvembed_engine::proto::{EmbedOptions, Role, SelectOptions};
-use kvembed_engine::{Embedder, EngineError, Result};
+use crate::eval::{self, StsSet};
+use kvembed_core::proto::{EmbedOptions, Role, SelectOptions};
+use kvembed_core::{Embedder, EngineError, Result};
 use std::collections::HashMap;
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
@@ -75,7 +75,7 @@ pub fn embed(
     }
     match npy {
         Some(p) => {
-            kvembed_engine::npy::write_npy_f32(p, &out.vectors).map_err(io_err(p))?;
+            crate::npy::write_npy_f32(p, &out.vectors).map_err(io_err(p))?;
             eprintln!("wrote {} x {} to {}", out.vectors.len(), e.info().dim, p.display());
         }
         None => println!("{}", serde_json::to_string(&out.vectors).map_err(|e| EngineError::Other(e.to_string()))?),
@@ -277,18 +277,18 @@ pub fn synthetic_texts(e: &Embedder, batch: usize, tokens: usize) -> Result<Vec<
 }
 
 /// The forward options of `m` (its re-routing resolved for this model).
-fn forward_options(e: &Embedder, m: &kvembed_engine::method::Method) -> Result<kvembed_engine::decoder::ForwardOptions> {
+fn forward_options(e: &Embedder, m: &kvembed_core::method::Method) -> Result<kvembed_core::model::decoder::ForwardOptions> {
     let n = e.decoder.cfg.n_layers;
     let reroute = match &m.reroute {
-        Some(r) => Some(kvembed_engine::decoder::Reroute::new(&r.layers.resolve(n, e.decoder.cfg.family), n, r.bias, r.prefix)?),
+        Some(r) => Some(kvembed_core::model::decoder::Reroute::new(&r.layers.resolve(n, e.decoder.cfg.family), n, r.bias, r.prefix)?),
         None => None,
     };
-    Ok(kvembed_engine::decoder::ForwardOptions { reroute, ..Default::default() })
+    Ok(kvembed_core::model::decoder::ForwardOptions { reroute, ..Default::default() })
 }
 
 /// Seconds of one pass over `seqs`, packed by the embedder's token budget as
 /// embedding does.
-fn forward_seconds(e: &Embedder, seqs: &[Vec<u32>], fo: &kvembed_engine::decoder::ForwardOptions) -> Result<f64> {
+fn forward_seconds(e: &Embedder, seqs: &[Vec<u32>], fo: &kvembed_core::model::decoder::ForwardOptions) -> Result<f64> {
     let per_batch = (e.batch_tokens / seqs.first().map_or(1, |s| s.len().max(1))).max(1);
     let t0 = Instant::now();
     for chunk in seqs.chunks(per_batch) {
@@ -301,7 +301,7 @@ fn forward_seconds(e: &Embedder, seqs: &[Vec<u32>], fo: &kvembed_engine::decoder
 /// synthetic texts of exactly `len` tokens with `method`'s re-routing, after
 /// a warm-up, and the tokens/s that gives.
 pub fn time_forward(e: &Embedder, method: &str, batch: usize, len: usize, repeat: usize) -> Result<(f64, f64)> {
-    let fopts = forward_options(e, &kvembed_engine::method::Method::from_name(method)?)?;
+    let fopts = forward_options(e, &kvembed_core::method::Method::from_name(method)?)?;
     let seqs = synthetic_texts(e, batch, len)?;
     forward_seconds(e, &seqs, &fopts)?;
     let times = (0..repeat.max(1)).map(|_| forward_seconds(e, &seqs, &fopts)).collect::<Result<Vec<f64>>>()?;
@@ -334,7 +334,7 @@ pub fn bench(
 ) -> Result<()> {
     let e = model.load()?;
     let opts = method.options()?;
-    let m = kvembed_engine::method::Method::from_name(opts.method.as_deref().unwrap_or("kv"))?.with_options(&opts)?;
+    let m = kvembed_core::method::Method::from_name(opts.method.as_deref().unwrap_or("kv"))?.with_options(&opts)?;
     let seqs = synthetic_texts(&e, batch, tokens)?;
     if let Some(p) = dump_tokens {
         // The exact ids the timed forward passes see (no prompt, no BOS), so
@@ -351,14 +351,14 @@ pub fn bench(
         Some(name) => {
             let mut o = opts.clone();
             o.method = Some(name.to_string());
-            let m2 = kvembed_engine::method::Method::from_name(name)?.with_options(&o)?;
+            let m2 = kvembed_core::method::Method::from_name(name)?.with_options(&o)?;
             let f2 = forward_options(&e, &m2)?;
             Some((m2, f2))
         }
         None => None,
     };
     // Warm-up, then timed runs packed by the same token budget as embedding.
-    let run = |fo: &kvembed_engine::decoder::ForwardOptions| forward_seconds(&e, &seqs, fo);
+    let run = |fo: &kvembed_core::model::decoder::ForwardOptions| forward_seconds(&e, &seqs, fo);
     run(&fopts)?;
     if let Some((_, f2)) = &other {
         run(f2)?;
@@ -458,63 +458,6 @@ pub fn bench_texts(model: &ModelArgs, method: &MethodArgs, file: &Path, repeat: 
     }
     Ok(())
 }
-
-#[derive(clap::Args)]
-pub struct QualityArgs {
-    /// Models to study: GGUF files or HF directories.
-    #[arg(long = "model", required = true)]
-    pub models: Vec<String>,
-    /// Evaluation data root (holds sts/ and scifact/).
-    #[arg(long, default_value = "../shared/data")]
-    pub data: PathBuf,
-    /// Output markdown file.
-    #[arg(long, default_value = "docs/QUALITY.md")]
-    pub out: PathBuf,
-    /// Pairs per STS file for the sweeps (0 = all).
-    #[arg(long, default_value_t = 0)]
-    pub sweep_limit: usize,
-    /// Documents kept for SciFact (judged ones plus distractors; 0 = all).
-    #[arg(long, default_value_t = 0)]
-    pub scifact_docs: usize,
-    /// SciFact queries kept (the first N; 0 = all 809). The corpus then
-    /// holds their judged documents plus distractors up to --scifact-docs.
-    #[arg(long, default_value_t = 0)]
-    pub scifact_queries: usize,
-    /// Claims (one document each) per length in the long-context check.
-    #[arg(long, default_value_t = 24)]
-    pub long_docs: usize,
-    /// Methods run on SciFact (comma-separated).
-    #[arg(long, default_value = "kv,kv-no-reroute,kv-paper,mean,last,token-prepending,echo")]
-    pub scifact_methods: String,
-    /// Texts sampled for TwoNN.
-    #[arg(long, default_value_t = 512)]
-    pub id_sample: usize,
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
-    /// Skip the SciFact and long-context parts.
-    #[arg(long)]
-    pub sts_only: bool,
-    /// Methods also run on the full STS sets (every pair), timed; the speed
-    /// section reports their throughput (comma-separated; empty = none).
-    #[arg(long, default_value = "kv,prompteol,token-prepending")]
-    pub full_sts: String,
-    /// Leave the hand-written findings (docs/quality-notes.md) out of the
-    /// page: for pages beside docs/QUALITY.md, e.g. more backbones.
-    #[arg(long)]
-    pub no_notes: bool,
-    /// Only the ID curve, the methods table and the speed section (no
-    /// sweeps, SciFact or long context): for larger backbones.
-    #[arg(long)]
-    pub light: bool,
-}
-
-pub fn quality(args: &QualityArgs) -> Result<()> {
-    crate::cli_quality::run(args)
-}
-
-/// The hand-written findings that head docs/QUALITY.md (kept in
-/// docs/quality-notes.md so regenerating the page keeps them).
-pub const QUALITY_NOTES: &str = include_str!("../../docs/quality-notes.md");
 
 #[cfg(test)]
 mod tests {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 fn model() -> String {
     let dir = std::env::var("KVEMBED_MODELS")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models"));
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models"));
     let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(p.is_file(), "{} missing: run scripts/fetch-models.sh smollm2", p.display());
     p.to_string_lossy().into_owned()

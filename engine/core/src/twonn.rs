@@ -7,7 +7,7 @@
 //! minimum of the per-layer intrinsic-dimension (ID) curve, after skipping the
 //! early layers whose ID is dominated by token-level (lexical) structure.
 
-use crate::arch::Family;
+use kvembed_model::arch::Family;
 use crate::method::{kv_window_start, LayerChoice};
 use serde::{Deserialize, Serialize};
 

@@ -2,8 +2,8 @@
 //! models of every supported family (goldens made by scripts/make_goldens.py),
 //! with and without KV re-routing.
 
-use kvembed_engine::loader::WeightFormat;
-use kvembed_engine::{Embedder, LoadSpec};
+use kvembed_core::model::loader::WeightFormat;
+use kvembed_core::{Embedder, LoadSpec};
 use std::path::PathBuf;
 
 fn golden_dir(arch: &str) -> PathBuf {
@@ -73,7 +73,7 @@ fn check_with(arch: &str, kernel: bool) {
 /// cosine >= 0.999 on every golden case of every family.
 #[test]
 fn amx_bf16_matmuls_stay_close_to_transformers() {
-    if !kvembed_engine::amx::available() {
+    if !kvembed_core::model::amx::available() {
         eprintln!("no AMX-BF16 on this CPU: nothing to check");
         return;
     }
@@ -149,11 +149,11 @@ fn batched_and_one_by_one_embeddings_agree() {
         let dir = golden_dir(arch);
         let e = Embedder::load(&LoadSpec::new(dir.to_str().unwrap())).unwrap();
         for method in ["kv", "kv-paper", "mean", "echo", "token-prepending", "kv-tp"] {
-            let opts = kvembed_engine::proto::EmbedOptions { method: Some(method.into()), ..Default::default() };
-            let batched = e.embed(&texts, kvembed_engine::proto::Role::Document, &opts).unwrap().vectors;
+            let opts = kvembed_core::proto::EmbedOptions { method: Some(method.into()), ..Default::default() };
+            let batched = e.embed(&texts, kvembed_core::proto::Role::Document, &opts).unwrap().vectors;
             for (i, t) in texts.iter().enumerate() {
                 let single =
-                    e.embed(std::slice::from_ref(t), kvembed_engine::proto::Role::Document, &opts).unwrap().vectors;
+                    e.embed(std::slice::from_ref(t), kvembed_core::proto::Role::Document, &opts).unwrap().vectors;
                 let d = batched[i].iter().zip(&single[0]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 assert!(d < 1e-5, "{arch} {method}: text {i} differs by {d} between batched and single");
             }
@@ -167,8 +167,8 @@ fn kv_tp_applies_both_re_routing_and_token_prepending() {
     let e = Embedder::load(&LoadSpec::new(dir.to_str().unwrap())).unwrap();
     let texts = vec!["The cat sat on the mat.".to_string(), "Stocks fell sharply on Monday.".to_string()];
     let embed = |method: &str| {
-        let opts = kvembed_engine::proto::EmbedOptions { method: Some(method.into()), ..Default::default() };
-        e.embed(&texts, kvembed_engine::proto::Role::Document, &opts).unwrap().vectors
+        let opts = kvembed_core::proto::EmbedOptions { method: Some(method.into()), ..Default::default() };
+        e.embed(&texts, kvembed_core::proto::Role::Document, &opts).unwrap().vectors
     };
     let max_diff = |a: &[Vec<f32>], b: &[Vec<f32>]| {
         a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
@@ -203,7 +203,7 @@ fn errors_are_specific() {
     cfg["vocab_size"] = 100.into();
     std::fs::write(tmp.join("config.json"), cfg.to_string()).unwrap();
     let err = Embedder::load(&LoadSpec::new(tmp.to_str().unwrap())).map(|_| ()).unwrap_err();
-    assert!(matches!(err, kvembed_engine::EngineError::TokenizerMismatch(_) | kvembed_engine::EngineError::Corrupt { .. }), "{err}");
+    assert!(matches!(err, kvembed_core::EngineError::TokenizerMismatch(_) | kvembed_core::EngineError::Corrupt { .. }), "{err}");
     std::fs::remove_dir_all(&tmp).ok();
 }
 

@@ -3,15 +3,68 @@
 //! layer-window comparison and a long-context retrieval check. Everything in
 //! the page comes from this command.
 
-use crate::cli::{eval_beir, eval_sts, group_means, QualityArgs};
-use kvembed_engine::decoder::LayerPooling;
-use kvembed_engine::eval::{self, StsSet};
-use kvembed_engine::method::{Template, COMPRESS_DOC, METHOD_NAMES};
-use kvembed_engine::proto::{EmbedOptions, Role};
-use kvembed_engine::{Embedder, EngineError, LoadSpec, Result};
+use crate::cli::{eval_beir, eval_sts, group_means};
+use kvembed_core::model::decoder::LayerPooling;
+use crate::eval::{self, StsSet};
+use kvembed_core::method::{Template, COMPRESS_DOC, METHOD_NAMES};
+use kvembed_core::proto::{EmbedOptions, Role};
+use kvembed_core::{Embedder, EngineError, LoadSpec, Result};
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct QualityArgs {
+    /// Models to study: GGUF files or HF directories.
+    #[arg(long = "model", required = true)]
+    pub models: Vec<String>,
+    /// Evaluation data root (holds sts/ and scifact/).
+    #[arg(long, default_value = "../shared/data")]
+    pub data: PathBuf,
+    /// Output markdown file.
+    #[arg(long, default_value = "docs/QUALITY.md")]
+    pub out: PathBuf,
+    /// Pairs per STS file for the sweeps (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub sweep_limit: usize,
+    /// Documents kept for SciFact (judged ones plus distractors; 0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub scifact_docs: usize,
+    /// SciFact queries kept (the first N; 0 = all 809). The corpus then
+    /// holds their judged documents plus distractors up to --scifact-docs.
+    #[arg(long, default_value_t = 0)]
+    pub scifact_queries: usize,
+    /// Claims (one document each) per length in the long-context check.
+    #[arg(long, default_value_t = 24)]
+    pub long_docs: usize,
+    /// Methods run on SciFact (comma-separated).
+    #[arg(long, default_value = "kv,kv-no-reroute,kv-paper,mean,last,token-prepending,echo")]
+    pub scifact_methods: String,
+    /// Texts sampled for TwoNN.
+    #[arg(long, default_value_t = 512)]
+    pub id_sample: usize,
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Skip the SciFact and long-context parts.
+    #[arg(long)]
+    pub sts_only: bool,
+    /// Methods also run on the full STS sets (every pair), timed; the speed
+    /// section reports their throughput (comma-separated; empty = none).
+    #[arg(long, default_value = "kv,prompteol,token-prepending")]
+    pub full_sts: String,
+    /// Leave the hand-written findings (docs/quality-notes.md) out of the
+    /// page: for pages beside docs/QUALITY.md, e.g. more backbones.
+    #[arg(long)]
+    pub no_notes: bool,
+    /// Only the ID curve, the methods table and the speed section (no
+    /// sweeps, SciFact or long context): for larger backbones.
+    #[arg(long)]
+    pub light: bool,
+}
+
+/// The hand-written findings that head docs/QUALITY.md (kept in
+/// docs/quality-notes.md so regenerating the page keeps them).
+pub const QUALITY_NOTES: &str = include_str!("../../../docs/quality-notes.md");
 
 struct Row {
     label: String,
@@ -153,7 +206,7 @@ against the gold scores, per file, averaged per group (STS12/13/14, SICK trial).
         }
     );
     if !a.no_notes {
-        let _ = writeln!(md, "{}\n", crate::cli::QUALITY_NOTES);
+        let _ = writeln!(md, "{}\n", QUALITY_NOTES);
     }
     let plot_dir = a.out.parent().unwrap_or(Path::new(".")).join("img");
     std::fs::create_dir_all(&plot_dir).map_err(|e| EngineError::io(&plot_dir, e))?;
@@ -179,13 +232,13 @@ against the gold scores, per file, averaged per group (STS12/13/14, SICK trial).
         let mut checked = Vec::new();
         for pooling in [LayerPooling::Last, LayerPooling::Mean] {
             let reps = e.layer_representations(&sample, &template, pooling, 256, |_| true)?;
-            let (c, sel) = kvembed_engine::twonn::select_layers(&reps, 0.2, 3, family, &mut || true)
+            let (c, sel) = kvembed_core::twonn::select_layers(&reps, 0.2, 3, family, &mut || true)
                 .expect("never stopped");
             curves.push(c);
             checked.push(sel);
         }
-        let sel_last = kvembed_engine::twonn::select_window(&curves[0], 0.2, 3, family);
-        let sel_mean = kvembed_engine::twonn::select_window(&curves[1], 0.2, 3, family);
+        let sel_last = kvembed_core::twonn::select_window(&curves[0], 0.2, 3, family);
+        let sel_mean = kvembed_core::twonn::select_window(&curves[1], 0.2, 3, family);
         let svg = svg_curve(&format!("TwoNN intrinsic dimension per layer: {name}"), &[("last token", &curves[0]), ("mean", &curves[1])], &sel_last.layers);
         let svg_name = format!("id-{}.svg", name.replace(['.', ' '], "_"));
         std::fs::write(plot_dir.join(&svg_name), svg).map_err(|e| EngineError::io(&plot_dir, e))?;
@@ -199,7 +252,7 @@ against the gold scores, per file, averaged per group (STS12/13/14, SICK trial).
         let _ = writeln!(
             md,
             "With the stability check of `select-layers` and `kv_select_layers` (the same rule on both halves of {} random splits of the sample): last-token states {:?} ({}); mean states {:?} ({}).\n",
-            kvembed_engine::twonn::STABILITY_SPLITS,
+            kvembed_core::twonn::STABILITY_SPLITS,
             checked[0].layers,
             checked[0].rule,
             checked[1].layers,

@@ -8,8 +8,8 @@
 //! the figures.
 
 use candle_core::DType;
-use kvembed_engine::proto::{EmbedOptions, Role};
-use kvembed_engine::{Embedder, LoadSpec};
+use kvembed_core::proto::{EmbedOptions, Role};
+use kvembed_core::{Embedder, LoadSpec};
 use std::path::PathBuf;
 
 /// The acceptance bar of the GPU issue: bf16 embeddings within this cosine of f32.
@@ -24,7 +24,7 @@ fn golden_dir(arch: &str) -> PathBuf {
 fn real_model(file: &str) -> String {
     let dir = std::env::var("KVEMBED_MODELS")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models"));
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models"));
     let p = dir.join(file);
     assert!(p.is_file(), "{} missing: run scripts/fetch-models.sh smollm2 gemma3", p.display());
     p.to_string_lossy().into_owned()
@@ -125,7 +125,7 @@ fn bf16_batched_and_one_by_one_agree() {
 
 #[test]
 fn dtype_names_parse() {
-    use kvembed_engine::decoder::parse_dtype;
+    use kvembed_core::model::decoder::parse_dtype;
     assert_eq!(parse_dtype("bf16").unwrap(), Some(DType::BF16));
     assert_eq!(parse_dtype(" F32 ").unwrap(), Some(DType::F32));
     assert_eq!(parse_dtype("f16").unwrap(), Some(DType::F16));

@@ -2,11 +2,11 @@
 //! token budget (sorted by length to waste little on padding) → decoder →
 //! pooling → L2-normalised vectors.
 
-use crate::decoder::{Decoder, ForwardOptions, LayerPooling, Reroute, TokenPrepend};
-use crate::error::{EngineError, Result};
-use crate::loader::{self, ModelSource, TensorStore, WeightFormat};
+use kvembed_model::decoder::{Decoder, ForwardOptions, LayerPooling, Reroute, TokenPrepend};
+use kvembed_model::error::{EngineError, Result};
+use kvembed_model::loader::{self, ModelSource, TensorStore, WeightFormat};
 use crate::method::{Method, Pooling, Prepend, Template, DEFAULT_METHOD};
-use crate::tokenizer::TextTokenizer;
+use kvembed_model::tokenizer::TextTokenizer;
 use candle_core::{DType, Device, Tensor};
 use kvembed_proto::{EmbedOptions, LayerPoint, Role, SelectOptions, Truncation};
 
@@ -65,10 +65,7 @@ pub struct LayerSelection {
     pub rule: String,
 }
 
-/// Default limit on the tokens of one text (the prompt comes on top).
-pub const DEFAULT_MAX_TOKENS: usize = 4096;
-/// Default padded tokens per forward pass.
-pub const DEFAULT_BATCH_TOKENS: usize = 8192;
+pub use kvembed_proto::DEFAULT_BATCH_TOKENS;
 
 pub struct Embedder {
     pub decoder: Decoder,
@@ -158,7 +155,7 @@ fn keep_freed_buffers() {
 /// unset, empty or `auto`: the device's default).
 pub fn dtype_from_env() -> Result<Option<DType>> {
     match std::env::var("KVEMBED_DTYPE") {
-        Ok(s) => crate::decoder::parse_dtype(&s),
+        Ok(s) => kvembed_model::decoder::parse_dtype(&s),
         Err(_) => Ok(None),
     }
 }
@@ -192,7 +189,7 @@ impl Embedder {
         let device = pick_device(&spec.device)?;
         let dtype = match dtype {
             Some(d) => d,
-            None => dtype_from_env()?.unwrap_or_else(|| crate::decoder::default_dtype(&device)),
+            None => dtype_from_env()?.unwrap_or_else(|| kvembed_model::decoder::default_dtype(&device)),
         };
         let source = loader::resolve(&spec.model)?;
         let (store, cfg) = TensorStore::open(&source)?;
@@ -248,7 +245,7 @@ impl Embedder {
             default_bias: method.reroute.as_ref().map(|r| r.bias).unwrap_or(0.0),
             document_prompt: method.document.source(),
             query_prompt: method.query.source(),
-            max_tokens: DEFAULT_MAX_TOKENS.min(cfg.max_position.max(1)),
+            max_tokens: kvembed_proto::DEFAULT_MAX_TOKENS_LIMIT.min(cfg.max_position.max(1)),
             context: cfg.max_position.max(1),
         };
         Ok(Embedder { decoder, tokenizer, source, info, batch_tokens: DEFAULT_BATCH_TOKENS })
@@ -293,7 +290,7 @@ impl Embedder {
         keep_going: &dyn Fn() -> bool,
     ) -> Result<EmbedOutput> {
         let method = Method::from_name(opts.method.as_deref().unwrap_or(DEFAULT_METHOD))?.with_options(opts)?;
-        let max_tokens = opts.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+        let max_tokens = opts.max_tokens.unwrap_or(kvembed_proto::DEFAULT_MAX_TOKENS_LIMIT);
         self.embed_with(texts, role, &method, max_tokens, opts.truncate.unwrap_or(true), keep_going)
     }
 
@@ -500,7 +497,7 @@ impl Embedder {
             texts,
             &template,
             pooling,
-            opts.max_tokens.unwrap_or(512),
+            opts.max_tokens.unwrap_or(kvembed_proto::DEFAULT_MAX_TOKENS),
             &mut progress,
         )?;
         let (curve, sel) =
@@ -519,11 +516,11 @@ impl Embedder {
     pub fn forward_hidden(&self, ids: &[u32], reroute: Option<(&[usize], f32)>) -> Result<Vec<Vec<f32>>> {
         let n = self.decoder.cfg.n_layers;
         let reroute = match reroute {
-            Some((layers, bias)) => Some(Reroute::new(layers, n, bias, crate::decoder::PrefixPosition::Last)?),
+            Some((layers, bias)) => Some(Reroute::new(layers, n, bias, kvembed_model::decoder::PrefixPosition::Last)?),
             None => None,
         };
         let out = self.decoder.forward(&[ids.to_vec()], &ForwardOptions { reroute, ..Default::default() })?;
-        crate::decoder::rows_of(&out.hidden, 0, ids.len())
+        kvembed_model::decoder::rows_of(&out.hidden, 0, ids.len())
     }
 
     /// Greedy continuation, for checking that a backbone really works.

@@ -2,14 +2,14 @@
 //! $KVEMBED_MODELS, default .cache/models): they must load, continue text
 //! sensibly, and embed paraphrases closer than unrelated sentences.
 
-use kvembed_engine::proto::{EmbedOptions, Role};
-use kvembed_engine::{Embedder, LoadSpec};
+use kvembed_core::proto::{EmbedOptions, Role};
+use kvembed_core::{Embedder, LoadSpec};
 use std::path::PathBuf;
 
 fn model(file: &str) -> String {
     let dir = std::env::var("KVEMBED_MODELS")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models"));
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models"));
     let p = dir.join(file);
     assert!(p.is_file(), "{} missing: run scripts/fetch-models.sh smollm2 qwen05 gemma3", p.display());
     p.to_string_lossy().into_owned()

@@ -22,7 +22,7 @@
 //! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); otherwise the engine keeps its f32
 //! matmul.
 
-use crate::attention::SendPtr;
+use crate::parallel::SendPtr;
 use rayon::prelude::*;
 
 /// Rows, columns and inputs of one kernel block.

@@ -1,9 +1,9 @@
 //! Embedding methods: prompt templates, pooling, re-routing windows and the
 //! training-free baselines, all on the same backbone and selectable by name.
 
-use crate::arch::Family;
-use crate::decoder::PrefixPosition;
-use crate::error::{EngineError, Result};
+use kvembed_model::arch::Family;
+use kvembed_model::decoder::PrefixPosition;
+use kvembed_model::error::{EngineError, Result};
 use kvembed_proto::EmbedOptions;
 
 /// The compression prompt of KV-Embedding.

@@ -13,6 +13,7 @@
 
 use crate::amx::{round_up, PackedBf16, BLOCK as TILE, ROW_TILE};
 use crate::matmul::Gemm;
+use crate::parallel::SendPtr;
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy)]
@@ -38,41 +39,6 @@ const BLOCK: usize = 256;
 /// Query rows per task on the tile path: its scores and probabilities
 /// (rows x keys) stay in the core's L2 cache up to 4,096 keys.
 const BF16_BLOCK: usize = 64;
-
-/// An output pointer shared by rayon tasks that each write a disjoint part
-/// of the output (here and in the AMX products). It borrows the output
-/// mutably for `'a`, so it cannot outlive the buffer, nor be used while
-/// anything else reads or resizes it; it is `Send`/`Sync` only for element
-/// types that are.
-pub(crate) struct SendPtr<'a, T>(*mut T, std::marker::PhantomData<&'a mut [T]>);
-
-impl<'a, T> SendPtr<'a, T> {
-    /// Over a slice that the tasks write disjoint parts of.
-    pub(crate) fn new(out: &'a mut [T]) -> Self {
-        SendPtr(out.as_mut_ptr(), std::marker::PhantomData)
-    }
-
-    /// Over the spare capacity of `out`, which the tasks fill before the
-    /// caller sets its length.
-    pub(crate) fn spare(out: &'a mut Vec<T>) -> Self {
-        SendPtr(out.as_mut_ptr(), std::marker::PhantomData)
-    }
-
-    pub(crate) fn get(self) -> *mut T {
-        self.0
-    }
-}
-
-impl<T> Clone for SendPtr<'_, T> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<T> Copy for SendPtr<'_, T> {}
-// SAFETY: the tasks that share it write disjoint parts of the borrowed
-// buffer (each use site says which), and the borrow ends with the loop.
-unsafe impl<T: Send> Send for SendPtr<'_, T> {}
-unsafe impl<T: Send> Sync for SendPtr<'_, T> {}
 
 /// `q`: `[B, H, T, hd]`; `k`, `v`: `[B, Hkv, T + prefix, hd]`, all contiguous.
 /// `lens[b]`: the real (unpadded) length of sequence `b` (missing: `T`).

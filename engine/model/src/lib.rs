@@ -1,0 +1,26 @@
+//! kvembed's decoder, everything below "token ids in, hidden states out":
+//!
+//! * [`arch`]: the architecture table (Llama, Mistral, Qwen2/3, Gemma 3, ...)
+//!   that drives one decoder implementation;
+//! * [`loader`]: safetensors / GGUF / sharded weights, offline Hugging Face cache;
+//! * [`tokenizer`]: the model's tokenizer and its agreement checks;
+//! * [`decoder`]: the forward pass, with KV re-routing at chosen layers;
+//! * kernels chosen at run time for the CPU found ([`cpu`]): [`matmul`]
+//!   (AVX-512 or AVX2 gemm), [`amx`] (bf16 tiles), [`attention`], [`fastmath`];
+//!   candle's CUDA backend with the `cuda` feature.
+//!
+//! Depends on nothing else of kvembed except the wire protocol's error kinds.
+
+pub mod error;
+pub mod arch;
+pub mod loader;
+pub mod tokenizer;
+pub mod cpu;
+pub mod parallel;
+pub mod matmul;
+pub mod amx;
+pub mod attention;
+pub mod fastmath;
+pub mod decoder;
+
+pub use error::{EngineError, Result};
