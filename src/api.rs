@@ -62,7 +62,7 @@ mod kvembed {
         let opts = settings::embed_options(None);
         let engine = settings::EngineSettings::current();
         JsonB(serde_json::json!({
-            "state": s.state,
+            "state": s.state.as_str(),
             "model": s.model,
             "model_id": s.model_id,
             "architecture": s.architecture,
@@ -118,7 +118,6 @@ mod kvembed {
         let options = SelectOptions {
             skip_fraction,
             window: window.map(|w| w.max(1) as usize),
-            representation: None,
             max_tokens: settings::embed_options(None).max_tokens,
         };
         match client::select_layers(texts, options) {
@@ -158,7 +157,9 @@ fn kv_restart() -> bool {
     }
 }
 
-/// Fault injection for testing fault isolation (superusers only): arms
+/// Fault injection for testing fault isolation (superusers only, and only
+/// while `kvembed.debug_faults` is on, which starts the engine with
+/// `--allow-faults`): arms
 /// `kind` in the engine for its next embedding batch and returns the
 /// engine's pid. Kinds: 'panic' (the inference code panics: that batch
 /// fails, the engine lives on), 'abort' (the engine process aborts, as a
@@ -173,6 +174,15 @@ fn kv_debug_fault(kind: &str) -> i32 {
             "kvembed: only superusers may inject faults",
             "kvembed",
         )
+        .report(PgLogLevel::ERROR);
+    }
+    if !crate::settings::DEBUG_FAULTS.get() {
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "kvembed: fault injection is off",
+            "kvembed",
+        )
+        .set_hint("It is for reliability tests: set kvembed.debug_faults = on (postgresql.conf or ALTER SYSTEM, then reload).")
         .report(PgLogLevel::ERROR);
     }
     let Some(fault) = kvembed_proto::Fault::parse(kind) else {

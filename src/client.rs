@@ -8,7 +8,7 @@
 //! through); the engine notices and drops the work.
 
 use crate::worker;
-use kvembed_proto::{self as proto, ErrorKind, Request, Response, Status};
+use kvembed_proto::{self as proto, EngineState, ErrorKind, Request, Response, Status};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use std::cell::RefCell;
@@ -82,7 +82,7 @@ pub fn out_of_memory(what: &str) -> ! {
 fn try_with_engine<T>(wait_ready: bool, f: impl FnOnce(&mut Engine) -> io::Result<T>) -> io::Result<T> {
     let cached = CACHED.with(|c| c.borrow_mut().take()).filter(|e| e.is_idle_and_alive());
     let mut engine = match cached {
-        Some(e) if !wait_ready || e.status.state != "loading" => e,
+        Some(e) if !wait_ready || e.status.state != EngineState::Loading => e,
         _ => connect(wait_ready),
     };
     let result = f(&mut engine);
@@ -228,27 +228,7 @@ impl Engine {
     /// An idle connection has nothing to read; if it is readable, the engine
     /// closed it (it exited or restarted since the last statement).
     fn is_idle_and_alive(&self) -> bool {
-        matches!(peek(&self.stream), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-    }
-}
-
-/// Peeks one byte without blocking or consuming it: `Ok(0)` means the peer
-/// closed, `WouldBlock` that nothing is pending.
-fn peek(stream: &UnixStream) -> io::Result<usize> {
-    let mut byte = 0u8;
-    // SAFETY: recv into a one-byte buffer we own, on a socket we own.
-    let n = unsafe {
-        libc::recv(
-            stream.as_raw_fd(),
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
+        matches!(proto::peek(&self.stream), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 }
 
@@ -263,7 +243,7 @@ fn connect(wait_ready: bool) -> Engine {
     loop {
         match connect_nonblocking(&path) {
             Ok(stream) => match greet(stream, wait_ready, deadline) {
-                Ok(engine) if wait_ready && engine.status.state == "loading" => {
+                Ok(engine) if wait_ready && engine.status.state == EngineState::Loading => {
                     last_problem = format!("the engine is still loading '{}'", engine.status.model);
                 }
                 Ok(engine) => return engine,
@@ -344,7 +324,7 @@ fn greet(stream: UnixStream, wait_ready: bool, deadline: Instant) -> io::Result<
             Response::Error { kind, message } => raise(kind, &message),
             other => unexpected(other),
         }
-        if !wait_ready || engine.status.state != "loading" || Instant::now() >= deadline {
+        if !wait_ready || engine.status.state != EngineState::Loading || Instant::now() >= deadline {
             return Ok(engine);
         }
         sleep_interruptibly(Duration::from_millis(100));

@@ -22,6 +22,7 @@ pub static BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(kvembed_proto:
 pub static ENGINE_PATH: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static ENGINE_MEMORY_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static MAX_TOKENS_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(kvembed_proto::DEFAULT_MAX_TOKENS_LIMIT as i32);
+pub static DEBUG_FAULTS: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static MAX_CALIBRATION_TEXTS: GucSetting<i32> = GucSetting::<i32>::new(kvembed_proto::DEFAULT_MAX_CALIBRATION_TEXTS as i32);
 
 pub static METHOD: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
@@ -126,6 +127,15 @@ pub fn define() {
         1 << 20,
         Sighup,
         none,
+    );
+
+    GucRegistry::define_bool_guc(
+        c"kvembed.debug_faults",
+        c"Lets superusers inject faults into the engine with kv_debug_fault() (for reliability tests; off in production).",
+        c"The engine is started with --allow-faults only while this is on; otherwise it refuses fault requests.",
+        &DEBUG_FAULTS,
+        Sighup,
+        GucFlags::SUPERUSER_ONLY,
     );
 
     GucRegistry::define_string_guc(
@@ -242,6 +252,8 @@ pub struct EngineSettings {
     pub max_tokens_limit: i32,
     /// Ceiling on the texts of one layer selection.
     pub max_calibration_texts: i32,
+    /// Whether the engine honours fault injection (`kvembed.debug_faults`).
+    pub allow_faults: bool,
 }
 
 impl EngineSettings {
@@ -255,6 +267,7 @@ impl EngineSettings {
             memory_limit_mb: ENGINE_MEMORY_LIMIT.get(),
             max_tokens_limit: MAX_TOKENS_LIMIT.get(),
             max_calibration_texts: MAX_CALIBRATION_TEXTS.get(),
+            allow_faults: DEBUG_FAULTS.get(),
         }
     }
 }
@@ -290,26 +303,12 @@ fn parse_layers(s: &str) -> Result<LayerChoice, String> {
         "default" => return Ok(LayerChoice::Default),
         _ => {}
     }
-    let inner = s.trim_start_matches(['{', '[']).trim_end_matches(['}', ']']);
-    let mut layers = Vec::new();
-    for part in inner.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        if let Some((a, b)) = part.split_once('-') {
-            let a: usize = a.trim().parse().map_err(|_| format!("'{part}' is not a layer range"))?;
-            let b: usize = b.trim().parse().map_err(|_| format!("'{part}' is not a layer range"))?;
-            if a > b {
-                return Err(format!("'{part}' is an empty range"));
-            }
-            layers.extend(a..=b);
-        } else {
-            layers.push(part.parse().map_err(|_| format!("'{part}' is not a layer number"))?);
-        }
-    }
-    if layers.is_empty() {
-        return Err("expected auto, default, or layer numbers such as 6,7,8 or 6-8".into());
-    }
-    layers.sort_unstable();
-    layers.dedup();
-    Ok(LayerChoice::Explicit(layers))
+    // The one grammar of layer lists (kvembed_proto::parse_layer_list); an
+    // empty list names the keywords too.
+    kvembed_proto::parse_layer_list(s).map(LayerChoice::Explicit).map_err(|e| match e.strip_prefix("expected ") {
+        Some(rest) => format!("expected auto, default, or {rest}"),
+        None => e,
+    })
 }
 
 fn bias() -> Option<f32> {

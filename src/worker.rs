@@ -316,6 +316,7 @@ impl Supervisor {
             .arg(s.max_tokens_limit.to_string())
             .arg("--max-calibration-texts")
             .arg(s.max_calibration_texts.to_string())
+            .args(s.allow_faults.then_some("--allow-faults"))
             .current_dir(runtime_dir().parent().unwrap_or(Path::new("/")))
             .stdin(Stdio::null());
         let memory_limit = (s.memory_limit_mb > 0).then(|| (s.memory_limit_mb as libc::rlim_t) << 20);

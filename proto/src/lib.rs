@@ -48,6 +48,54 @@ pub const REQUEST_BYTES: usize = 8 << 20;
 /// `max_tokens` tokens.
 pub const MAX_BYTES_PER_TOKEN: usize = 64;
 
+/// Peeks at one byte of `stream` without blocking or consuming it: `Ok(0)`
+/// means the peer closed, `Ok(1)` that data is pending, `WouldBlock` that
+/// nothing is. Both sides use it on a connection that should be quiet: the
+/// extension on a cached idle connection (readable = the engine went away),
+/// the server on a waiting client's (readable = the statement was cancelled).
+pub fn peek(stream: &std::os::unix::net::UnixStream) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    // SAFETY: a non-blocking recv of at most one byte into a buffer we own,
+    // on an open socket we borrow; MSG_PEEK consumes nothing.
+    let n = unsafe {
+        libc::recv(stream.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+    };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Parses a list of layer numbers, the one grammar of `kvembed.layers` and of
+/// `kvembed-lab --layers`: numbers and inclusive ranges separated by commas,
+/// optionally in braces or brackets (`6,7,8`, `6-8`, `{6,7,8}`, `[2, 6-8]`).
+/// Returns the layers sorted, without duplicates; never an empty list.
+/// Keywords such as `auto` are the caller's to handle first.
+pub fn parse_layer_list(s: &str) -> Result<Vec<usize>, String> {
+    let inner = s.trim().trim_start_matches(['{', '[']).trim_end_matches(['}', ']']);
+    let mut layers = Vec::new();
+    for part in inner.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if let Some((a, b)) = part.split_once('-') {
+            let a: usize = a.trim().parse().map_err(|_| format!("'{part}' is not a layer range"))?;
+            let b: usize = b.trim().parse().map_err(|_| format!("'{part}' is not a layer range"))?;
+            if a > b {
+                return Err(format!("'{part}' is an empty range"));
+            }
+            layers.extend(a..=b);
+        } else {
+            layers.push(part.parse().map_err(|_| format!("'{part}' is not a layer number"))?);
+        }
+    }
+    if layers.is_empty() {
+        return Err("expected layer numbers such as 6,7,8 or 6-8".into());
+    }
+    layers.sort_unstable();
+    layers.dedup();
+    Ok(layers)
+}
+
 /// With truncation on, only the first `max_tokens` tokens of a text matter:
 /// drops the bytes far beyond them (on a character boundary), so 10 MB of
 /// text (or one 10 MB "word", which byte-level BPE merges in quadratic time)
@@ -127,17 +175,6 @@ pub struct EmbedOptions {
     /// When a text is longer than `max_tokens`: `true` truncates it and reports
     /// it in the response, `false` fails the request.
     pub truncate: Option<bool>,
-    /// Pooling override: `mean`, `last`, `hybrid` or `echo`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pooling: Option<String>,
-    /// Where the re-routed key sits in rotary space: `last` (its own
-    /// position, the method as written) or `zero`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prefix_position: Option<String>,
-    /// Token Prepending's placeholder position (0 or 1). `None`: right after
-    /// BOS where the model adds one, else first.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub placeholder_position: Option<usize>,
     /// The `model_id` these options were prepared for (the layers of a
     /// stored calibration belong to one model): the server refuses the
     /// request with [`ErrorKind::ModelChanged`] if it now serves another.
@@ -151,8 +188,7 @@ pub struct SelectOptions {
     pub skip_fraction: Option<f32>,
     /// Width of the selected window.
     pub window: Option<usize>,
-    /// Representation used for the intrinsic dimension: `last` or `mean`.
-    pub representation: Option<String>,
+    /// Tokens kept of each text (default [`DEFAULT_MAX_TOKENS`]).
     pub max_tokens: Option<usize>,
 }
 
@@ -248,10 +284,40 @@ pub struct LayerPoint {
     pub selected: bool,
 }
 
+/// Where the engine's model is: on the wire and in `kv_status()` as
+/// `loading`, `ready` or `failed`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EngineState {
+    /// Loading the model; requests wait for it.
+    #[default]
+    Loading,
+    /// Serving.
+    Ready,
+    /// The load failed; `Status::load_error` says why, and every request
+    /// gets that error.
+    Failed,
+}
+
+impl EngineState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineState::Loading => "loading",
+            EngineState::Ready => "ready",
+            EngineState::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for EngineState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct Status {
-    /// `loading`, `ready` or `failed`.
-    pub state: String,
+    pub state: EngineState,
     pub model: String,
     /// Stable identity of the loaded weights (path + architecture + shape).
     pub model_id: String,
@@ -413,6 +479,19 @@ pub fn read_f32s_exact<R: Read>(r: &mut R, expected: usize) -> io::Result<Vec<f3
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn layer_lists_in_every_accepted_spelling() {
+        assert_eq!(parse_layer_list("6,7,8"), Ok(vec![6, 7, 8]));
+        assert_eq!(parse_layer_list(" 6-8 "), Ok(vec![6, 7, 8]));
+        assert_eq!(parse_layer_list("{8, 6-7}"), Ok(vec![6, 7, 8]));
+        assert_eq!(parse_layer_list("[2,2,1]"), Ok(vec![1, 2]));
+        assert_eq!(parse_layer_list("8-6"), Err("'8-6' is an empty range".into()));
+        assert_eq!(parse_layer_list("6,x"), Err("'x' is not a layer number".into()));
+        assert_eq!(parse_layer_list("1-"), Err("'1-' is not a layer range".into()));
+        assert!(parse_layer_list("{}").is_err());
+        assert!(parse_layer_list("-1").is_err());
+    }
     use super::*;
 
     #[test]

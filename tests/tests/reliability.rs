@@ -1071,3 +1071,53 @@ fn installing_over_a_kvembed_admin_someone_else_created_is_refused() {
         serde_json::json!({"refusals": 2}),
     );
 }
+
+/// Waits until the supervisor has replaced the engine `old_pid` (after a
+/// reload changed an engine setting) and the new one is ready.
+fn wait_engine_replaced(s: &mut Session, old_pid: i32) {
+    let started = Instant::now();
+    while s.query_one("SELECT engine_pid FROM kv_status()", &[]).ok().and_then(|r| r.get::<_, Option<i32>>(0))
+        == Some(old_pid)
+    {
+        assert!(started.elapsed() < Duration::from_secs(30), "the engine did not restart after the reload");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_ready(s, Duration::from_secs(120));
+}
+
+/// Fault injection is a test-only path: with `kvembed.debug_faults` off (its
+/// default; the development cluster of scripts/pg.sh turns it on) a
+/// superuser's `kv_debug_fault` is refused with 55000 and nothing reaches
+/// the engine, which runs without `--allow-faults` and would refuse too.
+#[test]
+fn fault_injection_is_refused_unless_kvembed_debug_faults_is_on() {
+    let (_g, mut s) = session();
+    let (reference, _) = embed_until_ok(&mut s, Duration::from_secs(60));
+    let on: String = s.query_one("SHOW kvembed.debug_faults", &[]).unwrap().get(0);
+    assert_eq!(on, "on", "the test cluster runs with kvembed.debug_faults = on (scripts/pg.sh)");
+    let reset = ResetSettings(&["kvembed.debug_faults"]);
+    let mut admin = Session::connect("postgres", "postgres");
+    let old_pid = engine_pid(&mut s);
+    admin.batch_execute("ALTER SYSTEM SET kvembed.debug_faults = off").unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    wait_engine_replaced(&mut s, old_pid);
+
+    let mut fresh = connect();
+    let err = fresh.query_one("SELECT kv_debug_fault('panic')", &[]).expect_err("fault injection must be off");
+    let (code, msg) = sql_error(&err);
+    assert_eq!(code, "55000", "{msg}");
+    assert!(msg.contains("fault injection is off"), "{msg}");
+    // Nothing was armed: the next statement is served, with the same vector.
+    let (after, _) = embed_until_ok(&mut fresh, Duration::from_secs(30));
+    assert!(max_abs_diff(&after, &reference) <= 1e-6);
+
+    // Back on: the engine is restarted with --allow-faults and arms faults.
+    let off_pid = engine_pid(&mut s);
+    drop(reset);
+    wait_engine_replaced(&mut s, off_pid);
+    let mut fresh = connect();
+    let armed: i32 = fresh.query_one("SELECT kv_debug_fault('stall:1')", &[]).unwrap().get(0);
+    assert_eq!(armed, engine_pid(&mut fresh));
+    let (after, _) = embed_until_ok(&mut fresh, Duration::from_secs(30));
+    assert!(max_abs_diff(&after, &reference) <= 1e-6);
+}

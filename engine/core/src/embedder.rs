@@ -5,7 +5,7 @@
 use kvembed_model::decoder::{Decoder, ForwardOptions, LayerPooling, Reroute, TokenPrepend};
 use kvembed_model::error::{EngineError, Result};
 use kvembed_model::loader::{self, ModelSource, TensorStore, WeightFormat};
-use crate::method::{Method, Pooling, Prepend, Template, DEFAULT_METHOD};
+use crate::method::{Knobs, Method, Pooling, Prepend, Template, DEFAULT_METHOD};
 use kvembed_model::tokenizer::TextTokenizer;
 use candle_core::{DType, Device, Tensor};
 use kvembed_proto::{EmbedOptions, LayerPoint, Role, SelectOptions, Truncation};
@@ -74,6 +74,8 @@ pub struct Embedder {
     info: ModelInfo,
     /// Padded tokens per forward pass.
     pub batch_tokens: usize,
+    /// The study's overrides (kvembed-lab); the server never sets them.
+    pub knobs: Knobs,
 }
 
 /// One prepared input.
@@ -248,7 +250,7 @@ impl Embedder {
             max_tokens: kvembed_proto::DEFAULT_MAX_TOKENS_LIMIT.min(cfg.max_position.max(1)),
             context: cfg.max_position.max(1),
         };
-        Ok(Embedder { decoder, tokenizer, source, info, batch_tokens: DEFAULT_BATCH_TOKENS })
+        Ok(Embedder { decoder, tokenizer, source, info, batch_tokens: DEFAULT_BATCH_TOKENS, knobs: Knobs::default() })
     }
 
     pub fn info(&self) -> ModelInfo {
@@ -268,7 +270,7 @@ impl Embedder {
     /// prompt's own tokens (BOS and placeholder included) and how many copies
     /// of the text it holds (two for Echo).
     pub fn prompt_cost(&self, role: Role, opts: &EmbedOptions) -> Result<(usize, usize)> {
-        let method = Method::from_name(opts.method.as_deref().unwrap_or(DEFAULT_METHOD))?.with_options(opts)?;
+        let method = Method::from_name(opts.method.as_deref().unwrap_or(DEFAULT_METHOD))?.with_options(opts)?.with_knobs(&self.knobs)?;
         let template = match role {
             Role::Document => &method.document,
             Role::Query => &method.query,
@@ -289,7 +291,7 @@ impl Embedder {
         opts: &EmbedOptions,
         keep_going: &dyn Fn() -> bool,
     ) -> Result<EmbedOutput> {
-        let method = Method::from_name(opts.method.as_deref().unwrap_or(DEFAULT_METHOD))?.with_options(opts)?;
+        let method = Method::from_name(opts.method.as_deref().unwrap_or(DEFAULT_METHOD))?.with_options(opts)?.with_knobs(&self.knobs)?;
         let max_tokens = opts.max_tokens.unwrap_or(kvembed_proto::DEFAULT_MAX_TOKENS_LIMIT);
         self.embed_with(texts, role, &method, max_tokens, opts.truncate.unwrap_or(true), keep_going)
     }
@@ -482,7 +484,7 @@ impl Embedder {
                 format!("{} texts; TwoNN needs at least 8 (a few hundred is better)", texts.len()),
             ));
         }
-        let pooling = match opts.representation.as_deref().unwrap_or("last") {
+        let pooling = match self.knobs.id_representation.as_deref().unwrap_or("last") {
             "last" => LayerPooling::Last,
             "mean" => LayerPooling::Mean,
             other => return Err(EngineError::invalid("representation", format!("'{other}' (last, mean)"))),
@@ -584,7 +586,7 @@ mod tests {
     fn token_prepending_placeholder_position() {
         let texts = vec!["The cat sat on the mat.".to_string()];
         let tp = Method::from_name("token-prepending").unwrap();
-        let asked = |pos| tp.clone().with_options(&EmbedOptions { placeholder_position: Some(pos), ..Default::default() });
+        let asked = |pos| tp.clone().with_knobs(&Knobs { placeholder_position: Some(pos), ..Default::default() });
         for (arch, with_bos) in [("qwen2", false), ("llama", true)] {
             let e = golden(arch);
             assert_eq!(e.tokenizer.add_bos && e.tokenizer.bos.is_some(), with_bos, "{arch}");

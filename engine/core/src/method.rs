@@ -101,21 +101,9 @@ impl LayerChoice {
         if s.is_empty() || s.eq_ignore_ascii_case("auto") {
             return Ok(None);
         }
-        let mut out = Vec::new();
-        for part in s.split(',') {
-            let part = part.trim();
-            let bad = || EngineError::invalid("layers", format!("'{s}' (expected 'auto', '6,7,8' or '6-8')"));
-            if let Some((a, b)) = part.split_once('-') {
-                let (a, b): (usize, usize) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
-                if a > b {
-                    return Err(bad());
-                }
-                out.extend(a..=b);
-            } else {
-                out.push(part.parse().map_err(|_| bad())?);
-            }
-        }
-        Ok(Some(out))
+        kvembed_proto::parse_layer_list(s)
+            .map(Some)
+            .map_err(|e| EngineError::invalid("layers", format!("'{s}': {e} (or 'auto')")))
     }
 }
 
@@ -267,10 +255,20 @@ impl Method {
                 r.bias = b;
             }
         }
-        if let Some(p) = &o.pooling {
+        if let Some(layers) = &o.layers {
+            if let Some(r) = &mut self.reroute {
+                r.layers = LayerChoice::Fixed(layers.clone());
+            }
+        }
+        Ok(self)
+    }
+
+    /// Applies the study's overrides ([`Knobs`]) on top of the method.
+    pub fn with_knobs(mut self, k: &Knobs) -> Result<Method> {
+        if let Some(p) = &k.pooling {
             self.pooling = Pooling::parse(p)?;
         }
-        if let Some(p) = &o.prefix_position {
+        if let Some(p) = &k.prefix_position {
             let pos = match p.as_str() {
                 "last" => PrefixPosition::Last,
                 "zero" => PrefixPosition::Zero,
@@ -280,7 +278,7 @@ impl Method {
                 r.prefix = pos;
             }
         }
-        if let Some(pos) = o.placeholder_position {
+        if let Some(pos) = k.placeholder_position {
             if pos > 1 {
                 return Err(EngineError::invalid("placeholder_position", format!("{pos} (0 or 1)")));
             }
@@ -288,13 +286,24 @@ impl Method {
                 p.position = Some(pos);
             }
         }
-        if let Some(layers) = &o.layers {
-            if let Some(r) = &mut self.reroute {
-                r.layers = LayerChoice::Fixed(layers.clone());
-            }
-        }
         Ok(self)
     }
+}
+
+/// The study's overrides of a method (kvembed-lab's flags). They are not
+/// part of the wire protocol: the product serves the methods as defined.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Knobs {
+    /// Pooling override: `mean`, `last`, `hybrid` or `echo`.
+    pub pooling: Option<String>,
+    /// Where the re-routed key sits in rotary space: `last` (its own
+    /// position, the method as written) or `zero`.
+    pub prefix_position: Option<String>,
+    /// Token Prepending's placeholder position (0 or 1). `None`: right after
+    /// BOS where the model adds one, else first.
+    pub placeholder_position: Option<usize>,
+    /// The representation TwoNN measures per layer: `last` (default) or `mean`.
+    pub id_representation: Option<String>,
 }
 
 #[cfg(test)]

@@ -278,15 +278,22 @@ fn mask_row(row: &mut [f32], i: usize, off: usize, s: AttnShape) -> (usize, f32)
     if let Some(bias) = s.prefix_bias {
         row[0] += bias;
     }
-    let lo = match s.window {
-        Some(w) => (i + 1).saturating_sub(w),
-        None => 0,
-    };
-    let visible = (off + i + 1).min(row.len());
-    for x in &mut row[off..off + lo] {
+    let keys = visible_keys(i, s.window);
+    let visible = (off + keys.end).min(row.len());
+    for x in &mut row[off..off + keys.start] {
         *x = f32::NEG_INFINITY;
     }
     (visible, crate::fastmath::max(&row[..visible]))
+}
+
+/// The masking rule of every attention path (this module's kernels and the
+/// decoder's tensor mask): query `i` sees the sequence's keys `lo..=i`,
+/// causal and, with a sliding window of `w`, the last `w` of them. The
+/// re-routed column before them, where there is one, is always visible and
+/// its logit gets the bias.
+pub(crate) fn visible_keys(i: usize, window: Option<usize>) -> std::ops::Range<usize> {
+    let lo = window.map_or(0, |w| (i + 1).saturating_sub(w));
+    lo..i + 1
 }
 
 struct TileScratch {

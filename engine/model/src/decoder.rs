@@ -367,6 +367,116 @@ impl PassCache {
 /// never materialises a full T x T score matrix per head.
 const QUERY_BLOCK: usize = 512;
 
+/// Reads one layer's weights in the form the decoder runs them: bf16 tiles
+/// where AMX runs the products (with the SiLU gate and up projections
+/// packed together), candle tensors or quantised matrices otherwise.
+struct LayerLoader<'a> {
+    store: &'a TensorStore,
+    cfg: &'a ArchConfig,
+    dev: &'a Device,
+    format: WeightFormat,
+    dtype: DType,
+    amx: bool,
+}
+
+impl LayerLoader<'_> {
+    fn weight(&self, n: &str) -> Result<Weight> {
+        let m = self.store.matmul(n, self.dev, self.format)?;
+        if self.amx {
+            Weight::amx(m)
+        } else {
+            Weight::new(m, self.dtype)
+        }
+    }
+
+    fn ffn(&self, gate: &str, up: &str, down: &str) -> Result<Ffn> {
+        if !(self.amx && self.cfg.activation == Activation::Silu) {
+            return Ok(Ffn::Split { gate: self.weight(gate)?, up: self.weight(up)?, down: self.weight(down)? });
+        }
+        let (store, dev, format) = (self.store, self.dev, self.format);
+        let (g, n, k) = dense_f32(store.matmul(gate, dev, format)?)?;
+        let (u, nu, ku) = dense_f32(store.matmul(up, dev, format)?)?;
+        if (nu, ku) != (n, k) {
+            return Err(EngineError::Corrupt {
+                path: store.path().into(),
+                reason: format!("{gate} is {n}x{k} but {up} is {nu}x{ku}"),
+            });
+        }
+        let packed = crate::amx::SiluGatedBf16::pack(&g, &u, n, k);
+        let (d, dn, dk) = dense_f32(store.matmul(down, dev, format)?)?;
+        let down = crate::amx::PackedBf16::pack(&d, dn, dk);
+        Ok(match packed {
+            Some(gate_up) => Ffn::AmxSilu { gate_up, down },
+            // The weights already read, packed one by one.
+            None => Ffn::Split {
+                gate: Weight::Amx(crate::amx::PackedBf16::pack(&g, n, k)),
+                up: Weight::Amx(crate::amx::PackedBf16::pack(&u, n, k)),
+                down: Weight::Amx(down),
+            },
+        })
+    }
+
+    fn norm(&self, n: &str) -> Result<Norm> {
+        Norm::load(self.store, n, self.cfg, self.dev)
+    }
+
+    fn opt_norm(&self, n: &str) -> Result<Option<Norm>> {
+        if self.store.has(n) {
+            Ok(Some(self.norm(n)?))
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn bias(&self, n: &str) -> Result<Option<Tensor>> {
+        if self.cfg.qkv_bias && self.store.has(n) {
+            Ok(Some(self.store.tensor(n, self.dev)?.to_dtype(self.dtype)?))
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn linear(&self, prefix: &str) -> Result<Linear> {
+        Ok(Linear { w: self.weight(&format!("{prefix}.weight"))?, b: self.bias(&format!("{prefix}.bias"))? })
+    }
+
+    fn layer(&self, i: usize) -> Result<Layer> {
+        let cfg = self.cfg;
+        let p = |s: &str| format!("blk.{i}.{s}");
+        let (ffn_norm_name, post_attn_norm) = if cfg.sandwich_norm {
+            // Gemma 3 in GGUF: ffn_norm is the pre-MLP norm; in HF it is
+            // pre_feedforward_layernorm.
+            let pre = if matches!(self.store, TensorStore::Gguf { .. }) { p("ffn_norm") } else { p("pre_ffw_norm") };
+            (pre, Some(self.norm(&p("post_attention_norm.weight"))?))
+        } else {
+            (p("ffn_norm"), None)
+        };
+        let layer = Layer {
+            attn_norm: self.norm(&p("attn_norm.weight"))?,
+            q: self.linear(&p("attn_q"))?,
+            k: self.linear(&p("attn_k"))?,
+            v: self.linear(&p("attn_v"))?,
+            o: Linear { w: self.weight(&p("attn_output.weight"))?, b: None },
+            q_norm: if cfg.qk_norm { self.opt_norm(&p("attn_q_norm.weight"))? } else { None },
+            k_norm: if cfg.qk_norm { self.opt_norm(&p("attn_k_norm.weight"))? } else { None },
+            post_attn_norm,
+            ffn_norm: self.norm(&format!("{ffn_norm_name}.weight"))?,
+            post_ffn_norm: if cfg.sandwich_norm { self.opt_norm(&p("post_ffw_norm.weight"))? } else { None },
+            ffn: self.ffn(&p("ffn_gate.weight"), &p("ffn_up.weight"), &p("ffn_down.weight"))?,
+            theta: cfg.layer_rope_theta(i),
+            scaling: cfg.layer_rope_scaling(i),
+            window: cfg.layer_window(i),
+        };
+        if cfg.qk_norm && (layer.q_norm.is_none() || layer.k_norm.is_none()) {
+            return Err(EngineError::Corrupt {
+                path: self.store.path().into(),
+                reason: format!("{} model lacks q/k norm weights in layer {i}", cfg.family.name()),
+            });
+        }
+        Ok(layer)
+    }
+}
+
 impl Decoder {
     /// Load the weights onto `dev`, matmul weights in `dtype` (the f32 that
     /// dequantization produces is cast once, here).
@@ -388,88 +498,8 @@ impl Decoder {
             });
         }
         let amx = format == WeightFormat::Amx && dev.is_cpu() && dtype == DType::F32 && crate::amx::available();
-        let weight = |n: &str| {
-            let m = store.matmul(n, dev, format)?;
-            if amx {
-                Weight::amx(m)
-            } else {
-                Weight::new(m, dtype)
-            }
-        };
-        let ffn = |gate: &str, up: &str, down: &str| -> Result<Ffn> {
-            if amx && cfg.activation == Activation::Silu {
-                let (g, n, k) = dense_f32(store.matmul(gate, dev, format)?)?;
-                let (u, nu, ku) = dense_f32(store.matmul(up, dev, format)?)?;
-                if (nu, ku) != (n, k) {
-                    return Err(EngineError::Corrupt {
-                        path: store.path().into(),
-                        reason: format!("{gate} is {n}x{k} but {up} is {nu}x{ku}"),
-                    });
-                }
-                let packed = crate::amx::SiluGatedBf16::pack(&g, &u, n, k);
-                let (d, dn, dk) = dense_f32(store.matmul(down, dev, format)?)?;
-                let down = crate::amx::PackedBf16::pack(&d, dn, dk);
-                return Ok(match packed {
-                    Some(gate_up) => Ffn::AmxSilu { gate_up, down },
-                    // The weights already read, packed one by one.
-                    None => Ffn::Split {
-                        gate: Weight::Amx(crate::amx::PackedBf16::pack(&g, n, k)),
-                        up: Weight::Amx(crate::amx::PackedBf16::pack(&u, n, k)),
-                        down: Weight::Amx(down),
-                    },
-                });
-            }
-            Ok(Ffn::Split { gate: weight(gate)?, up: weight(up)?, down: weight(down)? })
-        };
-        let opt_norm = |n: &str| -> Result<Option<Norm>> {
-            if store.has(n) {
-                Ok(Some(Norm::load(store, n, &cfg, dev)?))
-            } else {
-                Ok(None)
-            }
-        };
-        let bias = |n: &str| -> Result<Option<Tensor>> {
-            if cfg.qkv_bias && store.has(n) {
-                Ok(Some(store.tensor(n, dev)?.to_dtype(dtype)?))
-            } else {
-                Ok(None)
-            }
-        };
-        let mut layers = Vec::with_capacity(cfg.n_layers);
-        for i in 0..cfg.n_layers {
-            let p = |s: &str| format!("blk.{i}.{s}");
-            let (ffn_norm_name, post_attn_norm) = if cfg.sandwich_norm {
-                // Gemma 3 in GGUF: ffn_norm is the pre-MLP norm; in HF it is
-                // pre_feedforward_layernorm.
-                let pre = if matches!(store, TensorStore::Gguf { .. }) { p("ffn_norm") } else { p("pre_ffw_norm") };
-                (pre, Some(Norm::load(store, &p("post_attention_norm.weight"), &cfg, dev)?))
-            } else {
-                (p("ffn_norm"), None)
-            };
-            let layer = Layer {
-                attn_norm: Norm::load(store, &p("attn_norm.weight"), &cfg, dev)?,
-                q: Linear { w: weight(&p("attn_q.weight"))?, b: bias(&p("attn_q.bias"))? },
-                k: Linear { w: weight(&p("attn_k.weight"))?, b: bias(&p("attn_k.bias"))? },
-                v: Linear { w: weight(&p("attn_v.weight"))?, b: bias(&p("attn_v.bias"))? },
-                o: Linear { w: weight(&p("attn_output.weight"))?, b: None },
-                q_norm: if cfg.qk_norm { opt_norm(&p("attn_q_norm.weight"))? } else { None },
-                k_norm: if cfg.qk_norm { opt_norm(&p("attn_k_norm.weight"))? } else { None },
-                post_attn_norm,
-                ffn_norm: Norm::load(store, &format!("{ffn_norm_name}.weight"), &cfg, dev)?,
-                post_ffn_norm: if cfg.sandwich_norm { opt_norm(&p("post_ffw_norm.weight"))? } else { None },
-                ffn: ffn(&p("ffn_gate.weight"), &p("ffn_up.weight"), &p("ffn_down.weight"))?,
-                theta: cfg.layer_rope_theta(i),
-                scaling: cfg.layer_rope_scaling(i),
-                window: cfg.layer_window(i),
-            };
-            if cfg.qk_norm && (layer.q_norm.is_none() || layer.k_norm.is_none()) {
-                return Err(EngineError::Corrupt {
-                    path: store.path().into(),
-                    reason: format!("{} model lacks q/k norm weights in layer {i}", cfg.family.name()),
-                });
-            }
-            layers.push(layer);
-        }
+        let loader = LayerLoader { store, cfg: &cfg, dev, format, dtype, amx };
+        let layers = (0..cfg.n_layers).map(|i| loader.layer(i)).collect::<Result<Vec<_>>>()?;
         let final_norm = Norm::load(store, "output_norm.weight", &cfg, dev)?;
         let lm_head = qmatmul_in(
             if store.has("output.weight") { store.matmul("output.weight", dev, format)? } else { embed.as_matmul()? },
@@ -578,6 +608,82 @@ impl Decoder {
         cache: &PassCache,
     ) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
+        // Each block's output joins the f32 residual stream.
+        let att = self.attention_block(l, x, last, reroute, cache)?;
+        let x = (x + att.reshape((b, t, d))?)?;
+        let m = self.mlp_block(l, &x)?;
+        Ok((x + m.reshape((b, t, d))?)?)
+    }
+
+    /// The attention half of a layer on the residual stream `x`
+    /// (`[B, T, D]`, f32): norm, q/k/v with their norms and RoPE, the
+    /// re-routed prefix column where this layer has one, attention, output
+    /// projection and post-norm. Returns `[B * T, D]` in f32.
+    fn attention_block(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        last: &[usize],
+        reroute: Option<&Reroute>,
+        cache: &PassCache,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (q, k_pre, k, v) = self.qkv(l, x, cache)?;
+        // The prefix column: each sequence's own last real token.
+        let prefix = match reroute {
+            Some(r) => {
+                let src = match r.prefix {
+                    PrefixPosition::Last => &k,
+                    PrefixPosition::Zero => &k_pre,
+                };
+                let kp = gather_positions(src, last)?;
+                let vp = gather_positions(&v, last)?;
+                Some((kp, vp, r.bias))
+            }
+            None => None,
+        };
+        let (k, v) = match &prefix {
+            Some((kp, vp, _)) => (Tensor::cat(&[kp, &k], 2)?, Tensor::cat(&[vp, &v], 2)?),
+            None => (k, v),
+        };
+        let offset = usize::from(prefix.is_some());
+        let bias = prefix.as_ref().map(|p| p.2);
+        let att = if self.cpu_attention_kernel && self.device.is_cpu() && self.dtype == DType::F32 {
+            let cfg = &self.cfg;
+            let shape = crate::attention::AttnShape {
+                batch: b,
+                seq: t,
+                n_heads: cfg.n_heads,
+                n_kv_heads: cfg.n_kv_heads,
+                head_dim: cfg.head_dim,
+                scale: cfg.attn_scale,
+                window: l.window,
+                prefix_bias: bias,
+                bf16_products: self.amx,
+            };
+            let lens: Vec<usize> = last.iter().map(|&i| i + 1).collect();
+            // The kernel reads the tensors' own storage (no copies).
+            let out = with_cpu_f32(&q, |q| {
+                with_cpu_f32(&k, |k| with_cpu_f32(&v, |v| crate::attention::attention(q, k, v, shape, &lens)))
+            })???;
+            Tensor::from_vec(out, (b * t, cfg.n_heads * cfg.head_dim), &self.device)?
+        } else {
+            self.attention_tensors(q, k, v, t, offset, bias, l.window, cache)?
+        };
+        // Through the post-norm, in f32, where the model has one.
+        let att = l.o.forward(&att)?;
+        Ok(match &l.post_attn_norm {
+            Some(n) => n.forward_as(&att, DType::F32)?,
+            None => att.to_dtype(DType::F32)?,
+        })
+    }
+
+    /// Queries, keys and values of `x` as `[B, H, T, hd]`: projected, through
+    /// the q/k norms where the model has them, and rotated. Returns
+    /// `(q, k before RoPE, k, v)`; the unrotated keys serve the
+    /// `PrefixPosition::Zero` variant.
+    fn qkv(&self, l: &Layer, x: &Tensor, cache: &PassCache) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let (b, t, d) = x.dims3()?;
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         let dt = self.dtype;
@@ -610,57 +716,15 @@ impl Decoder {
         };
         let q = rope(&q)?;
         let k = rope(&k_pre)?;
+        Ok((q, k_pre, k, v))
+    }
 
-        // The prefix column: each sequence's own last real token.
-        let prefix = match reroute {
-            Some(r) => {
-                let src = match r.prefix {
-                    PrefixPosition::Last => &k,
-                    PrefixPosition::Zero => &k_pre,
-                };
-                let kp = gather_positions(src, last)?;
-                let vp = gather_positions(&v, last)?;
-                Some((kp, vp, r.bias))
-            }
-            None => None,
-        };
-        let (k, v) = match &prefix {
-            Some((kp, vp, _)) => (Tensor::cat(&[kp, &k], 2)?, Tensor::cat(&[vp, &v], 2)?),
-            None => (k, v),
-        };
-        let offset = usize::from(prefix.is_some());
-        let bias = prefix.as_ref().map(|p| p.2);
-        let att = if self.cpu_attention_kernel && self.device.is_cpu() && self.dtype == DType::F32 {
-            let shape = crate::attention::AttnShape {
-                batch: b,
-                seq: t,
-                n_heads: nh,
-                n_kv_heads: nkv,
-                head_dim: hd,
-                scale: cfg.attn_scale,
-                window: l.window,
-                prefix_bias: bias,
-                bf16_products: self.amx,
-            };
-            let lens: Vec<usize> = last.iter().map(|&i| i + 1).collect();
-            // The kernel reads the tensors' own storage (no copies).
-            let out = with_cpu_f32(&q, |q| {
-                with_cpu_f32(&k, |k| with_cpu_f32(&v, |v| crate::attention::attention(q, k, v, shape, &lens)))
-            })???;
-            Tensor::from_vec(out, (b * t, nh * hd), &self.device)?
-        } else {
-            self.attention_tensors(q, k, v, t, offset, bias, l.window, cache)?
-        };
-        // Each block's output joins the f32 residual stream (through its
-        // post-norm, in f32, where the model has one).
-        let att = l.o.forward(&att)?;
-        let att = match &l.post_attn_norm {
-            Some(n) => n.forward_as(&att, DType::F32)?,
-            None => att.to_dtype(DType::F32)?,
-        };
-        let x = (x + att.reshape((b, t, d))?)?;
-
-        let h = l.ffn_norm.forward_as(&x, dt)?.reshape((b * t, d))?;
+    /// The MLP half of a layer on the residual stream `x`: norm, the gated
+    /// MLP (AMX tiles with the gate and up products fused where they run),
+    /// post-norm. Returns `[B * T, D]` in f32.
+    fn mlp_block(&self, l: &Layer, x: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let h = l.ffn_norm.forward_as(x, self.dtype)?.reshape((b * t, d))?;
         let m = match &l.ffn {
             Ffn::AmxSilu { gate_up, down } => {
                 let rows = b * t;
@@ -669,7 +733,7 @@ impl Decoder {
             }
             Ffn::Split { gate, up, down } => {
                 let [gate, up] = Weight::forward_shared([gate, up], &h)?;
-                match cfg.activation {
+                match self.cfg.activation {
                     Activation::Silu if gate.device().is_cpu() && gate.dtype() == DType::F32 => {
                         down.forward(&silu_mul_cpu(&gate, &up)?)?
                     }
@@ -678,11 +742,10 @@ impl Decoder {
                 }
             }
         };
-        let m = match &l.post_ffn_norm {
+        Ok(match &l.post_ffn_norm {
             Some(n) => n.forward_as(&m, DType::F32)?,
             None => m.to_dtype(DType::F32)?,
-        };
-        Ok((x + m.reshape((b, t, d))?)?)
+        })
     }
 }
 
@@ -797,7 +860,8 @@ fn pool_rows(x: &Tensor, lens: &[usize], mode: LayerPooling) -> Result<Tensor> {
 }
 
 /// Additive mask for query rows `start..end` over `offset + end` key columns
-/// (column 0 is the re-routed prefix when `offset == 1`).
+/// (column 0 is the re-routed prefix when `offset == 1`), by the rule of
+/// [`crate::attention::visible_keys`].
 fn attention_mask(
     start: usize,
     end: usize,
@@ -815,11 +879,9 @@ fn attention_mask(
         if offset == 1 {
             row[0] = bias.unwrap_or(0.0);
         }
-        for j in 0..end {
-            let visible = j <= i && window.is_none_or(|w| i - j < w);
-            if !visible {
-                row[offset + j] = f32::NEG_INFINITY;
-            }
+        let keys = crate::attention::visible_keys(i, window);
+        for j in (0..end).filter(|j| !keys.contains(j)) {
+            row[offset + j] = f32::NEG_INFINITY;
         }
     }
     Ok(Tensor::from_vec(m, (rows, cols), dev)?)

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! kvembed serve --socket PATH --model M [--device D] [--threads N] [--batch-tokens N]
-//!               [--max-tokens N] [--max-tokens-limit N] [--max-calibration-texts N]
+//!               [--max-tokens N] [--max-tokens-limit N] [--max-calibration-texts N] [--allow-faults]
 //! kvembed embed --model M [--device D] [--threads N] [--query] TEXT...
 //! kvembed cpu
 //! ```
@@ -20,7 +20,9 @@ const USAGE: &str = "\
 usage:
   kvembed serve --socket PATH --model MODEL [--device cpu|cuda|cuda:N|auto] [--threads N]
                 [--batch-tokens N] [--max-tokens N] [--max-tokens-limit N] [--max-calibration-texts N]
-      serve embeddings on a Unix socket (started by the PostgreSQL extension's worker)
+                [--allow-faults]
+      serve embeddings on a Unix socket (started by the PostgreSQL extension's worker);
+      --allow-faults honours fault-injection requests (for the reliability tests)
   kvembed embed --model MODEL [--device D] [--threads N] [--query] TEXT...
       print the vectors of TEXTs (the server's defaults) as a JSON array
   kvembed cpu
@@ -87,7 +89,7 @@ fn serve_command(args: &[String]) -> Result<()> {
     let a = Args::parse(
         args,
         &["socket", "model", "device", "threads", "batch-tokens", "max-tokens", "max-tokens-limit", "max-calibration-texts"],
-        &[],
+        &["allow-faults"],
     )?;
     serve(ServeOptions {
         socket: a.required("socket")?.into(),
@@ -98,6 +100,7 @@ fn serve_command(args: &[String]) -> Result<()> {
         max_tokens: a.number("max-tokens", DEFAULT_MAX_TOKENS_LIMIT)?,
         max_tokens_limit: a.number("max-tokens-limit", DEFAULT_MAX_TOKENS_LIMIT)?,
         max_calibration_texts: a.number("max-calibration-texts", DEFAULT_MAX_CALIBRATION_TEXTS)?,
+        allow_faults: a.switches.contains(&"allow-faults"),
     })
 }
 

@@ -48,7 +48,7 @@ impl Server {
         let started = Instant::now();
         loop {
             if let Ok(mut c) = server.try_connect() {
-                if c.status().state == "ready" {
+                if c.status().state == proto::EngineState::Ready {
                     return server;
                 }
             }
@@ -236,7 +236,7 @@ fn garbage_on_the_socket_is_refused_and_the_server_serves_on() {
     // The same process serves on.
     let mut after = server.connect();
     let status = after.status();
-    assert_eq!(status.state, "ready");
+    assert_eq!(status.state, proto::EngineState::Ready);
     assert!(status.requests_served >= served);
     after.embed(vec!["still serving".into()], EmbedOptions::default()).unwrap();
 }
@@ -311,4 +311,34 @@ fn a_large_request_does_not_hold_the_engine_for_the_others() {
         let diff = alone[0].iter().zip(&vectors[i]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         assert!(diff <= 1e-6, "text {i} differs by {diff} from its vector alone");
     }
+}
+
+/// Fault injection is a test-only path: a server started without
+/// `--allow-faults` refuses to arm a fault and serves on unharmed; one
+/// started with it arms the fault and the next batch carries it out.
+#[test]
+fn faults_are_armed_only_where_the_server_allows_them() {
+    let plain = Server::start("faults-off", &[]);
+    let mut c = plain.connect();
+    match c.call(&Request::Fault { fault: proto::Fault::Panic }).unwrap() {
+        Response::Error { kind, message } => {
+            assert_eq!(kind, proto::ErrorKind::InvalidInput);
+            assert!(message.contains("--allow-faults") && message.contains("kvembed.debug_faults"), "{message}");
+        }
+        other => panic!("a fault was armed without --allow-faults: {other:?}"),
+    }
+    // Nothing was armed: the next batch succeeds.
+    assert_eq!(c.embed(texts(2), EmbedOptions::default()).unwrap().0.len(), 2);
+
+    let testing = Server::start("faults-on", &["--allow-faults"]);
+    let mut c = testing.connect();
+    match c.call(&Request::Fault { fault: proto::Fault::Panic }).unwrap() {
+        Response::FaultArmed { .. } => {}
+        other => panic!("with --allow-faults the fault must be armed: {other:?}"),
+    }
+    let (kind, message) = c.embed(texts(2), EmbedOptions::default()).unwrap_err();
+    assert_eq!(kind, proto::ErrorKind::Internal);
+    assert!(message.contains("injected fault"), "{message}");
+    // The panic failed that batch only.
+    assert_eq!(c.embed(texts(2), EmbedOptions::default()).unwrap().0.len(), 2);
 }

@@ -66,7 +66,7 @@ pub fn embed(
     if texts.is_empty() {
         return Err(EngineError::invalid("input", "no texts (give them as arguments or with --file)"));
     }
-    let e = model.load()?;
+    let e = model.load_for(method)?;
     let role = if query { Role::Query } else { Role::Document };
     let opts = method.options()?;
     let out = e.embed(&texts, role, &opts)?;
@@ -83,10 +83,11 @@ pub fn embed(
     Ok(())
 }
 
-pub fn select_layers(model: &ModelArgs, file: &Path, sample: usize, opts: &SelectOptions) -> Result<()> {
+pub fn select_layers(model: &ModelArgs, file: &Path, sample: usize, opts: &SelectOptions, representation: String) -> Result<()> {
     let mut texts = read_lines(file)?;
     texts.truncate(sample.max(1));
-    let e = model.load()?;
+    let mut e = model.load()?;
+    e.knobs.id_representation = Some(representation);
     let pb = progress(texts.len(), "layers");
     let sel = e.select_layers_with_progress(&texts, opts, |n| {
         pb.inc(n as u64);
@@ -226,7 +227,7 @@ pub fn eval(
     if sts.is_none() && beir.is_none() {
         return Err(EngineError::invalid("eval", "give --sts DIR and/or --beir DIR"));
     }
-    let e = model.load()?;
+    let e = model.load_for(method)?;
     let opts = method.options()?;
     let mut report = serde_json::Map::new();
     if let Some(root) = sts {
@@ -332,9 +333,9 @@ pub fn bench(
     dump_tokens: Option<&Path>,
     vs: Option<&str>,
 ) -> Result<()> {
-    let e = model.load()?;
+    let e = model.load_for(method)?;
     let opts = method.options()?;
-    let m = kvembed_core::method::Method::from_name(opts.method.as_deref().unwrap_or("kv"))?.with_options(&opts)?;
+    let m = kvembed_core::method::Method::from_name(opts.method.as_deref().unwrap_or("kv"))?.with_options(&opts)?.with_knobs(&e.knobs)?;
     let seqs = synthetic_texts(&e, batch, tokens)?;
     if let Some(p) = dump_tokens {
         // The exact ids the timed forward passes see (no prompt, no BOS), so
@@ -351,7 +352,7 @@ pub fn bench(
         Some(name) => {
             let mut o = opts.clone();
             o.method = Some(name.to_string());
-            let m2 = kvembed_core::method::Method::from_name(name)?.with_options(&o)?;
+            let m2 = kvembed_core::method::Method::from_name(name)?.with_options(&o)?.with_knobs(&e.knobs)?;
             let f2 = forward_options(&e, &m2)?;
             Some((m2, f2))
         }
@@ -425,7 +426,7 @@ pub fn bench_texts(model: &ModelArgs, method: &MethodArgs, file: &Path, repeat: 
     if texts.is_empty() {
         return Err(EngineError::invalid("file", "no texts"));
     }
-    let e = model.load()?;
+    let e = model.load_for(method)?;
     let opts = method.options()?;
     e.embed(&texts[..texts.len().min(64)], Role::Document, &opts)?;
     let mut times = Vec::new();

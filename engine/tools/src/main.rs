@@ -5,6 +5,7 @@
 //! binary that PostgreSQL starts is `kvembed` (engine/server).
 
 use clap::{Parser, Subcommand};
+use kvembed_core::method::Knobs;
 use kvembed_core::proto::{EmbedOptions, SelectOptions};
 use kvembed_core::{Embedder, LoadSpec};
 use std::path::PathBuf;
@@ -53,13 +54,20 @@ impl ModelArgs {
         e.batch_tokens = self.batch_tokens.max(1);
         Ok(e)
     }
+
+    /// Loads the model with `method`'s study overrides in effect.
+    pub fn load_for(&self, method: &MethodArgs) -> Result<Embedder, kvembed_core::EngineError> {
+        let mut e = self.load()?;
+        e.knobs = method.knobs();
+        Ok(e)
+    }
 }
 
 #[derive(clap::Args, Clone, Default)]
 pub struct MethodArgs {
     /// Method: kv (default), kv-no-reroute, kv-paper, kv-paper-no-reroute,
     /// kv-compress, kv-compress-no-reroute, kv-last, kv-echo, kv-tp, mean,
-    /// last, prompteol, echo, token-prepending (see the README).
+    /// last, prompteol, echo, token-prepending (see docs/METHODS.md).
     #[arg(long)]
     pub method: Option<String>,
     /// Re-routed layers, e.g. 6,7,8 or 6-8.
@@ -102,11 +110,18 @@ impl MethodArgs {
             query_prompt: self.query_prompt.clone(),
             max_tokens: self.max_tokens,
             truncate: Some(!self.no_truncate),
+            expect_model: None,
+        })
+    }
+
+    /// The study's overrides, which only this tool sets.
+    pub fn knobs(&self) -> Knobs {
+        Knobs {
             pooling: self.pooling.clone(),
             prefix_position: self.prefix_position.clone(),
             placeholder_position: self.placeholder_position,
-            expect_model: None,
-        })
+            id_representation: None,
+        }
     }
 }
 
@@ -239,13 +254,8 @@ fn main() -> ExitCode {
             cli::embed(&model, &method, query, file.as_deref(), npy.as_deref(), texts)
         }
         Cmd::SelectLayers { model, file, sample, skip_fraction, window, representation } => {
-            let opts = SelectOptions {
-                skip_fraction: Some(skip_fraction),
-                window: Some(window),
-                representation: Some(representation),
-                max_tokens: None,
-            };
-            cli::select_layers(&model, &file, sample, &opts)
+            let opts = SelectOptions { skip_fraction: Some(skip_fraction), window: Some(window), max_tokens: None };
+            cli::select_layers(&model, &file, sample, &opts, representation)
         }
         Cmd::Eval { model, method, sts, beir, split, limit, beir_queries, beir_docs, json } => cli::eval(
             &model,

@@ -1,0 +1,153 @@
+//! One thread per connection: reads requests, answers `Hello`, `Status` and
+//! `Shutdown` itself, and hands `Embed` and `SelectLayers` to the queue,
+//! watching for the client to go away while it waits.
+
+use kvembed_proto::{
+    self as proto, ErrorKind, Request, Response,
+};
+use std::io::{self, BufReader, BufWriter, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use crate::limits::{admit_embed, admit_selection};
+use crate::log;
+use crate::queue::{client_gone, Job, Outcome, Work};
+use crate::state::Shared;
+
+pub(crate) fn handle_connection(stream: UnixStream, shared: &Shared) {
+    let Ok(read_half) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(read_half);
+    let mut writer = BufWriter::new(&stream);
+    loop {
+        let request: Request = match proto::read_json(&mut reader) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                let _ = refuse(&mut writer, ErrorKind::Protocol, format!("bad request: {e}"));
+                return;
+            }
+            Err(_) => return, // the client closed the connection
+        };
+        match answer(shared, &stream, &mut writer, request) {
+            Ok(Next::Read) => {}
+            Ok(Next::Close) | Err(_) => return,
+        }
+    }
+}
+
+/// What becomes of a connection after its request was answered.
+enum Next {
+    Read,
+    Close,
+}
+
+fn answer<W: Write>(shared: &Shared, stream: &UnixStream, writer: &mut W, request: Request) -> io::Result<Next> {
+    let pid = std::process::id();
+    match request {
+        Request::Hello { version } if version == proto::PROTOCOL_VERSION => {
+            proto::write_json(writer, &Response::Hello { version, pid })?;
+        }
+        Request::Hello { version } => {
+            let message = format!(
+                "protocol version {version} requested, this kvembed server speaks {}: \
+                 the extension and the kvembed binary come from different builds",
+                proto::PROTOCOL_VERSION
+            );
+            refuse(writer, ErrorKind::Protocol, message)?;
+            return Ok(Next::Close);
+        }
+        Request::Status => proto::write_json(writer, &Response::Status(shared.status()))?,
+        Request::Fault { fault } => match crate::faults::arm(shared, fault) {
+            Ok(()) => proto::write_json(writer, &Response::FaultArmed { pid })?,
+            Err(message) => refuse(writer, ErrorKind::InvalidInput, message)?,
+        },
+        Request::Shutdown => {
+            // Unlink first: once the client has its answer, nobody can
+            // reach this process any more, only its successor.
+            let _ = std::fs::remove_file(&shared.opts.socket);
+            let _ = proto::write_json(writer, &Response::ShuttingDown { pid });
+            log("shutting down on request");
+            std::process::exit(0);
+        }
+        Request::Embed { texts, role, options } => {
+            return run(shared, stream, writer, admit_embed(shared, texts, role, options));
+        }
+        Request::SelectLayers { texts, options } => {
+            return run(shared, stream, writer, admit_selection(shared, texts, options));
+        }
+    }
+    Ok(Next::Read)
+}
+
+/// Queues admitted work and sends its outcome, or the refusal.
+fn run<W: Write>(
+    shared: &Shared,
+    stream: &UnixStream,
+    writer: &mut W,
+    admitted: std::result::Result<Work, (ErrorKind, String)>,
+) -> io::Result<Next> {
+    match admitted {
+        Err((kind, message)) => refuse(writer, kind, message)?,
+        Ok(work) => match submit(shared, stream, writer, work) {
+            None => return Ok(Next::Close),
+            Some(outcome) => send_outcome(writer, outcome)?,
+        },
+    }
+    Ok(Next::Read)
+}
+
+fn refuse<W: Write>(writer: &mut W, kind: ErrorKind, message: String) -> io::Result<()> {
+    proto::write_json(writer, &Response::Error { kind, message })
+}
+
+
+/// Queues the work and waits for its outcome. Returns `None` when the client
+/// went away meanwhile (the job is marked abandoned so the inference thread
+/// skips it if it has not started it yet).
+pub(crate) fn submit<W: Write>(shared: &Shared, stream: &UnixStream, writer: &mut W, work: Work) -> Option<Outcome> {
+    let (tx, rx) = mpsc::channel();
+    let abandoned = Arc::new(AtomicBool::new(false));
+    let client = stream.try_clone().ok().map(Arc::new);
+    shared.queue.lock().push_back(Job { work, reply: tx, abandoned: abandoned.clone(), client });
+    shared.queue_changed.notify_one();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(progress @ Outcome::Progress(..)) => {
+                if send_outcome(writer, progress).is_err() {
+                    abandoned.store(true, Ordering::Relaxed);
+                    return None;
+                }
+            }
+            Ok(outcome) => return Some(outcome),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if client_gone(stream) {
+                    abandoned.store(true, Ordering::Relaxed);
+                    return None;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Some(Outcome::Error(ErrorKind::Internal, "the inference thread stopped".into()))
+            }
+        }
+    }
+}
+
+pub(crate) fn send_outcome<W: Write>(w: &mut W, outcome: Outcome) -> io::Result<()> {
+    match outcome {
+        Outcome::Embeddings { vectors, dim, truncated, tokens } => {
+            proto::write_json(
+                w,
+                &Response::Embeddings { count: vectors.len(), dim, truncated, tokens },
+            )?;
+            let flat: Vec<f32> = vectors.into_iter().flatten().collect();
+            proto::write_f32s(w, &flat)
+        }
+        Outcome::Layers(sel, texts, model_id) => proto::write_json(
+            w,
+            &Response::Layers { curve: sel.curve, selected: sel.selected, rule: sel.rule, texts, model_id },
+        ),
+        Outcome::Progress(done, total) => proto::write_json(w, &Response::Progress { done, total }),
+        Outcome::Error(kind, message) => proto::write_json(w, &Response::Error { kind, message }),
+    }
+}

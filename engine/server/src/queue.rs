@@ -1,0 +1,304 @@
+//! The job queue and the one inference thread: requests are packed into
+//! batches by token budget (identical options from different sessions run
+//! together), large requests run in slices and go to the back of the queue
+//! between them, and jobs whose client went away are skipped.
+
+use kvembed_core::embedder::{Embedder, LayerSelection};
+use kvembed_core::Result;
+use kvembed_proto::{
+    self as proto, EmbedOptions, ErrorKind, Role, SelectOptions, Truncation,
+};
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+
+use crate::faults::inject;
+use crate::panic_message;
+use crate::state::Shared;
+
+pub(crate) enum Work {
+    Embed(EmbedWork),
+    SelectLayers { texts: Vec<String>, options: SelectOptions },
+}
+
+/// An `Embed` request, run in slices of at most one batch budget: after each
+/// slice a request with texts left goes to the back of the queue, so a large
+/// request shares the engine with everyone else instead of holding it.
+pub(crate) struct EmbedWork {
+    pub(crate) texts: Vec<String>,
+    /// What each text costs a forward pass in tokens, prompt included (an
+    /// estimate where the text will be cut).
+    pub(crate) cost: Vec<usize>,
+    pub(crate) role: Role,
+    pub(crate) options: EmbedOptions,
+    /// Texts before `next` are done; their vectors and truncations are kept.
+    pub(crate) next: usize,
+    pub(crate) vectors: Vec<Vec<f32>>,
+    pub(crate) truncated: Vec<Truncation>,
+    /// Tokens run so far.
+    pub(crate) tokens: usize,
+}
+
+impl EmbedWork {
+    pub(crate) fn new(texts: Vec<String>, cost: Vec<usize>, role: Role, options: EmbedOptions) -> EmbedWork {
+        EmbedWork { texts, cost, role, options, next: 0, vectors: Vec::new(), truncated: Vec::new(), tokens: 0 }
+    }
+
+    pub(crate) fn remaining_cost(&self) -> usize {
+        self.cost[self.next..].iter().sum()
+    }
+
+    /// How many of the remaining texts fit `budget` tokens (at least one).
+    pub(crate) fn fitting(&self, budget: usize) -> usize {
+        let mut total = 0;
+        let mut n = 0;
+        for &c in &self.cost[self.next..] {
+            if n > 0 && total + c > budget {
+                break;
+            }
+            total += c;
+            n += 1;
+        }
+        n
+    }
+
+    pub(crate) fn same_kind(&self, other: &EmbedWork) -> bool {
+        self.role == other.role && self.options == other.options
+    }
+}
+
+pub(crate) enum Outcome {
+    /// Intermediate: `done` of `total` texts processed (select-layers only).
+    Progress(usize, usize),
+    Embeddings { vectors: Vec<Vec<f32>>, dim: usize, truncated: Vec<Truncation>, tokens: usize },
+    Layers(LayerSelection, usize, String),
+    Error(ErrorKind, String),
+}
+
+pub(crate) struct Job {
+    pub(crate) work: Work,
+    pub(crate) reply: mpsc::Sender<Outcome>,
+    /// Set by the connection thread when its client has gone away.
+    pub(crate) abandoned: Arc<AtomicBool>,
+    /// The client's connection: the inference thread looks at it itself
+    /// before every forward pass, so a cancelled statement costs at most the
+    /// pass already running (not whatever runs until its connection thread
+    /// next looks).
+    pub(crate) client: Option<Arc<UnixStream>>,
+}
+
+impl Job {
+    pub(crate) fn is_abandoned(&self) -> bool {
+        if self.abandoned.load(Ordering::Relaxed) {
+            return true;
+        }
+        if self.client.as_deref().is_some_and(client_gone) {
+            self.abandoned.store(true, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+}
+
+pub(crate) fn inference_loop(shared: &Shared) -> ! {
+    loop {
+        let batch = take_batch(shared);
+        if batch.is_empty() {
+            continue;
+        }
+        let (embedder, info) = match shared.wait_loaded() {
+            Ok(loaded) => loaded,
+            Err((kind, msg)) => {
+                for (job, _) in batch {
+                    let _ = job.reply.send(Outcome::Error(kind, msg.clone()));
+                }
+                continue;
+            }
+        };
+        if matches!(batch[0].0.work, Work::SelectLayers { .. }) {
+            for (job, _) in batch {
+                run_select_layers(&embedder, job);
+            }
+        } else {
+            run_embed_batch(shared, &embedder, info.dim, batch);
+        }
+    }
+}
+
+/// Waits for work, then takes the oldest job and, if it is an `Embed`, as
+/// many of its texts as fit the batch budget (at least one), and every other
+/// queued `Embed` with the same role and options whose remaining texts fit
+/// what is left of the budget. Returns the jobs with the number of texts of
+/// each to run now. Other jobs keep their place in the queue.
+pub(crate) fn take_batch(shared: &Shared) -> Vec<(Job, usize)> {
+    let mut queue = shared.queue.lock();
+    loop {
+        while queue.front().is_some_and(Job::is_abandoned) {
+            queue.pop_front();
+        }
+        if !queue.is_empty() {
+            break;
+        }
+        shared.queue_changed.wait(&mut queue);
+    }
+    let first = queue.pop_front().expect("queue is not empty");
+    let budget = shared.opts.batch_tokens.max(1);
+    let (count, mut total) = match &first.work {
+        Work::Embed(w) => {
+            let n = w.fitting(budget);
+            (n, w.cost[w.next..w.next + n].iter().sum::<usize>())
+        }
+        Work::SelectLayers { .. } => return vec![(first, 0)],
+    };
+    let mut batch = vec![(first, count)];
+    let mut i = 0;
+    while i < queue.len() {
+        let job = &queue[i];
+        if job.is_abandoned() {
+            queue.remove(i);
+            continue;
+        }
+        let fits = match (&job.work, &batch[0].0.work) {
+            (Work::Embed(w), Work::Embed(lead)) => w.same_kind(lead) && total + w.remaining_cost() <= budget,
+            _ => false,
+        };
+        if fits {
+            if let Some(job) = queue.remove(i) {
+                if let Work::Embed(w) = &job.work {
+                    total += w.remaining_cost();
+                    let n = w.texts.len() - w.next;
+                    batch.push((job, n));
+                }
+            }
+        } else {
+            i += 1;
+        }
+    }
+    batch
+}
+
+/// Runs one slice: `count` texts of each job, from where it stands. A job
+/// that is done gets its reply; one with texts left goes to the back of the
+/// queue.
+pub(crate) fn run_embed_batch(shared: &Shared, embedder: &Embedder, dim: usize, batch: Vec<(Job, usize)>) {
+    let mut batch: Vec<(Job, usize)> = batch.into_iter().filter(|(j, _)| !j.is_abandoned()).collect();
+    if batch.is_empty() {
+        return;
+    }
+    let (role, options) = match &batch[0].0.work {
+        Work::Embed(w) => (w.role, w.options.clone()),
+        Work::SelectLayers { .. } => unreachable!("select-layers jobs are never batched"),
+    };
+    let mut texts = Vec::new();
+    for (job, count) in &batch {
+        if let Work::Embed(w) = &job.work {
+            texts.extend(w.texts[w.next..w.next + count].iter().cloned());
+        }
+    }
+    let fault = shared.fault.lock().take();
+    // Stop between forward passes once every client of the batch has gone:
+    // a cancelled request holds the engine for one more pass at most.
+    let someone_waits = || batch.iter().any(|(j, _)| !j.is_abandoned());
+    let outcome = guarded(|| {
+        inject(fault);
+        embedder.embed_cancellable(&texts, role, &options, &someone_waits)
+    });
+    let anyone_waits = someone_waits();
+    match outcome {
+        Ok(out) => {
+            shared.tokens_served.fetch_add(out.tokens as u64, Ordering::Relaxed);
+            let mut vectors = out.vectors.into_iter();
+            let mut offset = 0;
+            let mut unfinished = Vec::new();
+            for (mut job, count) in batch.drain(..) {
+                let Work::Embed(w) = &mut job.work else { continue };
+                w.vectors.extend(vectors.by_ref().take(count));
+                let start = w.next;
+                w.truncated.extend(
+                    out.truncated
+                        .iter()
+                        .filter(|tr| tr.index >= offset && tr.index < offset + count)
+                        .map(|tr| Truncation { index: tr.index - offset + start, ..tr.clone() }),
+                );
+                w.tokens += w.cost[start..start + count].iter().sum::<usize>();
+                w.next += count;
+                offset += count;
+                if w.next < w.texts.len() {
+                    unfinished.push(job);
+                    continue;
+                }
+                shared.requests_served.fetch_add(1, Ordering::Relaxed);
+                shared.texts_served.fetch_add(w.texts.len() as u64, Ordering::Relaxed);
+                let _ = job.reply.send(Outcome::Embeddings {
+                    vectors: std::mem::take(&mut w.vectors),
+                    dim,
+                    truncated: std::mem::take(&mut w.truncated),
+                    tokens: w.tokens,
+                });
+            }
+            if !unfinished.is_empty() {
+                let mut queue = shared.queue.lock();
+                queue.extend(unfinished);
+                shared.queue_changed.notify_one();
+            }
+        }
+        Err(_) if !anyone_waits => {}
+        Err(_) if batch.len() > 1 => {
+            // One request's bad input must not fail its batch-mates: run each
+            // on its own so every error lands on the request that caused it.
+            for entry in batch {
+                run_embed_batch(shared, embedder, dim, vec![entry]);
+            }
+        }
+        Err((kind, msg)) => {
+            for (job, _) in batch {
+                let _ = job.reply.send(Outcome::Error(kind, msg.clone()));
+            }
+        }
+    }
+}
+
+pub(crate) fn run_select_layers(embedder: &Embedder, job: Job) {
+    if job.is_abandoned() {
+        return;
+    }
+    let Work::SelectLayers { texts, options } = &job.work else { return };
+    let total = texts.len();
+    let mut done = 0;
+    // A layer selection can take minutes: stop between batches once its
+    // client has gone (cancelled statement), instead of holding the engine.
+    let progress = |n: usize| {
+        if n > 0 {
+            done += n;
+            let _ = job.reply.send(Outcome::Progress(done, total));
+        }
+        !job.is_abandoned()
+    };
+    let outcome = match guarded(|| embedder.select_layers_with_progress(texts, options, progress)) {
+        Ok(selection) => Outcome::Layers(selection, texts.len(), embedder.info().model_id),
+        Err((kind, msg)) => Outcome::Error(kind, msg),
+    };
+    let _ = job.reply.send(outcome);
+}
+
+/// Runs engine code, turning both errors and panics into (kind, message): a
+/// panic in one request must not take the server down for everyone else.
+pub(crate) fn guarded<T>(f: impl FnOnce() -> Result<T>) -> std::result::Result<T, (ErrorKind, String)> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err((e.kind(), e.to_string())),
+        Err(panic) => {
+            Err((ErrorKind::Internal, format!("the engine panicked: {}", panic_message(&panic))))
+        }
+    }
+}
+
+/// A client waits silently for its answer, so a readable socket while we are
+/// working means it closed the connection (cancelled statement).
+pub(crate) fn client_gone(stream: &UnixStream) -> bool {
+    match proto::peek(stream) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+    }
+}
