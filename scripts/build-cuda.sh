@@ -96,5 +96,5 @@ cat >&2 <<MSG
 [build-cuda] On the GPU machine: a CUDA 13 driver (libcuda.so.1) plus the
 [build-cuda] runtime libraries above on the loader path, e.g. PyTorch's wheels:
 [build-cuda]   export LD_LIBRARY_PATH=\$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')
-[build-cuda]   $BIN embed --device cuda -m MODEL.gguf 'hello'
+[build-cuda]   $BIN embed --device cuda --model MODEL.gguf 'hello'
 MSG

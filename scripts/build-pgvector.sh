@@ -97,16 +97,8 @@ if [ "$check" = 1 ]; then
   installed="$("$PG_CONFIG" --pkglibdir)/vector.so"
   cmp -s "$build/vector.so" "$installed" || die "$installed is not the build in $build; run scripts/build-pgvector.sh first"
   # pg_regress connects through PGHOST/PGPORT/PGUSER (scripts/env.sh) and
-  # creates its own database, contrib_regression. The wheel's own pg_regress
-  # crashes in the dynamic loader before main(); pg_regress only drives psql
-  # (the selected PostgreSQL's, --bindir) and diffs its output, so the
-  # distribution's (package postgresql-client-N) serves any server version.
-  regress=""
-  for r in "$("$PG_CONFIG" --pkglibdir)/pgxs/src/test/regress/pg_regress" \
-           $(ls -r /usr/lib/postgresql/*/lib/pgxs/src/test/regress/pg_regress 2>/dev/null); do
-    if [ -x "$r" ] && "$r" --help >/dev/null 2>&1; then regress=$r; break; fi
-  done
-  [ -n "$regress" ] || die "no working pg_regress (apt-get install postgresql-client)"
+  # creates its own database, contrib_regression.
+  regress=$(kvembed_pg_regress) || die "no working pg_regress (apt-get install postgresql-client)"
   note "pg_regress: $regress, psql: $PG_BINDIR/psql"
   if ! make_ -s installcheck pg_regress_installcheck="$regress --inputdir=./ --bindir=$PG_BINDIR"; then
     [ -f "$build/regression.diffs" ] && head -n 80 "$build/regression.diffs" >&2

@@ -106,6 +106,22 @@ fi
 
 # `cargo pgrx init` arguments for every PostgreSQL set up on this machine
 # (pgrx's config lists them all; an init with fewer would drop the others).
+# A working pg_regress for the selected PostgreSQL: its own where it runs,
+# else the distribution's (package postgresql-client-N). The wheel's own
+# crashes in the dynamic loader before main(); pg_regress only drives psql
+# (the selected PostgreSQL's, --bindir) and diffs its output, so any
+# version's serves any server. Prints the path; fails if there is none.
+kvembed_pg_regress() {
+  local r
+  for r in "$("$PG_CONFIG" --pkglibdir)/pgxs/src/test/regress/pg_regress" \
+           $(ls -r /usr/lib/postgresql/*/lib/pgxs/src/test/regress/pg_regress 2>/dev/null); do
+    # (the redirection of the group also silences the shell's "Segmentation fault")
+    if [ -x "$r" ] && { "$r" --help >/dev/null 2>&1; } 2>/dev/null; then echo "$r"; return 0; fi
+  done
+  echo "no working pg_regress (apt-get install postgresql-client)" >&2
+  return 1
+}
+
 kvembed_pgrx_init_args() {
   local n pgc
   for n in 13 14 15 16 17 18; do

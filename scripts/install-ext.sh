@@ -10,11 +10,18 @@
 #      `cargo pgrx install`: kvembed.so into $(pg_config --pkglibdir),
 #      kvembed.control and kvembed--<version>.sql into $(pg_config --sharedir)/extension.
 #
-#   scripts/install-ext.sh [--pg N]
+#   3. a check that the install script pgrx generated (the whole SQL surface:
+#      sql/bootstrap.sql, the #[pg_extern] functions, sql/finalize.sql) is
+#      the reviewed copy checked in as sql/kvembed--<version>.sql (source
+#      line numbers left out); --update-sql rewrites that copy instead.
+#
+#   scripts/install-ext.sh [--pg N] [--update-sql]
 #
 # A running cluster keeps the old library loaded: `scripts/pg.sh restart`.
 set -euo pipefail
 if [ "${1:-}" = --pg ]; then export KVEMBED_PG=${2:?--pg needs a major version}; shift 2; fi
+update_sql=0
+if [ "${1:-}" = --update-sql ]; then update_sql=1; shift; fi
 # shellcheck source=scripts/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$KVEMBED_ROOT"
@@ -65,3 +72,25 @@ done
 [ -f "$pkglibdir/kvembed.so" ] || die "cargo pgrx install finished but $pkglibdir/kvembed.so is missing"
 [ -f "$sharedir/extension/kvembed.control" ] || die "cargo pgrx install finished but $sharedir/extension/kvembed.control is missing"
 echo "install-ext.sh: installed $pkglibdir/kvembed.so and $sharedir/extension/kvembed.control"
+
+# The SQL surface as installed, against the reviewed copy in sql/. pgrx
+# writes "-- src/file.rs:LINE" above each object; the line numbers are left
+# out so that the copy changes only when the SQL does.
+version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
+generated="$sharedir/extension/kvembed--$version.sql"
+[ -f "$generated" ] || die "cargo pgrx install finished but $generated is missing"
+reviewed="sql/kvembed--$version.sql"
+normalised=$(mktemp)
+trap 'rm -f "$normalised"' EXIT
+sed -E 's/^(-- [^ ]+\.rs):[0-9]+$/\1/' "$generated" > "$normalised"
+if [ "$update_sql" = 1 ]; then
+  cp "$normalised" "$reviewed"
+  echo "install-ext.sh: wrote $reviewed"
+elif ! diff -u "$reviewed" "$normalised" > "$normalised.diff" 2>&1; then
+  cat "$normalised.diff" >&2
+  rm -f "$normalised.diff"
+  die "the generated install script differs from $reviewed (above): review the change, then run scripts/install-ext.sh --update-sql and commit it"
+else
+  rm -f "$normalised.diff"
+  echo "install-ext.sh: the generated install script is $reviewed"
+fi

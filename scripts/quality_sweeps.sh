@@ -34,7 +34,7 @@ cp "$page" "$old" 2>/dev/null || : > "$old"
   echo "document, so \`kv-no-reroute\` equals \`prompteol\` there. \`kv-LA-B\` is the default \`kv\` (PromptEOL"
   echo "prompt, last-token pooling, b = 1) re-routing at layers A to B, and \`kv-tp-LA-B\` the same with Token"
   echo "Prepending over the first quarter of the layers (\`--method kv-tp\`). What these tables say is written up in"
-  echo "docs/QUALITY.md (Findings)."
+  echo "docs/QUALITY.md (Current results) and docs/RESEARCH-LOG.md."
   for spec in \
       "smollm2 SmolLM2-135M-Instruct.Q4_1.gguf 150" \
       "smollm2-full SmolLM2-135M-Instruct.Q4_1.gguf 0" \

@@ -20,7 +20,9 @@
 #   4. (re)start the local cluster so that the new library is loaded
 #      (scripts/pg.sh restart), and run pgvector's own regression tests
 #      against the portable build installed there (scripts/build-pgvector.sh --check);
-#   5. SQL integration tests against that cluster
+#   5. the SQL regression tests (scripts/regress.sh: pg_regress on
+#      tests/sql/*.sql against tests/expected/*.out), then the SQL
+#      integration tests against that cluster
 #      (cargo test --release -p kvembed-tests -- --test-threads=1), the slow
 #      load tests included (about 20 minutes on 2 cores; KVEMBED_SLOW_TESTS=0 skips
 #      them), and the whole stack (PostgreSQL, pgvector, kvembed) on emulated
@@ -32,7 +34,8 @@
 #
 # --pg N tests against PostgreSQL N instead of 18 (set up with
 # `scripts/setup.sh --pg N`). --smoke runs a subset for a second PostgreSQL
-# version: steps 3-4 and the SQL API tests (tests/tests/sql_api.rs) of step 5.
+# version: steps 3-4, the regression tests and the SQL API tests
+# (tests/tests/sql_api.rs) of step 5.
 #
 # Exits non-zero on the first failure; the cluster is stopped at the end
 # either way. Extra arguments are passed to the cargo test runs (after --),
@@ -124,6 +127,9 @@ bash scripts/pg.sh restart
 
 phase "pgvector's regression tests on the portable build (scripts/build-pgvector.sh --check)"
 bash scripts/build-pgvector.sh --check
+
+phase "SQL regression tests: the API, errors, privileges, generated columns, HNSW plans (scripts/regress.sh)"
+bash scripts/regress.sh
 
 slow=()
 if [ "${KVEMBED_SLOW_TESTS:-1}" != 0 ]; then slow=(--include-ignored); fi

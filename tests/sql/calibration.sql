@@ -1,0 +1,83 @@
+-- kvembed regression tests: layer calibration (kv_select_layers).
+-- A small sample (fewer than 32 texts is too few to check the intrinsic
+-- dimension minimum, so the selection falls back to kv's default window,
+-- layers 20-22 on SmolLM2-135M, on any CPU): the curve has one row per layer,
+-- the choice is stored for the loaded model, kv_status() and
+-- kvembed.layers = 'auto' use it, store => false writes nothing, and bad
+-- arguments are refused. The NOTICEs (timings, the model's path) are left
+-- out. Runs last: it stores, then deletes, a calibration.
+\set VERBOSITY terse
+
+CREATE TABLE regress_calib (id int PRIMARY KEY, body text);
+INSERT INTO regress_calib
+  SELECT i, format('Sentence number %s is about %s.', i,
+                   (ARRAY['cooking', 'astronomy', 'football', 'programming'])[1 + i % 4])
+    FROM generate_series(1, 16) AS i;
+INSERT INTO regress_calib VALUES (100, NULL);
+SELECT count(*) AS calibrations FROM kvembed.calibration;
+SELECT layers, layers_source FROM kv_status();
+CREATE TABLE regress_calib_vec (label text PRIMARY KEY, v vector);
+INSERT INTO regress_calib_vec VALUES ('before', kv_embed('a calibrated text'));
+
+-- Compute without storing.
+SET client_min_messages = warning;
+SELECT count(*) AS layers, min(layer) AS first, max(layer) AS last,
+       array_agg(layer ORDER BY layer) FILTER (WHERE selected) AS selected,
+       bool_and(intrinsic_dimension > 0 AND intrinsic_dimension < 'Infinity') AS finite
+  FROM kv_select_layers('regress_calib', 'body', 16, store => false);
+RESET client_min_messages;
+SELECT count(*) AS calibrations FROM kvembed.calibration;
+
+-- Compute and store (the default).
+SET client_min_messages = warning;
+SELECT array_agg(layer ORDER BY layer) FILTER (WHERE selected) AS selected
+  FROM kv_select_layers('regress_calib', 'body');
+RESET client_min_messages;
+SELECT model_id = (SELECT model_id FROM kv_status()) AS for_loaded_model,
+       layers, source, sample_size, created_by = current_user AS by_me,
+       jsonb_array_length(curve) AS curve_layers,
+       rule LIKE '%too few to check%' AND rule LIKE '%default window%' AS fell_back_to_default
+  FROM kvembed.calibration;
+-- kvembed.layers = 'auto' (the default) uses it; 'default' ignores it.
+SELECT layers, layers_source FROM kv_status();
+SET kvembed.layers = 'default';
+SELECT layers, layers_source FROM kv_status();
+RESET kvembed.layers;
+-- The stored window is the default one here, so the vectors are unchanged.
+SELECT (v <=> kv_embed('a calibrated text')) < 1e-5 AS same_vector FROM regress_calib_vec WHERE label = 'before';
+-- A second selection replaces the first (one calibration per model).
+SET client_min_messages = warning;
+SELECT count(*) AS layers FROM kv_select_layers('regress_calib', 'body', 12);
+RESET client_min_messages;
+SELECT count(*) AS calibrations, min(sample_size) AS sample_size FROM kvembed.calibration;
+
+-- Arguments: the sample needs at least 8 non-NULL texts; sample_size must be
+-- positive; the table and column must exist. A sample above
+-- kvembed.max_calibration_texts is lowered (with a NOTICE).
+CREATE FUNCTION regress_error(q text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+  EXECUTE q;
+  RETURN 'ok';
+EXCEPTION WHEN OTHERS THEN
+  RETURN SQLSTATE || ' ' || SQLERRM;
+END
+$$;
+CREATE TABLE regress_calib_empty (body text);
+INSERT INTO regress_calib_empty VALUES (NULL);
+SET client_min_messages = warning;
+SELECT q AS call, regress_error('SELECT count(*) FROM ' || q) AS result
+  FROM (VALUES ('kv_select_layers(''regress_calib'', ''body'', 7, store => false)'),
+               ('kv_select_layers(''regress_calib'', ''body'', 0, store => false)'),
+               ('kv_select_layers(''regress_calib'', ''body'', NULL, store => false)'),
+               ('kv_select_layers(''regress_calib_empty'', ''body'', store => false)'),
+               ('kv_select_layers(''regress_calib'', ''no_such_column'', store => false)'),
+               ('kv_select_layers(''regress_no_such_table'', ''body'', store => false)')) AS t(q);
+SELECT count(*) AS layers FROM kv_select_layers('regress_calib', 'body', 100000, store => false);
+RESET client_min_messages;
+
+-- Deleting the calibration brings back the default window.
+DELETE FROM kvembed.calibration;
+SELECT layers, layers_source FROM kv_status();
+
+DROP TABLE regress_calib, regress_calib_vec, regress_calib_empty;
+DROP FUNCTION regress_error(text);
