@@ -4,7 +4,7 @@
 //! proven here against the f32 engine, for plain and re-routed methods,
 //! batched with texts of different lengths.
 //!
-//! `cargo test --release -p kvembed-engine --test bf16 -- --nocapture` prints
+//! `cargo test --release -p kvembed-core --test bf16 -- --nocapture` prints
 //! the figures.
 
 use candle_core::DType;

@@ -1,7 +1,7 @@
 //! Throughput of the AMX tile kernel at the shapes of SmolLM2-135M's layers
 //! (a figure, not a check):
 //!
-//!     cargo run --release -p kvembed-engine --example amx_throughput
+//!     cargo run --release -p kvembed-model --example amx_throughput
 //!
 //! Per shape: the whole product (bf16 conversion included, on rayon's
 //! threads), the tile kernel alone on one thread, and the kernel alone with

@@ -2,18 +2,16 @@
 //! `Shutdown` itself, and hands `Embed` and `SelectLayers` to the queue,
 //! watching for the client to go away while it waits.
 
-use kvembed_proto::{
-    self as proto, ErrorKind, Request, Response,
-};
+use kvembed_proto::{self as proto, ErrorKind, Request, Response};
 use std::io::{self, BufReader, BufWriter, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
+use crate::jobs::{client_gone, Job, Outcome, Work};
 use crate::limits::{admit_embed, admit_selection};
 use crate::log;
-use crate::queue::{client_gone, Job, Outcome, Work};
 use crate::state::Shared;
 
 pub(crate) fn handle_connection(stream: UnixStream, shared: &Shared) {

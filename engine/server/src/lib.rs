@@ -19,19 +19,23 @@
 //!   different connections into one batch, up to a token budget, then splits
 //!   the results back. Jobs of clients that went away are skipped;
 //! * a watchdog thread exits when the parent (the supervisor) is gone.
+//!
+//! Modules, each depending only on those listed before it: `jobs` (what an
+//! admitted request becomes), `state` (what the threads share), `faults`
+//! (test-only fault injection, `--allow-faults`), `queue` (the inference
+//! thread), `limits` (admission), `connection` (one thread per client),
+//! `process` (socket, parent, OOM killer).
 
 use kvembed_core::{EngineError, Result};
-use kvembed_proto::{
-    self as proto,
-};
+use kvembed_proto as proto;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-
 mod connection;
 mod faults;
+mod jobs;
 mod limits;
 mod process;
 mod queue;
@@ -41,6 +45,7 @@ use connection::handle_connection;
 use process::{bind, exit_with_parent, volunteer_for_oom_killer};
 use queue::inference_loop;
 use state::{load_model, Shared};
+
 /// How `kvembed serve` is started (its command-line flags).
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -169,7 +174,8 @@ pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::{take_batch, EmbedWork, Job, Outcome, Work};
+    use crate::jobs::{EmbedWork, Job, Outcome, Work};
+    use crate::queue::take_batch;
     use kvembed_proto::{EmbedOptions, Role};
     use std::os::unix::fs::PermissionsExt;
     use std::sync::atomic::{AtomicBool, Ordering};

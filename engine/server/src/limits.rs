@@ -4,11 +4,9 @@
 
 use kvembed_core::embedder::Embedder;
 use kvembed_core::EngineError;
-use kvembed_proto::{
-    self as proto, EmbedOptions, ErrorKind, Role, SelectOptions,
-};
+use kvembed_proto::{self as proto, EmbedOptions, ErrorKind, Role, SelectOptions};
 
-use crate::queue::{EmbedWork, Work};
+use crate::jobs::{EmbedWork, Work};
 use crate::state::Shared;
 
 /// Checks an `Embed` request against the server's limits before it is

@@ -9,9 +9,8 @@
 //! kvembed cpu
 //! ```
 
-use kvembed_core::proto::{EmbedOptions, Role};
+use kvembed_core::proto::{EmbedOptions, Role, DEFAULT_BATCH_TOKENS, DEFAULT_MAX_CALIBRATION_TEXTS, DEFAULT_MAX_TOKENS_LIMIT};
 use kvembed_core::{Embedder, EngineError, LoadSpec, Result};
-use kvembed_core::proto::{DEFAULT_BATCH_TOKENS, DEFAULT_MAX_CALIBRATION_TEXTS, DEFAULT_MAX_TOKENS_LIMIT};
 use kvembed_server::{serve, ServeOptions};
 use std::collections::HashMap;
 use std::process::ExitCode;

@@ -2,16 +2,14 @@
 //! loaded or failed), the job queue and the counters `Status` reports.
 
 use kvembed_core::embedder::{Embedder, LoadSpec, ModelInfo};
-use kvembed_proto::{
-    self as proto, ErrorKind, Fault,
-};
+use kvembed_proto::{self as proto, ErrorKind, Fault};
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::queue::Job;
+use crate::jobs::Job;
 use crate::{log, panic_message, ServeOptions};
 
 pub(crate) enum ModelState {
