@@ -75,22 +75,35 @@ echo "install-ext.sh: installed $pkglibdir/kvembed.so and $sharedir/extension/kv
 
 # The SQL surface as installed, against the reviewed copy in sql/. pgrx
 # writes "-- src/file.rs:LINE" above each object; the line numbers are left
-# out so that the copy changes only when the SQL does.
+# out so that the copy changes only when the SQL does. pgrx may also order
+# objects that do not depend on each other differently from one build to
+# the next, so the two are compared as sets of objects.
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
 generated="$sharedir/extension/kvembed--$version.sql"
 [ -f "$generated" ] || die "cargo pgrx install finished but $generated is missing"
 reviewed="sql/kvembed--$version.sql"
-normalised=$(mktemp)
-trap 'rm -f "$normalised"' EXIT
-sed -E 's/^(-- [^ ]+\.rs):[0-9]+$/\1/' "$generated" > "$normalised"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+sed -E 's/^(-- [^ ]+\.rs):[0-9]+$/\1/' "$generated" > "$work/generated.sql"
+# One object ("connected objects" block) per paragraph, in a fixed order.
+objects() {
+  "${KVEMBED_PYTHON:-python3}" - "$1" <<'PY'
+import sys
+text = open(sys.argv[1]).read()
+begin, end = "/* <begin connected objects> */", "/* </end connected objects> */"
+head, *rest = text.split(begin)
+blocks = sorted(begin + chunk.split(end)[0] + end for chunk in rest)
+print(head.strip() + "\n\n" + "\n\n".join(blocks))
+PY
+}
 if [ "$update_sql" = 1 ]; then
-  cp "$normalised" "$reviewed"
+  cp "$work/generated.sql" "$reviewed"
   echo "install-ext.sh: wrote $reviewed"
-elif ! diff -u "$reviewed" "$normalised" > "$normalised.diff" 2>&1; then
-  cat "$normalised.diff" >&2
-  rm -f "$normalised.diff"
-  die "the generated install script differs from $reviewed (above): review the change, then run scripts/install-ext.sh --update-sql and commit it"
 else
-  rm -f "$normalised.diff"
+  objects "$reviewed" > "$work/reviewed.objects"
+  objects "$work/generated.sql" > "$work/generated.objects"
+  if ! diff -u "$work/reviewed.objects" "$work/generated.objects" >&2; then
+    die "the generated install script differs from $reviewed (above, object by object): review the change, then run scripts/install-ext.sh --update-sql and commit it"
+  fi
   echo "install-ext.sh: the generated install script is $reviewed"
 fi
