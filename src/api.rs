@@ -16,14 +16,14 @@ use pgrx::JsonB;
 /// 'document' (default) or 'query': queries get the query prompt.
 #[pg_extern(immutable, strict, parallel_safe)]
 fn kv_embed(input: DbText, role: default!(DbText, "'document'")) -> Vector {
-    Vector(embed_texts(vec![input.into_utf8()], role).pop().unwrap_or_default())
+    Vector(embed_texts(vec![input.into_utf8()], role, None).pop().unwrap_or_default())
 }
 
 /// Same as `kv_embed`, as a `halfvec`: HNSW indexes `halfvec` up to 4,000
 /// dimensions (`vector` only up to 2,000).
 #[pg_extern(immutable, strict, parallel_safe)]
 fn kv_embed_half(input: DbText, role: default!(DbText, "'document'")) -> HalfVec {
-    HalfVec(embed_texts(vec![input.into_utf8()], role).pop().unwrap_or_default())
+    HalfVec(embed_texts(vec![input.into_utf8()], role, None).pop().unwrap_or_default())
 }
 
 /// Embeds many texts; NULL elements give NULL. The array travels to the
@@ -35,7 +35,9 @@ fn kv_embed_batch(inputs: Array<'_, DbText>, role: default!(DbText, "'document'"
         .iter()
         .map(|t| t.map(|t| texts.push(t.into_utf8())).is_some())
         .collect();
-    let mut vectors = if texts.is_empty() { Vec::new() } else { embed_texts(texts, role) }.into_iter();
+    // Where each text sits in the array (counting NULLs, from 1), to name it.
+    let elements: Vec<usize> = present.iter().enumerate().filter(|(_, p)| **p).map(|(i, _)| i + 1).collect();
+    let mut vectors = if texts.is_empty() { Vec::new() } else { embed_texts(texts, role, Some(&elements)) }.into_iter();
     present.into_iter().map(|p| if p { vectors.next().map(Vector) } else { None }).collect()
 }
 
@@ -51,16 +53,23 @@ mod kvembed {
     fn status_json() -> JsonB {
         let s = client::status();
         let supervisor = crate::worker::read_state().unwrap_or_default();
-        let (layers, layers_source) = match settings::layers() {
-            LayerChoice::Explicit(l) => (l, "setting"),
-            LayerChoice::Default => (s.default_layers.clone(), "default"),
-            LayerChoice::Auto => match calibration::layers_for(&s.model_id) {
-                Some(l) => (l, "calibration"),
-                None => (s.default_layers.clone(), "default"),
-            },
-        };
-        let opts = settings::embed_options(None);
+        let (asked_layers, layers_source, _) = session_layers(|| s.model_id.clone());
+        let opts = settings::embed_options(asked_layers);
         let engine = settings::EngineSettings::current();
+        // What the session's settings run on the loaded model (a method's
+        // own layers, bias and prompts where it is not the default one);
+        // before the model is loaded, the settings as they are.
+        let described = (s.state == kvembed_proto::EngineState::Ready).then(|| client::describe(opts.clone())).flatten();
+        let (method, layers, bias, document_prompt, query_prompt) = match described {
+            Some(d) => (d.method, d.layers, d.bias, d.document_prompt, d.query_prompt),
+            None => (
+                opts.method.clone().unwrap_or(s.default_method),
+                opts.layers.clone().unwrap_or(s.default_layers),
+                Some(opts.bias.unwrap_or(s.default_bias)),
+                opts.document_prompt.clone().unwrap_or(s.document_prompt),
+                opts.query_prompt.clone().unwrap_or(s.query_prompt),
+            ),
+        };
         JsonB(serde_json::json!({
             "state": s.state.as_str(),
             "model": s.model,
@@ -70,12 +79,12 @@ mod kvembed {
             "n_layers": s.layers,
             "device": s.device,
             "cpu": s.cpu,
-            "method": opts.method.unwrap_or(s.default_method),
+            "method": method,
             "layers": layers,
             "layers_source": layers_source,
-            "bias": opts.bias.unwrap_or(s.default_bias),
-            "document_prompt": opts.document_prompt.unwrap_or(s.document_prompt),
-            "query_prompt": opts.query_prompt.unwrap_or(s.query_prompt),
+            "bias": bias,
+            "document_prompt": document_prompt,
+            "query_prompt": query_prompt,
             "max_tokens": opts.max_tokens.unwrap_or(s.max_tokens),
             "max_tokens_limit": s.max_tokens_limit,
             "max_calibration_texts": s.max_calibration_texts,
@@ -218,31 +227,50 @@ fn parse_role(role: &str) -> Role {
 /// the model they were looked up for, and the engine refuses it if it has
 /// restarted with another model in between.
 fn request_options() -> EmbedOptions {
-    let (layers, expect_model) = match settings::layers() {
-        LayerChoice::Explicit(l) => (Some(l), None),
-        LayerChoice::Default => (None, None),
-        LayerChoice::Auto => {
-            let model_id = client::with_engine(true, |e| Ok(e.status.model_id.clone()));
-            (calibration::layers_for(&model_id), Some(model_id))
-        }
-    };
+    let (layers, _, expect_model) = session_layers(|| client::with_engine(true, |e| Ok(e.status.model_id.clone())));
     EmbedOptions { expect_model, ..settings::embed_options(layers) }
+}
+
+/// The layers the session's settings ask for; where they come from
+/// (`setting`, `calibration`, or `default`: the method's own, `None`); and,
+/// with `kvembed.layers = 'auto'`, the model (`model_id()`) whose stored
+/// calibration was looked up, which a request then names.
+fn session_layers(model_id: impl FnOnce() -> String) -> (Option<Vec<usize>>, &'static str, Option<String>) {
+    match settings::layers() {
+        LayerChoice::Explicit(l) => (Some(l), "setting", None),
+        LayerChoice::Default => (None, "default", None),
+        LayerChoice::Auto => {
+            let model_id = model_id();
+            match calibration::layers_for(&model_id) {
+                Some(l) => (Some(l), "calibration", Some(model_id)),
+                None => (None, "default", Some(model_id)),
+            }
+        }
+    }
 }
 
 /// Embeds `texts`, in requests of bounded size (`kvembed_proto::request_bounds`):
 /// a large `kv_embed_batch` neither builds one huge request and reply nor
 /// holds the engine for the whole array at once, and a cancel stops it
 /// within one forward pass of the engine.
-fn embed_texts(texts: Vec<String>, role: DbText) -> Vec<Vec<f32>> {
+/// Embeds `texts` in requests of a bounded size. `elements`: each text's
+/// place in the caller's array (from 1), to name a text in errors; `None`
+/// for a single text.
+fn embed_texts(texts: Vec<String>, role: DbText, elements: Option<&[usize]>) -> Vec<Vec<f32>> {
     let role = parse_role(&role.into_utf8());
     let options = request_options();
     let mut texts = texts;
+    // Which texts were cut before tokenizing: their length in tokens is
+    // then a lower bound.
+    let mut cut = vec![false; texts.len()];
     if options.truncate != Some(false) {
         // Only the first max_tokens tokens of a text are kept: the bytes far
         // beyond them need not travel (the engine cuts at the same place).
         let cap = options.max_tokens.unwrap_or_else(|| client::with_engine(true, |e| Ok(e.status.max_tokens)));
         if cap > 0 {
-            texts.iter_mut().for_each(|t| kvembed_proto::cut_far_beyond(t, cap));
+            for (t, cut) in texts.iter_mut().zip(&mut cut) {
+                *cut = kvembed_proto::cut_far_beyond(t, cap);
+            }
         }
     }
     let count = texts.len();
@@ -256,16 +284,22 @@ fn embed_texts(texts: Vec<String>, role: DbText) -> Vec<Vec<f32>> {
     let mut start = 0;
     for end in bounds {
         let chunk: Vec<String> = texts.by_ref().take(end - start).collect();
-        let out = client::embed(chunk, role, options.clone());
+        let name = |i: usize| match elements {
+            Some(elements) => format!("element {} of the array", elements[start + i]),
+            None => "the text".to_string(),
+        };
+        let out = client::embed(chunk, role, options.clone(), &name);
         truncated.extend(out.truncated.into_iter().map(|t| Truncation { index: t.index + start, ..t }));
         vectors.extend(out.vectors);
         start = end;
     }
-    report_truncations(&truncated, count);
+    report_truncations(&truncated, &cut, count);
     vectors
 }
 
-fn report_truncations(truncated: &[Truncation], count: usize) {
+/// One NOTICE for the texts that were cut (`cut[i]`: text `i` was cut far
+/// beyond the limit before tokenizing, so its count is a lower bound).
+fn report_truncations(truncated: &[Truncation], cut: &[bool], count: usize) {
     if let (false, Some((asked, limit))) = (truncated.is_empty(), settings::max_tokens_over_limit()) {
         notice!(
             "kvembed: kvembed.max_tokens = {asked} is above the administrator's kvembed.max_tokens_limit = {limit}; texts are cut at {limit} tokens"
@@ -274,17 +308,28 @@ fn report_truncations(truncated: &[Truncation], count: usize) {
     match truncated {
         [] => {}
         [t] if count == 1 => notice!(
-            "kvembed: text truncated from {} to {} tokens (kvembed.max_tokens; set kvembed.on_overflow = 'error' to refuse instead)",
+            "kvembed: text truncated from {}{} to {} tokens (kvembed.max_tokens; set kvembed.on_overflow = 'error' to refuse instead)",
+            at_least(cut.get(t.index).copied().unwrap_or(false)),
             t.tokens,
             t.kept
         ),
         many => {
             let longest = many.iter().map(|t| t.tokens).max().unwrap_or(0);
             let kept = many.iter().map(|t| t.kept).max().unwrap_or(0);
+            let any_cut = many.iter().any(|t| cut.get(t.index).copied().unwrap_or(false));
             notice!(
-                "kvembed: {} of {count} texts truncated to {kept} tokens (the longest had {longest}; kvembed.max_tokens)",
-                many.len()
+                "kvembed: {} of {count} texts truncated to {kept} tokens (the longest had {}{longest}; kvembed.max_tokens)",
+                many.len(),
+                at_least(any_cut)
             );
         }
+    }
+}
+
+fn at_least(lower_bound: bool) -> &'static str {
+    if lower_bound {
+        "at least "
+    } else {
+        ""
     }
 }

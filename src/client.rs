@@ -93,8 +93,14 @@ fn try_with_engine<T>(wait_ready: bool, f: impl FnOnce(&mut Engine) -> io::Resul
 }
 
 /// Embeds `texts` with the session's settings; ERRORs carry the engine's
-/// message under a SQLSTATE that fits it.
-pub fn embed(texts: Vec<String>, role: proto::Role, options: proto::EmbedOptions) -> Embedded {
+/// message under a SQLSTATE that fits it. A text refused as too long is
+/// named by `name(index in texts)`, in the caller's terms.
+pub fn embed(
+    texts: Vec<String>,
+    role: proto::Role,
+    options: proto::EmbedOptions,
+    name: &dyn Fn(usize) -> String,
+) -> Embedded {
     let asked = texts.len();
     let request = Request::Embed { texts, role, options };
     let (response, vectors) = with_engine(true, |engine| {
@@ -118,6 +124,13 @@ pub fn embed(texts: Vec<String>, role: proto::Role, options: proto::EmbedOptions
     });
     match response {
         Response::Error { kind, message } => raise(kind, &message),
+        Response::TooLong { index, tokens, max } => {
+            let message = match tokens {
+                Some(n) => format!("{} has {n} tokens, more than max_tokens = {max}", name(index)),
+                None => format!("{} has more than max_tokens = {max} tokens", name(index)),
+            };
+            raise(ErrorKind::TooLong, &message)
+        }
         Response::Embeddings { count, dim, truncated, .. } => {
             let values = vectors.unwrap_or_default();
             if values.len() != count * dim {
@@ -185,6 +198,15 @@ pub fn status() -> Status {
         Response::Error { kind, message } => raise(kind, &message),
         Response::Status(s) => s,
         other => unexpected(other),
+    }
+}
+
+/// What `options` resolve to on the loaded model; `None` when the engine
+/// cannot say (no model loaded, or options it refuses).
+pub fn describe(options: proto::EmbedOptions) -> Option<proto::MethodInfo> {
+    match try_with_engine(false, |engine| engine.call(&Request::Describe { options })) {
+        Ok(Response::Described(info)) => Some(info),
+        _ => None,
     }
 }
 
@@ -495,9 +517,11 @@ fn unexpected(r: Response) -> ! {
         Response::Layers { .. } => "layers",
         Response::Progress { .. } => "progress",
         Response::Status(_) => "status",
+        Response::Described(_) => "described",
         Response::ShuttingDown { .. } => "shutting_down",
         Response::FaultArmed { .. } => "fault_armed",
         Response::Error { .. } => "error",
+        Response::TooLong { .. } => "too_long",
     };
     protocol_error(&format!("unexpected '{what}' response"))
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
 /// Bumped on any incompatible change; `Hello` checks it.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// A text's token budget when neither the request nor the session sets one
 /// (the default of `kvembed.max_tokens`, and of a layer selection's texts).
@@ -101,16 +101,19 @@ pub fn parse_layer_list(s: &str) -> Result<Vec<usize>, String> {
 /// text (or one 10 MB "word", which byte-level BPE merges in quadratic time)
 /// costs no more than a long paragraph, in the request and in the
 /// tokenizer. The kept prefix tokenises exactly as before, because the cut
-/// lies well past the last token kept.
-pub fn cut_far_beyond(text: &mut String, max_tokens: usize) {
+/// lies well past the last token kept. Returns whether it cut: the length in
+/// tokens counted afterwards is then only a lower bound.
+pub fn cut_far_beyond(text: &mut String, max_tokens: usize) -> bool {
     let limit = max_tokens.saturating_mul(MAX_BYTES_PER_TOKEN);
-    if text.len() > limit {
-        let mut end = limit;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
+    if text.len() <= limit {
+        return false;
     }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    true
 }
 
 /// Splits `texts` into consecutive requests of at most [`REQUEST_TEXTS`]
@@ -210,6 +213,9 @@ pub enum Request {
         options: SelectOptions,
     },
     Status,
+    /// What `options` resolve to on the loaded model (the method, its
+    /// re-routed layers, bias and prompts), answered with `Described`.
+    Describe { options: EmbedOptions },
     /// Ask the server to exit after answering (`kv_restart()`): its
     /// supervisor starts a fresh one, re-reading the settings.
     Shutdown,
@@ -315,6 +321,19 @@ impl std::fmt::Display for EngineState {
     }
 }
 
+/// The effective configuration of a method on the loaded model: what a
+/// request with given options runs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct MethodInfo {
+    pub method: String,
+    /// The re-routed layers; empty for a method without re-routing.
+    pub layers: Vec<usize>,
+    /// The bias on the re-routed column; `None` without re-routing.
+    pub bias: Option<f32>,
+    pub document_prompt: String,
+    pub query_prompt: String,
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct Status {
     pub state: EngineState,
@@ -394,6 +413,7 @@ pub enum Response {
         model_id: String,
     },
     Status(Status),
+    Described(MethodInfo),
     /// Answer to `Shutdown`; the server exits right after sending it.
     ShuttingDown {
         pid: u32,
@@ -405,6 +425,17 @@ pub enum Response {
     Error {
         kind: ErrorKind,
         message: String,
+    },
+    /// An `Embed` without truncation refused up front: text `index` of the
+    /// request has more than `max` tokens. The client names the text in its
+    /// own terms (an array element, a row).
+    TooLong {
+        index: usize,
+        /// Its exact length; `None` where it was not counted (a text of more
+        /// than `max * MAX_BYTES_PER_TOKEN` bytes certainly has more than
+        /// `max` tokens, and megabytes are not tokenised to say how many).
+        tokens: Option<usize>,
+        max: usize,
     },
 }
 
@@ -588,11 +619,11 @@ mod tests {
     #[test]
     fn huge_texts_are_cut_on_a_char_boundary_far_beyond_the_cap() {
         let mut t = "é".repeat(10_000); // 2 bytes per char
-        cut_far_beyond(&mut t, 10);
+        assert!(cut_far_beyond(&mut t, 10), "a cut is reported");
         assert!(t.len() <= 10 * MAX_BYTES_PER_TOKEN && t.len() >= 10 * MAX_BYTES_PER_TOKEN - 1);
         assert!(t.chars().all(|c| c == 'é'));
         let mut short = "short".to_string();
-        cut_far_beyond(&mut short, 10);
+        assert!(!cut_far_beyond(&mut short, 10));
         assert_eq!(short, "short");
     }
 

@@ -59,12 +59,20 @@ SELECT regress_error($q$SELECT kv_embed(body) FROM regress_texts WHERE n = 3$q$)
        regress_error($q$SELECT kv_embed_batch(ARRAY['short', body]) FROM regress_texts WHERE n = 3$q$, false) AS batch,
        regress_error($q$SELECT kv_embed_half(body, 'query') FROM regress_texts WHERE n = 10$q$, false) AS half_query;
 SELECT vector_dims(kv_embed('one two three four five six seven eight nine ten')) AS within_limit;
--- A huge text is refused too (without tokenising all of it)...
-SELECT regress_error($q$SELECT kv_embed(repeat('x', 10000000))$q$, false) AS huge_refused;
--- ...and with truncation it costs no more than a short one: cut to its
--- first 16 tokens like a shorter run of the same character (the NOTICEs,
--- which count only the bytes that were read, are left out).
+-- The refused text is named by its place: an array's element (from 1,
+-- NULLs counted), also past the first request of 256 texts.
+SELECT regress_error($q$SELECT kv_embed_batch(ARRAY[NULL, NULL, 'short', body]) FROM regress_texts WHERE n = 3$q$) AS fourth;
+SELECT regress_error($q$SELECT kv_embed_batch(array_fill('short'::text, ARRAY[300]) || body) FROM regress_texts WHERE n = 3$q$) AS element_301;
+-- A huge text is refused too, without tokenising all of it: its length is
+-- "more than" the limit...
+SELECT regress_error($q$SELECT kv_embed(repeat('x', 10000000))$q$) AS huge_refused;
+-- ...and with truncation it is cut before it is tokenised, so its NOTICE
+-- gives what was counted as a lower bound ("at least")...
 SET kvembed.on_overflow = 'truncate';
+SELECT vector_dims(kv_embed(repeat('x', 100000))) AS cut_dims;
+SELECT cardinality(kv_embed_batch(ARRAY['short', repeat('x', 100000)])) AS cut_batch;
+-- ...and it costs no more than a short one: cut to its first 16 tokens like
+-- a shorter run of the same character.
 SET client_min_messages = warning;
 SELECT vector_dims(kv_embed(repeat('x', 10000000))) AS huge_dims,
        (kv_embed(repeat('x', 10000000)) <=> kv_embed(repeat('x', 4096))) < 1e-5 AS huge_is_its_start;

@@ -50,6 +50,25 @@ SET kvembed.method = 'kv-paper';
 SELECT method FROM kv_status();
 RESET ALL;
 SELECT method, layers, layers_source, bias, max_tokens, on_overflow FROM kv_status();
+-- kv_status() shows what the session's method runs on this model, not the
+-- default method's settings: each method's own layers, bias and prompt (no
+-- layers and no bias for a method without re-routing)...
+SELECT value AS method,
+       regress_eval('SELECT layers FROM kv_status()', 'kvembed.method', value) AS layers,
+       regress_eval($q$SELECT coalesce(bias::text, 'none') FROM kv_status()$q$, 'kvembed.method', value) AS bias,
+       regress_eval('SELECT document_prompt FROM kv_status()', 'kvembed.method', value) AS document_prompt
+  FROM (VALUES ('kv'), ('kv-paper'), ('mean'), ('token-prepending')) AS t(value);
+-- ...and the layers it shows are the ones that run: set explicitly, they
+-- give the same vector.
+SET kvembed.method = 'kv-paper';
+CREATE TABLE regress_status_paper AS
+  SELECT kv_embed('The quick brown fox jumps over the lazy dog.') AS v,
+         (SELECT array_to_string(layers, ',') FROM kv_status()) AS layers;
+SELECT set_config('kvembed.layers', layers, false) <> '' AS layers_set FROM regress_status_paper;
+SELECT (v <=> kv_embed('The quick brown fox jumps over the lazy dog.')) < 1e-5 AS shown_layers_are_run
+  FROM regress_status_paper;
+DROP TABLE regress_status_paper;
+RESET ALL;
 -- Layer lists: ranges, braces, blanks, duplicates; 'default' ignores any
 -- calibration; 'auto' and '' use it where one is stored (none is here).
 SELECT value, regress_eval('SELECT layers FROM kv_status()', 'kvembed.layers', value) AS layers,

@@ -8,7 +8,7 @@ use kvembed_model::loader::{self, ModelSource, TensorStore, WeightFormat};
 use crate::method::{Knobs, Method, Pooling, Prepend, Template, DEFAULT_METHOD};
 use kvembed_model::tokenizer::TextTokenizer;
 use candle_core::{DType, Device, Tensor};
-use kvembed_proto::{EmbedOptions, LayerPoint, Role, SelectOptions, Truncation};
+use kvembed_proto::{EmbedOptions, LayerPoint, MethodInfo, Role, SelectOptions, Truncation};
 
 /// What to load and where.
 #[derive(Debug, Clone)]
@@ -85,6 +85,16 @@ struct Prepared {
     last_copy: std::ops::Range<usize>,
     /// First position that counts for mean pooling (after BOS).
     mean_start: usize,
+}
+
+fn describe(method: &Method, n_layers: usize, family: kvembed_model::arch::Family) -> MethodInfo {
+    MethodInfo {
+        method: method.name.clone(),
+        layers: method.reroute.as_ref().map(|r| r.layers.resolve(n_layers, family)).unwrap_or_default(),
+        bias: method.reroute.as_ref().map(|r| r.bias),
+        document_prompt: method.document.source(),
+        query_prompt: method.query.source(),
+    }
 }
 
 pub fn pick_device(spec: &str) -> Result<Device> {
@@ -223,8 +233,8 @@ impl Embedder {
                 tokenizer.vocab_size, rows
             )));
         }
-        let method = Method::from_name(DEFAULT_METHOD)?;
         let cfg = &decoder.cfg;
+        let default = describe(&Method::from_name(DEFAULT_METHOD)?, cfg.n_layers, cfg.family);
         // The same weights must get the same id however the path is spelled.
         let canonical = std::fs::canonicalize(source.path()).unwrap_or_else(|_| source.path().to_path_buf());
         let model_id = format!(
@@ -242,11 +252,11 @@ impl Embedder {
             dim: cfg.hidden,
             layers: cfg.n_layers,
             device: describe_device(&device, dtype),
-            default_method: method.name.clone(),
-            default_layers: method.reroute.as_ref().map(|r| r.layers.resolve(cfg.n_layers, cfg.family)).unwrap_or_default(),
-            default_bias: method.reroute.as_ref().map(|r| r.bias).unwrap_or(0.0),
-            document_prompt: method.document.source(),
-            query_prompt: method.query.source(),
+            default_method: default.method,
+            default_layers: default.layers,
+            default_bias: default.bias.unwrap_or(0.0),
+            document_prompt: default.document_prompt,
+            query_prompt: default.query_prompt,
             max_tokens: kvembed_proto::DEFAULT_MAX_TOKENS_LIMIT.min(cfg.max_position.max(1)),
             context: cfg.max_position.max(1),
         };
@@ -255,6 +265,18 @@ impl Embedder {
 
     pub fn info(&self) -> ModelInfo {
         self.info.clone()
+    }
+
+    /// What a request with `opts` runs on this model: the method as
+    /// [`Embedder::embed`] builds it, its layers resolved to this depth.
+    pub fn describe(&self, opts: &EmbedOptions) -> Result<MethodInfo> {
+        let method = self.method(opts)?;
+        Ok(describe(&method, self.decoder.cfg.n_layers, self.decoder.cfg.family))
+    }
+
+    /// The method a request with `opts` runs (with this embedder's knobs).
+    fn method(&self, opts: &EmbedOptions) -> Result<Method> {
+        Method::from_name(opts.method.as_deref().unwrap_or(DEFAULT_METHOD))?.with_options(opts)?.with_knobs(&self.knobs)
     }
 
     pub fn count_tokens(&self, text: &str) -> usize {
@@ -270,7 +292,7 @@ impl Embedder {
     /// prompt's own tokens (BOS and placeholder included) and how many copies
     /// of the text it holds (two for Echo).
     pub fn prompt_cost(&self, role: Role, opts: &EmbedOptions) -> Result<(usize, usize)> {
-        let method = Method::from_name(opts.method.as_deref().unwrap_or(DEFAULT_METHOD))?.with_options(opts)?.with_knobs(&self.knobs)?;
+        let method = self.method(opts)?;
         let template = match role {
             Role::Document => &method.document,
             Role::Query => &method.query,
@@ -291,7 +313,7 @@ impl Embedder {
         opts: &EmbedOptions,
         keep_going: &dyn Fn() -> bool,
     ) -> Result<EmbedOutput> {
-        let method = Method::from_name(opts.method.as_deref().unwrap_or(DEFAULT_METHOD))?.with_options(opts)?.with_knobs(&self.knobs)?;
+        let method = self.method(opts)?;
         let max_tokens = opts.max_tokens.unwrap_or(kvembed_proto::DEFAULT_MAX_TOKENS_LIMIT);
         self.embed_with(texts, role, &method, max_tokens, opts.truncate.unwrap_or(true), keep_going)
     }

@@ -56,6 +56,13 @@ fn answer<W: Write>(shared: &Shared, stream: &UnixStream, writer: &mut W, reques
             return Ok(Next::Close);
         }
         Request::Status => proto::write_json(writer, &Response::Status(shared.status()))?,
+        Request::Describe { options } => {
+            let described = shared.wait_loaded().and_then(|(e, _)| e.describe(&options).map_err(|e| (e.kind(), e.to_string())));
+            match described {
+                Ok(info) => proto::write_json(writer, &Response::Described(info))?,
+                Err((kind, message)) => refuse(writer, kind, message)?,
+            }
+        }
         Request::Fault { fault } => match crate::faults::arm(shared, fault) {
             Ok(()) => proto::write_json(writer, &Response::FaultArmed { pid })?,
             Err(message) => refuse(writer, ErrorKind::InvalidInput, message)?,
@@ -78,15 +85,15 @@ fn answer<W: Write>(shared: &Shared, stream: &UnixStream, writer: &mut W, reques
     Ok(Next::Read)
 }
 
-/// Queues admitted work and sends its outcome, or the refusal.
+/// Queues admitted work and sends its outcome, or sends the refusal.
 fn run<W: Write>(
     shared: &Shared,
     stream: &UnixStream,
     writer: &mut W,
-    admitted: std::result::Result<Work, (ErrorKind, String)>,
+    admitted: std::result::Result<Work, Response>,
 ) -> io::Result<Next> {
     match admitted {
-        Err((kind, message)) => refuse(writer, kind, message)?,
+        Err(refusal) => proto::write_json(writer, &refusal)?,
         Ok(work) => match submit(shared, stream, writer, work) {
             None => return Ok(Next::Close),
             Some(outcome) => send_outcome(writer, outcome)?,

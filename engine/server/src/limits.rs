@@ -3,8 +3,7 @@
 //! before it is queued, so every refusal happens before any work.
 
 use kvembed_core::embedder::Embedder;
-use kvembed_core::EngineError;
-use kvembed_proto::{self as proto, EmbedOptions, ErrorKind, Role, SelectOptions};
+use kvembed_proto::{self as proto, EmbedOptions, ErrorKind, Response, Role, SelectOptions};
 
 use crate::jobs::{EmbedWork, Work};
 use crate::state::Shared;
@@ -16,9 +15,9 @@ pub(crate) fn admit_embed(
     mut texts: Vec<String>,
     role: Role,
     mut options: EmbedOptions,
-) -> std::result::Result<Work, (ErrorKind, String)> {
-    let (embedder, info) = shared.wait_loaded()?;
-    let refuse = |message: String| Err((ErrorKind::InvalidInput, message));
+) -> std::result::Result<Work, Response> {
+    let (embedder, info) = shared.wait_loaded().map_err(refusal)?;
+    let refuse = |message: String| Err(refusal((ErrorKind::InvalidInput, message)));
     if texts.len() > proto::MAX_REQUEST_TEXTS {
         return refuse(format!(
             "one request carries {} texts, more than {}: split it",
@@ -36,10 +35,10 @@ pub(crate) fn admit_embed(
         ));
     }
     if let Some(expected) = options.expect_model.as_ref().filter(|m| **m != info.model_id) {
-        return Err((
+        return Err(refusal((
             ErrorKind::ModelChanged,
             format!("the request was prepared for model '{expected}', the engine now serves '{}'", info.model_id),
-        ));
+        )));
     }
     // The session's limit, else the server's default; never above the
     // administrator's ceiling.
@@ -54,26 +53,35 @@ pub(crate) fn admit_embed(
     }
     // What each text costs a pass (for slicing and packing), and without
     // truncation the refusal of a text over the limit, up front.
-    let (fixed, slots) = embedder.prompt_cost(role, &options).map_err(|e| (e.kind(), e.to_string()))?;
+    let (fixed, slots) = embedder.prompt_cost(role, &options).map_err(|e| refusal((e.kind(), e.to_string())))?;
     let mut cost = Vec::with_capacity(texts.len());
     for (index, t) in texts.iter().enumerate() {
-        let tokens = if truncate { estimate_tokens(&embedder, t, cap) } else { exact_tokens(&embedder, t, cap) };
-        if !truncate && tokens > cap {
-            return Err((ErrorKind::TooLong, EngineError::TooLong { index, tokens, max: cap }.to_string()));
-        }
+        let tokens = if truncate {
+            estimate_tokens(&embedder, t, cap)
+        } else {
+            match exact_tokens(&embedder, t, cap) {
+                Some(n) if n <= cap => n,
+                tokens => return Err(Response::TooLong { index, tokens, max: cap }),
+            }
+        };
         cost.push(fixed + slots * tokens.min(cap));
     }
     Ok(Work::Embed(EmbedWork::new(texts, cost, role, options)))
 }
 
-/// A text's exact token count, for refusing it when truncation is off; a
-/// text longer than `cap` tokens can be anything above `cap` (it is refused
-/// either way), so megabytes are not tokenised to say so.
-pub(crate) fn exact_tokens(embedder: &Embedder, text: &str, cap: usize) -> usize {
+/// A text's exact token count, for refusing it when truncation is off;
+/// `None` for a text so long in bytes that it certainly has more than `cap`
+/// tokens (it is refused either way, so megabytes are not tokenised).
+pub(crate) fn exact_tokens(embedder: &Embedder, text: &str, cap: usize) -> Option<usize> {
     if text.len() > cap.saturating_mul(proto::MAX_BYTES_PER_TOKEN) {
-        return cap + 1;
+        return None;
     }
-    embedder.count_tokens(text)
+    Some(embedder.count_tokens(text))
+}
+
+/// The reply that refuses a request: an error of `kind`.
+pub(crate) fn refusal((kind, message): (ErrorKind, String)) -> Response {
+    Response::Error { kind, message }
 }
 
 /// The same for a layer selection: its sample and its texts' length.
@@ -81,15 +89,15 @@ pub(crate) fn admit_selection(
     shared: &Shared,
     texts: Vec<String>,
     mut options: SelectOptions,
-) -> std::result::Result<Work, (ErrorKind, String)> {
+) -> std::result::Result<Work, Response> {
     let limit = shared.opts.calibration_limit();
     if texts.len() > limit {
-        return Err((
+        return Err(refusal((
             ErrorKind::InvalidInput,
             format!("a layer selection over {} texts, more than kvembed.max_calibration_texts = {limit}", texts.len()),
-        ));
+        )));
     }
-    let (_, info) = shared.wait_loaded()?;
+    let (_, info) = shared.wait_loaded().map_err(refusal)?;
     let cap = shared.opts.token_limit(info.context);
     options.max_tokens = Some(options.max_tokens.unwrap_or(proto::DEFAULT_MAX_TOKENS).min(cap));
     Ok(Work::SelectLayers { texts, options })

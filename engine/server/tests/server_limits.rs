@@ -97,6 +97,9 @@ impl Conn {
                 Ok((values.chunks(dim).map(<[f32]>::to_vec).collect(), truncated))
             }
             Response::Error { kind, message } => Err((kind, message)),
+            Response::TooLong { index, tokens, max } => {
+                Err((proto::ErrorKind::TooLong, format!("text {index} has {tokens:?} tokens, more than {max}")))
+            }
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -164,11 +167,22 @@ fn no_request_goes_above_the_servers_limits() {
     let at_limit = EmbedOptions { max_tokens: Some(32), ..Default::default() };
     let (v_limit, _) = c.embed(vec![long.clone()], at_limit).unwrap();
     assert_eq!(v_wide, v_limit);
-    // With truncation off the text is refused, never run in full.
+    // With truncation off the text is refused, never run in full; the
+    // refusal names the text by its place in the request and its length.
     let strict = EmbedOptions { max_tokens: Some(100_000), truncate: Some(false), ..Default::default() };
-    let (kind, message) = c.embed(vec![long], strict).unwrap_err();
-    assert_eq!(kind, proto::ErrorKind::TooLong, "{message}");
-    assert!(message.contains("max_tokens = 32"), "{message}");
+    let passes = c.status().forward_passes;
+    let request = Request::Embed { texts: vec!["short".into(), long], role: Role::Document, options: strict.clone() };
+    match c.call(&request).unwrap() {
+        Response::TooLong { index: 1, tokens: Some(tokens), max: 32 } => assert!(tokens > 200, "{tokens}"),
+        other => panic!("the second text must be refused as too long: {other:?}"),
+    }
+    // Megabytes are not tokenised to say so: their length is "more than 32".
+    let request = Request::Embed { texts: vec!["x".repeat(10 << 20)], role: Role::Document, options: strict };
+    match c.call(&request).unwrap() {
+        Response::TooLong { index: 0, tokens: None, max: 32 } => {}
+        other => panic!("a 10 MB text must be refused as more than 32 tokens: {other:?}"),
+    }
+    assert_eq!(c.status().forward_passes, passes);
 
     // Too many texts in one request: refused before any work.
     let passes = c.status().forward_passes;
@@ -341,4 +355,41 @@ fn faults_are_armed_only_where_the_server_allows_them() {
     assert!(message.contains("injected fault"), "{message}");
     // The panic failed that batch only.
     assert_eq!(c.embed(texts(2), EmbedOptions::default()).unwrap().0.len(), 2);
+}
+
+/// `Describe` answers what a request with given options runs on the loaded
+/// model: each method's own layers, bias and prompts, the options' where
+/// they set them, nothing re-routed for a method without re-routing.
+#[test]
+fn describe_says_what_a_request_runs() {
+    let server = Server::start("describe", &[]);
+    let mut c = server.connect();
+    let status = c.status();
+    let mut describe = |options: EmbedOptions| match c.call(&Request::Describe { options }).unwrap() {
+        Response::Described(info) => info,
+        other => panic!("unexpected {other:?}"),
+    };
+    let kv = describe(EmbedOptions::default());
+    assert_eq!(kv.method, status.default_method);
+    assert_eq!(kv.layers, status.default_layers);
+    assert_eq!(kv.bias, Some(status.default_bias));
+    assert_eq!(kv.document_prompt, status.document_prompt);
+    let paper = describe(EmbedOptions { method: Some("kv-paper".into()), ..Default::default() });
+    assert_eq!(paper.method, "kv-paper");
+    assert_eq!(paper.layers.len(), 3);
+    assert_ne!(paper.layers, kv.layers, "kv-paper re-routes at its own window");
+    assert_ne!(paper.document_prompt, kv.document_prompt);
+    let mean = describe(EmbedOptions { method: Some("mean".into()), ..Default::default() });
+    assert!(mean.layers.is_empty() && mean.bias.is_none(), "{mean:?}");
+    let set = describe(EmbedOptions {
+        method: Some("kv-paper".into()),
+        layers: Some(vec![2, 3]),
+        bias: Some(2.5),
+        ..Default::default()
+    });
+    assert_eq!((set.layers, set.bias), (vec![2, 3], Some(2.5)));
+    match c.call(&Request::Describe { options: EmbedOptions { method: Some("nope".into()), ..Default::default() } }).unwrap() {
+        Response::Error { kind, .. } => assert_eq!(kind, proto::ErrorKind::InvalidInput),
+        other => panic!("an unknown method must be refused: {other:?}"),
+    }
 }
