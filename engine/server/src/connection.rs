@@ -1,6 +1,7 @@
-//! One thread per connection: reads requests, answers `Hello`, `Status` and
-//! `Shutdown` itself, and hands `Embed` and `SelectLayers` to the queue,
-//! watching for the client to go away while it waits.
+//! One thread per connection: reads requests, answers `Hello`, `Status`,
+//! `Describe`, `Fault` and `Shutdown` itself, and hands `Embed` and
+//! `SelectLayers`, once admitted (`limits`), to the queue, watching for the
+//! client to go away while it waits.
 
 use kvembed_proto::{self as proto, ErrorKind, Request, Response};
 use std::io::{self, BufReader, BufWriter, Write};
@@ -10,7 +11,7 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use crate::jobs::{client_gone, Job, Outcome, Work};
-use crate::limits::{admit_embed, admit_selection};
+use crate::limits::{admit_embed, admit_selection, refusal};
 use crate::log;
 use crate::state::Shared;
 
@@ -57,10 +58,12 @@ fn answer<W: Write>(shared: &Shared, stream: &UnixStream, writer: &mut W, reques
         }
         Request::Status => proto::write_json(writer, &Response::Status(shared.status()))?,
         Request::Describe { options } => {
-            let described = shared.wait_loaded().and_then(|(e, _)| e.describe(&options).map_err(|e| (e.kind(), e.to_string())));
+            let described = shared
+                .wait_loaded()
+                .and_then(|(e, _)| e.describe(&options).map_err(|e| (e.kind(), e.to_string())));
             match described {
                 Ok(info) => proto::write_json(writer, &Response::Described(info))?,
-                Err((kind, message)) => refuse(writer, kind, message)?,
+                Err(refused) => proto::write_json(writer, &refusal(refused))?,
             }
         }
         Request::Fault { fault } => match crate::faults::arm(shared, fault) {
@@ -103,9 +106,8 @@ fn run<W: Write>(
 }
 
 fn refuse<W: Write>(writer: &mut W, kind: ErrorKind, message: String) -> io::Result<()> {
-    proto::write_json(writer, &Response::Error { kind, message })
+    proto::write_json(writer, &refusal((kind, message)))
 }
-
 
 /// Queues the work and waits for its outcome. Returns `None` when the client
 /// went away meanwhile (the job is marked abandoned so the inference thread

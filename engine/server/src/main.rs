@@ -62,7 +62,7 @@ impl Args {
             } else if let Some(&n) = switches.iter().find(|&&n| n == name && inline.is_none()) {
                 out.switches.push(n);
             } else {
-                return Err(EngineError::invalid(name, format!("unknown flag --{name}\n{USAGE}")));
+                return Err(EngineError::invalid("arguments", format!("unknown flag --{name}\n{USAGE}")));
             }
         }
         Ok(out)
