@@ -12,6 +12,13 @@
 #   --threads T          compute threads for every runtime (default: all cores)
 #   --shapes LIST        batch shapes, texts x tokens (default 1x32,64x32,16x512,2x4096)
 #   --peers LIST         llama,torch (default both; empty = the engine alone)
+#   --cpu-level L        native (default) or x86-64-v3: caps every runtime to
+#                        AVX2 + FMA, so that an AVX-512/AMX machine measures the
+#                        path most CPUs take: the engine through KVEMBED_CPU,
+#                        PyTorch through ATEN_CPU_CAPABILITY=avx2, llama.cpp
+#                        compiled without AVX-512 and AVX-VNNI (into its own
+#                        directory of the venv). The report says which level ran;
+#                        --out then defaults to docs/BENCHMARKS-x86-64-v3.md
 #   --rows N             rows of the SQL part (default 2000)
 #   --sql-repeat N       timed runs per SQL figure (default 3)
 #   --sessions LIST      pgbench client counts (default 1,4,8)
@@ -50,6 +57,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cmdline="scripts/bench.sh${*:+ $*}"
 
+cpu_level=native; out_given=0
 models="smollm2,qwen05"; repeat=5; threads=""; shapes="1x32,64x32,16x512,2x4096"; peers="llama,torch"
 rows=2000; sql_repeat=3; sessions="1,4,8"; pgbench_s=20; mem_sessions=16; calib_rows=1000
 do_peers=1; do_sql=1; report_only=0; install_ext=0; wait_idle=0; omp_wait_policy=passive; results=""; out="$root/docs/BENCHMARKS.md"
@@ -60,6 +68,7 @@ while [ $# -gt 0 ]; do
     --threads) threads=$2; shift ;;
     --shapes) shapes=$2; shift ;;
     --peers) peers=$2; shift ;;
+    --cpu-level) cpu_level=$2; shift ;;
     --rows) rows=$2; shift ;;
     --sql-repeat) sql_repeat=$2; shift ;;
     --sessions) sessions=$2; shift ;;
@@ -70,13 +79,13 @@ while [ $# -gt 0 ]; do
     --sql-only) do_peers=0 ;;
     --no-peers-part) do_peers=0 ;;
     --quick) repeat=1; sql_repeat=1; shapes="1x32,8x32,2x256"; rows=64; pgbench_s=3; mem_sessions=4; calib_rows=32 ;;
-    --out) out=$(realpath -m "$2"); shift ;;
+    --out) out=$(realpath -m "$2"); out_given=1; shift ;;
     --report-only) report_only=1 ;;
     --results) results=$(realpath -m "$2"); shift ;;
     --install-ext) install_ext=1 ;;
     --wait-idle) wait_idle=$2; shift ;;
     --omp-wait-policy) omp_wait_policy=$2; shift ;;
-    -h|--help) sed -n '2,46p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,54p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -92,10 +101,25 @@ cd "$KVEMBED_ROOT"
 say() { echo "==== [bench] $*"; }
 die() { echo "bench.sh: error: $*" >&2; exit 1; }
 
+# The instruction-set cap of every runtime (the engine's server in the SQL
+# part inherits it from the benchmark cluster's environment).
+llama_dir=""
+case "$cpu_level" in
+  native) ;;
+  x86-64-v3)
+    export KVEMBED_CPU=x86-64-v3 ATEN_CPU_CAPABILITY=avx2
+    [ "$out_given" = 1 ] || out="$KVEMBED_ROOT/docs/BENCHMARKS-x86-64-v3.md" ;;
+  *) die "--cpu-level is native or x86-64-v3, not '$cpu_level'" ;;
+esac
+
 [ -n "$threads" ] || threads=$(nproc)
 [ -n "$results" ] || results="$KVEMBED_ROOT/.cache/bench"
 venv="$KVEMBED_ROOT/.venv-bench"
 py="$venv/bin/python"
+if [ "$cpu_level" != native ]; then
+  llama_dir="$venv/llama-$cpu_level"
+  export PYTHONPATH="$llama_dir${PYTHONPATH:+:$PYTHONPATH}"
+fi
 mkdir -p "$results"
 
 model_path() {
@@ -129,6 +153,7 @@ rm -rf "$results/peers" "$results/sql"
 {
   echo "{\"command\": $(printf '%s' "$cmdline" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))'),"
   echo " \"threads\": $threads, \"repeat\": $repeat, \"models\": \"$models\", \"shapes\": \"$shapes\","
+  echo " \"cpu_level\": \"$cpu_level\","
   echo " \"started\": \"$(date -u '+%Y-%m-%d %H:%M UTC')\"}"
 } > "$results/run.json"
 
@@ -147,6 +172,8 @@ llama_cmake_args() {
   for f in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx_vnni:AVX_VNNI avx512f:AVX512 \
            avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
     opt=${f#*:}
+    # At x86-64-v3 nothing above AVX2 + FMA (+ F16C, BMI2).
+    if [ "$cpu_level" != native ]; then case "$opt" in AVX512*|AVX_VNNI) a="$a -DGGML_$opt=OFF"; continue ;; esac; fi
     case "$flags" in *" ${f%%:*} "*) a="$a -DGGML_$opt=ON" ;; *) a="$a -DGGML_$opt=OFF" ;; esac
   done
   echo "-DGGML_NATIVE=OFF$a -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
@@ -170,17 +197,22 @@ setup_venv() {
       say "WARNING: pip install failed; see $results/setup-pip.log"
     fi
   fi
-  local llama_ver cmake_args stamp_llama="$venv/.llama-cmake-args"
+  local llama_ver cmake_args stamp_llama="$venv/.llama-cmake-args" target=()
+  if [ -n "$llama_dir" ]; then
+    # A capped build beside the native one: its own directory, first on
+    # the peers' PYTHONPATH.
+    stamp_llama="$llama_dir/.llama-cmake-args"; target=(--target "$llama_dir")
+  fi
   llama_ver=$(sed -n 's/^#   llama-cpp-python==\(.*\)$/\1/p' scripts/requirements-bench.txt)
   cmake_args=$(llama_cmake_args)
   if ! "$py" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$llama_ver')" 2>/dev/null \
      || [ "$(cat "$stamp_llama" 2>/dev/null)" != "$cmake_args" ]; then
-    say "compiling llama-cpp-python $llama_ver for this CPU ($cmake_args; ~12 min on 2 cores)"
+    say "compiling llama-cpp-python $llama_ver for $cpu_level ($cmake_args; ~12 min on 2 cores)"
     if CMAKE_ARGS="$cmake_args" FORCE_CMAKE=1 CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
          nice -n 10 "$py" -m pip install -v --disable-pip-version-check --no-cache-dir --no-build-isolation \
-         --force-reinstall --no-deps --no-binary llama-cpp-python "llama-cpp-python==$llama_ver" \
+         --force-reinstall --no-deps --no-binary llama-cpp-python "${target[@]}" "llama-cpp-python==$llama_ver" \
          > "$results/setup-llama.log" 2>&1 \
-       && "$py" -m pip install -q --disable-pip-version-check "llama-cpp-python==$llama_ver" >> "$results/setup-llama.log" 2>&1; then
+       && { [ -n "$llama_dir" ] || "$py" -m pip install -q --disable-pip-version-check "llama-cpp-python==$llama_ver" >> "$results/setup-llama.log" 2>&1; }; then
       echo "$cmake_args" > "$stamp_llama"
     else
       grep -iE "error|fail" "$results/setup-llama.log" | tail -n 20 > "$results/setup-llama.err" || true
@@ -190,7 +222,7 @@ setup_venv() {
 }
 
 if [ "$do_peers" = 1 ] && [ -n "$peers" ]; then setup_venv; fi
-cp "$venv/.llama-cmake-args" "$results/llama-cmake-args.txt" 2>/dev/null || true
+cp "${llama_dir:-$venv}/.llama-cmake-args" "$results/llama-cmake-args.txt" 2>/dev/null || true
 if [ "$do_sql" = 1 ] && ! "$py" -c 'import psycopg' 2>/dev/null; then setup_venv; fi
 # The SQL part needs the project's PostgreSQL with pgvector and the extension:
 # set them up now, not after the long peers part.

@@ -244,10 +244,16 @@ def main():
     w("| --- | --- |")
     for k, v in machine(threads):
         w(f"| {k} | {v} |")
+    level = run.get("cpu_level", "native") if isinstance(run, dict) else "native"
+    if level != "native":
+        w(f"| CPU level | {level}: every runtime capped to AVX2 + FMA (engine `KVEMBED_CPU={level}`, "
+          f"PyTorch `ATEN_CPU_CAPABILITY=avx2`, llama.cpp compiled without AVX-512 and AVX-VNNI) |")
     ev = (R / "engine-version.txt").read_text().strip() if (R / "engine-version.txt").exists() else "?"
     matmuls = sorted({sh.get("engine-noreroute", {}).get("matmul") for m in (peers or {}).get("models", {}).values()
                       for sh in m.get("shapes", {}).values()} - {None})
     mm = {"amx-bf16": "matrix products on the AMX tiles in bf16 (f32 accumulation, f32 everywhere else)",
+          "int8-avx512vnni": "matrix products in int8 with AVX512-VNNI (int8 weights, 7-bit activations per group of 128, f32 everywhere else)",
+          "int8-avx2": "matrix products in int8 with AVX2 (int8 weights, 7-bit activations per group of 128, f32 everywhere else)",
           "f32": "matrix products in f32"}
     how = "; ".join(mm.get(x, x) for x in matmuls) or "matrix products: not recorded"
     w(f"| engine | `{ev}`, release build, CPU, {how} |")

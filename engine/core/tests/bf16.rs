@@ -9,6 +9,7 @@
 
 use candle_core::DType;
 use kvembed_core::proto::{EmbedOptions, Role};
+use kvembed_core::model::loader::WeightFormat;
 use kvembed_core::{Embedder, LoadSpec};
 use std::path::PathBuf;
 
@@ -55,7 +56,10 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn load(model: &str, dtype: DType) -> Embedder {
-    let e = Embedder::load_with_dtype(&LoadSpec::new(model), Some(dtype)).unwrap();
+    // Dense weights in both dtypes: the f32 reference, not the int8
+    // products that f32 on a CPU without AMX defaults to.
+    let spec = LoadSpec { weights: Some(WeightFormat::F32), ..LoadSpec::new(model) };
+    let e = Embedder::load_with_dtype(&spec, Some(dtype)).unwrap();
     assert_eq!(e.decoder.dtype(), dtype);
     e
 }

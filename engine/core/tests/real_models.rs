@@ -2,6 +2,7 @@
 //! $KVEMBED_MODELS, default .cache/models): they must load, continue text
 //! sensibly, and embed paraphrases closer than unrelated sentences.
 
+use kvembed_core::model::loader::WeightFormat;
 use kvembed_core::proto::{EmbedOptions, Role};
 use kvembed_core::{Embedder, LoadSpec};
 use std::path::PathBuf;
@@ -24,10 +25,18 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn check_model(file: &str, expect: &str, arch: &str) {
+    // The decoder itself, on exact f32 products: a greedy continuation is
+    // a knife edge that any rounding of the products may tip (Gemma 3's
+    // "the capital of the country of France" became "the capital of the
+    // world" with int8 products), so it checks the architecture, not the
+    // precision (which docs/QUALITY.md measures on STS).
+    let f32 = Embedder::load(&LoadSpec { weights: Some(WeightFormat::F32), ..LoadSpec::new(model(file)) }).unwrap();
+    let cont = f32.generate("The capital of France is", 10).unwrap();
+    assert!(cont.contains(expect), "{file}: continuation {cont:?} lacks {expect:?}");
+    drop(f32);
+    // Embeddings with the default products of this CPU.
     let e = Embedder::load(&LoadSpec::new(model(file))).unwrap();
     assert_eq!(e.info().architecture, arch);
-    let cont = e.generate("The capital of France is", 10).unwrap();
-    assert!(cont.contains(expect), "{file}: continuation {cont:?} lacks {expect:?}");
 
     let texts: Vec<String> = [
         "A man is playing a guitar on stage.",

@@ -75,6 +75,8 @@ pub struct Features {
     pub avx512f: bool,
     /// AVX512-BF16 (f32 → bf16 conversion in one instruction).
     pub avx512bf16: bool,
+    /// AVX512-VNNI (int8 dot products, `vpdpbusd`).
+    pub avx512vnni: bool,
     /// AMX-BF16 tiles, with the kernel's permission to use them.
     pub amx_bf16: bool,
     /// The cap from `KVEMBED_CPU` (`Native` when unset).
@@ -95,12 +97,13 @@ impl Features {
                 avx2_fma: has!("avx2") && has!("fma") && has!("f16c"),
                 avx512f,
                 avx512bf16: avx512f && has!("avx512bf16"),
+                avx512vnni: avx512f && has!("avx512vnni"),
                 amx_bf16: amx && avx512f && has!("avx512bf16"),
                 cap: Level::Native,
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        Features { avx2_fma: false, avx512f: false, avx512bf16: false, amx_bf16: false, cap: Level::Native }
+        Features { avx2_fma: false, avx512f: false, avx512bf16: false, avx512vnni: false, amx_bf16: false, cap: Level::Native }
     }
 
     /// `cpu` with everything above `cap` switched off.
@@ -109,6 +112,7 @@ impl Features {
             avx2_fma: cpu.avx2_fma && cap >= Level::V3,
             avx512f: cpu.avx512f && cap >= Level::V4,
             avx512bf16: cpu.avx512bf16 && cap >= Level::V4,
+            avx512vnni: cpu.avx512vnni && cap >= Level::V4,
             amx_bf16: cpu.amx_bf16 && cap >= Level::Native,
             cap,
         }
@@ -137,6 +141,9 @@ impl fmt::Display for Features {
         }
         if self.avx512bf16 {
             parts.push("avx512bf16");
+        }
+        if self.avx512vnni {
+            parts.push("avx512vnni");
         }
         if self.avx512f {
             parts.push("avx512f");
@@ -197,6 +204,11 @@ pub fn avx512bf16() -> bool {
     FEATURES.avx512bf16
 }
 
+/// AVX512-VNNI int8 products allowed.
+pub fn avx512vnni() -> bool {
+    FEATURES.avx512vnni
+}
+
 /// AMX-BF16 tile products allowed (and permitted by the kernel).
 pub fn amx_bf16() -> bool {
     FEATURES.amx_bf16
@@ -221,7 +233,7 @@ mod tests {
     use super::*;
 
     fn all() -> Features {
-        Features { avx2_fma: true, avx512f: true, avx512bf16: true, amx_bf16: true, cap: Level::Native }
+        Features { avx2_fma: true, avx512f: true, avx512bf16: true, avx512vnni: true, amx_bf16: true, cap: Level::Native }
     }
 
     #[test]
@@ -238,7 +250,7 @@ mod tests {
     #[test]
     fn a_cap_switches_off_everything_above_it_and_never_adds() {
         let v3 = Features::capped(&all(), Level::V3);
-        assert!(v3.avx2_fma && !v3.avx512f && !v3.avx512bf16 && !v3.amx_bf16);
+        assert!(v3.avx2_fma && !v3.avx512f && !v3.avx512bf16 && !v3.avx512vnni && !v3.amx_bf16);
         assert_eq!(v3.level(), Level::V3);
         let v4 = Features::capped(&all(), Level::V4);
         assert!(v4.avx512f && v4.avx512bf16 && !v4.amx_bf16);
@@ -247,7 +259,8 @@ mod tests {
         assert_eq!(base.level(), Level::Baseline);
         assert!(!base.avx2_fma);
         // An AVX2-only CPU stays AVX2 under a v4 cap.
-        let avx2_cpu = Features { avx2_fma: true, avx512f: false, avx512bf16: false, amx_bf16: false, cap: Level::Native };
+        let avx2_cpu =
+            Features { avx2_fma: true, avx512f: false, avx512bf16: false, avx512vnni: false, amx_bf16: false, cap: Level::Native };
         assert_eq!(Features::capped(&avx2_cpu, Level::V4).level(), Level::V3);
         assert_eq!(Features::capped(&avx2_cpu, Level::Native), avx2_cpu);
     }
@@ -255,7 +268,7 @@ mod tests {
     #[test]
     fn the_description_names_the_level_and_the_cap() {
         assert_eq!(Features::capped(&all(), Level::V3).to_string(), "x86-64-v3 (avx2+fma; capped by KVEMBED_CPU=x86-64-v3)");
-        assert_eq!(all().to_string(), "x86-64-v4+amx (amx-bf16, avx512bf16, avx512f, avx2+fma)");
+        assert_eq!(all().to_string(), "x86-64-v4+amx (amx-bf16, avx512bf16, avx512vnni, avx512f, avx2+fma)");
         assert_eq!(
             Features::capped(&all(), Level::Baseline).to_string(),
             "x86-64 (no wide kernels; capped by KVEMBED_CPU=x86-64)"
@@ -269,6 +282,7 @@ mod tests {
         assert!(!f.avx2_fma || cpu.avx2_fma);
         assert!(!f.avx512f || cpu.avx512f);
         assert!(!f.avx512bf16 || cpu.avx512bf16);
+        assert!(!f.avx512vnni || cpu.avx512vnni);
         assert!(!f.amx_bf16 || cpu.amx_bf16);
     }
 }

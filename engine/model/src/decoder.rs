@@ -151,6 +151,8 @@ enum Weight {
     Quantized(QMatMul),
     /// bf16 tiles for the AMX kernel (f32 in, f32 out).
     Amx(crate::amx::PackedBf16),
+    /// int8 rows for the int8 kernels (f32 in, f32 out).
+    Int8(crate::int8::PackedI8),
 }
 
 impl Weight {
@@ -166,6 +168,12 @@ impl Weight {
     fn amx(m: QMatMul) -> Result<Weight> {
         let (data, n, k) = dense_f32(m)?;
         Ok(Weight::Amx(crate::amx::PackedBf16::pack(&data, n, k)))
+    }
+
+    /// An `[out, in]` weight as int8 rows.
+    fn int8(m: QMatMul) -> Result<Weight> {
+        let (data, n, k) = dense_f32(m)?;
+        Ok(Weight::Int8(crate::int8::PackedI8::pack(&data, n, k)))
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -186,7 +194,7 @@ impl Weight {
                 Ok(y.reshape(out)?)
             }
             Weight::Quantized(q) => qmatmul(q, x),
-            Weight::Amx(_) => {
+            Weight::Amx(_) | Weight::Int8(_) => {
                 let [y] = Weight::forward_shared([self], x)?;
                 Ok(y)
             }
@@ -194,26 +202,31 @@ impl Weight {
     }
 
     /// `forward` of several weights on the same input (a layer's q, k and v;
-    /// gate and up): on the AMX tiles the input is converted to bf16 once.
-    /// (An AMX weight's own `forward` is this with one weight.)
+    /// gate and up): for the AMX tiles the input is converted to bf16 once,
+    /// for the int8 kernels quantized once. (An AMX or int8 weight's own
+    /// `forward` is this with one weight.)
     fn forward_shared<const N: usize>(ws: [&Weight; N], x: &Tensor) -> Result<[Tensor; N]> {
-        let packed: Option<Vec<&crate::amx::PackedBf16>> =
+        let amx: Option<Vec<&crate::amx::PackedBf16>> =
             ws.iter().map(|w| if let Weight::Amx(p) = w { Some(p) } else { None }).collect();
-        let ys = match packed {
-            None => ws.iter().map(|w| w.forward(x)).collect::<Result<Vec<_>>>()?,
-            Some(packed) => {
-                let mut lead = x.dims().to_vec();
-                let k = lead.pop().expect("activations have a feature dimension");
-                let rows = lead.iter().product::<usize>();
+        let int8: Option<Vec<&crate::int8::PackedI8>> =
+            ws.iter().map(|w| if let Weight::Int8(p) = w { Some(p) } else { None }).collect();
+        let mut lead = x.dims().to_vec();
+        let k = lead.pop().expect("activations have a feature dimension");
+        let rows = lead.iter().product::<usize>();
+        let shaped = |y: Vec<f32>, n: usize| -> Result<Tensor> {
+            Ok(Tensor::from_vec(y, [&lead[..], &[n]].concat(), x.device())?)
+        };
+        let ys = match (amx, int8) {
+            (Some(packed), _) => {
                 let tiles = with_cpu_f32(x, |data| crate::amx::Tiles::new(data, rows, k))?;
-                packed
-                    .iter()
-                    .map(|p| {
-                        let shape = [&lead[..], &[p.n()]].concat();
-                        Ok(Tensor::from_vec(p.matmul_tiles(&tiles), shape, x.device())?)
-                    })
-                    .collect::<Result<Vec<_>>>()?
+                packed.iter().map(|p| shaped(p.matmul_tiles(&tiles), p.n())).collect::<Result<Vec<_>>>()?
             }
+            (_, Some(packed)) => {
+                let kernel = crate::int8::Kernel::detect();
+                let q = with_cpu_f32(x, |data| crate::int8::QuantRows::new(data, rows, k, kernel))?;
+                packed.iter().map(|p| shaped(p.matmul_quantized(&q), p.n())).collect::<Result<Vec<_>>>()?
+            }
+            (None, None) => ws.iter().map(|w| w.forward(x)).collect::<Result<Vec<_>>>()?,
         };
         Ok(ys.try_into().expect("one output per weight"))
     }
@@ -291,6 +304,8 @@ pub struct Decoder {
     dtype: DType,
     /// Whether the layers' matmuls run on AMX bf16 tiles.
     pub amx: bool,
+    /// The int8 kernel the layers' matmuls run on, if they do.
+    pub int8: Option<crate::int8::Kernel>,
     /// The fused CPU attention kernel (true on CPU, used only in f32);
     /// tensor ops otherwise.
     pub cpu_attention_kernel: bool,
@@ -377,6 +392,7 @@ struct LayerLoader<'a> {
     format: WeightFormat,
     dtype: DType,
     amx: bool,
+    int8: bool,
 }
 
 impl LayerLoader<'_> {
@@ -384,6 +400,8 @@ impl LayerLoader<'_> {
         let m = self.store.matmul(n, self.dev, self.format)?;
         if self.amx {
             Weight::amx(m)
+        } else if self.int8 {
+            Weight::int8(m)
         } else {
             Weight::new(m, self.dtype)
         }
@@ -497,12 +515,19 @@ impl Decoder {
                 reason: format!("embedding has {} rows, config says vocab {}", embed.rows(), cfg.vocab_size),
             });
         }
-        let amx = format == WeightFormat::Amx && dev.is_cpu() && dtype == DType::F32 && crate::amx::available();
-        let loader = LayerLoader { store, cfg: &cfg, dev, format, dtype, amx };
+        let cpu_f32 = dev.is_cpu() && dtype == DType::F32;
+        let amx = matches!(format, WeightFormat::Auto | WeightFormat::Amx) && cpu_f32 && crate::amx::available();
+        let int8 = !amx && matches!(format, WeightFormat::Auto | WeightFormat::Int8) && cpu_f32;
+        let loader = LayerLoader { store, cfg: &cfg, dev, format, dtype, amx, int8 };
         let layers = (0..cfg.n_layers).map(|i| loader.layer(i)).collect::<Result<Vec<_>>>()?;
         let final_norm = Norm::load(store, "output_norm.weight", &cfg, dev)?;
+        // The output head only serves generation (tools, tokenizer checks):
+        // it stays in its stored blocks unless f32 weights were asked for
+        // (a dense copy is the size of the vocabulary times the width, the
+        // largest matrix of small models).
+        let head_format = if format == WeightFormat::F32 { format } else { WeightFormat::Quantized };
         let lm_head = qmatmul_in(
-            if store.has("output.weight") { store.matmul("output.weight", dev, format)? } else { embed.as_matmul()? },
+            if store.has("output.weight") { store.matmul("output.weight", dev, head_format)? } else { embed.as_matmul()? },
             dtype,
         )?;
         Ok(Decoder {
@@ -514,6 +539,7 @@ impl Decoder {
             device: dev.clone(),
             dtype,
             amx,
+            int8: int8.then(crate::int8::Kernel::detect),
             cpu_attention_kernel: dev.is_cpu(),
             passes: std::sync::atomic::AtomicU64::new(0),
         })
@@ -529,10 +555,13 @@ impl Decoder {
     }
 
     /// How the layers' matrix products run: `amx-bf16` (bf16 tiles, f32
+    /// activations around them), `int8-avx2` etc. (int8 weights, f32
     /// activations around them), else the compute dtype (`f32`, `bf16`, ...).
     pub fn matmul_kernel(&self) -> String {
         if self.amx {
             "amx-bf16".into()
+        } else if let Some(kernel) = self.int8 {
+            kernel.name().into()
         } else {
             self.dtype.as_str().into()
         }

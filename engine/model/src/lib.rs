@@ -6,7 +6,8 @@
 //! * [`tokenizer`]: the model's tokenizer and its agreement checks;
 //! * [`decoder`]: the forward pass, with KV re-routing at chosen layers;
 //! * kernels chosen at run time for the CPU found ([`cpu`]): [`matmul`]
-//!   (AVX-512 or AVX2 gemm), [`amx`] (bf16 tiles), [`attention`], [`fastmath`];
+//!   (AVX-512 or AVX2 gemm), [`amx`] (bf16 tiles), [`int8`] (int8 products
+//!   without AMX: AVX512-VNNI, AVX2), [`attention`], [`fastmath`];
 //!   candle's CUDA backend with the `cuda` feature.
 //!
 //! Depends on nothing else of kvembed except the wire protocol's error kinds.
@@ -19,6 +20,7 @@ pub mod cpu;
 pub mod parallel;
 pub mod matmul;
 pub mod amx;
+pub mod int8;
 pub mod attention;
 pub mod fastmath;
 pub mod decoder;

@@ -109,26 +109,33 @@ pub enum TensorStore {
 /// How matmul weights are held on the CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightFormat {
-    /// Keep GGUF quantized blocks (least memory).
+    /// The default: AMX bf16 tiles where the CPU has AMX-BF16, else int8
+    /// ([`crate::int8`]) on the CPU in f32, else dense in the compute dtype.
+    Auto,
+    /// Keep GGUF quantized blocks (candle's kernels).
     Quantized,
     /// Dequantize to dense tensors (f32, then cast once to the decoder's
-    /// compute dtype).
+    /// compute dtype): the reference the other formats are measured against.
     F32,
     /// Dequantize, then pack as bf16 tiles for the AMX matmul kernel
-    /// ([`crate::amx`]): the default. The decoder falls back to `F32` where
-    /// the CPU has no AMX-BF16, off the CPU, or when the compute dtype is not
-    /// f32.
+    /// ([`crate::amx`]); `F32` where the CPU has no AMX-BF16, off the CPU,
+    /// or when the compute dtype is not f32.
     Amx,
+    /// Dequantize, then requantize to int8 rows ([`crate::int8`]); `F32`
+    /// off the CPU or when the compute dtype is not f32.
+    Int8,
 }
 
 impl WeightFormat {
-    /// `KVEMBED_WEIGHTS=quantized|f32|amx` overrides the default (`amx`,
-    /// which is f32 where the CPU has no AMX).
+    /// `KVEMBED_WEIGHTS=auto|quantized|f32|amx|int8` overrides the default
+    /// (`auto`).
     pub fn from_env() -> WeightFormat {
         match std::env::var("KVEMBED_WEIGHTS").ok().as_deref() {
             Some("quantized") | Some("q") => WeightFormat::Quantized,
             Some("f32") => WeightFormat::F32,
-            _ => WeightFormat::Amx,
+            Some("amx") => WeightFormat::Amx,
+            Some("int8") => WeightFormat::Int8,
+            _ => WeightFormat::Auto,
         }
     }
 }
@@ -291,8 +298,8 @@ impl TensorStore {
         match self {
             TensorStore::Gguf { .. } => {
                 Ok(match format {
-                    WeightFormat::F32 | WeightFormat::Amx => QMatMul::Tensor(self.dequantized(name, dev)?),
                     WeightFormat::Quantized => QMatMul::from_arc(Arc::new(self.qtensor(name, dev)?))?,
+                    _ => QMatMul::Tensor(self.dequantized(name, dev)?),
                 })
             }
             TensorStore::Safetensors { .. } => Ok(QMatMul::Tensor(self.tensor(name, dev)?)),
