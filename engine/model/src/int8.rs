@@ -241,16 +241,14 @@ impl PackedI8 {
             // SAFETY: the kernel was chosen by Kernel::detect (the CPU has
             // these instructions); the slices hold MR rows and whole panels.
             Kernel::Avx512Vnni if ps.len() == 2 => unsafe {
-                vnni::tile2(ctx, xs, sx, [panel(ps.start), panel(ps.start + 1)], [ps.start, ps.start + 1], &sums, out)
+                vnni::tile(ctx, xs, sx, [panel(ps.start), panel(ps.start + 1)], [ps.start, ps.start + 1], &sums, out)
             },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Kernel::Avx512Vnni => unsafe { vnni::tile(ctx, xs, sx, [panel(ps.start)], [ps.start], &sums, out) },
             _ => {
                 for (p, o) in ps.zip(out.iter_mut()) {
                     match kernel {
-                        #[cfg(target_arch = "x86_64")]
-                        // SAFETY: as above.
-                        Kernel::Avx512Vnni => unsafe {
-                            vnni::tile(ctx, xs, sx, panel(p), &|g| sums(g, p), o)
-                        },
                         #[cfg(target_arch = "x86_64")]
                         // SAFETY: as above.
                         Kernel::Avx2 => unsafe { avx2::tile(ctx, xs, sx, panel(p), &|g| sums(g, p), o) },
@@ -452,87 +450,54 @@ mod vnni {
     use super::{group_range, Ctx, MR, PANEL};
     use std::arch::x86_64::*;
 
-    /// # Safety
-    /// The CPU must have AVX-512F/BW and AVX512-VNNI; `xs` holds MR rows of
-    /// `kp`, `w` one panel, `sums(g)` PANEL values.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn tile<'a>(
-        ctx: &Ctx,
-        xs: &[u8],
-        sx: &[f32],
-        w: &[i8],
-        sums: &dyn Fn(usize) -> (&'a [i32], &'a [f32]),
-        out: &mut [[f32; PANEL]; MR],
-    ) {
-        debug_assert!(xs.len() >= MR * ctx.kp && w.len() >= PANEL * ctx.kp);
-        let mut acc = [_mm512_setzero_ps(); MR];
-        let (xp, wp) = (xs.as_ptr(), w.as_ptr());
-        for g in 0..ctx.groups {
-            let mut sum = [_mm512_setzero_si512(); MR];
-            for c in group_range(g, ctx.kp).step_by(4) {
-                let wv = _mm512_loadu_si512(wp.add(c * PANEL) as *const _);
-                for i in 0..MR {
-                    let x = _mm512_set1_epi32((xp.add(i * ctx.kp + c) as *const i32).read_unaligned());
-                    sum[i] = _mm512_dpbusd_epi32(sum[i], x, wv);
-                }
-            }
-            let (sums, sw) = sums(g);
-            let off = _mm512_loadu_si512(sums.as_ptr() as *const _);
-            let sw = _mm512_loadu_ps(sw.as_ptr());
-            for i in 0..MR {
-                let s = _mm512_mul_ps(_mm512_set1_ps(*sx.get_unchecked(i * ctx.groups + g)), sw);
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum[i], off)), s, acc[i]);
-            }
-        }
-        for i in 0..MR {
-            _mm512_storeu_ps(out[i].as_mut_ptr(), acc[i]);
-        }
-    }
-
-    /// [`tile`] on two panels at once (each broadcast activation feeds two
-    /// products).
+    /// `P` panels at once (each broadcast activation feeds `P` products):
+    /// `w[h]` is panel `ps[h]`, `sums(g, ps[h])` its offset sums and scales.
     ///
     /// # Safety
-    /// As for [`tile`].
+    /// The CPU must have AVX-512F/BW and AVX512-VNNI; `xs` holds MR rows of
+    /// `kp`, each `w[h]` one panel, `out` at least `P` tiles.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn tile2<'a>(
+    pub(super) unsafe fn tile<'a, const P: usize>(
         ctx: &Ctx,
         xs: &[u8],
         sx: &[f32],
-        w: [&[i8]; 2],
-        ps: [usize; 2],
+        w: [&[i8]; P],
+        ps: [usize; P],
         sums: &dyn Fn(usize, usize) -> (&'a [i32], &'a [f32]),
-        out: &mut [[[f32; PANEL]; MR]; 2],
+        out: &mut [[[f32; PANEL]; MR]],
     ) {
-        debug_assert!(xs.len() >= MR * ctx.kp && w.iter().all(|w| w.len() >= PANEL * ctx.kp));
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        let (xp, wp) = (xs.as_ptr(), [w[0].as_ptr(), w[1].as_ptr()]);
+        debug_assert!(xs.len() >= MR * ctx.kp && w.iter().all(|w| w.len() >= PANEL * ctx.kp) && out.len() >= P);
+        let mut acc = [[_mm512_setzero_ps(); P]; MR];
+        let (xp, wp) = (xs.as_ptr(), w.map(|w| w.as_ptr()));
         for g in 0..ctx.groups {
-            let mut sum = [[_mm512_setzero_si512(); 2]; MR];
+            let mut sum = [[_mm512_setzero_si512(); P]; MR];
             for c in group_range(g, ctx.kp).step_by(4) {
-                let wv = [
-                    _mm512_loadu_si512(wp[0].add(c * PANEL) as *const _),
-                    _mm512_loadu_si512(wp[1].add(c * PANEL) as *const _),
-                ];
+                let wv = wp.map(|w| _mm512_loadu_si512(w.add(c * PANEL) as *const _));
                 for i in 0..MR {
                     let x = _mm512_set1_epi32((xp.add(i * ctx.kp + c) as *const i32).read_unaligned());
-                    sum[i][0] = _mm512_dpbusd_epi32(sum[i][0], x, wv[0]);
-                    sum[i][1] = _mm512_dpbusd_epi32(sum[i][1], x, wv[1]);
+                    for h in 0..P {
+                        sum[i][h] = _mm512_dpbusd_epi32(sum[i][h], x, wv[h]);
+                    }
                 }
             }
-            let ((s0, w0), (s1, w1)) = (sums(g, ps[0]), sums(g, ps[1]));
-            let off = [_mm512_loadu_si512(s0.as_ptr() as *const _), _mm512_loadu_si512(s1.as_ptr() as *const _)];
-            let sw = [_mm512_loadu_ps(w0.as_ptr()), _mm512_loadu_ps(w1.as_ptr())];
+            let (off, sw): ([__m512i; P], [__m512; P]) = {
+                let parts = ps.map(|p| sums(g, p));
+                (
+                    parts.map(|(o, _)| _mm512_loadu_si512(o.as_ptr() as *const _)),
+                    parts.map(|(_, w)| _mm512_loadu_ps(w.as_ptr())),
+                )
+            };
             for i in 0..MR {
                 let s = _mm512_set1_ps(*sx.get_unchecked(i * ctx.groups + g));
-                for h in 0..2 {
+                for h in 0..P {
+                    // (qx + 64) · qw, less 64 · Σ qw.
                     let d = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum[i][h], off[h]));
                     acc[i][h] = _mm512_fmadd_ps(d, _mm512_mul_ps(s, sw[h]), acc[i][h]);
                 }
             }
         }
         for i in 0..MR {
-            for h in 0..2 {
+            for h in 0..P {
                 _mm512_storeu_ps(out[h][i].as_mut_ptr(), acc[i][h]);
             }
         }
