@@ -522,10 +522,11 @@ impl Decoder {
         let layers = (0..cfg.n_layers).map(|i| loader.layer(i)).collect::<Result<Vec<_>>>()?;
         let final_norm = Norm::load(store, "output_norm.weight", &cfg, dev)?;
         // The output head only serves generation (tools, tokenizer checks):
-        // it stays in its stored blocks unless f32 weights were asked for
-        // (a dense copy is the size of the vocabulary times the width, the
-        // largest matrix of small models).
-        let head_format = if format == WeightFormat::F32 { format } else { WeightFormat::Quantized };
+        // on the CPU it stays in its stored blocks unless f32 weights were
+        // asked for (a dense copy is the size of the vocabulary times the
+        // width, the largest matrix of small models). A GPU keeps it dense,
+        // as every other weight there.
+        let head_format = if format == WeightFormat::F32 || !dev.is_cpu() { format } else { WeightFormat::Quantized };
         let lm_head = qmatmul_in(
             if store.has("output.weight") { store.matmul("output.weight", dev, head_format)? } else { embed.as_matmul()? },
             dtype,
