@@ -16,29 +16,53 @@ use pgrx::JsonB;
 /// 'document' (default) or 'query': queries get the query prompt.
 #[pg_extern(immutable, strict, parallel_safe)]
 fn kv_embed(input: DbText, role: default!(DbText, "'document'")) -> Vector {
-    Vector(embed_texts(vec![input.into_utf8()], role, None).pop().unwrap_or_default())
+    Vector(
+        embed_texts(vec![input.into_utf8()], role, None)
+            .pop()
+            .unwrap_or_default(),
+    )
 }
 
 /// Same as `kv_embed`, as a `halfvec`: HNSW indexes `halfvec` up to 4,000
 /// dimensions (`vector` only up to 2,000).
 #[pg_extern(immutable, strict, parallel_safe)]
 fn kv_embed_half(input: DbText, role: default!(DbText, "'document'")) -> HalfVec {
-    HalfVec(embed_texts(vec![input.into_utf8()], role, None).pop().unwrap_or_default())
+    HalfVec(
+        embed_texts(vec![input.into_utf8()], role, None)
+            .pop()
+            .unwrap_or_default(),
+    )
 }
 
 /// Embeds many texts; NULL elements give NULL. The array travels to the
 /// engine in requests of at most 256 texts, one after the other.
 #[pg_extern(immutable, strict, parallel_safe)]
-fn kv_embed_batch(inputs: Array<'_, DbText>, role: default!(DbText, "'document'")) -> Vec<Option<Vector>> {
+fn kv_embed_batch(
+    inputs: Array<'_, DbText>,
+    role: default!(DbText, "'document'"),
+) -> Vec<Option<Vector>> {
     let mut texts = Vec::new();
     let present: Vec<bool> = inputs
         .iter()
         .map(|t| t.map(|t| texts.push(t.into_utf8())).is_some())
         .collect();
     // Where each text sits in the array (counting NULLs, from 1), to name it.
-    let elements: Vec<usize> = present.iter().enumerate().filter(|(_, p)| **p).map(|(i, _)| i + 1).collect();
-    let mut vectors = if texts.is_empty() { Vec::new() } else { embed_texts(texts, role, Some(&elements)) }.into_iter();
-    present.into_iter().map(|p| if p { vectors.next().map(Vector) } else { None }).collect()
+    let elements: Vec<usize> = present
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| **p)
+        .map(|(i, _)| i + 1)
+        .collect();
+    let mut vectors = if texts.is_empty() {
+        Vec::new()
+    } else {
+        embed_texts(texts, role, Some(&elements))
+    }
+    .into_iter();
+    present
+        .into_iter()
+        .map(|p| if p { vectors.next().map(Vector) } else { None })
+        .collect()
 }
 
 /// Internal helpers in the `kvembed` schema, wrapped by the SQL functions in
@@ -59,9 +83,17 @@ mod kvembed {
         // What the session's settings run on the loaded model (a method's
         // own layers, bias and prompts where it is not the default one);
         // before the model is loaded, the settings as they are.
-        let described = (s.state == kvembed_proto::EngineState::Ready).then(|| client::describe(opts.clone())).flatten();
+        let described = (s.state == kvembed_proto::EngineState::Ready)
+            .then(|| client::describe(opts.clone()))
+            .flatten();
         let (method, layers, bias, document_prompt, query_prompt) = match described {
-            Some(d) => (d.method, d.layers, d.bias, d.document_prompt, d.query_prompt),
+            Some(d) => (
+                d.method,
+                d.layers,
+                d.bias,
+                d.document_prompt,
+                d.query_prompt,
+            ),
             None => (
                 opts.method.clone().unwrap_or(s.default_method),
                 opts.layers.clone().unwrap_or(s.default_layers),
@@ -133,7 +165,13 @@ mod kvembed {
             // Stored under the model the engine ran the selection on, which
             // it names in its reply (it may have restarted since this
             // session last asked).
-            Response::Layers { curve, selected, rule, texts, model_id } => {
+            Response::Layers {
+                curve,
+                selected,
+                rule,
+                texts,
+                model_id,
+            } => {
                 calibration::invalidate();
                 JsonB(serde_json::json!({
                     "model_id": model_id,
@@ -227,15 +265,21 @@ fn parse_role(role: &str) -> Role {
 /// the model they were looked up for, and the engine refuses it if it has
 /// restarted with another model in between.
 fn request_options() -> EmbedOptions {
-    let (layers, _, expect_model) = session_layers(|| client::with_engine(true, |e| Ok(e.status.model_id.clone())));
-    EmbedOptions { expect_model, ..settings::embed_options(layers) }
+    let (layers, _, expect_model) =
+        session_layers(|| client::with_engine(true, |e| Ok(e.status.model_id.clone())));
+    EmbedOptions {
+        expect_model,
+        ..settings::embed_options(layers)
+    }
 }
 
 /// The layers the session's settings ask for; where they come from
 /// (`setting`, `calibration`, or `default`: the method's own, `None`); and,
 /// with `kvembed.layers = 'auto'`, the model (`model_id()`) whose stored
 /// calibration was looked up, which a request then names.
-fn session_layers(model_id: impl FnOnce() -> String) -> (Option<Vec<usize>>, &'static str, Option<String>) {
+fn session_layers(
+    model_id: impl FnOnce() -> String,
+) -> (Option<Vec<usize>>, &'static str, Option<String>) {
     match settings::layers() {
         LayerChoice::Explicit(l) => (Some(l), "setting", None),
         LayerChoice::Default => (None, "default", None),
@@ -266,7 +310,9 @@ fn embed_texts(texts: Vec<String>, role: DbText, elements: Option<&[usize]>) -> 
     if options.truncate != Some(false) {
         // Only the first max_tokens tokens of a text are kept: the bytes far
         // beyond them need not travel (the engine cuts at the same place).
-        let cap = options.max_tokens.unwrap_or_else(|| client::with_engine(true, |e| Ok(e.status.max_tokens)));
+        let cap = options
+            .max_tokens
+            .unwrap_or_else(|| client::with_engine(true, |e| Ok(e.status.max_tokens)));
         if cap > 0 {
             for (t, cut) in texts.iter_mut().zip(&mut cut) {
                 *cut = kvembed_proto::cut_far_beyond(t, cap);
@@ -289,7 +335,10 @@ fn embed_texts(texts: Vec<String>, role: DbText, elements: Option<&[usize]>) -> 
             None => "the text".to_string(),
         };
         let out = client::embed(chunk, role, options.clone(), &name);
-        truncated.extend(out.truncated.into_iter().map(|t| Truncation { index: t.index + start, ..t }));
+        truncated.extend(out.truncated.into_iter().map(|t| Truncation {
+            index: t.index + start,
+            ..t
+        }));
         vectors.extend(out.vectors);
         start = end;
     }
@@ -300,7 +349,8 @@ fn embed_texts(texts: Vec<String>, role: DbText, elements: Option<&[usize]>) -> 
 /// One NOTICE for the texts that were cut (`cut[i]`: text `i` was cut far
 /// beyond the limit before tokenizing, so its count is a lower bound).
 fn report_truncations(truncated: &[Truncation], cut: &[bool], count: usize) {
-    if let (false, Some((asked, limit))) = (truncated.is_empty(), settings::max_tokens_over_limit()) {
+    if let (false, Some((asked, limit))) = (truncated.is_empty(), settings::max_tokens_over_limit())
+    {
         notice!(
             "kvembed: kvembed.max_tokens = {asked} is above the administrator's kvembed.max_tokens_limit = {limit}; texts are cut at {limit} tokens"
         );

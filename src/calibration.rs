@@ -38,8 +38,11 @@ pub fn layers_for(model_id: &str) -> Option<Vec<usize>> {
     }
     let layers = read(model_id);
     CACHE.with(|c| {
-        *c.borrow_mut() =
-            Some(Cached { statement_start: now, model_id: model_id.to_string(), layers: layers.clone() })
+        *c.borrow_mut() = Some(Cached {
+            statement_start: now,
+            model_id: model_id.to_string(),
+            layers: layers.clone(),
+        })
     });
     layers
 }
@@ -68,6 +71,11 @@ fn read(model_id: &str) -> Option<Vec<usize>> {
         .report(PgLogLevel::ERROR);
         unreachable!()
     });
-    let layers: Vec<usize> = layers?.into_iter().flatten().filter(|l| *l >= 0).map(|l| l as usize).collect();
+    let layers: Vec<usize> = layers?
+        .into_iter()
+        .flatten()
+        .filter(|l| *l >= 0)
+        .map(|l| l as usize)
+        .collect();
     (!layers.is_empty()).then_some(layers)
 }

@@ -53,7 +53,9 @@ fn io_failure(e: io::Error) -> ! {
                 format!("kvembed: the request is too large to send to the engine: {e}"),
                 "kvembed",
             )
-            .set_hint("Embed fewer or shorter texts per call, or SET kvembed.on_overflow = 'truncate'.")
+            .set_hint(
+                "Embed fewer or shorter texts per call, or SET kvembed.on_overflow = 'truncate'.",
+            )
             .report(PgLogLevel::ERROR);
             unreachable!()
         }
@@ -73,14 +75,23 @@ fn io_failure(e: io::Error) -> ! {
 /// An allocation this backend could not make: an ERROR (the statement
 /// fails), never an abort (which would restart every session).
 pub fn out_of_memory(what: &str) -> ! {
-    ErrorReport::new(PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY, format!("kvembed: out of memory: {what}"), "kvembed")
-        .report(PgLogLevel::ERROR);
+    ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY,
+        format!("kvembed: out of memory: {what}"),
+        "kvembed",
+    )
+    .report(PgLogLevel::ERROR);
     unreachable!()
 }
 
 /// `with_engine`, returning the I/O error instead of raising it.
-fn try_with_engine<T>(wait_ready: bool, f: impl FnOnce(&mut Engine) -> io::Result<T>) -> io::Result<T> {
-    let cached = CACHED.with(|c| c.borrow_mut().take()).filter(|e| e.is_idle_and_alive());
+fn try_with_engine<T>(
+    wait_ready: bool,
+    f: impl FnOnce(&mut Engine) -> io::Result<T>,
+) -> io::Result<T> {
+    let cached = CACHED
+        .with(|c| c.borrow_mut().take())
+        .filter(|e| e.is_idle_and_alive());
     let mut engine = match cached {
         Some(e) if !wait_ready || e.status.state != EngineState::Loading => e,
         _ => connect(wait_ready),
@@ -102,7 +113,11 @@ pub fn embed(
     name: &dyn Fn(usize) -> String,
 ) -> Embedded {
     let asked = texts.len();
-    let request = Request::Embed { texts, role, options };
+    let request = Request::Embed {
+        texts,
+        role,
+        options,
+    };
     let (response, vectors) = with_engine(true, |engine| {
         let response = engine.call(&request)?;
         let values = match &response {
@@ -126,15 +141,26 @@ pub fn embed(
         Response::Error { kind, message } => raise(kind, &message),
         Response::TooLong { index, tokens, max } => {
             let message = match tokens {
-                Some(n) => format!("{} has {n} tokens, more than max_tokens = {max}", name(index)),
+                Some(n) => format!(
+                    "{} has {n} tokens, more than max_tokens = {max}",
+                    name(index)
+                ),
                 None => format!("{} has more than max_tokens = {max} tokens", name(index)),
             };
             raise(ErrorKind::TooLong, &message)
         }
-        Response::Embeddings { count, dim, truncated, .. } => {
+        Response::Embeddings {
+            count,
+            dim,
+            truncated,
+            ..
+        } => {
             let values = vectors.unwrap_or_default();
             if values.len() != count * dim {
-                protocol_error(&format!("expected {count}x{dim} values, got {}", values.len()));
+                protocol_error(&format!(
+                    "expected {count}x{dim} values, got {}",
+                    values.len()
+                ));
             }
             let vectors = if dim == 0 {
                 vec![Vec::new(); count]
@@ -216,7 +242,10 @@ pub fn shutdown() -> Option<u32> {
     CACHED.with(|c| c.borrow_mut().take());
     let stream = connect_nonblocking(&worker::socket_path()).ok()?;
     stream.set_nonblocking(true).ok()?;
-    let mut engine = Engine { stream, status: Status::default() };
+    let mut engine = Engine {
+        stream,
+        status: Status::default(),
+    };
     match engine.call(&Request::Shutdown) {
         Ok(Response::ShuttingDown { pid }) => Some(pid),
         _ => None,
@@ -271,11 +300,17 @@ fn connect(wait_ready: bool) -> Engine {
                 Ok(engine) => return engine,
                 Err(e) => last_problem = format!("the engine closed the connection: {e}"),
             },
-            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) =>
+            {
                 worker::ensure_supervisor();
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                last_problem = "the engine does not accept connections (its listen queue is full)".into();
+                last_problem =
+                    "the engine does not accept connections (its listen queue is full)".into();
             }
             Err(e) => last_problem = format!("cannot connect to {}: {e}", path.display()),
         }
@@ -310,14 +345,23 @@ fn connect_nonblocking(path: &std::path::Path) -> io::Result<UnixStream> {
     // SAFETY: zeroed sockaddr_un is a valid value (family set below).
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     if bytes.len() >= addr.sun_path.len() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "socket path too long"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
     }
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
         *d = *s as libc::c_char;
     }
     // SAFETY: plain socket(2); the fd is owned by the UnixStream right away.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -334,8 +378,13 @@ fn connect_nonblocking(path: &std::path::Path) -> io::Result<UnixStream> {
 
 fn greet(stream: UnixStream, wait_ready: bool, deadline: Instant) -> io::Result<Engine> {
     stream.set_nonblocking(true)?;
-    let mut engine = Engine { stream, status: Status::default() };
-    match engine.call(&Request::Hello { version: proto::PROTOCOL_VERSION })? {
+    let mut engine = Engine {
+        stream,
+        status: Status::default(),
+    };
+    match engine.call(&Request::Hello {
+        version: proto::PROTOCOL_VERSION,
+    })? {
         Response::Hello { .. } => {}
         Response::Error { kind, message } => raise(kind, &message),
         other => unexpected(other),
@@ -346,7 +395,8 @@ fn greet(stream: UnixStream, wait_ready: bool, deadline: Instant) -> io::Result<
             Response::Error { kind, message } => raise(kind, &message),
             other => unexpected(other),
         }
-        if !wait_ready || engine.status.state != EngineState::Loading || Instant::now() >= deadline {
+        if !wait_ready || engine.status.state != EngineState::Loading || Instant::now() >= deadline
+        {
             return Ok(engine);
         }
         sleep_interruptibly(Duration::from_millis(100));
@@ -365,7 +415,10 @@ impl Interruptible<'_> {
             if since.elapsed() >= limit {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("no word from the engine for kvembed.engine_timeout ({} s)", limit.as_secs()),
+                    format!(
+                        "no word from the engine for kvembed.engine_timeout ({} s)",
+                        limit.as_secs()
+                    ),
                 ));
             }
         }
@@ -379,7 +432,9 @@ impl Read for Interruptible<'_> {
         let since = Instant::now();
         loop {
             match (&*self.0).read(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(pg_sys::WL_SOCKET_READABLE, since)?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.wait(pg_sys::WL_SOCKET_READABLE, since)?
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 other => return other,
             }
@@ -392,7 +447,9 @@ impl Write for Interruptible<'_> {
         let since = Instant::now();
         loop {
             match (&*self.0).write(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(pg_sys::WL_SOCKET_WRITEABLE, since)?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.wait(pg_sys::WL_SOCKET_WRITEABLE, since)?
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 other => return other,
             }
@@ -405,7 +462,8 @@ impl Write for Interruptible<'_> {
 }
 
 fn wait_socket(stream: &UnixStream, event: u32) {
-    let events = (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH | event) as i32;
+    let events =
+        (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH | event) as i32;
     // SAFETY: MyLatch is the backend's own latch; the socket fd stays open for
     // the duration of the call (we hold a reference to the stream).
     unsafe {
@@ -427,7 +485,12 @@ pub fn sleep_interruptibly(d: Duration) {
     let events = (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32;
     // SAFETY: waits on the backend's own latch.
     unsafe {
-        let rc = pg_sys::WaitLatch(pg_sys::MyLatch, events, d.as_millis() as _, pg_sys::PG_WAIT_EXTENSION);
+        let rc = pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            events,
+            d.as_millis() as _,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
         if rc & pg_sys::WL_LATCH_SET as i32 != 0 {
             pg_sys::ResetLatch(pg_sys::MyLatch);
         }

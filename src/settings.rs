@@ -18,20 +18,25 @@ use std::ffi::{CStr, CString};
 pub static MODEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static DEVICE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"cpu"));
 pub static THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
-pub static BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(kvembed_proto::DEFAULT_BATCH_TOKENS as i32);
+pub static BATCH_TOKENS: GucSetting<i32> =
+    GucSetting::<i32>::new(kvembed_proto::DEFAULT_BATCH_TOKENS as i32);
 pub static ENGINE_PATH: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static ENGINE_MEMORY_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(0);
-pub static MAX_TOKENS_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(kvembed_proto::DEFAULT_MAX_TOKENS_LIMIT as i32);
+pub static MAX_TOKENS_LIMIT: GucSetting<i32> =
+    GucSetting::<i32>::new(kvembed_proto::DEFAULT_MAX_TOKENS_LIMIT as i32);
 pub static DEBUG_FAULTS: GucSetting<bool> = GucSetting::<bool>::new(false);
-pub static MAX_CALIBRATION_TEXTS: GucSetting<i32> = GucSetting::<i32>::new(kvembed_proto::DEFAULT_MAX_CALIBRATION_TEXTS as i32);
+pub static MAX_CALIBRATION_TEXTS: GucSetting<i32> =
+    GucSetting::<i32>::new(kvembed_proto::DEFAULT_MAX_CALIBRATION_TEXTS as i32);
 
 pub static METHOD: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static LAYERS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"auto"));
 pub static BIAS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static DOCUMENT_PROMPT: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c""));
-pub static QUERY_PROMPT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
-pub static MAX_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(kvembed_proto::DEFAULT_MAX_TOKENS as i32);
+pub static QUERY_PROMPT: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c""));
+pub static MAX_TOKENS: GucSetting<i32> =
+    GucSetting::<i32>::new(kvembed_proto::DEFAULT_MAX_TOKENS as i32);
 pub static ON_OVERFLOW: GucSetting<Overflow> = GucSetting::<Overflow>::new(Overflow::Truncate);
 pub static START_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(120);
 pub static ENGINE_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(600);
@@ -226,7 +231,10 @@ pub fn define() {
 }
 
 fn string(setting: &GucSetting<Option<CString>>) -> String {
-    setting.get().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    setting
+        .get()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn non_empty(setting: &GucSetting<Option<CString>>) -> Option<String> {
@@ -275,9 +283,12 @@ impl EngineSettings {
 /// `kvembed` next to the `postgres` executable (where the install scripts put it).
 fn default_engine_path() -> String {
     // SAFETY: my_exec_path is a NUL-terminated buffer PostgreSQL fills at startup.
-    let exec = unsafe { CStr::from_ptr((&raw const pg_sys::my_exec_path).cast::<std::ffi::c_char>()) };
+    let exec =
+        unsafe { CStr::from_ptr((&raw const pg_sys::my_exec_path).cast::<std::ffi::c_char>()) };
     let exec = std::path::PathBuf::from(exec.to_string_lossy().into_owned());
-    exec.with_file_name("kvembed").to_string_lossy().into_owned()
+    exec.with_file_name("kvembed")
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// How `kvembed.layers` resolves.
@@ -291,9 +302,8 @@ pub enum LayerChoice {
 }
 
 pub fn layers() -> LayerChoice {
-    parse_layers(&string(&LAYERS)).unwrap_or_else(|reason| {
-        invalid_setting("kvembed.layers", &string(&LAYERS), &reason)
-    })
+    parse_layers(&string(&LAYERS))
+        .unwrap_or_else(|reason| invalid_setting("kvembed.layers", &string(&LAYERS), &reason))
 }
 
 fn parse_layers(s: &str) -> Result<LayerChoice, String> {
@@ -305,10 +315,12 @@ fn parse_layers(s: &str) -> Result<LayerChoice, String> {
     }
     // The one grammar of layer lists (kvembed_proto::parse_layer_list); an
     // empty list names the keywords too.
-    kvembed_proto::parse_layer_list(s).map(LayerChoice::Explicit).map_err(|e| match e.strip_prefix("expected ") {
-        Some(rest) => format!("expected auto, default, or {rest}"),
-        None => e,
-    })
+    kvembed_proto::parse_layer_list(s)
+        .map(LayerChoice::Explicit)
+        .map_err(|e| match e.strip_prefix("expected ") {
+            Some(rest) => format!("expected auto, default, or {rest}"),
+            None => e,
+        })
 }
 
 fn bias() -> Option<f32> {
@@ -318,7 +330,11 @@ fn bias() -> Option<f32> {
     }
     match s.trim().parse::<f32>() {
         Ok(v) if v.is_finite() => Some(v),
-        _ => invalid_setting("kvembed.bias", &s, "expected a finite number, or empty for the model's default"),
+        _ => invalid_setting(
+            "kvembed.bias",
+            &s,
+            "expected a finite number, or empty for the model's default",
+        ),
     }
 }
 

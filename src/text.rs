@@ -34,7 +34,11 @@ unsafe fn text_bytes(datum: pg_sys::Datum) -> Vec<u8> {
 }
 
 impl FromDatum for DbText {
-    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _: pg_sys::Oid,
+    ) -> Option<Self> {
         if is_null || datum.is_null() {
             None
         } else {
@@ -121,10 +125,21 @@ impl DbText {
 pub fn for_message(s: &str) -> String {
     // SAFETY: reads the session's database encoding; no arguments.
     let encoding = unsafe { pg_sys::GetDatabaseEncoding() } as u32;
-    if s.is_ascii() || encoding == pg_sys::pg_enc::PG_UTF8 || encoding == pg_sys::pg_enc::PG_SQL_ASCII {
+    if s.is_ascii()
+        || encoding == pg_sys::pg_enc::PG_UTF8
+        || encoding == pg_sys::pg_enc::PG_SQL_ASCII
+    {
         return s.to_string();
     }
-    s.chars().map(|c| if c.is_ascii() { c.to_string() } else { c.escape_unicode().to_string() }).collect()
+    s.chars()
+        .map(|c| {
+            if c.is_ascii() {
+                c.to_string()
+            } else {
+                c.escape_unicode().to_string()
+            }
+        })
+        .collect()
 }
 
 fn invalid_utf8(offset: usize) -> ! {

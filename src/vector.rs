@@ -43,7 +43,11 @@ impl IntoDatum for Vector {
 
 impl IntoDatum for HalfVec {
     fn into_datum(self) -> Option<pg_sys::Datum> {
-        let bytes: Vec<u8> = self.0.iter().flat_map(|v| f32_to_f16_bits(*v).to_ne_bytes()).collect();
+        let bytes: Vec<u8> = self
+            .0
+            .iter()
+            .flat_map(|v| f32_to_f16_bits(*v).to_ne_bytes())
+            .collect();
         Some(build_varlena(self.0.len(), &bytes, "halfvec"))
     }
 
@@ -79,7 +83,9 @@ fn build_varlena(dim: usize, payload: &[u8], type_name: &str) -> pg_sys::Datum {
     if dim == 0 || dim > MAX_DIM {
         ErrorReport::new(
             PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
-            format!("kvembed: a {type_name} needs 1 to {MAX_DIM} dimensions, the model produced {dim}"),
+            format!(
+                "kvembed: a {type_name} needs 1 to {MAX_DIM} dimensions, the model produced {dim}"
+            ),
             "kvembed",
         )
         .report(PgLogLevel::ERROR);
@@ -123,7 +129,10 @@ fn pgvector_type_oid(name: &CStr) -> pg_sys::Oid {
     }
     ErrorReport::new(
         PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-        format!("kvembed: type {} from the vector extension (pgvector) was not found", name.to_string_lossy()),
+        format!(
+            "kvembed: type {} from the vector extension (pgvector) was not found",
+            name.to_string_lossy()
+        ),
         "kvembed",
     )
     .set_hint("CREATE EXTENSION vector; (CREATE EXTENSION kvembed CASCADE installs it)")

@@ -20,7 +20,9 @@
 //! engine (`ensure_supervisor`). Settings changes arrive by SIGHUP.
 
 use crate::settings::EngineSettings;
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use std::cell::Cell;
@@ -64,13 +66,16 @@ pub fn socket_path() -> PathBuf {
 fn ensure_runtime_dir() -> std::io::Result<PathBuf> {
     let dir = runtime_dir();
     if !dir.exists() {
-        std::fs::DirBuilder::new().mode(0o700).create(&dir).or_else(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })?;
     }
     Ok(dir)
 }
@@ -95,14 +100,21 @@ fn try_lock(file: &File) -> bool {
 
 /// Whether a supervisor holds the lock now.
 pub fn supervisor_running() -> bool {
-    let Ok(dir) = ensure_runtime_dir() else { return false };
-    let Ok(file) = open_lock(&dir) else { return false };
+    let Ok(dir) = ensure_runtime_dir() else {
+        return false;
+    };
+    let Ok(file) = open_lock(&dir) else {
+        return false;
+    };
     // Closing the file releases the probe's lock at once.
     !try_lock(&file)
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn builder() -> BackgroundWorkerBuilder {
@@ -128,11 +140,15 @@ thread_local! {
 /// (two sessions at the same instant) exits at once when it cannot take the
 /// lock, so this only needs to keep duplicates rare, not impossible.
 pub fn ensure_supervisor() {
-    let recently = LAST_REGISTRATION.with(|l| l.get()).is_some_and(|t| t.elapsed() < Duration::from_secs(5));
+    let recently = LAST_REGISTRATION
+        .with(|l| l.get())
+        .is_some_and(|t| t.elapsed() < Duration::from_secs(5));
     if recently || supervisor_running() {
         return;
     }
-    let Ok(dir) = ensure_runtime_dir() else { return };
+    let Ok(dir) = ensure_runtime_dir() else {
+        return;
+    };
     let pending = dir.join("supervisor.pending");
     let fresh = std::fs::read_to_string(&pending)
         .ok()
@@ -197,7 +213,10 @@ pub extern "C-unwind" fn kvembed_supervisor_main(_arg: pg_sys::Datum) {
         }
     };
     let Ok(lock) = open_lock(&dir) else {
-        log!("kvembed: cannot open {}", dir.join("supervisor.lock").display());
+        log!(
+            "kvembed: cannot open {}",
+            dir.join("supervisor.lock").display()
+        );
         return;
     };
     // A session's probe holds the lock for microseconds: retry briefly before
@@ -236,7 +255,10 @@ impl Supervisor {
             engine: None,
             next_start: Instant::now(),
             backoff: Duration::ZERO,
-            state: SupervisorState { supervisor_pid: std::process::id(), ..Default::default() },
+            state: SupervisorState {
+                supervisor_pid: std::process::id(),
+                ..Default::default()
+            },
         }
     }
 
@@ -319,13 +341,17 @@ impl Supervisor {
             .args(s.allow_faults.then_some("--allow-faults"))
             .current_dir(runtime_dir().parent().unwrap_or(Path::new("/")))
             .stdin(Stdio::null());
-        let memory_limit = (s.memory_limit_mb > 0).then(|| (s.memory_limit_mb as libc::rlim_t) << 20);
+        let memory_limit =
+            (s.memory_limit_mb > 0).then(|| (s.memory_limit_mb as libc::rlim_t) << 20);
         // SAFETY: the closure runs in the forked child before exec and only
         // makes async-signal-safe calls (prctl, signal, sigprocmask, setrlimit).
         unsafe {
             cmd.pre_exec(move || {
                 if let Some(bytes) = memory_limit {
-                    let limit = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
+                    let limit = libc::rlimit {
+                        rlim_cur: bytes,
+                        rlim_max: bytes,
+                    };
                     if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
@@ -333,7 +359,15 @@ impl Supervisor {
                 // Die with the supervisor, whatever kills it.
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
                 // Ignored signals survive exec: give the engine default ones.
-                for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGCHLD] {
+                for sig in [
+                    libc::SIGTERM,
+                    libc::SIGINT,
+                    libc::SIGHUP,
+                    libc::SIGQUIT,
+                    libc::SIGUSR1,
+                    libc::SIGUSR2,
+                    libc::SIGCHLD,
+                ] {
                     libc::signal(sig, libc::SIG_DFL);
                 }
                 let mut none: libc::sigset_t = std::mem::zeroed();
@@ -348,7 +382,11 @@ impl Supervisor {
                     0 => String::new(),
                     mb => format!(", memory limit {mb} MB"),
                 };
-                log!("kvembed: started engine pid {} (model '{}'{limit})", child.id(), s.model);
+                log!(
+                    "kvembed: started engine pid {} (model '{}'{limit})",
+                    child.id(),
+                    s.model
+                );
                 self.state.engine_pid = Some(child.id());
                 self.state.engine_started_at = Some(unix_now());
                 if self.state.last_exit.is_some() {
@@ -376,7 +414,10 @@ impl Supervisor {
         unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         let new = EngineSettings::current();
         if new != self.settings {
-            log!("kvembed: engine settings changed (model '{}'); restarting the engine", new.model);
+            log!(
+                "kvembed: engine settings changed (model '{}'); restarting the engine",
+                new.model
+            );
             self.settings = new;
             self.stop_engine("its settings changed");
             self.backoff = Duration::ZERO;
@@ -386,7 +427,9 @@ impl Supervisor {
 
     /// SIGTERM, a grace period, then SIGKILL.
     fn stop_engine(&mut self, why: &str) {
-        let Some((mut child, _)) = self.engine.take() else { return };
+        let Some((mut child, _)) = self.engine.take() else {
+            return;
+        };
         log!("kvembed: stopping engine pid {} ({why})", child.id());
         // SAFETY: signals our own child, which we have not reaped yet, so
         // its pid cannot have been reused.
@@ -412,7 +455,11 @@ impl Supervisor {
     fn save_state(&mut self) {
         self.state.next_start_in_ms = match self.engine {
             Some(_) => None,
-            None => Some(self.next_start.saturating_duration_since(Instant::now()).as_millis() as u64),
+            None => Some(
+                self.next_start
+                    .saturating_duration_since(Instant::now())
+                    .as_millis() as u64,
+            ),
         };
         write_state(&self.dir, &self.state);
     }

@@ -59,7 +59,12 @@ pub fn peek(stream: &std::os::unix::net::UnixStream) -> std::io::Result<usize> {
     // SAFETY: a non-blocking recv of at most one byte into a buffer we own,
     // on an open socket we borrow; MSG_PEEK consumes nothing.
     let n = unsafe {
-        libc::recv(stream.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        libc::recv(
+            stream.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
     };
     if n < 0 {
         Err(std::io::Error::last_os_error())
@@ -74,18 +79,30 @@ pub fn peek(stream: &std::os::unix::net::UnixStream) -> std::io::Result<usize> {
 /// Returns the layers sorted, without duplicates; never an empty list.
 /// Keywords such as `auto` are the caller's to handle first.
 pub fn parse_layer_list(s: &str) -> Result<Vec<usize>, String> {
-    let inner = s.trim().trim_start_matches(['{', '[']).trim_end_matches(['}', ']']);
+    let inner = s
+        .trim()
+        .trim_start_matches(['{', '['])
+        .trim_end_matches(['}', ']']);
     let mut layers = Vec::new();
     for part in inner.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         if let Some((a, b)) = part.split_once('-') {
-            let a: usize = a.trim().parse().map_err(|_| format!("'{part}' is not a layer range"))?;
-            let b: usize = b.trim().parse().map_err(|_| format!("'{part}' is not a layer range"))?;
+            let a: usize = a
+                .trim()
+                .parse()
+                .map_err(|_| format!("'{part}' is not a layer range"))?;
+            let b: usize = b
+                .trim()
+                .parse()
+                .map_err(|_| format!("'{part}' is not a layer range"))?;
             if a > b {
                 return Err(format!("'{part}' is an empty range"));
             }
             layers.extend(a..=b);
         } else {
-            layers.push(part.parse().map_err(|_| format!("'{part}' is not a layer number"))?);
+            layers.push(
+                part.parse()
+                    .map_err(|_| format!("'{part}' is not a layer number"))?,
+            );
         }
     }
     if layers.is_empty() {
@@ -199,7 +216,9 @@ pub struct SelectOptions {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     /// First message on a connection.
-    Hello { version: u32 },
+    Hello {
+        version: u32,
+    },
     Embed {
         texts: Vec<String>,
         #[serde(default)]
@@ -215,14 +234,18 @@ pub enum Request {
     Status,
     /// What `options` resolve to on the loaded model (the method, its
     /// re-routed layers, bias and prompts), answered with `Described`.
-    Describe { options: EmbedOptions },
+    Describe {
+        options: EmbedOptions,
+    },
     /// Ask the server to exit after answering (`kv_restart()`): its
     /// supervisor starts a fresh one, re-reading the settings.
     Shutdown,
     /// Arm a fault for the next embedding batch (`kv_debug_fault()`, for
     /// superusers only): how the extension's fault-isolation tests make the
     /// inference code fail on demand.
-    Fault { fault: Fault },
+    Fault {
+        fault: Fault,
+    },
 }
 
 /// Faults the server can be asked to inject into its next embedding batch.
@@ -443,7 +466,11 @@ pub fn write_frame<W: Write>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
     if bytes.len() > MAX_FRAME {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("frame of {} bytes exceeds the {} byte limit", bytes.len(), MAX_FRAME),
+            format!(
+                "frame of {} bytes exceeds the {} byte limit",
+                bytes.len(),
+                MAX_FRAME
+            ),
         ));
     }
     w.write_all(&(bytes.len() as u32).to_le_bytes())?;
@@ -498,15 +525,21 @@ pub fn read_f32s_exact<R: Read>(r: &mut R, expected: usize) -> io::Result<Vec<f3
         ));
     }
     let mut bytes = Vec::new();
-    bytes.try_reserve_exact(len).map_err(|e| io::Error::new(io::ErrorKind::OutOfMemory, e))?;
+    bytes
+        .try_reserve_exact(len)
+        .map_err(|e| io::Error::new(io::ErrorKind::OutOfMemory, e))?;
     bytes.resize(len, 0);
     r.read_exact(&mut bytes)?;
     let mut out = Vec::new();
-    out.try_reserve_exact(expected).map_err(|e| io::Error::new(io::ErrorKind::OutOfMemory, e))?;
-    out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+    out.try_reserve_exact(expected)
+        .map_err(|e| io::Error::new(io::ErrorKind::OutOfMemory, e))?;
+    out.extend(
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+    );
     Ok(out)
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -517,9 +550,18 @@ mod tests {
         assert_eq!(parse_layer_list(" 6-8 "), Ok(vec![6, 7, 8]));
         assert_eq!(parse_layer_list("{8, 6-7}"), Ok(vec![6, 7, 8]));
         assert_eq!(parse_layer_list("[2,2,1]"), Ok(vec![1, 2]));
-        assert_eq!(parse_layer_list("8-6"), Err("'8-6' is an empty range".into()));
-        assert_eq!(parse_layer_list("6,x"), Err("'x' is not a layer number".into()));
-        assert_eq!(parse_layer_list("1-"), Err("'1-' is not a layer range".into()));
+        assert_eq!(
+            parse_layer_list("8-6"),
+            Err("'8-6' is an empty range".into())
+        );
+        assert_eq!(
+            parse_layer_list("6,x"),
+            Err("'x' is not a layer number".into())
+        );
+        assert_eq!(
+            parse_layer_list("1-"),
+            Err("'1-' is not a layer range".into())
+        );
         assert!(parse_layer_list("{}").is_err());
         assert!(parse_layer_list("-1").is_err());
     }
@@ -530,7 +572,11 @@ mod tests {
         let req = Request::Embed {
             texts: vec!["a".into(), "ünïcode 😀".into()],
             role: Role::Query,
-            options: EmbedOptions { bias: Some(2.0), layers: Some(vec![3, 4]), ..Default::default() },
+            options: EmbedOptions {
+                bias: Some(2.0),
+                layers: Some(vec![3, 4]),
+                ..Default::default()
+            },
         };
         let mut buf = Vec::new();
         write_json(&mut buf, &req).unwrap();
@@ -545,7 +591,9 @@ mod tests {
         assert_eq!(Fault::parse("stall:250"), Some(Fault::Stall { ms: 250 }));
         assert_eq!(Fault::parse("stall:"), None);
         assert_eq!(Fault::parse("segfault"), None);
-        let req = Request::Fault { fault: Fault::Stall { ms: 7 } };
+        let req = Request::Fault {
+            fault: Fault::Stall { ms: 7 },
+        };
         let mut buf = Vec::new();
         write_json(&mut buf, &req).unwrap();
         assert_eq!(read_json::<_, Request>(&mut &buf[..]).unwrap(), req);
@@ -580,27 +628,45 @@ mod tests {
     fn shutdown_round_trip() {
         let mut buf = Vec::new();
         write_json(&mut buf, &Request::Shutdown).unwrap();
-        assert_eq!(std::str::from_utf8(&buf[4..]).unwrap(), r#"{"op":"shutdown"}"#);
-        assert_eq!(read_json::<_, Request>(&mut &buf[..]).unwrap(), Request::Shutdown);
+        assert_eq!(
+            std::str::from_utf8(&buf[4..]).unwrap(),
+            r#"{"op":"shutdown"}"#
+        );
+        assert_eq!(
+            read_json::<_, Request>(&mut &buf[..]).unwrap(),
+            Request::Shutdown
+        );
         let mut buf = Vec::new();
         write_json(&mut buf, &Response::ShuttingDown { pid: 7 }).unwrap();
-        assert_eq!(read_json::<_, Response>(&mut &buf[..]).unwrap(), Response::ShuttingDown { pid: 7 });
+        assert_eq!(
+            read_json::<_, Response>(&mut &buf[..]).unwrap(),
+            Response::ShuttingDown { pid: 7 }
+        );
         let mut buf = Vec::new();
         write_json(&mut buf, &Response::Progress { done: 3, total: 9 }).unwrap();
-        assert_eq!(read_json::<_, Response>(&mut &buf[..]).unwrap(), Response::Progress { done: 3, total: 9 });
+        assert_eq!(
+            read_json::<_, Response>(&mut &buf[..]).unwrap(),
+            Response::Progress { done: 3, total: 9 }
+        );
     }
 
     #[test]
     fn f32_frames_are_checked_against_the_announced_shape_before_allocating() {
         let mut buf = Vec::new();
         write_f32s(&mut buf, &[1.0, 2.0, 3.0]).unwrap();
-        assert_eq!(read_f32s_exact(&mut &buf[..], 3).unwrap(), vec![1.0, 2.0, 3.0]);
+        assert_eq!(
+            read_f32s_exact(&mut &buf[..], 3).unwrap(),
+            vec![1.0, 2.0, 3.0]
+        );
         let err = read_f32s_exact(&mut &buf[..], 2).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         // A header claiming more than announced is refused without reading on.
         let mut lying = (4000u32).to_le_bytes().to_vec();
         lying.extend_from_slice(&[0; 8]);
-        assert_eq!(read_f32s_exact(&mut &lying[..], 2).unwrap_err().kind(), io::ErrorKind::InvalidData);
+        assert_eq!(
+            read_f32s_exact(&mut &lying[..], 2).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
         // A count whose byte size overflows is refused too.
         assert!(read_f32s_exact(&mut &buf[..], usize::MAX / 2).is_err());
     }
@@ -608,9 +674,17 @@ mod tests {
     #[test]
     fn requests_are_split_by_texts_and_bytes() {
         let small: Vec<String> = (0..REQUEST_TEXTS * 2 + 3).map(|i| i.to_string()).collect();
-        assert_eq!(request_bounds(&small), vec![REQUEST_TEXTS, REQUEST_TEXTS * 2, REQUEST_TEXTS * 2 + 3]);
+        assert_eq!(
+            request_bounds(&small),
+            vec![REQUEST_TEXTS, REQUEST_TEXTS * 2, REQUEST_TEXTS * 2 + 3]
+        );
         let big = "x".repeat(REQUEST_BYTES / 2 + 1);
-        let texts = vec![big.clone(), big.clone(), "y".into(), "x".repeat(REQUEST_BYTES * 2)];
+        let texts = vec![
+            big.clone(),
+            big.clone(),
+            "y".into(),
+            "x".repeat(REQUEST_BYTES * 2),
+        ];
         // Two halves do not fit together; a text over the limit travels alone.
         assert_eq!(request_bounds(&texts), vec![1, 3, 4]);
         assert!(request_bounds(&[]).is_empty());

@@ -25,31 +25,49 @@ fn any_options() -> impl Strategy<Value = EmbedOptions> {
         proptest::option::of(1usize..100_000),
         proptest::option::of(any::<bool>()),
     )
-        .prop_map(|(method, layers, bias, prompt, max_tokens, truncate)| EmbedOptions {
-            method,
-            layers,
-            bias,
-            document_prompt: prompt.clone(),
-            query_prompt: prompt,
-            max_tokens,
-            truncate,
-            ..Default::default()
-        })
+        .prop_map(
+            |(method, layers, bias, prompt, max_tokens, truncate)| EmbedOptions {
+                method,
+                layers,
+                bias,
+                document_prompt: prompt.clone(),
+                query_prompt: prompt,
+                max_tokens,
+                truncate,
+                ..Default::default()
+            },
+        )
 }
 
 fn any_request() -> impl Strategy<Value = Request> {
     prop_oneof![
         any::<u32>().prop_map(|version| Request::Hello { version }),
-        (proptest::collection::vec(".{0,60}", 0..8), any_role(), any_options())
-            .prop_map(|(texts, role, options)| Request::Embed { texts, role, options }),
-        (proptest::collection::vec(".{0,30}", 0..8), proptest::option::of(1usize..9))
+        (
+            proptest::collection::vec(".{0,60}", 0..8),
+            any_role(),
+            any_options()
+        )
+            .prop_map(|(texts, role, options)| Request::Embed {
+                texts,
+                role,
+                options
+            }),
+        (
+            proptest::collection::vec(".{0,30}", 0..8),
+            proptest::option::of(1usize..9)
+        )
             .prop_map(|(texts, window)| Request::SelectLayers {
                 texts,
-                options: SelectOptions { window, ..Default::default() }
+                options: SelectOptions {
+                    window,
+                    ..Default::default()
+                }
             }),
         Just(Request::Status),
         Just(Request::Shutdown),
-        (0u64..100_000).prop_map(|ms| Request::Fault { fault: Fault::Stall { ms } }),
+        (0u64..100_000).prop_map(|ms| Request::Fault {
+            fault: Fault::Stall { ms }
+        }),
     ]
 }
 

@@ -24,11 +24,19 @@ impl Drop for RestoreModel {
 fn expect_model_error(s: &mut Session, bad: &str) {
     let (state, err) = wait_for_model(s, bad, Duration::from_secs(60));
     assert_eq!(state, "failed", "loading {bad} must fail");
-    assert!(err.unwrap_or_default().contains(bad), "the load error names the file");
-    let e = s.query_one("SELECT kv_embed('hello')", &[]).expect_err("kv_embed with a bad model");
+    assert!(
+        err.unwrap_or_default().contains(bad),
+        "the load error names the file"
+    );
+    let e = s
+        .query_one("SELECT kv_embed('hello')", &[])
+        .expect_err("kv_embed with a bad model");
     let (code, msg) = sql_error(&e);
     assert_eq!(code, "58P01", "{msg}");
-    assert!(msg.contains("kvembed.model"), "the message names the setting: {msg}");
+    assert!(
+        msg.contains("kvembed.model"),
+        "the message names the setting: {msg}"
+    );
     assert!(msg.contains(bad), "the message names the file: {msg}");
 }
 
@@ -38,9 +46,14 @@ fn bad_model_path_is_a_clear_error_and_the_database_keeps_working() {
     let mut s = fresh_database(DB);
     let _restore = RestoreModel;
     let mut bystander = Session::connect(DB, "postgres");
-    let bystander_pid: i32 = bystander.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
-    let started: String =
-        s.query_one("SELECT pg_postmaster_start_time()::text", &[]).unwrap().get(0);
+    let bystander_pid: i32 = bystander
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    let started: String = s
+        .query_one("SELECT pg_postmaster_start_time()::text", &[])
+        .unwrap()
+        .get(0);
 
     // A path that does not exist.
     let missing = "/nonexistent/kvembed/no-such-model.gguf";
@@ -62,14 +75,24 @@ fn bad_model_path_is_a_clear_error_and_the_database_keeps_working() {
     // The database is untouched: same postmaster, the other session alive.
     let one: i32 = s.query_one("SELECT 1", &[]).unwrap().get(0);
     assert_eq!(one, 1);
-    let pid: i32 = bystander.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    let pid: i32 = bystander
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(pid, bystander_pid);
-    let now: String = s.query_one("SELECT pg_postmaster_start_time()::text", &[]).unwrap().get(0);
+    let now: String = s
+        .query_one("SELECT pg_postmaster_start_time()::text", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(now, started, "the cluster must not restart");
 
     // Back to the real model: embedding works again.
     configure_model(&model_path().to_string_lossy());
-    let (state, _) = wait_for_model(&mut s, &model_path().to_string_lossy(), Duration::from_secs(120));
+    let (state, _) = wait_for_model(
+        &mut s,
+        &model_path().to_string_lossy(),
+        Duration::from_secs(120),
+    );
     assert_eq!(state, "ready");
     let v = vector(&mut s, "SELECT kv_embed('hello')::real[]", &[]);
     assert_eq!(v.len(), 576);
@@ -80,12 +103,20 @@ fn kv_restart_starts_a_fresh_engine() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut s = fresh_database(DB);
     let before = vector(&mut s, "SELECT kv_embed('restart me')::real[]", &[]);
-    let old_pid: i32 = s.query_one("SELECT engine_pid FROM kv_status()", &[]).unwrap().get(0);
+    let old_pid: i32 = s
+        .query_one("SELECT engine_pid FROM kv_status()", &[])
+        .unwrap()
+        .get(0);
     let restarted: bool = s.query_one("SELECT kv_restart()", &[]).unwrap().get(0);
     assert!(restarted);
     let after = vector(&mut s, "SELECT kv_embed('restart me')::real[]", &[]);
-    assert!(max_abs_diff(&before, &after) <= 1e-6, "same text, same vector after a restart");
-    let row = s.query_one("SELECT engine_pid, state FROM kv_status()", &[]).unwrap();
+    assert!(
+        max_abs_diff(&before, &after) <= 1e-6,
+        "same text, same vector after a restart"
+    );
+    let row = s
+        .query_one("SELECT engine_pid, state FROM kv_status()", &[])
+        .unwrap();
     assert_ne!(row.get::<_, i32>(0), old_pid, "a new engine process serves");
     assert_eq!(row.get::<_, String>(1), "ready");
 }

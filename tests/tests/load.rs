@@ -17,9 +17,36 @@ use std::time::Instant;
 const DB: &str = "kvembed_test_load";
 
 fn sentence(i: usize) -> String {
-    const SUBJECTS: [&str; 8] = ["The database", "A student", "The river", "Our team", "The old library", "A robot", "The chef", "This planet"];
-    const VERBS: [&str; 8] = ["indexes", "explores", "crosses", "builds", "remembers", "repairs", "prepares", "orbits"];
-    const OBJECTS: [&str; 8] = ["millions of vectors", "a quiet valley", "the northern bridge", "a wooden boat", "forgotten maps", "broken engines", "a spicy soup", "two small moons"];
+    const SUBJECTS: [&str; 8] = [
+        "The database",
+        "A student",
+        "The river",
+        "Our team",
+        "The old library",
+        "A robot",
+        "The chef",
+        "This planet",
+    ];
+    const VERBS: [&str; 8] = [
+        "indexes",
+        "explores",
+        "crosses",
+        "builds",
+        "remembers",
+        "repairs",
+        "prepares",
+        "orbits",
+    ];
+    const OBJECTS: [&str; 8] = [
+        "millions of vectors",
+        "a quiet valley",
+        "the northern bridge",
+        "a wooden boat",
+        "forgotten maps",
+        "broken engines",
+        "a spicy soup",
+        "two small moons",
+    ];
     format!(
         "{} {} {} on day {} of year {}.",
         SUBJECTS[i % 8],
@@ -36,12 +63,18 @@ fn pgbench_32_sessions_x_500_calls_without_errors() {
     let mut s = fresh_database(DB);
     let probes: Vec<(String, Vec<f32>)> = (0..10)
         .map(|i| {
-            let t = format!("pgbench row number {} about databases and search", i * 97 + 1);
+            let t = format!(
+                "pgbench row number {} about databases and search",
+                i * 97 + 1
+            );
             let v = vector(&mut s, "SELECT kv_embed($1)::real[]", &[&t]);
             (t, v)
         })
         .collect();
-    let served_before: i64 = s.query_one("SELECT requests_served FROM kv_status()", &[]).unwrap().get(0);
+    let served_before: i64 = s
+        .query_one("SELECT requests_served FROM kv_status()", &[])
+        .unwrap()
+        .get(0);
     let script = std::env::temp_dir().join(format!("kvembed-pgbench-{}.sql", std::process::id()));
     std::fs::write(
         &script,
@@ -51,7 +84,18 @@ fn pgbench_32_sessions_x_500_calls_without_errors() {
     let started = Instant::now();
     let out = run_pg_tool(
         "pgbench",
-        &["-n", "-c", "32", "-j", "4", "-t", "500", "-f", &script.to_string_lossy(), DB],
+        &[
+            "-n",
+            "-c",
+            "32",
+            "-j",
+            "4",
+            "-t",
+            "500",
+            "-f",
+            &script.to_string_lossy(),
+            DB,
+        ],
     );
     let elapsed = started.elapsed();
     let _ = std::fs::remove_file(&script);
@@ -60,14 +104,31 @@ fn pgbench_32_sessions_x_500_calls_without_errors() {
             .find_map(|l| l.trim().strip_prefix(prefix).map(|r| r.trim().to_string()))
             .unwrap_or_else(|| panic!("pgbench printed no '{prefix}':\n{out}"))
     };
-    assert_eq!(field("number of transactions actually processed:"), "16000/16000", "{out}");
+    assert_eq!(
+        field("number of transactions actually processed:"),
+        "16000/16000",
+        "{out}"
+    );
     let failed = field("number of failed transactions:");
-    assert!(failed.starts_with("0 "), "pgbench reports failures: {failed}\n{out}");
-    let served_after: i64 = s.query_one("SELECT requests_served FROM kv_status()", &[]).unwrap().get(0);
-    assert!(served_after - served_before >= 16000, "the engine served {} requests", served_after - served_before);
+    assert!(
+        failed.starts_with("0 "),
+        "pgbench reports failures: {failed}\n{out}"
+    );
+    let served_after: i64 = s
+        .query_one("SELECT requests_served FROM kv_status()", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        served_after - served_before >= 16000,
+        "the engine served {} requests",
+        served_after - served_before
+    );
     for (t, want) in &probes {
         let got = vector(&mut s, "SELECT kv_embed($1)::real[]", &[t]);
-        assert!(max_abs_diff(&got, want) <= 1e-6, "{t}: vector changed under load");
+        assert!(
+            max_abs_diff(&got, want) <= 1e-6,
+            "{t}: vector changed under load"
+        );
     }
     record_figures(
         "pgbench_32_sessions_x_500_calls_without_errors",
@@ -84,7 +145,10 @@ fn copy_10000_rows_while_calibrating_and_searching_loses_nothing() {
     const CHUNK: usize = 1_000;
     let mut s = fresh_database(DB);
     s.batch_execute("SET kvembed.layers = 'default'").unwrap();
-    let d: i32 = s.query_one("SELECT dim FROM kv_status()", &[]).unwrap().get(0);
+    let d: i32 = s
+        .query_one("SELECT dim FROM kv_status()", &[])
+        .unwrap()
+        .get(0);
     s.batch_execute(&format!(
         "DROP TABLE IF EXISTS load_docs;
          CREATE TABLE load_docs (id int PRIMARY KEY, body text NOT NULL,
@@ -93,8 +157,10 @@ fn copy_10000_rows_while_calibrating_and_searching_loses_nothing() {
     ))
     .unwrap();
     let probe_ids: Vec<usize> = (0..20).map(|k| k * 499 + 3).collect();
-    let probes_before: Vec<Vec<f32>> =
-        probe_ids.iter().map(|&i| vector(&mut s, "SELECT kv_embed($1)::real[]", &[&sentence(i)])).collect();
+    let probes_before: Vec<Vec<f32>> = probe_ids
+        .iter()
+        .map(|&i| vector(&mut s, "SELECT kv_embed($1)::real[]", &[&sentence(i)]))
+        .collect();
 
     let done = Arc::new(AtomicBool::new(false));
     // Second session: layer selection on the table being loaded, again and again.
@@ -104,15 +170,24 @@ fn copy_10000_rows_while_calibrating_and_searching_loses_nothing() {
             let mut c = Session::connect(DB, "postgres");
             let mut runs = 0;
             while !done.load(Ordering::Relaxed) {
-                let n: i64 = c.query_one("SELECT count(*) FROM load_docs", &[]).unwrap().get(0);
+                let n: i64 = c
+                    .query_one("SELECT count(*) FROM load_docs", &[])
+                    .unwrap()
+                    .get(0);
                 if n == 0 {
                     std::thread::sleep(std::time::Duration::from_millis(200));
                     continue;
                 }
                 let rows = c
-                    .query("SELECT * FROM kv_select_layers('load_docs', 'body', 32, store => false)", &[])
+                    .query(
+                        "SELECT * FROM kv_select_layers('load_docs', 'body', 32, store => false)",
+                        &[],
+                    )
                     .expect("kv_select_layers under load");
-                assert!(rows.iter().any(|r| r.get::<_, bool>(2)), "a selection was made");
+                assert!(
+                    rows.iter().any(|r| r.get::<_, bool>(2)),
+                    "a selection was made"
+                );
                 runs += 1;
                 // A calibration holds the engine alone while it runs; leave
                 // room for the load between runs.
@@ -126,7 +201,8 @@ fn copy_10000_rows_while_calibrating_and_searching_loses_nothing() {
         let done = done.clone();
         std::thread::spawn(move || {
             let mut c = Session::connect(DB, "postgres");
-            c.batch_execute("SET kvembed.layers = 'default'; SET enable_seqscan = off").unwrap();
+            c.batch_execute("SET kvembed.layers = 'default'; SET enable_seqscan = off")
+                .unwrap();
             let plan: Vec<String> = c
                 .query(
                     "EXPLAIN SELECT id FROM load_docs ORDER BY emb <=> kv_embed('a question about rivers', 'query') LIMIT 5",
@@ -136,15 +212,22 @@ fn copy_10000_rows_while_calibrating_and_searching_loses_nothing() {
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
-            assert!(plan.iter().any(|l| l.contains("load_docs_hnsw")), "the search must use the index: {plan:?}");
+            assert!(
+                plan.iter().any(|l| l.contains("load_docs_hnsw")),
+                "the search must use the index: {plan:?}"
+            );
             let q = c
                 .prepare("SELECT id FROM load_docs ORDER BY emb <=> kv_embed($1, 'query') LIMIT 5")
                 .unwrap();
             let mut queries = 0;
             while !done.load(Ordering::Relaxed) {
-                let embedded: i64 =
-                    c.query_one("SELECT count(*) FROM load_docs WHERE emb IS NOT NULL", &[]).unwrap().get(0);
-                let rows = c.query(&q, &[&format!("what happened on day {}", queries % 365)]).expect("search under load");
+                let embedded: i64 = c
+                    .query_one("SELECT count(*) FROM load_docs WHERE emb IS NOT NULL", &[])
+                    .unwrap()
+                    .get(0);
+                let rows = c
+                    .query(&q, &[&format!("what happened on day {}", queries % 365)])
+                    .expect("search under load");
                 // Rows only arrive: at least what was there just before.
                 assert!(
                     rows.len() as i64 >= embedded.min(5) && rows.len() <= 5,
@@ -174,7 +257,10 @@ fn copy_10000_rows_while_calibrating_and_searching_loses_nothing() {
     done.store(true, Ordering::Relaxed);
     let calibrations = calibrator.join().expect("the calibrating session failed");
     let searches = searcher.join().expect("the searching session failed");
-    assert!(calibrations >= 1 && searches >= 1, "the other sessions ran ({calibrations}, {searches})");
+    assert!(
+        calibrations >= 1 && searches >= 1,
+        "the other sessions ran ({calibrations}, {searches})"
+    );
 
     let row = s
         .query_one(
@@ -185,17 +271,30 @@ fn copy_10000_rows_while_calibrating_and_searching_loses_nothing() {
     assert_eq!(row.get::<_, i64>(0), ROWS as i64, "rows lost");
     assert_eq!(row.get::<_, i64>(1), 0, "NULL embeddings");
     assert_eq!(row.get::<_, i64>(2), ROWS as i64);
-    assert_eq!((row.get::<_, i32>(3), row.get::<_, i32>(4)), (0, ROWS as i32 - 1));
+    assert_eq!(
+        (row.get::<_, i32>(3), row.get::<_, i32>(4)),
+        (0, ROWS as i32 - 1)
+    );
     // Every stored text matches its id (nothing swapped between rows), and a
     // sample of stored vectors equals a fresh kv_embed of the same text.
     let mismatched: i64 = {
-        let bodies: Vec<(i32, String)> =
-            s.query("SELECT id, body FROM load_docs", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
-        bodies.iter().filter(|(id, body)| *body != sentence(*id as usize)).count() as i64
+        let bodies: Vec<(i32, String)> = s
+            .query("SELECT id, body FROM load_docs", &[])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        bodies
+            .iter()
+            .filter(|(id, body)| *body != sentence(*id as usize))
+            .count() as i64
     };
     assert_eq!(mismatched, 0);
     let sample: Vec<(i32, String, Vec<f32>)> = s
-        .query("SELECT id, body, emb::real[] FROM load_docs WHERE id % 50 = 7 ORDER BY id", &[])
+        .query(
+            "SELECT id, body, emb::real[] FROM load_docs WHERE id % 50 = 7 ORDER BY id",
+            &[],
+        )
         .unwrap()
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
@@ -203,13 +302,26 @@ fn copy_10000_rows_while_calibrating_and_searching_loses_nothing() {
     assert_eq!(sample.len(), ROWS / 50);
     for (id, body, stored) in &sample {
         let fresh = vector(&mut s, "SELECT kv_embed($1)::real[]", &[body]);
-        assert!(max_abs_diff(stored, &fresh) <= 1e-6, "row {id}: stored vector differs from a fresh one");
+        assert!(
+            max_abs_diff(stored, &fresh) <= 1e-6,
+            "row {id}: stored vector differs from a fresh one"
+        );
     }
     for (k, &i) in probe_ids.iter().enumerate() {
-        let stored = vector(&mut s, "SELECT emb::real[] FROM load_docs WHERE id = $1", &[&(i as i32)]);
+        let stored = vector(
+            &mut s,
+            "SELECT emb::real[] FROM load_docs WHERE id = $1",
+            &[&(i as i32)],
+        );
         let after = vector(&mut s, "SELECT kv_embed($1)::real[]", &[&sentence(i)]);
-        assert!(max_abs_diff(&probes_before[k], &stored) <= 1e-6, "probe {i}: before vs stored");
-        assert!(max_abs_diff(&probes_before[k], &after) <= 1e-6, "probe {i}: before vs after");
+        assert!(
+            max_abs_diff(&probes_before[k], &stored) <= 1e-6,
+            "probe {i}: before vs stored"
+        );
+        assert!(
+            max_abs_diff(&probes_before[k], &after) <= 1e-6,
+            "probe {i}: before vs after"
+        );
     }
     record_figures(
         "copy_10000_rows_while_calibrating_and_searching_loses_nothing",

@@ -21,7 +21,8 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn session() -> (std::sync::MutexGuard<'static, ()>, Session) {
     let guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    static CREATED: once_cell::sync::Lazy<()> = once_cell::sync::Lazy::new(|| drop(fresh_database(DB)));
+    static CREATED: once_cell::sync::Lazy<()> =
+        once_cell::sync::Lazy::new(|| drop(fresh_database(DB)));
     once_cell::sync::Lazy::force(&CREATED);
     let mut s = Session::connect(DB, "postgres");
     s.batch_execute("SET kvembed.layers = 'default'").unwrap();
@@ -42,7 +43,10 @@ fn embed_until_ok(s: &mut Session, timeout: Duration) -> (Vec<f32>, Duration) {
     loop {
         match s.query_one("SELECT kv_embed($1)::real[]", &[&PROBE]) {
             Ok(row) => return (row.get(0), started.elapsed()),
-            Err(e) => assert!(started.elapsed() < timeout, "kv_embed still fails after {timeout:?}: {e}"),
+            Err(e) => assert!(
+                started.elapsed() < timeout,
+                "kv_embed still fails after {timeout:?}: {e}"
+            ),
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -56,7 +60,10 @@ fn wait_ready(s: &mut Session, timeout: Duration) {
                 return;
             }
         }
-        assert!(started.elapsed() < timeout, "the engine is not ready after {timeout:?}");
+        assert!(
+            started.elapsed() < timeout,
+            "the engine is not ready after {timeout:?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -73,27 +80,49 @@ impl Bystander {
     fn new() -> Bystander {
         let mut s = connect();
         let pid: i32 = s.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
-        let postmaster_started: String = s.query_one("SELECT pg_postmaster_start_time()::text", &[]).unwrap().get(0);
-        Bystander { s, pid, postmaster_started }
+        let postmaster_started: String = s
+            .query_one("SELECT pg_postmaster_start_time()::text", &[])
+            .unwrap()
+            .get(0);
+        Bystander {
+            s,
+            pid,
+            postmaster_started,
+        }
     }
 
     fn check(&mut self) {
         let row = self
             .s
-            .query_one("SELECT pg_backend_pid(), pg_postmaster_start_time()::text", &[])
+            .query_one(
+                "SELECT pg_backend_pid(), pg_postmaster_start_time()::text",
+                &[],
+            )
             .expect("the bystander session keeps its connection");
-        assert_eq!(row.get::<_, i32>(0), self.pid, "the bystander's backend must be the same process");
-        assert_eq!(row.get::<_, String>(1), self.postmaster_started, "the cluster must not restart");
+        assert_eq!(
+            row.get::<_, i32>(0),
+            self.pid,
+            "the bystander's backend must be the same process"
+        );
+        assert_eq!(
+            row.get::<_, String>(1),
+            self.postmaster_started,
+            "the cluster must not restart"
+        );
     }
 }
 
 fn restarts(s: &mut Session) -> i64 {
-    s.query_one("SELECT engine_restarts FROM kv_status()", &[]).unwrap().get(0)
+    s.query_one("SELECT engine_restarts FROM kv_status()", &[])
+        .unwrap()
+        .get(0)
 }
 
 /// Runs `kv_embed('<marker>')` in another session on a thread; returns its
 /// result and the instant it came back.
-fn victim(marker: &'static str) -> std::thread::JoinHandle<(Result<Vec<f32>, (String, String)>, Instant)> {
+fn victim(
+    marker: &'static str,
+) -> std::thread::JoinHandle<(Result<Vec<f32>, (String, String)>, Instant)> {
     std::thread::spawn(move || {
         let mut v = connect();
         let r = v.query_one(&format!("SELECT kv_embed('{marker}')::real[]"), &[]);
@@ -120,15 +149,24 @@ fn wait_until_waiting_on_the_engine(s: &mut Session, marker: &str) {
         if n > 0 {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(20), "the victim never reached the engine");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the victim never reached the engine"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(300));
 }
 
 fn kill_engine(pid: i32, signal: &str) {
-    let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().expect("kill");
-    assert!(status.success(), "kill {signal} {pid} failed (the tests must run as the cluster's OS user or root)");
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(
+        status.success(),
+        "kill {signal} {pid} failed (the tests must run as the cluster's OS user or root)"
+    );
 }
 
 #[test]
@@ -137,7 +175,10 @@ fn sigkill_of_the_engine_fails_only_the_waiting_statement() {
     let (reference, _) = embed_until_ok(&mut s, Duration::from_secs(60));
     let mut bystander = Bystander::new();
     let before_restarts = restarts(&mut s);
-    let pid = s.query_one("SELECT kv_debug_fault('stall:4000')", &[]).unwrap().get::<_, i32>(0);
+    let pid = s
+        .query_one("SELECT kv_debug_fault('stall:4000')", &[])
+        .unwrap()
+        .get::<_, i32>(0);
     assert_eq!(pid, engine_pid(&mut s));
 
     let waiting = victim("killed while waiting");
@@ -149,14 +190,22 @@ fn sigkill_of_the_engine_fails_only_the_waiting_statement() {
     assert_eq!(code, "58000", "{msg}");
     assert!(msg.contains("engine went away"), "{msg}");
     let error_after = failed_at.duration_since(killed_at);
-    assert!(error_after < Duration::from_secs(2), "the error took {error_after:?}");
+    assert!(
+        error_after < Duration::from_secs(2),
+        "the error took {error_after:?}"
+    );
 
     bystander.check();
     let (after, recovered_in) = embed_until_ok(&mut s, Duration::from_secs(60));
-    assert!(max_abs_diff(&after, &reference) <= 1e-6, "same text, same vector after the restart");
+    assert!(
+        max_abs_diff(&after, &reference) <= 1e-6,
+        "same text, same vector after the restart"
+    );
     let new_pid = engine_pid(&mut s);
     assert_ne!(new_pid, pid, "a new engine process serves");
-    let row = s.query_one("SELECT engine_restarts, last_exit FROM kv_status()", &[]).unwrap();
+    let row = s
+        .query_one("SELECT engine_restarts, last_exit FROM kv_status()", &[])
+        .unwrap();
     assert!(row.get::<_, i64>(0) > before_restarts);
     let last_exit: String = row.get(1);
     assert!(last_exit.contains("signal 9"), "{last_exit}");
@@ -173,9 +222,14 @@ fn an_abort_in_the_engine_fails_only_the_waiting_statement() {
     let (_g, mut s) = session();
     let (reference, _) = embed_until_ok(&mut s, Duration::from_secs(60));
     let mut bystander = Bystander::new();
-    let pid: i32 = s.query_one("SELECT kv_debug_fault('abort')", &[]).unwrap().get(0);
+    let pid: i32 = s
+        .query_one("SELECT kv_debug_fault('abort')", &[])
+        .unwrap()
+        .get(0);
     let started = Instant::now();
-    let err = s.query_one("SELECT kv_embed('this batch aborts the engine')", &[]).expect_err("abort");
+    let err = s
+        .query_one("SELECT kv_embed('this batch aborts the engine')", &[])
+        .expect_err("abort");
     let (code, msg) = sql_error(&err);
     assert_eq!(code, "58000", "{msg}");
     assert!(msg.contains("engine went away"), "{msg}");
@@ -183,7 +237,10 @@ fn an_abort_in_the_engine_fails_only_the_waiting_statement() {
     let (after, recovered_in) = embed_until_ok(&mut s, Duration::from_secs(60));
     assert!(max_abs_diff(&after, &reference) <= 1e-6);
     assert_ne!(engine_pid(&mut s), pid);
-    let last_exit: String = s.query_one("SELECT last_exit FROM kv_status()", &[]).unwrap().get(0);
+    let last_exit: String = s
+        .query_one("SELECT last_exit FROM kv_status()", &[])
+        .unwrap()
+        .get(0);
     assert!(last_exit.contains("signal 6"), "{last_exit}");
     bystander.check();
     record_figures(
@@ -198,17 +255,32 @@ fn a_panic_in_inference_fails_only_its_batch() {
     let (_g, mut s) = session();
     let (reference, _) = embed_until_ok(&mut s, Duration::from_secs(60));
     let mut bystander = Bystander::new();
-    let pid: i32 = s.query_one("SELECT kv_debug_fault('panic')", &[]).unwrap().get(0);
-    let err = s.query_one("SELECT kv_embed('this batch panics')", &[]).expect_err("panic");
+    let pid: i32 = s
+        .query_one("SELECT kv_debug_fault('panic')", &[])
+        .unwrap()
+        .get(0);
+    let err = s
+        .query_one("SELECT kv_embed('this batch panics')", &[])
+        .expect_err("panic");
     let (code, msg) = sql_error(&err);
     assert_eq!(code, "XX000", "{msg}");
-    assert!(msg.contains("panicked") && msg.contains("injected fault"), "{msg}");
+    assert!(
+        msg.contains("panicked") && msg.contains("injected fault"),
+        "{msg}"
+    );
     // Caught inside the engine: the same process serves the next request.
     let (after, _) = embed_until_ok(&mut s, Duration::from_secs(10));
     assert!(max_abs_diff(&after, &reference) <= 1e-6);
-    assert_eq!(engine_pid(&mut s), pid, "a caught panic must not restart the engine");
+    assert_eq!(
+        engine_pid(&mut s),
+        pid,
+        "a caught panic must not restart the engine"
+    );
     bystander.check();
-    record_figures("a_panic_in_inference_fails_only_its_batch", serde_json::json!({"faults": 1}));
+    record_figures(
+        "a_panic_in_inference_fails_only_its_batch",
+        serde_json::json!({"faults": 1}),
+    );
 }
 
 /// Puts the memory limit back even when an assertion fails.
@@ -236,20 +308,33 @@ fn running_out_of_memory_while_loading_is_a_clear_error() {
     // The engine needs ~0.3 GB of address space with int8 weights (~0.4 GB
     // counted by ulimit -v for `kvembed embed`; more with f32 or AMX weights).
     let mut admin = Session::connect("postgres", "postgres");
-    admin.batch_execute("ALTER SYSTEM SET kvembed.engine_memory_limit = '128MB'").unwrap();
+    admin
+        .batch_execute("ALTER SYSTEM SET kvembed.engine_memory_limit = '128MB'")
+        .unwrap();
     admin.batch_execute("SELECT pg_reload_conf()").unwrap();
     s.batch_execute("SET kvembed.start_timeout = '8s'").unwrap();
     // Wait until the old engine is gone (the supervisor restarts it on reload).
     let started = Instant::now();
-    while s.query_one("SELECT engine_pid FROM kv_status()", &[]).ok().and_then(|r| r.get::<_, Option<i32>>(0))
+    while s
+        .query_one("SELECT engine_pid FROM kv_status()", &[])
+        .ok()
+        .and_then(|r| r.get::<_, Option<i32>>(0))
         == Some(old_pid)
     {
-        assert!(started.elapsed() < Duration::from_secs(30), "the engine did not restart after the reload");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the engine did not restart after the reload"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let err = s.query_one("SELECT kv_embed($1)", &[&PROBE]).expect_err("the model cannot load in 128 MB");
+    let err = s
+        .query_one("SELECT kv_embed($1)", &[&PROBE])
+        .expect_err("the model cannot load in 128 MB");
     let (code, msg, detail) = sql_error_full(&err);
-    assert!(["58000", "58P01"].contains(&code.as_str()), "{code} {msg} {detail}");
+    assert!(
+        ["58000", "58P01"].contains(&code.as_str()),
+        "{code} {msg} {detail}"
+    );
     let text = format!("{msg} {detail}").to_lowercase();
     assert!(
         text.contains("memory") || text.contains("signal 6") || text.contains("cannot allocate"),
@@ -282,17 +367,24 @@ fn cancellation_interrupts_within_a_second_and_does_not_poison_later_requests() 
         .collect();
 
     // statement_timeout while the engine is stalled on this very request.
-    s.query_one("SELECT kv_debug_fault('stall:3000')", &[]).unwrap();
+    s.query_one("SELECT kv_debug_fault('stall:3000')", &[])
+        .unwrap();
     s.batch_execute("SET statement_timeout = '400ms'").unwrap();
     let started = Instant::now();
-    let err = s.query_one("SELECT kv_embed('cancelled by statement_timeout')", &[]).expect_err("timeout");
+    let err = s
+        .query_one("SELECT kv_embed('cancelled by statement_timeout')", &[])
+        .expect_err("timeout");
     let timeout_took = started.elapsed();
     assert_eq!(sql_error(&err).0, "57014", "{err}");
-    assert!(timeout_took < Duration::from_millis(400 + 1000), "statement_timeout took {timeout_took:?}");
+    assert!(
+        timeout_took < Duration::from_millis(400 + 1000),
+        "statement_timeout took {timeout_took:?}"
+    );
     s.batch_execute("RESET statement_timeout").unwrap();
 
     // pg_cancel_backend from another session.
-    s.query_one("SELECT kv_debug_fault('stall:3000')", &[]).unwrap();
+    s.query_one("SELECT kv_debug_fault('stall:3000')", &[])
+        .unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let waiting = std::thread::spawn(move || {
         let mut v = connect();
@@ -304,13 +396,19 @@ fn cancellation_interrupts_within_a_second_and_does_not_poison_later_requests() 
     let victim_pid = rx.recv().unwrap();
     wait_until_waiting_on_the_engine(&mut s, "cancelled by pg_cancel_backend");
     let cancelled_at = Instant::now();
-    let ok: bool = s.query_one("SELECT pg_cancel_backend($1)", &[&victim_pid]).unwrap().get(0);
+    let ok: bool = s
+        .query_one("SELECT pg_cancel_backend($1)", &[&victim_pid])
+        .unwrap()
+        .get(0);
     assert!(ok);
     let (result, failed_at) = waiting.join().unwrap();
     let (code, msg) = result.expect_err("cancelled");
     assert_eq!(code, "57014", "{msg}");
     let cancel_took = failed_at.duration_since(cancelled_at);
-    assert!(cancel_took < Duration::from_secs(1), "pg_cancel_backend took {cancel_took:?}");
+    assert!(
+        cancel_took < Duration::from_secs(1),
+        "pg_cancel_backend took {cancel_took:?}"
+    );
 
     // Later requests get their own, correct answers (from several sessions
     // at once, so a stale reply would land on someone).
@@ -322,7 +420,10 @@ fn cancellation_interrupts_within_a_second_and_does_not_poison_later_requests() 
             std::thread::spawn(move || {
                 let mut c = connect();
                 let got = vector(&mut c, "SELECT kv_embed($1)::real[]", &[&t]);
-                assert!(max_abs_diff(&got, &want) <= 1e-6, "{t}: wrong vector after a cancellation");
+                assert!(
+                    max_abs_diff(&got, &want) <= 1e-6,
+                    "{t}: wrong vector after a cancellation"
+                );
             })
         })
         .collect();
@@ -348,9 +449,14 @@ fn bad_input_corpus_gives_defined_results_and_crashes_nothing() {
     let (_g, mut s) = session();
     let pid = engine_pid(&mut s);
     let restarts_before = restarts(&mut s);
-    let d: i32 = s.query_one("SELECT dim FROM kv_status()", &[]).unwrap().get(0);
+    let d: i32 = s
+        .query_one("SELECT dim FROM kv_status()", &[])
+        .unwrap()
+        .get(0);
     let ten_mb_words: String = {
-        let words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"];
+        let words = [
+            "alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta",
+        ];
         let mut t = String::with_capacity(10 << 20);
         let mut i = 0usize;
         while t.len() < 10 << 20 {
@@ -365,14 +471,49 @@ fn bad_input_corpus_gives_defined_results_and_crashes_nothing() {
     let cases: Vec<(&str, &str, String, Expect)> = vec![
         ("empty", "", String::new(), Expect::Vector),
         ("whitespace", "", " \t \n  ".into(), Expect::Vector),
-        ("control characters", "", "\u{1}\u{2}\u{7}\u{8}\u{b}\u{c}\u{1b}[31mred\u{1b}[0m\u{7f}\r\n".into(), Expect::Vector),
-        ("emoji", "", "👩‍👩‍👧‍👦 🎉🚀 family party 🏳️‍🌈 🇫🇷".into(), Expect::Vector),
-        ("right-to-left", "", "مرحبا بالعالم — שלום עולם — hello".into(), Expect::Vector),
+        (
+            "control characters",
+            "",
+            "\u{1}\u{2}\u{7}\u{8}\u{b}\u{c}\u{1b}[31mred\u{1b}[0m\u{7f}\r\n".into(),
+            Expect::Vector,
+        ),
+        (
+            "emoji",
+            "",
+            "👩‍👩‍👧‍👦 🎉🚀 family party 🏳️‍🌈 🇫🇷".into(),
+            Expect::Vector,
+        ),
+        (
+            "right-to-left",
+            "",
+            "مرحبا بالعالم — שלום עולם — hello".into(),
+            Expect::Vector,
+        ),
         ("combining characters", "", zalgo, Expect::VectorWithNotice),
-        ("unassigned and private-use code points", "", "\u{e000}\u{f8ff}\u{10fffd}\u{fffe}".into(), Expect::Vector),
-        ("10 MB of words", "", ten_mb_words.clone(), Expect::VectorWithNotice),
-        ("10 MB without a space", "", "x".repeat(10 << 20), Expect::VectorWithNotice),
-        ("100,000 tokens, truncated", "", hundred_k_tokens.clone(), Expect::VectorWithNotice),
+        (
+            "unassigned and private-use code points",
+            "",
+            "\u{e000}\u{f8ff}\u{10fffd}\u{fffe}".into(),
+            Expect::Vector,
+        ),
+        (
+            "10 MB of words",
+            "",
+            ten_mb_words.clone(),
+            Expect::VectorWithNotice,
+        ),
+        (
+            "10 MB without a space",
+            "",
+            "x".repeat(10 << 20),
+            Expect::VectorWithNotice,
+        ),
+        (
+            "100,000 tokens, truncated",
+            "",
+            hundred_k_tokens.clone(),
+            Expect::VectorWithNotice,
+        ),
         (
             "100,000 tokens, kvembed.max_tokens = 0 (the model's 4,096)",
             "SET kvembed.max_tokens = 0",
@@ -385,11 +526,17 @@ fn bad_input_corpus_gives_defined_results_and_crashes_nothing() {
             hundred_k_tokens,
             Expect::Error("54000"),
         ),
-        ("10 MB, on_overflow = error", "SET kvembed.on_overflow = 'error'", ten_mb_words, Expect::Error("54000")),
+        (
+            "10 MB, on_overflow = error",
+            "SET kvembed.on_overflow = 'error'",
+            ten_mb_words,
+            Expect::Error("54000"),
+        ),
     ];
     let mut checked = 0;
     for (label, setup, text, expect) in &cases {
-        s.batch_execute("RESET ALL; SET kvembed.layers = 'default'").unwrap();
+        s.batch_execute("RESET ALL; SET kvembed.layers = 'default'")
+            .unwrap();
         if !setup.is_empty() {
             s.batch_execute(setup).unwrap();
         }
@@ -404,7 +551,10 @@ fn bad_input_corpus_gives_defined_results_and_crashes_nothing() {
                 assert!((norm - 1.0).abs() < 1e-4, "{label}: norm {norm}");
                 let notices = s.take_notices();
                 if matches!(expect, Expect::VectorWithNotice) {
-                    assert!(notices.iter().any(|n| n.contains("truncated")), "{label}: expected a NOTICE, got {notices:?}");
+                    assert!(
+                        notices.iter().any(|n| n.contains("truncated")),
+                        "{label}: expected a NOTICE, got {notices:?}"
+                    );
                 }
             }
             (Expect::Error(want), Err(e)) => {
@@ -416,7 +566,8 @@ fn bad_input_corpus_gives_defined_results_and_crashes_nothing() {
         }
         checked += 1;
     }
-    s.batch_execute("RESET ALL; SET kvembed.layers = 'default'").unwrap();
+    s.batch_execute("RESET ALL; SET kvembed.layers = 'default'")
+        .unwrap();
 
     // NULLs: a NULL text is a NULL vector; NULL array elements stay NULL in
     // place, the others embed as they would alone.
@@ -429,9 +580,16 @@ fn bad_input_corpus_gives_defined_results_and_crashes_nothing() {
         )
         .unwrap();
     assert!(row.get::<_, bool>(0) && row.get::<_, bool>(1) && row.get::<_, bool>(2));
-    assert_eq!(row.get::<_, Vec<bool>>(3), vec![true, false, true, false, true]);
+    assert_eq!(
+        row.get::<_, Vec<bool>>(3),
+        vec![true, false, true, false, true]
+    );
     let alone = vector(&mut s, "SELECT kv_embed('b')::real[]", &[]);
-    let in_batch = vector(&mut s, "SELECT (kv_embed_batch(ARRAY[NULL, 'b', NULL]))[2]::real[]", &[]);
+    let in_batch = vector(
+        &mut s,
+        "SELECT (kv_embed_batch(ARRAY[NULL, 'b', NULL]))[2]::real[]",
+        &[],
+    );
     assert!(max_abs_diff(&alone, &in_batch) <= 1e-5);
     checked += 3;
 
@@ -459,12 +617,22 @@ fn select_layers_reads_with_the_callers_privileges_and_row_level_security() {
     )
     .unwrap();
     for (i, (_, body)) in CORPUS.iter().enumerate() {
-        let owner = if i < 12 { "kvembed_test_alice" } else { "someone_else" };
-        s.execute("INSERT INTO rls_docs VALUES ($1, $2)", &[&owner, body]).unwrap();
+        let owner = if i < 12 {
+            "kvembed_test_alice"
+        } else {
+            "someone_else"
+        };
+        s.execute("INSERT INTO rls_docs VALUES ($1, $2)", &[&owner, body])
+            .unwrap();
     }
     // Alice samples only the 12 rows the policy shows her.
     let mut alice = Session::connect(DB, "kvembed_test_alice");
-    let rows = alice.query("SELECT * FROM kv_select_layers('rls_docs', 'body', 512, store => false)", &[]).unwrap();
+    let rows = alice
+        .query(
+            "SELECT * FROM kv_select_layers('rls_docs', 'body', 512, store => false)",
+            &[],
+        )
+        .unwrap();
     assert!(!rows.is_empty());
     let notices = alice.take_notices();
     assert!(
@@ -473,14 +641,25 @@ fn select_layers_reads_with_the_callers_privileges_and_row_level_security() {
     );
     // Mallory may not read the table at all.
     let mut mallory = Session::connect(DB, "kvembed_test_mallory");
-    let err = mallory.query("SELECT * FROM kv_select_layers('rls_docs', 'body', 512, store => false)", &[]).expect_err("no SELECT");
+    let err = mallory
+        .query(
+            "SELECT * FROM kv_select_layers('rls_docs', 'body', 512, store => false)",
+            &[],
+        )
+        .expect_err("no SELECT");
     assert_eq!(sql_error(&err).0, "42501", "{err}");
     // Nor inject faults, nor change the engine's memory limit.
-    let err = mallory.query_one("SELECT kv_debug_fault('abort')", &[]).expect_err("superuser only");
+    let err = mallory
+        .query_one("SELECT kv_debug_fault('abort')", &[])
+        .expect_err("superuser only");
     assert_eq!(sql_error(&err).0, "42501", "{err}");
-    let err = mallory.batch_execute("ALTER SYSTEM SET kvembed.engine_memory_limit = '1MB'").expect_err("superuser only");
+    let err = mallory
+        .batch_execute("ALTER SYSTEM SET kvembed.engine_memory_limit = '1MB'")
+        .expect_err("superuser only");
     assert_eq!(sql_error(&err).0, "42501", "{err}");
-    let err = mallory.batch_execute("SET kvembed.engine_memory_limit = '1MB'").expect_err("sighup setting");
+    let err = mallory
+        .batch_execute("SET kvembed.engine_memory_limit = '1MB'")
+        .expect_err("sighup setting");
     assert_eq!(sql_error(&err).0, "55P02", "{err}");
     record_figures(
         "select_layers_reads_with_the_callers_privileges_and_row_level_security",
@@ -492,20 +671,38 @@ fn select_layers_reads_with_the_callers_privileges_and_row_level_security() {
 fn the_engine_channel_is_private_and_there_is_no_tcp_listener() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let (_g, mut s) = session();
-    let data_dir: String = s.query_one("SELECT current_setting('data_directory')", &[]).unwrap().get(0);
-    let data_owner = std::fs::metadata(&data_dir).expect("the tests read the data directory's metadata").uid();
+    let data_dir: String = s
+        .query_one("SELECT current_setting('data_directory')", &[])
+        .unwrap()
+        .get(0);
+    let data_owner = std::fs::metadata(&data_dir)
+        .expect("the tests read the data directory's metadata")
+        .uid();
     let dir = std::path::Path::new(&data_dir).join("kvembed");
     let meta = std::fs::metadata(&dir).expect("the runtime directory exists");
-    assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{} must be 0700", dir.display());
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o700,
+        "{} must be 0700",
+        dir.display()
+    );
     assert_eq!(meta.uid(), data_owner);
-    let sock = std::fs::symlink_metadata(dir.join("engine.sock")).expect("the engine socket exists");
-    assert_eq!(sock.permissions().mode() & 0o777, 0o600, "the socket must be 0600");
+    let sock =
+        std::fs::symlink_metadata(dir.join("engine.sock")).expect("the engine socket exists");
+    assert_eq!(
+        sock.permissions().mode() & 0o777,
+        0o600,
+        "the socket must be 0600"
+    );
     assert_eq!(sock.uid(), data_owner);
 
     // The engine's open sockets: some Unix ones, no TCP or UDP one.
     let pid = engine_pid(&mut s);
     let mut inodes = Vec::new();
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("/proc/<engine>/fd is readable").flatten() {
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/<engine>/fd is readable")
+        .flatten()
+    {
         let target = match std::fs::read_link(fd.path()) {
             Ok(target) => target,
             // Closed between the listing and the look: not a socket it holds.
@@ -517,7 +714,10 @@ fn the_engine_channel_is_private_and_there_is_no_tcp_listener() {
             inodes.push(inode.to_string());
         }
     }
-    assert!(!inodes.is_empty(), "the engine has at least its listening socket");
+    assert!(
+        !inodes.is_empty(),
+        "the engine has at least its listening socket"
+    );
     let inet_inodes = |table: &str| -> Vec<String> {
         let path = format!("/proc/{pid}/net/{table}");
         match std::fs::read_to_string(&path) {
@@ -526,17 +726,22 @@ fn the_engine_channel_is_private_and_there_is_no_tcp_listener() {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => panic!("cannot read {path}: {e}"),
         }
-            .lines()
-            .skip(1)
-            .filter_map(|l| l.split_whitespace().nth(9).map(str::to_string))
-            .collect()
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(9).map(str::to_string))
+        .collect()
     };
     let unix = std::fs::read_to_string(format!("/proc/{pid}/net/unix")).unwrap();
-    assert!(inodes.iter().any(|i| unix.lines().any(|l| l.split_whitespace().nth(6) == Some(i.as_str()))));
+    assert!(inodes.iter().any(|i| unix
+        .lines()
+        .any(|l| l.split_whitespace().nth(6) == Some(i.as_str()))));
     for table in ["tcp", "tcp6", "udp", "udp6"] {
         let inet = inet_inodes(table);
         for inode in &inodes {
-            assert!(!inet.contains(inode), "the engine has a {table} socket (inode {inode})");
+            assert!(
+                !inet.contains(inode),
+                "the engine has a {table} socket (inode {inode})"
+            );
         }
     }
     record_figures(
@@ -548,9 +753,11 @@ fn the_engine_channel_is_private_and_there_is_no_tcp_listener() {
 #[test]
 fn calibration_survives_a_cluster_restart() {
     let (_g, mut s) = session();
-    s.batch_execute("DROP TABLE IF EXISTS calib_docs; CREATE TABLE calib_docs (body text)").unwrap();
+    s.batch_execute("DROP TABLE IF EXISTS calib_docs; CREATE TABLE calib_docs (body text)")
+        .unwrap();
     for (_, body) in CORPUS {
-        s.execute("INSERT INTO calib_docs VALUES ($1)", &[body]).unwrap();
+        s.execute("INSERT INTO calib_docs VALUES ($1)", &[body])
+            .unwrap();
     }
     let selected: Vec<i32> = s
         .query("SELECT layer FROM kv_select_layers('calib_docs', 'body') WHERE selected ORDER BY layer", &[])
@@ -565,15 +772,24 @@ fn calibration_survives_a_cluster_restart() {
         .arg("restart")
         .output()
         .expect("scripts/pg.sh restart");
-    assert!(out.status.success(), "restart failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "restart failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut s = connect();
     s.batch_execute("SET kvembed.layers = 'auto'").unwrap();
     wait_ready(&mut s, Duration::from_secs(120));
-    let row = s.query_one("SELECT layers, layers_source FROM kv_status()", &[]).unwrap();
+    let row = s
+        .query_one("SELECT layers, layers_source FROM kv_status()", &[])
+        .unwrap();
     assert_eq!(row.get::<_, String>(1), "calibration");
     assert_eq!(row.get::<_, Vec<i32>>(0), selected);
     s.batch_execute("DELETE FROM kvembed.calibration").unwrap();
-    record_figures("calibration_survives_a_cluster_restart", serde_json::json!({"cluster_restarts": 1}));
+    record_figures(
+        "calibration_survives_a_cluster_restart",
+        serde_json::json!({"cluster_restarts": 1}),
+    );
 }
 
 /// The objects that belong to the extension in `db`, described.
@@ -596,8 +812,12 @@ fn extension_objects(db: &str) -> Vec<String> {
 
 fn recreate(db: &str) -> Session {
     let mut admin = Session::connect("postgres", "postgres");
-    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).unwrap();
-    admin.batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .unwrap();
     Session::connect(db, "postgres")
 }
 
@@ -605,30 +825,60 @@ fn recreate(db: &str) -> Session {
 fn upgrade_from_0_1_0_gives_the_same_objects_as_a_fresh_install() {
     let (_g, _s) = session();
     let mut old = recreate("kvembed_test_upgrade");
-    old.batch_execute("CREATE EXTENSION kvembed VERSION '0.1.0' CASCADE").unwrap();
-    let n: i64 = old.query_one("SELECT count(*) FROM pg_proc WHERE proname = 'kv_debug_fault'", &[]).unwrap().get(0);
+    old.batch_execute("CREATE EXTENSION kvembed VERSION '0.1.0' CASCADE")
+        .unwrap();
+    let n: i64 = old
+        .query_one(
+            "SELECT count(*) FROM pg_proc WHERE proname = 'kv_debug_fault'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(n, 0, "0.1.0 has no kv_debug_fault");
     let before = extension_objects("kvembed_test_upgrade");
     old.batch_execute("ALTER EXTENSION kvembed UPDATE").unwrap();
-    let version: String =
-        old.query_one("SELECT extversion FROM pg_extension WHERE extname = 'kvembed'", &[]).unwrap().get(0);
-    let default: String =
-        old.query_one("SELECT default_version FROM pg_available_extensions WHERE name = 'kvembed'", &[]).unwrap().get(0);
+    let version: String = old
+        .query_one(
+            "SELECT extversion FROM pg_extension WHERE extname = 'kvembed'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let default: String = old
+        .query_one(
+            "SELECT default_version FROM pg_available_extensions WHERE name = 'kvembed'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(version, default);
     let upgraded = extension_objects("kvembed_test_upgrade");
     let mut fresh_db = recreate("kvembed_test_fresh");
-    fresh_db.batch_execute("CREATE EXTENSION kvembed CASCADE").unwrap();
+    fresh_db
+        .batch_execute("CREATE EXTENSION kvembed CASCADE")
+        .unwrap();
     let fresh = extension_objects("kvembed_test_fresh");
-    assert_eq!(upgraded, fresh, "an upgraded install must have exactly the objects of a fresh one");
+    assert_eq!(
+        upgraded, fresh,
+        "an upgraded install must have exactly the objects of a fresh one"
+    );
     assert!(upgraded.len() > before.len());
     old.batch_execute("SET kvembed.layers = 'default'").unwrap();
-    let v = vector(&mut old, "SELECT kv_embed('after the upgrade')::real[]", &[]);
+    let v = vector(
+        &mut old,
+        "SELECT kv_embed('after the upgrade')::real[]",
+        &[],
+    );
     assert_eq!(v.len(), 576);
     drop(old);
     drop(fresh_db);
     let mut admin = Session::connect("postgres", "postgres");
-    admin.batch_execute("DROP DATABASE kvembed_test_upgrade WITH (FORCE)").unwrap();
-    admin.batch_execute("DROP DATABASE kvembed_test_fresh WITH (FORCE)").unwrap();
+    admin
+        .batch_execute("DROP DATABASE kvembed_test_upgrade WITH (FORCE)")
+        .unwrap();
+    admin
+        .batch_execute("DROP DATABASE kvembed_test_fresh WITH (FORCE)")
+        .unwrap();
     record_figures(
         "upgrade_from_0_1_0_gives_the_same_objects_as_a_fresh_install",
         serde_json::json!({"objects_0_1_0": before.len(), "objects_after_upgrade": upgraded.len()}),
@@ -660,14 +910,28 @@ fn drop_extension_removes_everything_it_created() {
     let before = baseline(&mut c);
     c.batch_execute("CREATE EXTENSION kvembed").unwrap();
     let with = baseline(&mut c);
-    assert!(with.len() > before.len() + 8, "kvembed creates functions, a schema and a table");
+    assert!(
+        with.len() > before.len() + 8,
+        "kvembed creates functions, a schema and a table"
+    );
     c.batch_execute("DROP EXTENSION kvembed").unwrap();
     let after = baseline(&mut c);
-    assert_eq!(after, before, "DROP EXTENSION must leave exactly what was there before");
-    let schema: i64 = c.query_one("SELECT count(*) FROM pg_namespace WHERE nspname = 'kvembed'", &[]).unwrap().get(0);
+    assert_eq!(
+        after, before,
+        "DROP EXTENSION must leave exactly what was there before"
+    );
+    let schema: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'kvembed'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(schema, 0);
     drop(c);
-    Session::connect("postgres", "postgres").batch_execute("DROP DATABASE kvembed_test_drop WITH (FORCE)").unwrap();
+    Session::connect("postgres", "postgres")
+        .batch_execute("DROP DATABASE kvembed_test_drop WITH (FORCE)")
+        .unwrap();
     record_figures(
         "drop_extension_removes_everything_it_created",
         serde_json::json!({"objects_created": with.len() - before.len(), "objects_left": 0}),
@@ -687,15 +951,26 @@ fn pg_dump_and_pg_restore_round_trip_a_generated_embedding_column() {
     )
     .unwrap();
     for (i, (_, body)) in CORPUS.iter().enumerate() {
-        s.execute("INSERT INTO dumped_docs (id, body) VALUES ($1, $2)", &[&(i as i32), body]).unwrap();
+        s.execute(
+            "INSERT INTO dumped_docs (id, body) VALUES ($1, $2)",
+            &[&(i as i32), body],
+        )
+        .unwrap();
     }
-    s.execute("INSERT INTO dumped_docs (id, body) VALUES (1000, NULL)", &[]).unwrap();
+    s.execute(
+        "INSERT INTO dumped_docs (id, body) VALUES (1000, NULL)",
+        &[],
+    )
+    .unwrap();
     let dump = std::env::temp_dir().join(format!("kvembed-test-{}.dump", std::process::id()));
     let dump_s = dump.to_string_lossy().into_owned();
     run_pg_tool("pg_dump", &["-Fc", "-d", DB, "-f", &dump_s]);
     let restored_db = "kvembed_test_restored";
     drop(recreate(restored_db));
-    run_pg_tool("pg_restore", &["--exit-on-error", "-d", restored_db, &dump_s]);
+    run_pg_tool(
+        "pg_restore",
+        &["--exit-on-error", "-d", restored_db, &dump_s],
+    );
     let _ = std::fs::remove_file(&dump);
 
     let mut r = Session::connect(restored_db, "postgres");
@@ -712,16 +987,27 @@ fn pg_dump_and_pg_restore_round_trip_a_generated_embedding_column() {
     for ((id_a, a), (id_b, b)) in original.iter().zip(&restored) {
         assert_eq!(id_a, id_b);
         match (a, b) {
-            (Some(a), Some(b)) => assert!(max_abs_diff(a, b) <= 1e-6, "row {id_a}: the restored embedding differs"),
+            (Some(a), Some(b)) => assert!(
+                max_abs_diff(a, b) <= 1e-6,
+                "row {id_a}: the restored embedding differs"
+            ),
             (None, None) => {}
             _ => panic!("row {id_a}: NULL-ness of the embedding changed"),
         }
     }
-    let index: i64 =
-        r.query_one("SELECT count(*) FROM pg_indexes WHERE indexname = 'dumped_docs_hnsw'", &[]).unwrap().get(0);
+    let index: i64 = r
+        .query_one(
+            "SELECT count(*) FROM pg_indexes WHERE indexname = 'dumped_docs_hnsw'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(index, 1);
     let calib: Vec<i32> = r
-        .query_one("SELECT layers FROM kvembed.calibration WHERE model_id = 'dump-test-model'", &[])
+        .query_one(
+            "SELECT layers FROM kvembed.calibration WHERE model_id = 'dump-test-model'",
+            &[],
+        )
         .expect("the stored calibration is part of the dump")
         .get(0);
     assert_eq!(calib, vec![3, 4, 5]);
@@ -738,7 +1024,12 @@ fn pg_dump_and_pg_restore_round_trip_a_generated_embedding_column() {
 
 /// Forward passes the engine has run since it started.
 fn forward_passes(s: &mut Session) -> i64 {
-    s.query_one("SELECT (kvembed.status_json()->>'forward_passes')::bigint", &[]).unwrap().get(0)
+    s.query_one(
+        "SELECT (kvembed.status_json()->>'forward_passes')::bigint",
+        &[],
+    )
+    .unwrap()
+    .get(0)
 }
 
 /// After a cancelled statement: the passes the engine runs until another
@@ -753,7 +1044,8 @@ fn passes_until_the_next_kv_embed_is_served(s: &mut Session) -> (i64, Duration) 
 #[test]
 fn a_cancelled_kv_select_layers_frees_the_engine() {
     let (_g, mut s) = session();
-    s.batch_execute("DROP TABLE IF EXISTS big_calib; CREATE TABLE big_calib (body text)").unwrap();
+    s.batch_execute("DROP TABLE IF EXISTS big_calib; CREATE TABLE big_calib (body text)")
+        .unwrap();
     s.execute(
         "INSERT INTO big_calib SELECT format('calibration text number %s about %s', i, md5(i::text)) FROM generate_series(1, 2000) i",
         &[],
@@ -763,7 +1055,10 @@ fn a_cancelled_kv_select_layers_frees_the_engine() {
     // The whole sample takes the engine far longer than the timeout.
     s.batch_execute("SET statement_timeout = '2s'").unwrap();
     let err = s
-        .query("SELECT * FROM kv_select_layers('big_calib', 'body', 2000, store => false)", &[])
+        .query(
+            "SELECT * FROM kv_select_layers('big_calib', 'body', 2000, store => false)",
+            &[],
+        )
         .expect_err("cancelled by statement_timeout");
     assert_eq!(sql_error(&err).0, "57014", "{err}");
     s.batch_execute("RESET statement_timeout").unwrap();
@@ -771,7 +1066,10 @@ fn a_cancelled_kv_select_layers_frees_the_engine() {
     // Counted in units of work, not seconds: the pass running at the cancel
     // and the next statement's own, whatever the CPU's speed.
     let (after, took) = passes_until_the_next_kv_embed_is_served(&mut s);
-    assert!(after <= 2, "the engine ran {after} forward passes for the cancelled selection and the next statement");
+    assert!(
+        after <= 2,
+        "the engine ran {after} forward passes for the cancelled selection and the next statement"
+    );
     s.batch_execute("DROP TABLE big_calib").unwrap();
     record_figures(
         "a_cancelled_kv_select_layers_frees_the_engine",
@@ -797,7 +1095,10 @@ fn a_cancelled_kv_embed_batch_of_100000_texts_frees_the_engine_within_one_forwar
     let ran = forward_passes(&mut s) - before;
     assert!(ran > 0, "the batch never reached the engine");
     let (after, took) = passes_until_the_next_kv_embed_is_served(&mut s);
-    assert!(after <= 2, "the engine ran {after} forward passes for the cancelled batch and the next statement");
+    assert!(
+        after <= 2,
+        "the engine ran {after} forward passes for the cancelled batch and the next statement"
+    );
     record_figures(
         "a_cancelled_kv_embed_batch_of_100000_texts_frees_the_engine_within_one_forward_pass",
         serde_json::json!({"texts": 100000, "passes_before_cancel": ran, "passes_after_cancel": after,
@@ -816,7 +1117,10 @@ fn wait_for_status(s: &mut Session, key: &str, value: i64) {
         if got == Some(value) {
             return;
         }
-        assert!(started.elapsed() < Duration::from_secs(120), "the engine never reported {key} = {value} (last {got:?})");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the engine never reported {key} = {value} (last {got:?})"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -838,40 +1142,74 @@ fn ordinary_roles_cannot_make_one_request_cost_more_than_the_administrators_limi
     wait_ready(&mut s, Duration::from_secs(120));
 
     let mut mallory = Session::connect(DB, "kvembed_test_mallory");
-    mallory.batch_execute("SET kvembed.layers = 'default'").unwrap();
+    mallory
+        .batch_execute("SET kvembed.layers = 'default'")
+        .unwrap();
     // The ceiling itself is out of an ordinary role's reach.
-    for sql in ["SET kvembed.max_tokens_limit = 100000", "SET kvembed.max_calibration_texts = 100000"] {
+    for sql in [
+        "SET kvembed.max_tokens_limit = 100000",
+        "SET kvembed.max_calibration_texts = 100000",
+    ] {
         let err = mallory.batch_execute(sql).expect_err("sighup setting");
         assert_eq!(sql_error(&err).0, "55P02", "{sql}: {err}");
-        let err = mallory.batch_execute(&format!("ALTER SYSTEM {sql}")).expect_err("superuser only");
+        let err = mallory
+            .batch_execute(&format!("ALTER SYSTEM {sql}"))
+            .expect_err("superuser only");
         assert_eq!(sql_error(&err).0, "42501", "{sql}: {err}");
     }
     // The review's case: ~15,000 tokens with max_tokens raised to 100,000.
     let long = "lorem ipsum dolor sit amet ".repeat(1500);
-    mallory.batch_execute("SET kvembed.max_tokens = 100000").unwrap();
+    mallory
+        .batch_execute("SET kvembed.max_tokens = 100000")
+        .unwrap();
     mallory.take_notices();
     let wide = vector(&mut mallory.client, "SELECT kv_embed($1)::real[]", &[&long]);
     let notices = mallory.take_notices();
     assert!(
-        notices.iter().any(|n| n.contains("truncated") && n.contains("to 64 tokens")),
+        notices
+            .iter()
+            .any(|n| n.contains("truncated") && n.contains("to 64 tokens")),
         "the text must be cut at the administrator's 64 tokens, with a NOTICE: {notices:?}"
     );
-    assert!(notices.iter().any(|n| n.contains("kvembed.max_tokens_limit = 64")), "{notices:?}");
-    mallory.batch_execute("SET kvembed.max_tokens = 64").unwrap();
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.contains("kvembed.max_tokens_limit = 64")),
+        "{notices:?}"
+    );
+    mallory
+        .batch_execute("SET kvembed.max_tokens = 64")
+        .unwrap();
     let at_limit = vector(&mut mallory.client, "SELECT kv_embed($1)::real[]", &[&long]);
-    assert!(max_abs_diff(&wide, &at_limit) <= 1e-6, "not the text cut at 64 tokens");
+    assert!(
+        max_abs_diff(&wide, &at_limit) <= 1e-6,
+        "not the text cut at 64 tokens"
+    );
     // Refusing instead of truncating refuses; it never runs the text in full.
-    mallory.batch_execute("SET kvembed.max_tokens = 100000; SET kvembed.on_overflow = 'error'").unwrap();
+    mallory
+        .batch_execute("SET kvembed.max_tokens = 100000; SET kvembed.on_overflow = 'error'")
+        .unwrap();
     let passes = forward_passes(&mut mallory);
-    let err = mallory.query_one("SELECT kv_embed($1)", &[&long]).expect_err("over the limit");
+    let err = mallory
+        .query_one("SELECT kv_embed($1)", &[&long])
+        .expect_err("over the limit");
     let (code, message) = sql_error(&err);
     assert_eq!(code, "54000", "{message}");
     assert!(message.contains("max_tokens = 64"), "{message}");
-    assert_eq!(forward_passes(&mut mallory), passes, "the refused text reached the model");
+    assert_eq!(
+        forward_passes(&mut mallory),
+        passes,
+        "the refused text reached the model"
+    );
     // A layer selection is not for ordinary roles at all...
-    mallory.batch_execute("RESET kvembed.max_tokens; RESET kvembed.on_overflow").unwrap();
+    mallory
+        .batch_execute("RESET kvembed.max_tokens; RESET kvembed.on_overflow")
+        .unwrap();
     let err = mallory
-        .query_one("SELECT kvembed.select_layers_raw(array_fill('x'::text, ARRAY[50000]))", &[])
+        .query_one(
+            "SELECT kvembed.select_layers_raw(array_fill('x'::text, ARRAY[50000]))",
+            &[],
+        )
         .expect_err("revoked from PUBLIC");
     assert_eq!(sql_error(&err).0, "42501", "{err}");
     s.batch_execute(
@@ -881,18 +1219,37 @@ fn ordinary_roles_cannot_make_one_request_cost_more_than_the_administrators_limi
     )
     .unwrap();
     let err = mallory
-        .query("SELECT * FROM kv_select_layers('limit_docs', 'body', 40, store => false)", &[])
+        .query(
+            "SELECT * FROM kv_select_layers('limit_docs', 'body', 40, store => false)",
+            &[],
+        )
         .expect_err("kvembed_admin only");
     assert_eq!(sql_error(&err).0, "42501", "{err}");
     // ... and even an administrator's sample is bounded.
     s.take_notices();
-    let rows = s.query("SELECT * FROM kv_select_layers('limit_docs', 'body', 40, store => false)", &[]).unwrap();
+    let rows = s
+        .query(
+            "SELECT * FROM kv_select_layers('limit_docs', 'body', 40, store => false)",
+            &[],
+        )
+        .unwrap();
     assert!(!rows.is_empty());
     let notices = s.take_notices();
-    assert!(notices.iter().any(|n| n.contains("above kvembed.max_calibration_texts")), "{notices:?}");
-    assert!(notices.iter().any(|n| n.contains("over 16 texts")), "{notices:?}");
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.contains("above kvembed.max_calibration_texts")),
+        "{notices:?}"
+    );
+    assert!(
+        notices.iter().any(|n| n.contains("over 16 texts")),
+        "{notices:?}"
+    );
     let err = s
-        .query_one("SELECT kvembed.select_layers_raw(array_fill('x'::text, ARRAY[17]))", &[])
+        .query_one(
+            "SELECT kvembed.select_layers_raw(array_fill('x'::text, ARRAY[17]))",
+            &[],
+        )
         .expect_err("over the sample limit");
     assert_eq!(sql_error(&err).0, "54000", "{err}");
     s.batch_execute("DROP TABLE limit_docs").unwrap();
@@ -909,7 +1266,9 @@ struct Resume(i32);
 
 impl Drop for Resume {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("kill").args(["-CONT", &self.0.to_string()]).status();
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
     }
 }
 
@@ -929,11 +1288,23 @@ fn fill_listen_queue(path: &std::path::Path) -> Vec<std::os::fd::OwnedFd> {
             *d = *s as libc::c_char;
         }
         // SAFETY: plain socket(2) and connect(2) on a socket this test owns.
-        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        };
         assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
         let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
         let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
-        let rc = unsafe { libc::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), (&addr as *const libc::sockaddr_un).cast(), len) };
+        let rc = unsafe {
+            libc::connect(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                (&addr as *const libc::sockaddr_un).cast(),
+                len,
+            )
+        };
         if rc != 0 {
             let e = std::io::Error::last_os_error();
             assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "connect: {e}");
@@ -949,7 +1320,10 @@ fn a_wedged_engine_fails_statements_after_kvembed_engine_timeout_and_never_block
     let (_g, mut s) = session();
     let (reference, _) = embed_until_ok(&mut s, Duration::from_secs(60));
     let mut bystander = Bystander::new();
-    let data_dir: String = s.query_one("SELECT current_setting('data_directory')", &[]).unwrap().get(0);
+    let data_dir: String = s
+        .query_one("SELECT current_setting('data_directory')", &[])
+        .unwrap()
+        .get(0);
     let socket = std::path::Path::new(&data_dir).join("kvembed/engine.sock");
     let pid = engine_pid(&mut s);
     kill_engine(pid, "-STOP");
@@ -957,14 +1331,20 @@ fn a_wedged_engine_fails_statements_after_kvembed_engine_timeout_and_never_block
 
     // A session already connected gets no answer: it fails after
     // kvembed.engine_timeout instead of waiting for statement_timeout (off).
-    s.batch_execute("SET kvembed.engine_timeout = '2s'").unwrap();
+    s.batch_execute("SET kvembed.engine_timeout = '2s'")
+        .unwrap();
     let started = Instant::now();
-    let err = s.query_one("SELECT kv_embed('asked of a stopped engine')", &[]).expect_err("no answer comes");
+    let err = s
+        .query_one("SELECT kv_embed('asked of a stopped engine')", &[])
+        .expect_err("no answer comes");
     let waited = started.elapsed();
     let (code, message) = sql_error(&err);
     assert_eq!(code, "58000", "{message}");
     assert!(message.contains("kvembed.engine_timeout"), "{message}");
-    assert!(waited >= Duration::from_secs(2) && waited < Duration::from_secs(5), "failed after {waited:?}");
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(5),
+        "failed after {waited:?}"
+    );
 
     // A new session while the engine's listen queue is full: its connect
     // must not block (a blocking connect is deaf to statement_timeout).
@@ -974,7 +1354,10 @@ fn a_wedged_engine_fails_statements_after_kvembed_engine_timeout_and_never_block
         let mut n = connect();
         n.batch_execute("SET statement_timeout = '1s'").unwrap();
         let started = Instant::now();
-        let r = n.query_one("SELECT kv_embed('a new session')", &[]).map(|_| ()).map_err(|e| sql_error(&e));
+        let r = n
+            .query_one("SELECT kv_embed('a new session')", &[])
+            .map(|_| ())
+            .map_err(|e| sql_error(&e));
         (r, started.elapsed())
     });
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -984,9 +1367,16 @@ fn a_wedged_engine_fails_statements_after_kvembed_engine_timeout_and_never_block
     let finished = newcomer.is_finished();
     drop(held);
     drop(resume); // the engine goes on (and a hung connect would return now)
-    assert!(finished, "a new session's kv_embed hung in connect() while the engine's listen queue was full");
+    assert!(
+        finished,
+        "a new session's kv_embed hung in connect() while the engine's listen queue was full"
+    );
     let (result, took) = newcomer.join().unwrap();
-    assert_eq!(result.map_err(|e| e.0), Err("57014".to_string()), "statement_timeout must cancel the wait");
+    assert_eq!(
+        result.map_err(|e| e.0),
+        Err("57014".to_string()),
+        "statement_timeout must cancel the wait"
+    );
     assert!(took < Duration::from_secs(3), "cancelled after {took:?}");
 
     // The engine, resumed, serves the same vectors; nothing else noticed.
@@ -1039,24 +1429,47 @@ fn installing_over_a_kvembed_admin_someone_else_created_is_refused() {
              END $$",
         )
         .unwrap();
-    admin.batch_execute("DROP DATABASE IF EXISTS kvembed_test_impostor WITH (FORCE)").unwrap();
-    admin.batch_execute("CREATE DATABASE kvembed_test_impostor").unwrap();
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS kvembed_test_impostor WITH (FORCE)")
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE kvembed_test_impostor")
+        .unwrap();
     // The real role (which other databases' kvembed grants to) steps aside.
-    admin.batch_execute("ALTER ROLE kvembed_admin RENAME TO kvembed_admin_saved").unwrap();
+    admin
+        .batch_execute("ALTER ROLE kvembed_admin RENAME TO kvembed_admin_saved")
+        .unwrap();
     let restore = RestoreAdminRole;
     // A CREATEROLE user creates the role first.
     let mut creator = Session::connect("postgres", "kvembed_test_creator");
-    creator.batch_execute("CREATE ROLE kvembed_admin NOLOGIN").unwrap();
+    creator
+        .batch_execute("CREATE ROLE kvembed_admin NOLOGIN")
+        .unwrap();
     let mut fresh = Session::connect("kvembed_test_impostor", "postgres");
-    let err = fresh.batch_execute("CREATE EXTENSION kvembed CASCADE").expect_err("an impostor kvembed_admin");
+    let err = fresh
+        .batch_execute("CREATE EXTENSION kvembed CASCADE")
+        .expect_err("an impostor kvembed_admin");
     let (code, message) = sql_error(&err);
     assert_eq!(code, "42501", "{message}");
-    assert!(message.contains("kvembed_test_creator") && message.contains("ADMIN OPTION"), "{message}");
-    let installed: i64 = fresh.query_one("SELECT count(*) FROM pg_extension WHERE extname = 'kvembed'", &[]).unwrap().get(0);
+    assert!(
+        message.contains("kvembed_test_creator") && message.contains("ADMIN OPTION"),
+        "{message}"
+    );
+    let installed: i64 = fresh
+        .query_one(
+            "SELECT count(*) FROM pg_extension WHERE extname = 'kvembed'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(installed, 0);
     // A login role of that name is refused as well.
-    admin.batch_execute("DROP ROLE kvembed_admin; CREATE ROLE kvembed_admin LOGIN").unwrap();
-    let err = fresh.batch_execute("CREATE EXTENSION kvembed CASCADE").expect_err("a login kvembed_admin");
+    admin
+        .batch_execute("DROP ROLE kvembed_admin; CREATE ROLE kvembed_admin LOGIN")
+        .unwrap();
+    let err = fresh
+        .batch_execute("CREATE EXTENSION kvembed CASCADE")
+        .expect_err("a login kvembed_admin");
     assert_eq!(sql_error(&err).0, "42501", "{err}");
     // The role kvembed creates itself, with members a superuser granted, is
     // accepted: the real one, back in place.
@@ -1064,9 +1477,16 @@ fn installing_over_a_kvembed_admin_someone_else_created_is_refused() {
     drop(restore);
     let mut other = fresh_database("kvembed_test_impostor");
     let v = vector(&mut other.client, "SELECT kv_embed('x')::real[]", &[]);
-    assert_eq!(v.len() as i32, s.query_one("SELECT dim FROM kv_status()", &[]).unwrap().get::<_, i32>(0));
+    assert_eq!(
+        v.len() as i32,
+        s.query_one("SELECT dim FROM kv_status()", &[])
+            .unwrap()
+            .get::<_, i32>(0)
+    );
     drop(other);
-    admin.batch_execute("DROP DATABASE kvembed_test_impostor WITH (FORCE)").unwrap();
+    admin
+        .batch_execute("DROP DATABASE kvembed_test_impostor WITH (FORCE)")
+        .unwrap();
     record_figures(
         "installing_over_a_kvembed_admin_someone_else_created_is_refused",
         serde_json::json!({"refusals": 2}),
@@ -1077,10 +1497,16 @@ fn installing_over_a_kvembed_admin_someone_else_created_is_refused() {
 /// reload changed an engine setting) and the new one is ready.
 fn wait_engine_replaced(s: &mut Session, old_pid: i32) {
     let started = Instant::now();
-    while s.query_one("SELECT engine_pid FROM kv_status()", &[]).ok().and_then(|r| r.get::<_, Option<i32>>(0))
+    while s
+        .query_one("SELECT engine_pid FROM kv_status()", &[])
+        .ok()
+        .and_then(|r| r.get::<_, Option<i32>>(0))
         == Some(old_pid)
     {
-        assert!(started.elapsed() < Duration::from_secs(30), "the engine did not restart after the reload");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the engine did not restart after the reload"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     wait_ready(s, Duration::from_secs(120));
@@ -1094,17 +1520,27 @@ fn wait_engine_replaced(s: &mut Session, old_pid: i32) {
 fn fault_injection_is_refused_unless_kvembed_debug_faults_is_on() {
     let (_g, mut s) = session();
     let (reference, _) = embed_until_ok(&mut s, Duration::from_secs(60));
-    let on: String = s.query_one("SHOW kvembed.debug_faults", &[]).unwrap().get(0);
-    assert_eq!(on, "on", "the test cluster runs with kvembed.debug_faults = on (scripts/pg.sh)");
+    let on: String = s
+        .query_one("SHOW kvembed.debug_faults", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        on, "on",
+        "the test cluster runs with kvembed.debug_faults = on (scripts/pg.sh)"
+    );
     let reset = ResetSettings(&["kvembed.debug_faults"]);
     let mut admin = Session::connect("postgres", "postgres");
     let old_pid = engine_pid(&mut s);
-    admin.batch_execute("ALTER SYSTEM SET kvembed.debug_faults = off").unwrap();
+    admin
+        .batch_execute("ALTER SYSTEM SET kvembed.debug_faults = off")
+        .unwrap();
     admin.batch_execute("SELECT pg_reload_conf()").unwrap();
     wait_engine_replaced(&mut s, old_pid);
 
     let mut fresh = connect();
-    let err = fresh.query_one("SELECT kv_debug_fault('panic')", &[]).expect_err("fault injection must be off");
+    let err = fresh
+        .query_one("SELECT kv_debug_fault('panic')", &[])
+        .expect_err("fault injection must be off");
     let (code, msg) = sql_error(&err);
     assert_eq!(code, "55000", "{msg}");
     assert!(msg.contains("fault injection is off"), "{msg}");
@@ -1117,7 +1553,10 @@ fn fault_injection_is_refused_unless_kvembed_debug_faults_is_on() {
     drop(reset);
     wait_engine_replaced(&mut s, off_pid);
     let mut fresh = connect();
-    let armed: i32 = fresh.query_one("SELECT kv_debug_fault('stall:1')", &[]).unwrap().get(0);
+    let armed: i32 = fresh
+        .query_one("SELECT kv_debug_fault('stall:1')", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(armed, engine_pid(&mut fresh));
     let (after, _) = embed_until_ok(&mut fresh, Duration::from_secs(30));
     assert!(max_abs_diff(&after, &reference) <= 1e-6);

@@ -27,7 +27,9 @@ fn session() -> (std::sync::MutexGuard<'static, ()>, Session) {
 }
 
 fn dim(s: &mut Session) -> i32 {
-    s.query_one("SELECT dim FROM kv_status()", &[]).unwrap().get(0)
+    s.query_one("SELECT dim FROM kv_status()", &[])
+        .unwrap()
+        .get(0)
 }
 
 /// The engine itself, loaded in this process, to compare values with.
@@ -45,18 +47,43 @@ fn engine_embed(texts: &[&str], role: Role) -> Vec<Vec<f32>> {
     let texts: Vec<String> = texts.iter().map(|t| t.to_string()).collect();
     // What a session with default settings sends (kvembed.max_tokens = 512,
     // on_overflow = truncate, layers = default).
-    let options = EmbedOptions { max_tokens: Some(512), truncate: Some(true), ..Default::default() };
-    ENGINE.embed(&texts, role, &options).expect("engine embed").vectors
+    let options = EmbedOptions {
+        max_tokens: Some(512),
+        truncate: Some(true),
+        ..Default::default()
+    };
+    ENGINE
+        .embed(&texts, role, &options)
+        .expect("engine embed")
+        .vectors
 }
 
 #[test]
 fn extension_installs_with_its_objects() {
     let (_g, mut s) = session();
-    let exts: Vec<String> =
-        s.query("SELECT extname::text FROM pg_extension ORDER BY 1", &[]).unwrap().iter().map(|r| r.get(0)).collect();
-    assert!(exts.contains(&"vector".to_string()) && exts.contains(&"kvembed".to_string()), "{exts:?}");
-    for f in ["kv_embed", "kv_embed_half", "kv_embed_batch", "kv_select_layers", "kv_status", "kv_restart", "kv_backfill"] {
-        let n: i64 = s.query_one("SELECT count(*) FROM pg_proc WHERE proname = $1", &[&f]).unwrap().get(0);
+    let exts: Vec<String> = s
+        .query("SELECT extname::text FROM pg_extension ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        exts.contains(&"vector".to_string()) && exts.contains(&"kvembed".to_string()),
+        "{exts:?}"
+    );
+    for f in [
+        "kv_embed",
+        "kv_embed_half",
+        "kv_embed_batch",
+        "kv_select_layers",
+        "kv_status",
+        "kv_restart",
+        "kv_backfill",
+    ] {
+        let n: i64 = s
+            .query_one("SELECT count(*) FROM pg_proc WHERE proname = $1", &[&f])
+            .unwrap()
+            .get(0);
         assert!(n >= 1, "{f} is missing");
     }
     for f in ["kv_embed", "kv_embed_half", "kv_embed_batch"] {
@@ -67,9 +94,18 @@ fn extension_installs_with_its_objects() {
             )
             .unwrap();
         let (vol, strict, par): (String, bool, String) = (row.get(0), row.get(1), row.get(2));
-        assert_eq!((vol.as_str(), strict, par.as_str()), ("i", true, "s"), "{f} must be IMMUTABLE STRICT PARALLEL SAFE");
+        assert_eq!(
+            (vol.as_str(), strict, par.as_str()),
+            ("i", true, "s"),
+            "{f} must be IMMUTABLE STRICT PARALLEL SAFE"
+        );
     }
-    let row = s.query_one("SELECT state, dim, architecture, device FROM kv_status()", &[]).unwrap();
+    let row = s
+        .query_one(
+            "SELECT state, dim, architecture, device FROM kv_status()",
+            &[],
+        )
+        .unwrap();
     assert_eq!(row.get::<_, String>(0), "ready");
     assert_eq!(row.get::<_, i32>(1), 576);
     assert_eq!(row.get::<_, String>(2), "llama");
@@ -79,21 +115,41 @@ fn extension_installs_with_its_objects() {
 #[test]
 fn kv_embed_equals_the_engine() {
     let (_g, mut s) = session();
-    let texts = ["The cat sat on the mat.", "Ünïcödé, emoji 😀 and עברית", "", "   ", "SELECT * FROM t;"];
+    let texts = [
+        "The cat sat on the mat.",
+        "Ünïcödé, emoji 😀 and עברית",
+        "",
+        "   ",
+        "SELECT * FROM t;",
+    ];
     for role in [Role::Document, Role::Query] {
-        let role_name = if role == Role::Query { "query" } else { "document" };
+        let role_name = if role == Role::Query {
+            "query"
+        } else {
+            "document"
+        };
         let expected = engine_embed(&texts, role);
         for (text, want) in texts.iter().zip(&expected) {
-            let got = vector(&mut s, "SELECT kv_embed($1, $2)::real[]", &[text, &role_name]);
+            let got = vector(
+                &mut s,
+                "SELECT kv_embed($1, $2)::real[]",
+                &[text, &role_name],
+            );
             let diff = max_abs_diff(&got, want);
-            assert!(diff <= 1e-6, "kv_embed({text:?}, {role_name}) differs from the engine by {diff}");
+            assert!(
+                diff <= 1e-6,
+                "kv_embed({text:?}, {role_name}) differs from the engine by {diff}"
+            );
             let norm: f32 = got.iter().map(|x| x * x).sum::<f32>().sqrt();
             assert!((norm - 1.0).abs() < 1e-4, "not normalised: {norm}");
         }
         // The batch form gives the same vectors.
         let arr: Vec<String> = texts.iter().map(|t| t.to_string()).collect();
         let rows = s
-            .query("SELECT v::real[] FROM unnest(kv_embed_batch($1, $2)) AS v", &[&arr, &role_name])
+            .query(
+                "SELECT v::real[] FROM unnest(kv_embed_batch($1, $2)) AS v",
+                &[&arr, &role_name],
+            )
             .unwrap();
         assert_eq!(rows.len(), texts.len());
         for (row, want) in rows.iter().zip(&expected) {
@@ -103,13 +159,23 @@ fn kv_embed_equals_the_engine() {
     }
     // Default role is document; queries differ from documents.
     let d = vector(&mut s, "SELECT kv_embed('hello world')::real[]", &[]);
-    let q = vector(&mut s, "SELECT kv_embed('hello world', 'query')::real[]", &[]);
+    let q = vector(
+        &mut s,
+        "SELECT kv_embed('hello world', 'query')::real[]",
+        &[],
+    );
     assert!(max_abs_diff(&d, &engine_embed(&["hello world"], Role::Document)[0]) <= 1e-6);
-    assert!(max_abs_diff(&d, &q) > 1e-4, "query and document prompts should differ");
+    assert!(
+        max_abs_diff(&d, &q) > 1e-4,
+        "query and document prompts should differ"
+    );
     // halfvec is the same vector rounded to half precision, exactly as
     // pgvector's own cast rounds it.
     let same: bool = s
-        .query_one("SELECT kv_embed_half('hello world') = kv_embed('hello world')::halfvec", &[])
+        .query_one(
+            "SELECT kv_embed_half('hello world') = kv_embed('hello world')::halfvec",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert!(same, "kv_embed_half must equal kv_embed(...)::halfvec");
@@ -118,14 +184,27 @@ fn kv_embed_equals_the_engine() {
 #[test]
 fn null_and_empty_input() {
     let (_g, mut s) = session();
-    let null: bool = s.query_one("SELECT kv_embed(NULL) IS NULL AND kv_embed_half(NULL) IS NULL", &[]).unwrap().get(0);
+    let null: bool = s
+        .query_one(
+            "SELECT kv_embed(NULL) IS NULL AND kv_embed_half(NULL) IS NULL",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     assert!(null);
-    let null_role: bool = s.query_one("SELECT kv_embed('x', NULL) IS NULL", &[]).unwrap().get(0);
+    let null_role: bool = s
+        .query_one("SELECT kv_embed('x', NULL) IS NULL", &[])
+        .unwrap()
+        .get(0);
     assert!(null_role);
     let d = dim(&mut s);
     for text in ["", " ", "\n\t  "] {
         let v = vector(&mut s, "SELECT kv_embed($1)::real[]", &[&text]);
-        assert_eq!(v.len() as i32, d, "empty/whitespace input {text:?} still embeds");
+        assert_eq!(
+            v.len() as i32,
+            d,
+            "empty/whitespace input {text:?} still embeds"
+        );
     }
     let row = s
         .query_one(
@@ -142,7 +221,11 @@ fn null_and_empty_input() {
     assert_eq!(row.get::<_, i32>(3), 0);
     assert!(row.get::<_, bool>(4));
     assert_eq!(row.get::<_, i32>(5), 2);
-    let a = vector(&mut s, "SELECT (kv_embed_batch(ARRAY[NULL, 'a']))[2]::real[]", &[]);
+    let a = vector(
+        &mut s,
+        "SELECT (kv_embed_batch(ARRAY[NULL, 'a']))[2]::real[]",
+        &[],
+    );
     let b = vector(&mut s, "SELECT kv_embed('a')::real[]", &[]);
     assert!(max_abs_diff(&a, &b) <= 1e-5);
 }
@@ -157,25 +240,54 @@ fn generated_column_fills_on_insert_update_and_copy() {
            emb vector({d}) GENERATED ALWAYS AS (kv_embed(body)) STORED);"
     ))
     .unwrap();
-    s.execute("INSERT INTO gen_docs (id, body) VALUES (1, 'first row'), (2, NULL), (3, '')", &[]).unwrap();
+    s.execute(
+        "INSERT INTO gen_docs (id, body) VALUES (1, 'first row'), (2, NULL), (3, '')",
+        &[],
+    )
+    .unwrap();
     let mut w = s.copy_in("COPY gen_docs (id, body) FROM STDIN").unwrap();
-    w.write_all(b"4\tcopied row\n5\t\\N\n6\tanother copied row\n").unwrap();
+    w.write_all(b"4\tcopied row\n5\t\\N\n6\tanother copied row\n")
+        .unwrap();
     w.finish().unwrap();
     let before = vector(&mut s, "SELECT emb::real[] FROM gen_docs WHERE id = 1", &[]);
-    s.execute("UPDATE gen_docs SET body = 'first row, edited' WHERE id = 1", &[]).unwrap();
-    s.execute("UPDATE gen_docs SET body = 'was null' WHERE id = 2", &[]).unwrap();
+    s.execute(
+        "UPDATE gen_docs SET body = 'first row, edited' WHERE id = 1",
+        &[],
+    )
+    .unwrap();
+    s.execute("UPDATE gen_docs SET body = 'was null' WHERE id = 2", &[])
+        .unwrap();
     let after = vector(&mut s, "SELECT emb::real[] FROM gen_docs WHERE id = 1", &[]);
-    assert!(max_abs_diff(&before, &after) > 1e-4, "UPDATE must recompute the embedding");
-    for row in s.query("SELECT id, body, emb IS NULL, emb::real[] FROM gen_docs ORDER BY id", &[]).unwrap() {
+    assert!(
+        max_abs_diff(&before, &after) > 1e-4,
+        "UPDATE must recompute the embedding"
+    );
+    for row in s
+        .query(
+            "SELECT id, body, emb IS NULL, emb::real[] FROM gen_docs ORDER BY id",
+            &[],
+        )
+        .unwrap()
+    {
         let (id, body, is_null): (i32, Option<String>, bool) = (row.get(0), row.get(1), row.get(2));
-        assert_eq!(is_null, body.is_none(), "row {id}: NULL text ⇔ NULL embedding");
+        assert_eq!(
+            is_null,
+            body.is_none(),
+            "row {id}: NULL text ⇔ NULL embedding"
+        );
         if let Some(body) = body {
             let stored: Vec<f32> = row.get(3);
             let fresh = vector(&mut s, "SELECT kv_embed($1)::real[]", &[&body]);
-            assert!(max_abs_diff(&stored, &fresh) <= 1e-6, "row {id}: stored embedding is stale");
+            assert!(
+                max_abs_diff(&stored, &fresh) <= 1e-6,
+                "row {id}: stored embedding is stale"
+            );
         }
     }
-    let n: i64 = s.query_one("SELECT count(*) FROM gen_docs WHERE emb IS NOT NULL", &[]).unwrap().get(0);
+    let n: i64 = s
+        .query_one("SELECT count(*) FROM gen_docs WHERE emb IS NOT NULL", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(n, 5);
 }
 
@@ -189,23 +301,31 @@ fn load_corpus(s: &mut Session, table: &str) {
     .unwrap();
     let topics: Vec<String> = CORPUS.iter().map(|(t, _)| t.to_string()).collect();
     let bodies: Vec<String> = CORPUS.iter().map(|(_, b)| b.to_string()).collect();
-    s.execute(&format!("INSERT INTO {table} (topic, body) SELECT * FROM unnest($1::text[], $2::text[])"), &[&topics, &bodies])
-        .unwrap();
+    s.execute(
+        &format!("INSERT INTO {table} (topic, body) SELECT * FROM unnest($1::text[], $2::text[])"),
+        &[&topics, &bodies],
+    )
+    .unwrap();
 }
 
 #[test]
 fn hnsw_index_is_built_and_used() {
     let (_g, mut s) = session();
     load_corpus(&mut s, "hnsw_docs");
-    s.batch_execute("CREATE INDEX hnsw_docs_emb ON hnsw_docs USING hnsw (emb vector_cosine_ops)").unwrap();
-    s.batch_execute("ANALYZE hnsw_docs; SET enable_seqscan = off").unwrap();
+    s.batch_execute("CREATE INDEX hnsw_docs_emb ON hnsw_docs USING hnsw (emb vector_cosine_ops)")
+        .unwrap();
+    s.batch_execute("ANALYZE hnsw_docs; SET enable_seqscan = off")
+        .unwrap();
     let plan: Vec<String> = s
         .query("EXPLAIN SELECT id FROM hnsw_docs ORDER BY emb <=> kv_embed('a goal in the match', 'query') LIMIT 5", &[])
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert!(plan.iter().any(|l| l.contains("hnsw_docs_emb")), "the HNSW index is not used: {plan:#?}");
+    assert!(
+        plan.iter().any(|l| l.contains("hnsw_docs_emb")),
+        "the HNSW index is not used: {plan:#?}"
+    );
     let ids: Vec<i32> = s
         .query("SELECT id FROM hnsw_docs ORDER BY emb <=> kv_embed('a goal in the match', 'query') LIMIT 5", &[])
         .unwrap()
@@ -230,7 +350,10 @@ fn hnsw_index_is_built_and_used() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert!(plan.iter().any(|l| l.contains("half_docs_emb")), "the halfvec HNSW index is not used: {plan:#?}");
+    assert!(
+        plan.iter().any(|l| l.contains("half_docs_emb")),
+        "the halfvec HNSW index is not used: {plan:#?}"
+    );
 }
 
 #[test]
@@ -247,11 +370,17 @@ fn semantic_search_finds_the_right_topic() {
             )
             .unwrap();
         let top: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-        assert_eq!(&top[0], topic, "nearest neighbour of {query:?} is off-topic: {top:?}");
+        assert_eq!(
+            &top[0], topic,
+            "nearest neighbour of {query:?} is off-topic: {top:?}"
+        );
         hits += top.iter().filter(|t| t == topic).count();
         total += top.len();
     }
-    assert!(hits * 4 >= total * 3, "only {hits}/{total} of the top-3 neighbours are on topic");
+    assert!(
+        hits * 4 >= total * 3,
+        "only {hits}/{total} of the top-3 neighbours are on topic"
+    );
 }
 
 #[test]
@@ -261,34 +390,72 @@ fn select_layers_stores_a_calibration_that_kv_embed_uses() {
     s.batch_execute("DELETE FROM kvembed.calibration").unwrap();
     s.take_notices();
     let rows = s.query("SELECT layer, intrinsic_dimension, selected FROM kv_select_layers('calib_docs', 'body', 32)", &[]).unwrap();
-    let n_layers: i32 = s.query_one("SELECT n_layers FROM kv_status()", &[]).unwrap().get(0);
-    assert!(rows.len() as i32 >= n_layers - 1, "one row per layer: {} rows for {n_layers} layers", rows.len());
-    let selected: Vec<i32> = rows.iter().filter(|r| r.get::<_, bool>(2)).map(|r| r.get(0)).collect();
+    let n_layers: i32 = s
+        .query_one("SELECT n_layers FROM kv_status()", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        rows.len() as i32 >= n_layers - 1,
+        "one row per layer: {} rows for {n_layers} layers",
+        rows.len()
+    );
+    let selected: Vec<i32> = rows
+        .iter()
+        .filter(|r| r.get::<_, bool>(2))
+        .map(|r| r.get(0))
+        .collect();
     assert!(!selected.is_empty(), "no layer selected");
     assert!(rows.iter().all(|r| r.get::<_, f64>(1).is_finite()));
     let notices = s.take_notices();
-    assert!(notices.iter().any(|n| n.contains("sampling")), "progress NOTICEs expected: {notices:?}");
+    assert!(
+        notices.iter().any(|n| n.contains("sampling")),
+        "progress NOTICEs expected: {notices:?}"
+    );
 
-    let stored: Vec<i32> = s.query_one("SELECT layers FROM kvembed.calibration", &[]).unwrap().get(0);
+    let stored: Vec<i32> = s
+        .query_one("SELECT layers FROM kvembed.calibration", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(stored, selected);
     s.batch_execute("SET kvembed.layers = 'auto'").unwrap();
-    let row = s.query_one("SELECT layers, layers_source FROM kv_status()", &[]).unwrap();
+    let row = s
+        .query_one("SELECT layers, layers_source FROM kv_status()", &[])
+        .unwrap();
     assert_eq!(row.get::<_, Vec<i32>>(0), selected);
     assert_eq!(row.get::<_, String>(1), "calibration");
     let auto = vector(&mut s, "SELECT kv_embed('calibrated text')::real[]", &[]);
-    let list = selected.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(",");
-    s.batch_execute(&format!("SET kvembed.layers = '{list}'")).unwrap();
+    let list = selected
+        .iter()
+        .map(|l| l.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    s.batch_execute(&format!("SET kvembed.layers = '{list}'"))
+        .unwrap();
     let explicit = vector(&mut s, "SELECT kv_embed('calibrated text')::real[]", &[]);
-    assert!(max_abs_diff(&auto, &explicit) <= 1e-6, "auto must use the stored layers");
+    assert!(
+        max_abs_diff(&auto, &explicit) <= 1e-6,
+        "auto must use the stored layers"
+    );
     // A new session sees it too.
     let mut other = Session::connect(DB, "postgres");
-    let src: String = other.query_one("SELECT layers_source FROM kv_status()", &[]).unwrap().get(0);
+    let src: String = other
+        .query_one("SELECT layers_source FROM kv_status()", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(src, "calibration");
     // store => false computes without writing.
     s.batch_execute("DELETE FROM kvembed.calibration").unwrap();
-    let rows = s.query("SELECT * FROM kv_select_layers('calib_docs', 'body', 16, store => false)", &[]).unwrap();
+    let rows = s
+        .query(
+            "SELECT * FROM kv_select_layers('calib_docs', 'body', 16, store => false)",
+            &[],
+        )
+        .unwrap();
     assert!(!rows.is_empty());
-    let n: i64 = s.query_one("SELECT count(*) FROM kvembed.calibration", &[]).unwrap().get(0);
+    let n: i64 = s
+        .query_one("SELECT count(*) FROM kvembed.calibration", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(n, 0);
 }
 
@@ -305,8 +472,15 @@ fn hostile_identifiers_are_quoted() {
         .query(r#"SELECT * FROM kv_select_layers('"we""ird; DROP TABLE x; --"', 'co"l; --', 10, store => false)"#, &[])
         .unwrap();
     assert!(!rows.is_empty());
-    s.batch_execute(r#"CALL kv_backfill('"we""ird; DROP TABLE x; --"', 'co"l; --', 'v e c', 3)"#).unwrap();
-    let n: i64 = s.query_one(r#"SELECT count(*) FROM "we""ird; DROP TABLE x; --" WHERE "v e c" IS NULL"#, &[]).unwrap().get(0);
+    s.batch_execute(r#"CALL kv_backfill('"we""ird; DROP TABLE x; --"', 'co"l; --', 'v e c', 3)"#)
+        .unwrap();
+    let n: i64 = s
+        .query_one(
+            r#"SELECT count(*) FROM "we""ird; DROP TABLE x; --" WHERE "v e c" IS NULL"#,
+            &[],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(n, 0);
 }
 
@@ -321,15 +495,26 @@ fn backfill_fills_null_vectors_in_batches() {
     )
     .unwrap();
     s.take_notices();
-    s.batch_execute("CALL kv_backfill('backfill_docs', 'body', 'emb', 5)").unwrap();
+    s.batch_execute("CALL kv_backfill('backfill_docs', 'body', 'emb', 5)")
+        .unwrap();
     let notices = s.take_notices();
-    assert!(notices.iter().any(|n| n.contains("23 rows")), "progress: {notices:?}");
-    assert!(notices.iter().filter(|n| n.contains("rows/s")).count() >= 5, "one NOTICE per batch: {notices:?}");
+    assert!(
+        notices.iter().any(|n| n.contains("23 rows")),
+        "progress: {notices:?}"
+    );
+    assert!(
+        notices.iter().filter(|n| n.contains("rows/s")).count() >= 5,
+        "one NOTICE per batch: {notices:?}"
+    );
     let row = s
         .query_one("SELECT count(*) FILTER (WHERE emb IS NULL), count(*) FROM backfill_docs WHERE body IS NOT NULL", &[])
         .unwrap();
     assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (0, 23));
-    let stored = vector(&mut s, "SELECT emb::real[] FROM backfill_docs WHERE id = 7", &[]);
+    let stored = vector(
+        &mut s,
+        "SELECT emb::real[] FROM backfill_docs WHERE id = 7",
+        &[],
+    );
     let fresh = vector(&mut s, "SELECT kv_embed('document number 7')::real[]", &[]);
     assert!(max_abs_diff(&stored, &fresh) <= 1e-5);
 }
@@ -337,7 +522,12 @@ fn backfill_fills_null_vectors_in_batches() {
 /// Every row of `table` has `emb = kv_embed(body)`; returns how many rows.
 fn assert_each_row_has_its_own_vector(s: &mut Session, table: &str) -> usize {
     let rows = s
-        .query(&format!("SELECT tableoid::regclass::text, body, emb::real[] FROM {table} ORDER BY 1, 2"), &[])
+        .query(
+            &format!(
+                "SELECT tableoid::regclass::text, body, emb::real[] FROM {table} ORDER BY 1, 2"
+            ),
+            &[],
+        )
         .unwrap();
     for row in &rows {
         let (part, body): (String, String) = (row.get(0), row.get(1));
@@ -345,7 +535,11 @@ fn assert_each_row_has_its_own_vector(s: &mut Session, table: &str) -> usize {
         let stored = stored.unwrap_or_else(|| panic!("{part}: '{body}' was left NULL"));
         let own = vector(s, "SELECT kv_embed($1)::real[]", &[&body]);
         let d = max_abs_diff(&stored, &own);
-        assert!(d <= 1e-5, "{part}: '{body}' holds another row's vector (max difference {d}, cosine {})", cosine(&stored, &own));
+        assert!(
+            d <= 1e-5,
+            "{part}: '{body}' holds another row's vector (max difference {d}, cosine {})",
+            cosine(&stored, &own)
+        );
     }
     rows.len()
 }
@@ -372,26 +566,55 @@ fn backfill_gives_each_row_of_partitioned_and_inherited_tables_its_own_vector() 
     )
     .unwrap();
     // Both partitions start with rows at ctid (0,1) and (0,2).
-    let ctids: Vec<String> =
-        s.query("SELECT ctid::text FROM part_docs ORDER BY 1", &[]).unwrap().iter().map(|r| r.get(0)).collect();
-    assert_eq!(ctids, ["(0,1)", "(0,1)", "(0,2)", "(0,2)"], "the test needs repeated ctids");
+    let ctids: Vec<String> = s
+        .query("SELECT ctid::text FROM part_docs ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        ctids,
+        ["(0,1)", "(0,1)", "(0,2)", "(0,2)"],
+        "the test needs repeated ctids"
+    );
     for batch in [4, 2, 1] {
-        s.batch_execute("UPDATE part_docs SET emb = NULL; UPDATE inh_docs SET emb = NULL").unwrap();
-        s.batch_execute(&format!("CALL kv_backfill('part_docs', 'body', 'emb', {batch})")).unwrap();
-        assert_eq!(assert_each_row_has_its_own_vector(&mut s, "part_docs"), 4, "batch size {batch}");
-        s.batch_execute(&format!("CALL kv_backfill('inh_docs', 'body', 'emb', {batch})")).unwrap();
-        assert_eq!(assert_each_row_has_its_own_vector(&mut s, "inh_docs"), 4, "batch size {batch}");
+        s.batch_execute("UPDATE part_docs SET emb = NULL; UPDATE inh_docs SET emb = NULL")
+            .unwrap();
+        s.batch_execute(&format!(
+            "CALL kv_backfill('part_docs', 'body', 'emb', {batch})"
+        ))
+        .unwrap();
+        assert_eq!(
+            assert_each_row_has_its_own_vector(&mut s, "part_docs"),
+            4,
+            "batch size {batch}"
+        );
+        s.batch_execute(&format!(
+            "CALL kv_backfill('inh_docs', 'body', 'emb', {batch})"
+        ))
+        .unwrap();
+        assert_eq!(
+            assert_each_row_has_its_own_vector(&mut s, "inh_docs"),
+            4,
+            "batch size {batch}"
+        );
     }
-    s.batch_execute("DROP TABLE part_docs, inh_docs CASCADE").unwrap();
+    s.batch_execute("DROP TABLE part_docs, inh_docs CASCADE")
+        .unwrap();
 }
 
 #[test]
 fn several_sessions_at_once() {
     let (_g, mut s) = session();
     let texts: Vec<String> = CORPUS.iter().map(|(_, b)| b.to_string()).collect();
-    let expected: Vec<Vec<f32>> =
-        texts.iter().map(|t| vector(&mut s, "SELECT kv_embed($1)::real[]", &[t])).collect();
-    let before: i64 = s.query_one("SELECT requests_served FROM kv_status()", &[]).unwrap().get(0);
+    let expected: Vec<Vec<f32>> = texts
+        .iter()
+        .map(|t| vector(&mut s, "SELECT kv_embed($1)::real[]", &[t]))
+        .collect();
+    let before: i64 = s
+        .query_one("SELECT requests_served FROM kv_status()", &[])
+        .unwrap()
+        .get(0);
     let threads: Vec<_> = (0..8)
         .map(|i| {
             let texts = texts.clone();
@@ -403,7 +626,10 @@ fn several_sessions_at_once() {
                     let j = (i * 5 + k * 3) % texts.len();
                     let got = vector(&mut c, "SELECT kv_embed($1)::real[]", &[&texts[j]]);
                     let diff = max_abs_diff(&got, &expected[j]);
-                    assert!(diff <= 1e-5, "session {i}: text {j} differs by {diff} under concurrency");
+                    assert!(
+                        diff <= 1e-5,
+                        "session {i}: text {j} differs by {diff} under concurrency"
+                    );
                 }
             })
         })
@@ -411,15 +637,23 @@ fn several_sessions_at_once() {
     for t in threads {
         t.join().expect("a concurrent session failed");
     }
-    let after: i64 = s.query_one("SELECT requests_served FROM kv_status()", &[]).unwrap().get(0);
-    assert!(after - before >= 96, "requests_served grew by {}", after - before);
+    let after: i64 = s
+        .query_one("SELECT requests_served FROM kv_status()", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        after - before >= 96,
+        "requests_served grew by {}",
+        after - before
+    );
 }
 
 #[test]
 fn only_superusers_change_what_the_engine_loads() {
     let (_g, mut s) = session();
     ensure_login_role(&mut s, "kvembed_test_user");
-    s.batch_execute("GRANT ALL ON SCHEMA public TO kvembed_test_user").unwrap();
+    s.batch_execute("GRANT ALL ON SCHEMA public TO kvembed_test_user")
+        .unwrap();
     let mut u = Session::connect(DB, "kvembed_test_user");
     // Ordinary users embed...
     let v = vector(&mut u, "SELECT kv_embed('hello')::real[]", &[]);
@@ -436,21 +670,37 @@ fn only_superusers_change_what_the_engine_loads() {
     ] {
         let err = u.batch_execute(stmt).expect_err(stmt);
         let (code, msg) = sql_error(&err);
-        assert!(["55P02", "42501"].contains(&code.as_str()), "{stmt}: unexpected {code} {msg}");
+        assert!(
+            ["55P02", "42501"].contains(&code.as_str()),
+            "{stmt}: unexpected {code} {msg}"
+        );
     }
     u.batch_execute("CREATE TABLE IF NOT EXISTS user_docs (body text); INSERT INTO user_docs VALUES ('a'), ('b'), ('c'), ('d')").unwrap();
-    let err = u.query("SELECT * FROM kv_select_layers('user_docs', 'body', 4)", &[]).expect_err("store needs privilege");
+    let err = u
+        .query(
+            "SELECT * FROM kv_select_layers('user_docs', 'body', 4)",
+            &[],
+        )
+        .expect_err("store needs privilege");
     assert_eq!(sql_error(&err).0, "42501");
     // Session settings stay free for everyone.
-    u.batch_execute("SET kvembed.max_tokens = 64; SET kvembed.layers = 'default'").unwrap();
+    u.batch_execute("SET kvembed.max_tokens = 64; SET kvembed.layers = 'default'")
+        .unwrap();
     // The engine's socket directory is private to the server's OS user.
     let socket_dir: String = s
-        .query_one("SELECT current_setting('data_directory') || '/kvembed'", &[])
+        .query_one(
+            "SELECT current_setting('data_directory') || '/kvembed'",
+            &[],
+        )
         .unwrap()
         .get(0);
     if let Ok(meta) = std::fs::metadata(&socket_dir) {
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{socket_dir} must be 0700");
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o700,
+            "{socket_dir} must be 0700"
+        );
     }
 }
 
@@ -458,24 +708,38 @@ fn only_superusers_change_what_the_engine_loads() {
 fn overlong_input_truncates_with_a_notice_or_errors() {
     let (_g, mut s) = session();
     let d = dim(&mut s) as usize;
-    let unit = |v: &[f32]| v.len() == d && (v.iter().map(|x| x * x).sum::<f32>().sqrt() - 1.0).abs() < 1e-4;
+    let unit = |v: &[f32]| {
+        v.len() == d && (v.iter().map(|x| x * x).sum::<f32>().sqrt() - 1.0).abs() < 1e-4
+    };
     let long = "lorem ipsum dolor sit amet ".repeat(200);
     s.batch_execute("SET kvembed.max_tokens = 16").unwrap();
     s.take_notices();
     let v = vector(&mut s, "SELECT kv_embed($1)::real[]", &[&long]);
     assert!(unit(&v), "a {d}-dimensional unit vector");
     let notices = s.take_notices();
-    assert!(notices.iter().any(|n| n.contains("truncated")), "expected a truncation NOTICE, got {notices:?}");
+    assert!(
+        notices.iter().any(|n| n.contains("truncated")),
+        "expected a truncation NOTICE, got {notices:?}"
+    );
     // Truncation keeps the beginning: a shorter text with the same first 16
     // tokens gives the same vector, and keeping 32 tokens gives another.
     let shorter = "lorem ipsum dolor sit amet ".repeat(20);
     let same = vector(&mut s, "SELECT kv_embed($1)::real[]", &[&shorter]);
-    assert!(max_abs_diff(&v, &same) <= 1e-6, "the kept tokens are the text's first 16");
+    assert!(
+        max_abs_diff(&v, &same) <= 1e-6,
+        "the kept tokens are the text's first 16"
+    );
     s.batch_execute("SET kvembed.max_tokens = 32").unwrap();
     let more = vector(&mut s, "SELECT kv_embed($1)::real[]", &[&long]);
-    assert!(max_abs_diff(&v, &more) > 1e-3, "32 tokens must give another vector than 16");
-    s.batch_execute("SET kvembed.max_tokens = 16; SET kvembed.on_overflow = 'error'").unwrap();
-    let err = s.query_one("SELECT kv_embed($1)", &[&long]).expect_err("too long must fail");
+    assert!(
+        max_abs_diff(&v, &more) > 1e-3,
+        "32 tokens must give another vector than 16"
+    );
+    s.batch_execute("SET kvembed.max_tokens = 16; SET kvembed.on_overflow = 'error'")
+        .unwrap();
+    let err = s
+        .query_one("SELECT kv_embed($1)", &[&long])
+        .expect_err("too long must fail");
     let (code, msg) = sql_error(&err);
     assert_eq!(code, "54000", "{msg}");
     // Short texts are unaffected (the same vector as without a limit), and
@@ -484,20 +748,32 @@ fn overlong_input_truncates_with_a_notice_or_errors() {
     s.batch_execute("SET kvembed.max_tokens = 0").unwrap();
     let unlimited = vector(&mut s, "SELECT kv_embed('short')::real[]", &[]);
     assert!(unit(&short) && max_abs_diff(&short, &unlimited) <= 1e-6);
-    s.batch_execute("SET kvembed.max_tokens = 16; SET kvembed.on_overflow = 'truncate'").unwrap();
+    s.batch_execute("SET kvembed.max_tokens = 16; SET kvembed.on_overflow = 'truncate'")
+        .unwrap();
     let huge = "x".repeat(10 << 20);
     let v = vector(&mut s, "SELECT kv_embed($1)::real[]", &[&huge]);
     let run = vector(&mut s, "SELECT kv_embed($1)::real[]", &[&"x".repeat(4096)]);
-    assert!(unit(&v) && max_abs_diff(&v, &run) <= 1e-6, "10 MB is its first 16 tokens");
+    assert!(
+        unit(&v) && max_abs_diff(&v, &run) <= 1e-6,
+        "10 MB is its first 16 tokens"
+    );
 }
 
 #[test]
 fn invalid_settings_and_roles_are_clear_errors() {
     let (_g, mut s) = session();
     let cases = [
-        ("SET kvembed.layers = 'six'", "SELECT kv_embed('x')", "22023"),
+        (
+            "SET kvembed.layers = 'six'",
+            "SELECT kv_embed('x')",
+            "22023",
+        ),
         ("SET kvembed.bias = 'lots'", "SELECT kv_embed('x')", "22023"),
-        ("SET kvembed.document_prompt = 'no placeholder'", "SELECT kv_embed('x')", "22023"),
+        (
+            "SET kvembed.document_prompt = 'no placeholder'",
+            "SELECT kv_embed('x')",
+            "22023",
+        ),
         ("RESET ALL", "SELECT kv_embed('x', 'banana')", "22023"),
     ];
     for (set, query, want) in cases {
@@ -508,24 +784,36 @@ fn invalid_settings_and_roles_are_clear_errors() {
         assert_eq!(code, want, "{set}; {query}: {msg}");
     }
     s.batch_execute("RESET ALL").unwrap();
-    let err = s.batch_execute("SET kvembed.no_such_setting = 1").expect_err("reserved prefix");
+    let err = s
+        .batch_execute("SET kvembed.no_such_setting = 1")
+        .expect_err("reserved prefix");
     assert!(sql_error(&err).1.contains("kvembed"), "{err}");
     // The session still works.
     s.batch_execute("SET kvembed.layers = 'default'").unwrap();
     let v = vector(&mut s, "SELECT kv_embed('x')::real[]", &[]);
-    assert!(max_abs_diff(&v, &engine_embed(&["x"], Role::Document)[0]) <= 1e-6, "the session's settings are back to the defaults");
+    assert!(
+        max_abs_diff(&v, &engine_embed(&["x"], Role::Document)[0]) <= 1e-6,
+        "the session's settings are back to the defaults"
+    );
 }
 
 #[test]
 fn statement_timeout_interrupts_a_waiting_kv_embed() {
     let (_g, mut s) = session();
-    let texts: Vec<String> = (0..120).map(|i| format!("a somewhat longer text to embed, number {i}")).collect();
+    let texts: Vec<String> = (0..120)
+        .map(|i| format!("a somewhat longer text to embed, number {i}"))
+        .collect();
     s.batch_execute("SET statement_timeout = '200ms'").unwrap();
     let started = std::time::Instant::now();
-    let err = s.query_one("SELECT kv_embed_batch($1)", &[&texts]).expect_err("must time out");
+    let err = s
+        .query_one("SELECT kv_embed_batch($1)", &[&texts])
+        .expect_err("must time out");
     let waited = started.elapsed();
     assert_eq!(sql_error(&err).0, "57014", "{err}");
-    assert!(waited < std::time::Duration::from_secs(1), "cancellation took {waited:?}");
+    assert!(
+        waited < std::time::Duration::from_secs(1),
+        "cancellation took {waited:?}"
+    );
     // The abandoned request does not poison the session or the engine.
     s.batch_execute("RESET statement_timeout").unwrap();
     let v = vector(&mut s, "SELECT kv_embed('after the timeout')::real[]", &[]);
@@ -537,40 +825,58 @@ fn non_utf8_databases_convert_or_refuse_clearly() {
     let (_g, mut s) = session();
     let want = vector(&mut s, "SELECT kv_embed('café au lait')::real[]", &[]);
     let mut admin = Session::connect("postgres", "postgres");
-    for (db, encoding) in [("kvembed_test_ascii", "SQL_ASCII"), ("kvembed_test_latin1", "LATIN1")] {
-        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).unwrap();
+    for (db, encoding) in [
+        ("kvembed_test_ascii", "SQL_ASCII"),
+        ("kvembed_test_latin1", "LATIN1"),
+    ] {
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .unwrap();
         admin
             .batch_execute(&format!(
                 "CREATE DATABASE {db} ENCODING '{encoding}' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'"
             ))
             .unwrap();
         let mut c = Session::connect(db, "postgres");
-        c.batch_execute("CREATE EXTENSION kvembed CASCADE; SET kvembed.layers = 'default'").unwrap();
+        c.batch_execute("CREATE EXTENSION kvembed CASCADE; SET kvembed.layers = 'default'")
+            .unwrap();
         // UTF-8 text (client and server agree on the bytes or convert them)
         // embeds exactly as in a UTF-8 database.
         let got = vector(&mut c, "SELECT kv_embed('café au lait')::real[]", &[]);
-        assert!(max_abs_diff(&got, &want) <= 1e-6, "{encoding}: converted text must embed the same");
+        assert!(
+            max_abs_diff(&got, &want) <= 1e-6,
+            "{encoding}: converted text must embed the same"
+        );
         if encoding == "SQL_ASCII" {
             // SQL_ASCII stores any bytes: invalid UTF-8 is an ERROR, not a crash.
-            for q in ["SELECT kv_embed(E'bad \\xff byte')", "SELECT kv_embed_batch(ARRAY['ok', E'bad \\xff'])"] {
+            for q in [
+                "SELECT kv_embed(E'bad \\xff byte')",
+                "SELECT kv_embed_batch(ARRAY['ok', E'bad \\xff'])",
+            ] {
                 let err = c.batch_execute(q).expect_err(q);
                 let (code, msg) = sql_error(&err);
                 assert_eq!(code, "22021", "{q}: {msg}");
             }
             // The role argument too (it was a pgrx panic, XX000).
-            let err = c.batch_execute("SELECT kv_embed('x', E'r\\xf4le')").expect_err("invalid UTF-8 role");
+            let err = c
+                .batch_execute("SELECT kv_embed('x', E'r\\xf4le')")
+                .expect_err("invalid UTF-8 role");
             assert_eq!(sql_error(&err).0, "22021", "{err}");
             let one: i32 = c.query_one("SELECT 1", &[]).unwrap().get(0);
             assert_eq!(one, 1);
         } else {
             // A role that is not ASCII is converted, then refused by name
             // (non-ASCII escaped: message text is taken to be LATIN1 here).
-            let err = c.batch_execute("SELECT kv_embed('x', 'rôle')").expect_err("unknown role");
+            let err = c
+                .batch_execute("SELECT kv_embed('x', 'rôle')")
+                .expect_err("unknown role");
             let (code, msg) = sql_error(&err);
             assert_eq!(code, "22023", "{msg}");
             assert!(msg.contains("unknown role 'r\\u{f4}le'"), "{msg}");
         }
         drop(c);
-        admin.batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)")).unwrap();
+        admin
+            .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+            .unwrap();
     }
 }

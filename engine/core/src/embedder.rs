@@ -2,12 +2,12 @@
 //! token budget (sorted by length to waste little on padding) → decoder →
 //! pooling → L2-normalised vectors.
 
+use crate::method::{Knobs, Method, Pooling, Prepend, Template, DEFAULT_METHOD};
+use candle_core::{DType, Device, Tensor};
 use kvembed_model::decoder::{Decoder, ForwardOptions, LayerPooling, Reroute, TokenPrepend};
 use kvembed_model::error::{EngineError, Result};
 use kvembed_model::loader::{self, ModelSource, TensorStore, WeightFormat};
-use crate::method::{Knobs, Method, Pooling, Prepend, Template, DEFAULT_METHOD};
 use kvembed_model::tokenizer::TextTokenizer;
-use candle_core::{DType, Device, Tensor};
 use kvembed_proto::{EmbedOptions, LayerPoint, MethodInfo, Role, SelectOptions, Truncation};
 
 /// What to load and where.
@@ -26,7 +26,12 @@ pub struct LoadSpec {
 
 impl LoadSpec {
     pub fn new(model: impl Into<String>) -> LoadSpec {
-        LoadSpec { model: model.into(), device: "cpu".into(), threads: 0, weights: None }
+        LoadSpec {
+            model: model.into(),
+            device: "cpu".into(),
+            threads: 0,
+            weights: None,
+        }
     }
 }
 
@@ -90,7 +95,11 @@ struct Prepared {
 fn describe(method: &Method, n_layers: usize, family: kvembed_model::arch::Family) -> MethodInfo {
     MethodInfo {
         method: method.name.clone(),
-        layers: method.reroute.as_ref().map(|r| r.layers.resolve(n_layers, family)).unwrap_or_default(),
+        layers: method
+            .reroute
+            .as_ref()
+            .map(|r| r.layers.resolve(n_layers, family))
+            .unwrap_or_default(),
         bias: method.reroute.as_ref().map(|r| r.bias),
         document_prompt: method.document.source(),
         query_prompt: method.query.source(),
@@ -104,7 +113,9 @@ pub fn pick_device(spec: &str) -> Result<Device> {
         "auto" => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
         s if s.starts_with("cuda") => {
             let n: usize = match s.strip_prefix("cuda:") {
-                Some(n) => n.parse().map_err(|_| EngineError::invalid("device", format!("'{s}'")))?,
+                Some(n) => n
+                    .parse()
+                    .map_err(|_| EngineError::invalid("device", format!("'{s}'")))?,
                 None => 0,
             };
             if !candle_core::utils::cuda_is_available() {
@@ -123,7 +134,10 @@ pub fn pick_device(spec: &str) -> Result<Device> {
                 EngineError::invalid("device", format!("'{s}': cannot open CUDA device {n}: {e}"))
             })
         }
-        other => Err(EngineError::invalid("device", format!("'{other}' (cpu, cuda, cuda:N, auto)"))),
+        other => Err(EngineError::invalid(
+            "device",
+            format!("'{other}' (cpu, cuda, cuda:N, auto)"),
+        )),
     }
 }
 
@@ -132,7 +146,9 @@ fn set_threads(threads: usize) {
         // candle's CPU kernels read RAYON_NUM_THREADS; the global pool can be
         // sized once per process.
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global();
     }
 }
 
@@ -201,12 +217,16 @@ impl Embedder {
         let device = pick_device(&spec.device)?;
         let dtype = match dtype {
             Some(d) => d,
-            None => dtype_from_env()?.unwrap_or_else(|| kvembed_model::decoder::default_dtype(&device)),
+            None => {
+                dtype_from_env()?.unwrap_or_else(|| kvembed_model::decoder::default_dtype(&device))
+            }
         };
         let source = loader::resolve(&spec.model)?;
         let (store, cfg) = TensorStore::open(&source)?;
         let tokenizer = match (&store, &source) {
-            (TensorStore::Gguf { content, .. }, ModelSource::Gguf(p)) => TextTokenizer::from_gguf(content, p)?,
+            (TensorStore::Gguf { content, .. }, ModelSource::Gguf(p)) => {
+                TextTokenizer::from_gguf(content, p)?
+            }
             (_, ModelSource::HfDir(dir)) => {
                 let tk = dir.join("tokenizer.json");
                 if !tk.is_file() {
@@ -216,7 +236,8 @@ impl Embedder {
                     });
                 }
                 let cfg_json: serde_json::Value = serde_json::from_str(
-                    &std::fs::read_to_string(dir.join("config.json")).map_err(|e| EngineError::io(dir, e))?,
+                    &std::fs::read_to_string(dir.join("config.json"))
+                        .map_err(|e| EngineError::io(dir, e))?,
                 )
                 .unwrap_or_default();
                 TextTokenizer::from_file(&tk, &cfg_json)?
@@ -234,16 +255,23 @@ impl Embedder {
             )));
         }
         let cfg = &decoder.cfg;
-        let default = describe(&Method::from_name(DEFAULT_METHOD)?, cfg.n_layers, cfg.family);
+        let default = describe(
+            &Method::from_name(DEFAULT_METHOD)?,
+            cfg.n_layers,
+            cfg.family,
+        );
         // The same weights must get the same id however the path is spelled.
-        let canonical = std::fs::canonicalize(source.path()).unwrap_or_else(|_| source.path().to_path_buf());
+        let canonical =
+            std::fs::canonicalize(source.path()).unwrap_or_else(|_| source.path().to_path_buf());
         let model_id = format!(
             "{}:{}:{}x{}:{}",
             cfg.family.name(),
             canonical.display(),
             cfg.n_layers,
             cfg.hidden,
-            std::fs::metadata(source.path()).map(|m| m.len()).unwrap_or(0)
+            std::fs::metadata(source.path())
+                .map(|m| m.len())
+                .unwrap_or(0)
         );
         let info = ModelInfo {
             model: spec.model.clone(),
@@ -260,7 +288,14 @@ impl Embedder {
             max_tokens: kvembed_proto::DEFAULT_MAX_TOKENS_LIMIT.min(cfg.max_position.max(1)),
             context: cfg.max_position.max(1),
         };
-        Ok(Embedder { decoder, tokenizer, source, info, batch_tokens: DEFAULT_BATCH_TOKENS, knobs: Knobs::default() })
+        Ok(Embedder {
+            decoder,
+            tokenizer,
+            source,
+            info,
+            batch_tokens: DEFAULT_BATCH_TOKENS,
+            knobs: Knobs::default(),
+        })
     }
 
     pub fn info(&self) -> ModelInfo {
@@ -271,16 +306,25 @@ impl Embedder {
     /// [`Embedder::embed`] builds it, its layers resolved to this depth.
     pub fn describe(&self, opts: &EmbedOptions) -> Result<MethodInfo> {
         let method = self.method(opts)?;
-        Ok(describe(&method, self.decoder.cfg.n_layers, self.decoder.cfg.family))
+        Ok(describe(
+            &method,
+            self.decoder.cfg.n_layers,
+            self.decoder.cfg.family,
+        ))
     }
 
     /// The method a request with `opts` runs (with this embedder's knobs).
     fn method(&self, opts: &EmbedOptions) -> Result<Method> {
-        Method::from_name(opts.method.as_deref().unwrap_or(DEFAULT_METHOD))?.with_options(opts)?.with_knobs(&self.knobs)
+        Method::from_name(opts.method.as_deref().unwrap_or(DEFAULT_METHOD))?
+            .with_options(opts)?
+            .with_knobs(&self.knobs)
     }
 
     pub fn count_tokens(&self, text: &str) -> usize {
-        self.tokenizer.encode(text).map(|v| v.len()).unwrap_or(text.len() / 4)
+        self.tokenizer
+            .encode(text)
+            .map(|v| v.len())
+            .unwrap_or(text.len() / 4)
     }
 
     /// Embed with the method named in `opts` (or the default) and its overrides.
@@ -298,8 +342,14 @@ impl Embedder {
             Role::Query => &method.query,
         };
         let pieces: Vec<&str> = template.pieces.iter().map(String::as_str).collect();
-        let fixed: usize = self.tokenizer.encode_many(&pieces)?.iter().map(Vec::len).sum();
-        let extra = usize::from(self.tokenizer.add_bos && self.tokenizer.bos.is_some()) + usize::from(method.prepend.is_some());
+        let fixed: usize = self
+            .tokenizer
+            .encode_many(&pieces)?
+            .iter()
+            .map(Vec::len)
+            .sum();
+        let extra = usize::from(self.tokenizer.add_bos && self.tokenizer.bos.is_some())
+            + usize::from(method.prepend.is_some());
         Ok((fixed + extra, template.slots().max(1)))
     }
 
@@ -314,8 +364,17 @@ impl Embedder {
         keep_going: &dyn Fn() -> bool,
     ) -> Result<EmbedOutput> {
         let method = self.method(opts)?;
-        let max_tokens = opts.max_tokens.unwrap_or(kvembed_proto::DEFAULT_MAX_TOKENS_LIMIT);
-        self.embed_with(texts, role, &method, max_tokens, opts.truncate.unwrap_or(true), keep_going)
+        let max_tokens = opts
+            .max_tokens
+            .unwrap_or(kvembed_proto::DEFAULT_MAX_TOKENS_LIMIT);
+        self.embed_with(
+            texts,
+            role,
+            &method,
+            max_tokens,
+            opts.truncate.unwrap_or(true),
+            keep_going,
+        )
     }
 
     pub fn embed_with(
@@ -335,22 +394,37 @@ impl Embedder {
             Role::Query => &method.query,
         };
         let placeholder = method.prepend.map(|p| self.placeholder_position(p));
-        let (prepared, truncated) = self.prepare(texts, template, max_tokens, truncate, placeholder)?;
+        let (prepared, truncated) =
+            self.prepare(texts, template, max_tokens, truncate, placeholder)?;
         let n_layers = self.decoder.cfg.n_layers;
         let reroute = match &method.reroute {
-            Some(r) => Some(Reroute::new(&r.layers.resolve(n_layers, self.decoder.cfg.family), n_layers, r.bias, r.prefix)?),
+            Some(r) => Some(Reroute::new(
+                &r.layers.resolve(n_layers, self.decoder.cfg.family),
+                n_layers,
+                r.bias,
+                r.prefix,
+            )?),
             None => None,
         };
-        let prepend = method.prepend.zip(placeholder).map(|(p, position)| TokenPrepend {
-            position,
-            layers: 1..((p.fraction * n_layers as f32).round() as usize).max(2),
-        });
-        let fopts = ForwardOptions { reroute, prepend, collect_layers: None };
+        let prepend = method
+            .prepend
+            .zip(placeholder)
+            .map(|(p, position)| TokenPrepend {
+                position,
+                layers: 1..((p.fraction * n_layers as f32).round() as usize).max(2),
+            });
+        let fopts = ForwardOptions {
+            reroute,
+            prepend,
+            collect_layers: None,
+        };
         let tokens = prepared.iter().map(|p| p.ids.len()).sum();
         let mut vectors = vec![Vec::new(); prepared.len()];
         for batch in self.batches(&prepared) {
             if !keep_going() {
-                return Err(EngineError::Cancelled("embedding stopped: its clients went away".into()));
+                return Err(EngineError::Cancelled(
+                    "embedding stopped: its clients went away".into(),
+                ));
             }
             let seqs: Vec<Vec<u32>> = batch.iter().map(|&i| prepared[i].ids.clone()).collect();
             let out = self.decoder.forward(&seqs, &fopts)?;
@@ -358,13 +432,19 @@ impl Embedder {
                 vectors[i] = pool(&out.hidden, bi, &prepared[i], method.pooling)?;
             }
         }
-        Ok(EmbedOutput { vectors, truncated, tokens })
+        Ok(EmbedOutput {
+            vectors,
+            truncated,
+            tokens,
+        })
     }
 
     /// Token Prepending's placeholder position: as asked, else right after
     /// BOS (the paper's place), first where the model adds no BOS.
     fn placeholder_position(&self, p: Prepend) -> usize {
-        p.position.unwrap_or(usize::from(self.tokenizer.add_bos && self.tokenizer.bos.is_some()))
+        p.position.unwrap_or(usize::from(
+            self.tokenizer.add_bos && self.tokenizer.bos.is_some(),
+        ))
     }
 
     /// Token ids for each text in its template, BOS first where the model
@@ -383,7 +463,11 @@ impl Embedder {
         let piece_ids = self.tokenizer.encode_many(&pieces)?;
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let text_ids = self.tokenizer.encode_many(&refs)?;
-        let bos = if self.tokenizer.add_bos { self.tokenizer.bos } else { None };
+        let bos = if self.tokenizer.add_bos {
+            self.tokenizer.bos
+        } else {
+            None
+        };
         // A token outside any text: the stand-in for an empty input and
         // Token Prepending's placeholder.
         let filler = self.tokenizer.eos.or(self.tokenizer.bos).unwrap_or(0);
@@ -392,9 +476,17 @@ impl Embedder {
         for (index, mut t) in text_ids.into_iter().enumerate() {
             if t.len() > max_tokens {
                 if !truncate {
-                    return Err(EngineError::TooLong { index, tokens: t.len(), max: max_tokens });
+                    return Err(EngineError::TooLong {
+                        index,
+                        tokens: t.len(),
+                        max: max_tokens,
+                    });
                 }
-                truncated.push(Truncation { index, tokens: t.len(), kept: max_tokens });
+                truncated.push(Truncation {
+                    index,
+                    tokens: t.len(),
+                    kept: max_tokens,
+                });
                 t.truncate(max_tokens);
             }
             let mut ids = Vec::with_capacity(t.len() * template.slots() + 32);
@@ -424,7 +516,11 @@ impl Embedder {
                 last_copy = shift(last_copy.start)..shift(last_copy.end);
             }
             let mean_start = mean_start.min(ids.len() - 1);
-            out.push(Prepared { ids, last_copy, mean_start });
+            out.push(Prepared {
+                ids,
+                last_copy,
+                mean_start,
+            });
         }
         Ok((out, truncated))
     }
@@ -468,7 +564,10 @@ impl Embedder {
         let (prepared, _) = self.prepare(texts, template, max_tokens, true, None)?;
         let n_layers = self.decoder.cfg.n_layers;
         let mut reps = vec![vec![Vec::new(); prepared.len()]; n_layers];
-        let fopts = ForwardOptions { collect_layers: Some(pooling), ..Default::default() };
+        let fopts = ForwardOptions {
+            collect_layers: Some(pooling),
+            ..Default::default()
+        };
         for batch in self.batches(&prepared) {
             let seqs: Vec<Vec<u32>> = batch.iter().map(|&i| prepared[i].ids.clone()).collect();
             let out = self.decoder.forward(&seqs, &fopts)?;
@@ -479,7 +578,9 @@ impl Embedder {
                 }
             }
             if !progress(batch.len()) {
-                return Err(EngineError::Cancelled("layer selection stopped: its client went away".into()));
+                return Err(EngineError::Cancelled(
+                    "layer selection stopped: its client went away".into(),
+                ));
             }
         }
         Ok(reps)
@@ -503,17 +604,28 @@ impl Embedder {
         if texts.len() < 8 {
             return Err(EngineError::invalid(
                 "sample",
-                format!("{} texts; TwoNN needs at least 8 (a few hundred is better)", texts.len()),
+                format!(
+                    "{} texts; TwoNN needs at least 8 (a few hundred is better)",
+                    texts.len()
+                ),
             ));
         }
         let pooling = match self.knobs.id_representation.as_deref().unwrap_or("last") {
             "last" => LayerPooling::Last,
             "mean" => LayerPooling::Mean,
-            other => return Err(EngineError::invalid("representation", format!("'{other}' (last, mean)"))),
+            other => {
+                return Err(EngineError::invalid(
+                    "representation",
+                    format!("'{other}' (last, mean)"),
+                ))
+            }
         };
         let skip = opts.skip_fraction.unwrap_or(0.2);
         if !(0.0..1.0).contains(&skip) {
-            return Err(EngineError::invalid("skip_fraction", format!("{skip} (must be in [0, 1))")));
+            return Err(EngineError::invalid(
+                "skip_fraction",
+                format!("{skip} (must be in [0, 1))"),
+            ));
         }
         let window = opts.window.unwrap_or(3).max(1);
         let template = Template::parse(crate::method::COMPRESS_DOC)?;
@@ -524,26 +636,56 @@ impl Embedder {
             opts.max_tokens.unwrap_or(kvembed_proto::DEFAULT_MAX_TOKENS),
             &mut progress,
         )?;
-        let (curve, sel) =
-            crate::twonn::select_layers(&reps, f64::from(skip), window, self.decoder.cfg.family, &mut || progress(0))
-                .ok_or_else(|| EngineError::Cancelled("layer selection stopped: its client went away".into()))?;
+        let (curve, sel) = crate::twonn::select_layers(
+            &reps,
+            f64::from(skip),
+            window,
+            self.decoder.cfg.family,
+            &mut || progress(0),
+        )
+        .ok_or_else(|| {
+            EngineError::Cancelled("layer selection stopped: its client went away".into())
+        })?;
         let points = curve
             .iter()
             .enumerate()
-            .map(|(layer, &id)| LayerPoint { layer, intrinsic_dimension: id, selected: sel.layers.contains(&layer) })
+            .map(|(layer, &id)| LayerPoint {
+                layer,
+                intrinsic_dimension: id,
+                selected: sel.layers.contains(&layer),
+            })
             .collect();
-        Ok(LayerSelection { curve: points, selected: sel.layers, rule: sel.rule })
+        Ok(LayerSelection {
+            curve: points,
+            selected: sel.layers,
+            rule: sel.rule,
+        })
     }
 
     /// Final hidden states (after the final norm) of one sequence of token
     /// ids, optionally re-routing `layers` with `bias`: the golden-test hook.
-    pub fn forward_hidden(&self, ids: &[u32], reroute: Option<(&[usize], f32)>) -> Result<Vec<Vec<f32>>> {
+    pub fn forward_hidden(
+        &self,
+        ids: &[u32],
+        reroute: Option<(&[usize], f32)>,
+    ) -> Result<Vec<Vec<f32>>> {
         let n = self.decoder.cfg.n_layers;
         let reroute = match reroute {
-            Some((layers, bias)) => Some(Reroute::new(layers, n, bias, kvembed_model::decoder::PrefixPosition::Last)?),
+            Some((layers, bias)) => Some(Reroute::new(
+                layers,
+                n,
+                bias,
+                kvembed_model::decoder::PrefixPosition::Last,
+            )?),
             None => None,
         };
-        let out = self.decoder.forward(&[ids.to_vec()], &ForwardOptions { reroute, ..Default::default() })?;
+        let out = self.decoder.forward(
+            &[ids.to_vec()],
+            &ForwardOptions {
+                reroute,
+                ..Default::default()
+            },
+        )?;
         kvembed_model::decoder::rows_of(&out.hidden, 0, ids.len())
     }
 
@@ -556,7 +698,9 @@ impl Embedder {
         ids.extend(self.tokenizer.encode(prompt)?);
         let start = ids.len();
         for _ in 0..max_new {
-            let out = self.decoder.forward(&[ids.clone()], &ForwardOptions::default())?;
+            let out = self
+                .decoder
+                .forward(&[ids.clone()], &ForwardOptions::default())?;
             let logits = self.decoder.last_logits(&out, &[ids.len()])?;
             let next = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
             if Some(next) == self.tokenizer.eos {
@@ -586,7 +730,11 @@ fn pool(hidden: &Tensor, b: usize, p: &Prepared, pooling: Pooling) -> Result<Vec
 }
 
 pub fn normalize(mut v: Vec<f32>) -> Vec<f32> {
-    let norm = v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
+    let norm = v
+        .iter()
+        .map(|x| (*x as f64) * (*x as f64))
+        .sum::<f64>()
+        .sqrt();
     if norm > 0.0 {
         v.iter_mut().for_each(|x| *x = (*x as f64 / norm) as f32);
     }
@@ -608,10 +756,19 @@ mod tests {
     fn token_prepending_placeholder_position() {
         let texts = vec!["The cat sat on the mat.".to_string()];
         let tp = Method::from_name("token-prepending").unwrap();
-        let asked = |pos| tp.clone().with_knobs(&Knobs { placeholder_position: Some(pos), ..Default::default() });
+        let asked = |pos| {
+            tp.clone().with_knobs(&Knobs {
+                placeholder_position: Some(pos),
+                ..Default::default()
+            })
+        };
         for (arch, with_bos) in [("qwen2", false), ("llama", true)] {
             let e = golden(arch);
-            assert_eq!(e.tokenizer.add_bos && e.tokenizer.bos.is_some(), with_bos, "{arch}");
+            assert_eq!(
+                e.tokenizer.add_bos && e.tokenizer.bos.is_some(),
+                with_bos,
+                "{arch}"
+            );
             let (plain, _) = e.prepare(&texts, &tp.document, 64, false, None).unwrap();
             let plain = &plain[0].ids;
             let token = e.tokenizer.eos.or(e.tokenizer.bos).unwrap_or(0);
@@ -640,11 +797,20 @@ mod tests {
     #[test]
     fn a_token_id_outside_the_vocabulary_is_an_internal_error() {
         let e = golden("llama");
-        let Err(err) = e.decoder.forward(&[vec![1, u32::MAX]], &ForwardOptions::default()) else {
+        let Err(err) = e
+            .decoder
+            .forward(&[vec![1, u32::MAX]], &ForwardOptions::default())
+        else {
             panic!("a token id outside the vocabulary was accepted");
         };
         assert_eq!(err.kind(), kvembed_proto::ErrorKind::Internal, "{err}");
-        assert!(err.to_string().contains("outside the model's vocabulary"), "{err}");
-        assert_eq!(e.decoder.passes.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert!(
+            err.to_string().contains("outside the model's vocabulary"),
+            "{err}"
+        );
+        assert_eq!(
+            e.decoder.passes.load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
     }
 }

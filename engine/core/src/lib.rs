@@ -7,11 +7,11 @@
 //! pooling → L2-normalised vectors. [`twonn`] chooses the re-routed layers
 //! by intrinsic dimension.
 
-pub mod method;
 pub mod embedder;
+pub mod method;
 pub mod twonn;
 
-pub use embedder::{Embedder, EmbedOutput, LoadSpec, ModelInfo};
+pub use embedder::{EmbedOutput, Embedder, LoadSpec, ModelInfo};
 pub use kvembed_model as model;
 pub use kvembed_model::{EngineError, Result};
 pub use kvembed_proto as proto;

@@ -36,7 +36,12 @@ impl Pooling {
             "last" => Pooling::Last,
             "hybrid" => Pooling::Hybrid,
             "echo" | "last-copy-mean" => Pooling::LastCopyMean,
-            other => return Err(EngineError::invalid("pooling", format!("'{other}' (mean, last, hybrid, echo)"))),
+            other => {
+                return Err(EngineError::invalid(
+                    "pooling",
+                    format!("'{other}' (mean, last, hybrid, echo)"),
+                ))
+            }
         })
     }
 }
@@ -51,7 +56,10 @@ impl Template {
     pub fn parse(s: &str) -> Result<Template> {
         let pieces: Vec<String> = s.split("{text}").map(str::to_string).collect();
         if pieces.len() < 2 {
-            return Err(EngineError::invalid("prompt template", format!("'{s}' has no {{text}} placeholder")));
+            return Err(EngineError::invalid(
+                "prompt template",
+                format!("'{s}' has no {{text}} placeholder"),
+            ));
         }
         Ok(Template { pieces })
     }
@@ -74,19 +82,26 @@ impl Template {
 pub enum LayerChoice {
     Fixed(Vec<usize>),
     /// A window of `width` layers starting at `start` × depth.
-    Relative { start: f32, width: usize },
+    Relative {
+        start: f32,
+        width: usize,
+    },
     /// The default method's window for the model's family
     /// ([`kv_window_start`]).
-    KvDefault { width: usize },
+    KvDefault {
+        width: usize,
+    },
 }
 
 impl LayerChoice {
     pub fn resolve(&self, n_layers: usize, family: Family) -> Vec<usize> {
         match self {
             LayerChoice::Fixed(v) => v.clone(),
-            LayerChoice::KvDefault { width } => {
-                LayerChoice::Relative { start: kv_window_start(family), width: *width }.resolve(n_layers, family)
+            LayerChoice::KvDefault { width } => LayerChoice::Relative {
+                start: kv_window_start(family),
+                width: *width,
             }
+            .resolve(n_layers, family),
             LayerChoice::Relative { start, width } => {
                 let width = (*width).clamp(1, n_layers);
                 let first = ((*start * n_layers as f32).round() as usize).min(n_layers - width);
@@ -153,7 +168,10 @@ pub fn kv_window_start(family: Family) -> f32 {
 }
 
 /// Token Prepending's layers: the first quarter of the depth (from layer 1).
-const TOKEN_PREPENDING: Prepend = Prepend { fraction: 0.25, position: None };
+const TOKEN_PREPENDING: Prepend = Prepend {
+    fraction: 0.25,
+    position: None,
+};
 
 pub const METHOD_NAMES: &[&str] = &[
     "kv",
@@ -200,41 +218,118 @@ impl Method {
         });
         // With the compression prompt, early layers and b = 2 were best.
         let compress_reroute = Some(RerouteConfig {
-            layers: LayerChoice::Relative { start: 0.2, width: 3 },
+            layers: LayerChoice::Relative {
+                start: 0.2,
+                width: 3,
+            },
             bias: 2.0,
             prefix: PrefixPosition::Last,
         });
         let paper_reroute = Some(RerouteConfig {
             // Uncalibrated fallback: the late window TwoNN picks on SmolLM2
             // (layers 27-29 of 30). `select-layers` gives the real choice.
-            layers: LayerChoice::Relative { start: 0.9, width: 3 },
+            layers: LayerChoice::Relative {
+                start: 0.9,
+                width: 3,
+            },
             bias: 1.0,
             prefix: PrefixPosition::Last,
         });
         Ok(match name {
-            "kv" => m("kv", PROMPTEOL, PROMPTEOL_QUERY, Pooling::Last, kv_reroute, None),
-            "kv-no-reroute" => m("kv-no-reroute", PROMPTEOL, PROMPTEOL_QUERY, Pooling::Last, None, None),
-            "kv-paper" => m("kv-paper", COMPRESS_DOC, COMPRESS_QUERY, Pooling::Hybrid, paper_reroute, None),
-            "kv-paper-no-reroute" => m("kv-paper-no-reroute", COMPRESS_DOC, COMPRESS_QUERY, Pooling::Hybrid, None, None),
-            "kv-compress" => m("kv-compress", COMPRESS_DOC, COMPRESS_QUERY, Pooling::Hybrid, compress_reroute, None),
-            "kv-compress-no-reroute" => {
-                m("kv-compress-no-reroute", COMPRESS_DOC, COMPRESS_QUERY, Pooling::Hybrid, None, None)
-            }
+            "kv" => m(
+                "kv",
+                PROMPTEOL,
+                PROMPTEOL_QUERY,
+                Pooling::Last,
+                kv_reroute,
+                None,
+            ),
+            "kv-no-reroute" => m(
+                "kv-no-reroute",
+                PROMPTEOL,
+                PROMPTEOL_QUERY,
+                Pooling::Last,
+                None,
+                None,
+            ),
+            "kv-paper" => m(
+                "kv-paper",
+                COMPRESS_DOC,
+                COMPRESS_QUERY,
+                Pooling::Hybrid,
+                paper_reroute,
+                None,
+            ),
+            "kv-paper-no-reroute" => m(
+                "kv-paper-no-reroute",
+                COMPRESS_DOC,
+                COMPRESS_QUERY,
+                Pooling::Hybrid,
+                None,
+                None,
+            ),
+            "kv-compress" => m(
+                "kv-compress",
+                COMPRESS_DOC,
+                COMPRESS_QUERY,
+                Pooling::Hybrid,
+                compress_reroute,
+                None,
+            ),
+            "kv-compress-no-reroute" => m(
+                "kv-compress-no-reroute",
+                COMPRESS_DOC,
+                COMPRESS_QUERY,
+                Pooling::Hybrid,
+                None,
+                None,
+            ),
             // Variants of the study: last-token pooling with the compression
             // prompt, and re-routing inside Echo.
-            "kv-last" => m("kv-last", COMPRESS_DOC, COMPRESS_QUERY, Pooling::Last, compress_reroute, None),
-            "kv-echo" => m("kv-echo", ECHO, ECHO, Pooling::LastCopyMean, kv_reroute, None),
+            "kv-last" => m(
+                "kv-last",
+                COMPRESS_DOC,
+                COMPRESS_QUERY,
+                Pooling::Last,
+                compress_reroute,
+                None,
+            ),
+            "kv-echo" => m(
+                "kv-echo",
+                ECHO,
+                ECHO,
+                Pooling::LastCopyMean,
+                kv_reroute,
+                None,
+            ),
             // Token Prepending in the early layers and re-routing at the
             // default window: the two ways of letting early tokens see the
             // whole text, in one pass.
-            "kv-tp" => m("kv-tp", PROMPTEOL, PROMPTEOL_QUERY, Pooling::Last, kv_reroute, Some(TOKEN_PREPENDING)),
+            "kv-tp" => m(
+                "kv-tp",
+                PROMPTEOL,
+                PROMPTEOL_QUERY,
+                Pooling::Last,
+                kv_reroute,
+                Some(TOKEN_PREPENDING),
+            ),
             "mean" => m("mean", RAW, RAW, Pooling::Mean, None, None),
             "last" => m("last", RAW, RAW, Pooling::Last, None, None),
             "prompteol" => m("prompteol", PROMPTEOL, PROMPTEOL, Pooling::Last, None, None),
             "echo" => m("echo", ECHO, ECHO, Pooling::LastCopyMean, None, None),
-            "token-prepending" => m("token-prepending", PROMPTEOL, PROMPTEOL, Pooling::Last, None, Some(TOKEN_PREPENDING)),
+            "token-prepending" => m(
+                "token-prepending",
+                PROMPTEOL,
+                PROMPTEOL,
+                Pooling::Last,
+                None,
+                Some(TOKEN_PREPENDING),
+            ),
             other => {
-                return Err(EngineError::invalid("method", format!("'{other}' (known: {})", METHOD_NAMES.join(", "))))
+                return Err(EngineError::invalid(
+                    "method",
+                    format!("'{other}' (known: {})", METHOD_NAMES.join(", ")),
+                ))
             }
         })
     }
@@ -249,7 +344,10 @@ impl Method {
         }
         if let Some(b) = o.bias {
             if !b.is_finite() {
-                return Err(EngineError::invalid("bias", format!("{b} is not a finite number")));
+                return Err(EngineError::invalid(
+                    "bias",
+                    format!("{b} is not a finite number"),
+                ));
             }
             if let Some(r) = &mut self.reroute {
                 r.bias = b;
@@ -272,7 +370,12 @@ impl Method {
             let pos = match p.as_str() {
                 "last" => PrefixPosition::Last,
                 "zero" => PrefixPosition::Zero,
-                other => return Err(EngineError::invalid("prefix_position", format!("'{other}' (last, zero)"))),
+                other => {
+                    return Err(EngineError::invalid(
+                        "prefix_position",
+                        format!("'{other}' (last, zero)"),
+                    ))
+                }
             };
             if let Some(r) = &mut self.reroute {
                 r.prefix = pos;
@@ -280,7 +383,10 @@ impl Method {
         }
         if let Some(pos) = k.placeholder_position {
             if pos > 1 {
-                return Err(EngineError::invalid("placeholder_position", format!("{pos} (0 or 1)")));
+                return Err(EngineError::invalid(
+                    "placeholder_position",
+                    format!("{pos} (0 or 1)"),
+                ));
             }
             if let Some(p) = &mut self.prepend {
                 p.position = Some(pos);
@@ -314,19 +420,43 @@ mod tests {
     fn templates() {
         let t = Template::parse(ECHO).unwrap();
         assert_eq!(t.slots(), 2);
-        assert_eq!(t.render("x"), "Rewrite the sentence: x\nRewritten sentence: x");
+        assert_eq!(
+            t.render("x"),
+            "Rewrite the sentence: x\nRewritten sentence: x"
+        );
         assert!(Template::parse("no slot").is_err());
     }
 
     #[test]
     fn relative_windows_fit_the_model() {
         let f = Family::Llama;
-        let w = LayerChoice::Relative { start: 0.9, width: 3 };
+        let w = LayerChoice::Relative {
+            start: 0.9,
+            width: 3,
+        };
         assert_eq!(w.resolve(30, f), vec![27, 28, 29]);
         assert_eq!(w.resolve(4, f), vec![1, 2, 3]);
-        assert_eq!(w.resolve(30, Family::Qwen2), vec![27, 28, 29], "a relative window ignores the family");
-        assert_eq!(LayerChoice::Relative { start: 0.2, width: 3 }.resolve(30, f), vec![6, 7, 8]);
-        assert_eq!(LayerChoice::Relative { start: 0.4, width: 3 }.resolve(30, f), vec![12, 13, 14]);
+        assert_eq!(
+            w.resolve(30, Family::Qwen2),
+            vec![27, 28, 29],
+            "a relative window ignores the family"
+        );
+        assert_eq!(
+            LayerChoice::Relative {
+                start: 0.2,
+                width: 3
+            }
+            .resolve(30, f),
+            vec![6, 7, 8]
+        );
+        assert_eq!(
+            LayerChoice::Relative {
+                start: 0.4,
+                width: 3
+            }
+            .resolve(30, f),
+            vec![12, 13, 14]
+        );
         // The default `kv` window on the test backbones (SmolLM2 30 layers,
         // Qwen2.5-0.5B 24, Qwen2.5-1.5B 28, Gemma-3-270M 18).
         let kv = Method::from_name("kv").unwrap().reroute.unwrap().layers;
@@ -335,7 +465,11 @@ mod tests {
         assert_eq!(kv.resolve(28, Family::Qwen2), vec![14, 15, 16]);
         assert_eq!(kv.resolve(18, Family::Gemma3), vec![6, 7, 8]);
         assert_eq!(kv.resolve(32, Family::Mistral), vec![21, 22, 23]);
-        assert_eq!(kv.resolve(2, Family::Qwen2), vec![0, 1], "a window wider than the model is cut to it");
+        assert_eq!(
+            kv.resolve(2, Family::Qwen2),
+            vec![0, 1],
+            "a window wider than the model is cut to it"
+        );
     }
 
     #[test]
@@ -368,12 +502,19 @@ mod tests {
 
     #[test]
     fn overrides_apply() {
-        let o = EmbedOptions { bias: Some(3.0), layers: Some(vec![1, 2]), ..Default::default() };
+        let o = EmbedOptions {
+            bias: Some(3.0),
+            layers: Some(vec![1, 2]),
+            ..Default::default()
+        };
         let m = Method::from_name("kv").unwrap().with_options(&o).unwrap();
         let r = m.reroute.unwrap();
         assert_eq!(r.bias, 3.0);
         assert_eq!(r.layers, LayerChoice::Fixed(vec![1, 2]));
-        let bad = EmbedOptions { bias: Some(f32::NAN), ..Default::default() };
+        let bad = EmbedOptions {
+            bias: Some(f32::NAN),
+            ..Default::default()
+        };
         assert!(Method::from_name("kv").unwrap().with_options(&bad).is_err());
     }
 }

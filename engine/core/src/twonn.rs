@@ -7,8 +7,8 @@
 //! minimum of the per-layer intrinsic-dimension (ID) curve, after skipping the
 //! early layers whose ID is dominated by token-level (lexical) structure.
 
-use kvembed_model::arch::Family;
 use crate::method::{kv_window_start, LayerChoice};
+use kvembed_model::arch::Family;
 use serde::{Deserialize, Serialize};
 
 /// Fraction of the sorted `mu` ratios kept for the fit. The largest ratios come
@@ -89,9 +89,17 @@ impl PairDistances {
         }
         let rows = (0..points.len())
             .into_par_iter()
-            .map(|i| points[i + 1..].iter().map(|q| squared_distance(&points[i], q)).collect())
+            .map(|i| {
+                points[i + 1..]
+                    .iter()
+                    .map(|q| squared_distance(&points[i], q))
+                    .collect()
+            })
             .collect();
-        let finite = points.iter().map(|p| p.iter().all(|x| x.is_finite())).collect();
+        let finite = points
+            .iter()
+            .map(|p| p.iter().all(|x| x.is_finite()))
+            .collect();
         Some(PairDistances { rows, finite })
     }
 
@@ -200,7 +208,11 @@ struct Minimum {
 /// tolerance keeps a fraction that arrived as `f32` (0.2 is 0.2000000030 in
 /// f64) from skipping one layer more than the same fraction in `f64`.
 fn skipped_layers(n: usize, skip_fraction: f64) -> usize {
-    let f = if skip_fraction.is_nan() { 0.0 } else { skip_fraction.clamp(0.0, 1.0) };
+    let f = if skip_fraction.is_nan() {
+        0.0
+    } else {
+        skip_fraction.clamp(0.0, 1.0)
+    };
     (((f * n as f64) - 1e-6).ceil().max(0.0) as usize).min(n - 1)
 }
 
@@ -229,7 +241,9 @@ fn find_minimum(curve: &[f64], skip: usize, window: usize) -> std::result::Resul
         }
     }
     let Some((layer, value)) = min else {
-        return Err(format!("no finite ID value after skipping {skip} of {n} layers"));
+        return Err(format!(
+            "no finite ID value after skipping {skip} of {n} layers"
+        ));
     };
     let spread = if max > 0.0 {
         (max - value) / max
@@ -243,7 +257,11 @@ fn find_minimum(curve: &[f64], skip: usize, window: usize) -> std::result::Resul
             "ID curve flat after skipping {skip} of {n} layers (relative range {spread:.3} < {FLAT_RELATIVE_RANGE})"
         ));
     }
-    Ok(Minimum { layer, value, start: layer.min(n - window) })
+    Ok(Minimum {
+        layer,
+        value,
+        start: layer.min(n - window),
+    })
 }
 
 fn window_at(start: usize, window: usize) -> Vec<usize> {
@@ -259,7 +277,11 @@ fn minimum_words(m: &Minimum, skip: usize, n: usize, window: usize) -> String {
         window_words(window)
     );
     if m.start != m.layer {
-        rule.push_str(&format!(", shifted left to layers {}-{} to end at the last layer", m.start, m.start + window - 1));
+        rule.push_str(&format!(
+            ", shifted left to layers {}-{} to end at the last layer",
+            m.start,
+            m.start + window - 1
+        ));
     }
     rule
 }
@@ -296,15 +318,26 @@ fn fallback(n: usize, skip: usize, window: usize, reason: String, family: Family
 /// every layer. When the region after the skip is shorter than the window, the
 /// window keeps its length and ends at the last layer, reaching back into the
 /// skipped layers.
-pub fn select_window(curve: &[f64], skip_fraction: f64, window: usize, family: Family) -> Selection {
+pub fn select_window(
+    curve: &[f64],
+    skip_fraction: f64,
+    window: usize,
+    family: Family,
+) -> Selection {
     let n = curve.len();
     if n == 0 {
-        return Selection { layers: Vec::new(), rule: "empty ID curve: no layers selected".to_string() };
+        return Selection {
+            layers: Vec::new(),
+            rule: "empty ID curve: no layers selected".to_string(),
+        };
     }
     let window = window.clamp(1, n);
     let skip = skipped_layers(n, skip_fraction);
     match find_minimum(curve, skip, window) {
-        Ok(m) => Selection { layers: window_at(m.start, window), rule: minimum_words(&m, skip, n, window) },
+        Ok(m) => Selection {
+            layers: window_at(m.start, window),
+            rule: minimum_words(&m, skip, n, window),
+        },
         Err(reason) => fallback(n, skip, window, reason, family),
     }
 }
@@ -371,7 +404,10 @@ pub fn select_layers(
         }
         let distances = PairDistances::new(layer);
         let id = |subset: &[usize]| {
-            distances.as_ref().and_then(|d| d.intrinsic_dimension(subset, DEFAULT_KEEP_FRACTION)).unwrap_or(f64::NAN)
+            distances
+                .as_ref()
+                .and_then(|d| d.intrinsic_dimension(subset, DEFAULT_KEEP_FRACTION))
+                .unwrap_or(f64::NAN)
         };
         curve.push(id(&everything));
         let ids: Vec<f64> = halves.par_iter().map(|h| id(h)).collect();
@@ -397,15 +433,29 @@ pub fn select_layers(
         );
         return Some((curve, fallback(n, skip, window, reason, family)));
     }
-    let near = |c: &Vec<f64>| find_minimum(c, skip, window).is_ok_and(|m| m.start.abs_diff(whole.start) <= 1);
-    let agree = half_curves.chunks(2).filter(|pair| pair.iter().all(near)).count();
+    let near = |c: &Vec<f64>| {
+        find_minimum(c, skip, window).is_ok_and(|m| m.start.abs_diff(whole.start) <= 1)
+    };
+    let agree = half_curves
+        .chunks(2)
+        .filter(|pair| pair.iter().all(near))
+        .count();
     let agreement = format!(
         "in {agree} of {STABILITY_SPLITS} random splits of the sample into two halves both halves put their window within one layer"
     );
     let selection = if agree >= STABILITY_AGREEMENT {
-        Selection { layers: window_at(whole.start, window), rule: format!("{found}; {agreement}") }
+        Selection {
+            layers: window_at(whole.start, window),
+            rule: format!("{found}; {agreement}"),
+        }
     } else {
-        fallback(n, skip, window, format!("{found}, not stable: only {agreement} of it"), family)
+        fallback(
+            n,
+            skip,
+            window,
+            format!("{found}, not stable: only {agreement} of it"),
+            family,
+        )
     };
     Some((curve, selection))
 }
@@ -672,7 +722,11 @@ mod tests {
         let sel = select_window(&curve, 0.2, 3, FAMILY);
         // the default method's window: round(0.67 * 30) = 20
         assert_eq!(sel.layers, vec![20, 21, 22]);
-        let kv = crate::method::Method::from_name("kv").unwrap().reroute.unwrap().layers;
+        let kv = crate::method::Method::from_name("kv")
+            .unwrap()
+            .reroute
+            .unwrap()
+            .layers;
         assert_eq!(sel.layers, kv.resolve(30, FAMILY));
         assert!(sel.rule.contains("flat"), "{}", sel.rule);
         assert!(sel.rule.contains("at 0.67 of the depth"), "{}", sel.rule);
@@ -684,7 +738,10 @@ mod tests {
         let even = select_window(&curve, 0.2, 4, FAMILY);
         assert_eq!(even.layers, vec![20, 21, 22, 23]);
         // A skip beyond two thirds keeps the fallback out of the skipped layers.
-        assert_eq!(select_window(&curve, 0.8, 3, FAMILY).layers, vec![24, 25, 26]);
+        assert_eq!(
+            select_window(&curve, 0.8, 3, FAMILY).layers,
+            vec![24, 25, 26]
+        );
     }
 
     #[test]
@@ -726,14 +783,24 @@ mod tests {
         // Layer 6 of 12 lives in 3 dimensions, the rest in 12.
         let mut dims = vec![12; 12];
         dims[6] = 3;
-        let (curve, sel) = select_layers(&layered_sample(&dims, 200, 7), 0.2, 3, FAMILY, &mut || true).unwrap();
+        let (curve, sel) =
+            select_layers(&layered_sample(&dims, 200, 7), 0.2, 3, FAMILY, &mut || true).unwrap();
         assert_eq!(curve.len(), 12);
         assert!(curve[6] < 5.0 && curve[3] > 8.0, "{curve:?}");
         assert_eq!(sel.layers, vec![6, 7, 8], "{}", sel.rule);
-        assert!(sel.rule.contains(&format!("in {STABILITY_SPLITS} of {STABILITY_SPLITS} random splits")), "{}", sel.rule);
+        assert!(
+            sel.rule.contains(&format!(
+                "in {STABILITY_SPLITS} of {STABILITY_SPLITS} random splits"
+            )),
+            "{}",
+            sel.rule
+        );
         // The curve is the plain per-layer estimate.
         let reps = layered_sample(&dims, 200, 7);
-        let plain: Vec<f64> = reps.iter().map(|l| intrinsic_dimension(l).unwrap()).collect();
+        let plain: Vec<f64> = reps
+            .iter()
+            .map(|l| intrinsic_dimension(l).unwrap())
+            .collect();
         assert_eq!(curve, plain);
     }
 
@@ -745,7 +812,10 @@ mod tests {
         let (layers, texts) = (12, 64);
         let pool = subspace_points_with(layers * texts, 10, 48, 11, Spread::Gaussian);
         let reps: Vec<Vec<Vec<f32>>> = pool.chunks(texts).map(<[Vec<f32>]>::to_vec).collect();
-        let curve: Vec<f64> = reps.iter().map(|l| intrinsic_dimension(l).unwrap()).collect();
+        let curve: Vec<f64> = reps
+            .iter()
+            .map(|l| intrinsic_dimension(l).unwrap())
+            .collect();
         let plain = select_window(&curve, 0.2, 3, FAMILY);
         assert!(plain.rule.starts_with("ID minimum"), "{}", plain.rule);
         let (_, sel) = select_layers(&reps, 0.2, 3, FAMILY, &mut || true).unwrap();
@@ -772,7 +842,8 @@ mod tests {
     fn too_few_texts_fall_back_and_say_why() {
         let mut dims = vec![12; 12];
         dims[6] = 3;
-        let (_, sel) = select_layers(&layered_sample(&dims, 20, 7), 0.2, 3, FAMILY, &mut || true).unwrap();
+        let (_, sel) =
+            select_layers(&layered_sample(&dims, 20, 7), 0.2, 3, FAMILY, &mut || true).unwrap();
         assert_eq!(sel.layers, vec![8, 9, 10]);
         assert!(sel.rule.contains("too few"), "{}", sel.rule);
     }
@@ -786,7 +857,10 @@ mod tests {
         let all: Vec<usize> = (0..points.len()).collect();
         for subset in [all, random_subset(120, 60, 9), random_subset(120, 60, 10)] {
             let direct: Vec<Vec<f32>> = subset.iter().map(|&i| points[i].clone()).collect();
-            let (a, b) = (distances.intrinsic_dimension(&subset, 0.9).unwrap(), intrinsic_dimension(&direct).unwrap());
+            let (a, b) = (
+                distances.intrinsic_dimension(&subset, 0.9).unwrap(),
+                intrinsic_dimension(&direct).unwrap(),
+            );
             assert_eq!(a, b);
         }
         assert!(distances.intrinsic_dimension(&[0, 1], 0.9).is_none());
@@ -813,7 +887,10 @@ mod tests {
         assert!(empty.rule.contains("empty"));
 
         // Window longer than the curve: every layer.
-        assert_eq!(select_window(&[3.0, 1.0], 0.2, 5, FAMILY).layers, vec![0, 1]);
+        assert_eq!(
+            select_window(&[3.0, 1.0], 0.2, 5, FAMILY).layers,
+            vec![0, 1]
+        );
         // Window 0 behaves as 1.
         let one = select_window(&curve_with_min(10, 6), 0.2, 0, FAMILY);
         assert_eq!(one.layers, vec![6]);
@@ -821,7 +898,10 @@ mod tests {
         // Single layer curve.
         assert_eq!(select_window(&[4.0], 0.5, 3, FAMILY).layers, vec![0]);
         // Skip everything: the last layer stays eligible.
-        assert_eq!(select_window(&curve_with_min(8, 7), 1.0, 1, FAMILY).layers, vec![7]);
+        assert_eq!(
+            select_window(&curve_with_min(8, 7), 1.0, 1, FAMILY).layers,
+            vec![7]
+        );
     }
 
     #[test]

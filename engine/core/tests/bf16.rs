@@ -8,18 +8,27 @@
 //! the figures.
 
 use candle_core::DType;
-use kvembed_core::proto::{EmbedOptions, Role};
 use kvembed_core::model::loader::WeightFormat;
+use kvembed_core::proto::{EmbedOptions, Role};
 use kvembed_core::{Embedder, LoadSpec};
 use std::path::PathBuf;
 
 /// The acceptance bar of the GPU issue: bf16 embeddings within this cosine of f32.
 const MIN_COSINE: f32 = 0.999;
 
-const METHODS: [&str; 6] = ["kv", "kv-no-reroute", "kv-paper", "mean", "last", "token-prepending"];
+const METHODS: [&str; 6] = [
+    "kv",
+    "kv-no-reroute",
+    "kv-paper",
+    "mean",
+    "last",
+    "token-prepending",
+];
 
 fn golden_dir(arch: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(arch)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(arch)
 }
 
 fn real_model(file: &str) -> String {
@@ -27,7 +36,11 @@ fn real_model(file: &str) -> String {
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models"));
     let p = dir.join(file);
-    assert!(p.is_file(), "{} missing: run scripts/fetch-models.sh smollm2 gemma3", p.display());
+    assert!(
+        p.is_file(),
+        "{} missing: run scripts/fetch-models.sh smollm2 gemma3",
+        p.display()
+    );
     p.to_string_lossy().into_owned()
 }
 
@@ -58,7 +71,10 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
 fn load(model: &str, dtype: DType) -> Embedder {
     // Dense weights in both dtypes: the f32 reference, not the int8
     // products that f32 on a CPU without AMX defaults to.
-    let spec = LoadSpec { weights: Some(WeightFormat::F32), ..LoadSpec::new(model) };
+    let spec = LoadSpec {
+        weights: Some(WeightFormat::F32),
+        ..LoadSpec::new(model)
+    };
     let e = Embedder::load_with_dtype(&spec, Some(dtype)).unwrap();
     assert_eq!(e.decoder.dtype(), dtype);
     e
@@ -69,13 +85,24 @@ fn load(model: &str, dtype: DType) -> Embedder {
 fn compare(model: &str, name: &str, methods: &[&str], queries: &[&str]) -> f32 {
     let f32e = load(model, DType::F32);
     let bf16e = load(model, DType::BF16);
-    assert!(f32e.info().device == "cpu" && bf16e.info().device == "cpu (bf16)", "{}", bf16e.info().device);
+    assert!(
+        f32e.info().device == "cpu" && bf16e.info().device == "cpu (bf16)",
+        "{}",
+        bf16e.info().device
+    );
     let texts = texts();
     let mut worst = 1f32;
     for &method in methods {
-        let roles: &[Role] = if queries.contains(&method) { &[Role::Document, Role::Query] } else { &[Role::Document] };
+        let roles: &[Role] = if queries.contains(&method) {
+            &[Role::Document, Role::Query]
+        } else {
+            &[Role::Document]
+        };
         for &role in roles {
-            let opts = EmbedOptions { method: Some(method.into()), ..Default::default() };
+            let opts = EmbedOptions {
+                method: Some(method.into()),
+                ..Default::default()
+            };
             let a = f32e.embed(&texts, role, &opts).unwrap().vectors;
             let b = bf16e.embed(&texts, role, &opts).unwrap().vectors;
             let cos: Vec<f32> = a.iter().zip(&b).map(|(x, y)| cosine(x, y)).collect();
@@ -83,8 +110,14 @@ fn compare(model: &str, name: &str, methods: &[&str], queries: &[&str]) -> f32 {
             let mean = cos.iter().sum::<f32>() / cos.len() as f32;
             println!("{name:>14} {method:>16} {role:>8?}: cosine bf16 vs f32 min {min:.6} mean {mean:.6}");
             // bf16 really ran: the vectors are close, not identical.
-            assert!(a != b, "{name}/{method}: bf16 gave the f32 vectors bit for bit");
-            assert!(min >= MIN_COSINE, "{name}/{method}/{role:?}: cosine {min} < {MIN_COSINE} ({cos:?})");
+            assert!(
+                a != b,
+                "{name}/{method}: bf16 gave the f32 vectors bit for bit"
+            );
+            assert!(
+                min >= MIN_COSINE,
+                "{name}/{method}/{role:?}: cosine {min} < {MIN_COSINE} ({cos:?})"
+            );
             worst = worst.min(min);
         }
     }
@@ -101,13 +134,23 @@ fn bf16_matches_f32_on_the_tiny_golden_models() {
 
 #[test]
 fn bf16_matches_f32_on_smollm2() {
-    compare(&real_model("SmolLM2-135M-Instruct.Q4_1.gguf"), "smollm2-135m", &METHODS, &["kv", "kv-paper"]);
+    compare(
+        &real_model("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        "smollm2-135m",
+        &METHODS,
+        &["kv", "kv-paper"],
+    );
 }
 
 #[test]
 fn bf16_matches_f32_on_gemma3() {
     // Gemma's scaled embeddings and sandwich norms are the hardest case for bf16.
-    compare(&real_model("gemma-3-270m-q4_k_m.gguf"), "gemma3-270m", &["kv", "kv-paper", "mean"], &["kv"]);
+    compare(
+        &real_model("gemma-3-270m-q4_k_m.gguf"),
+        "gemma3-270m",
+        &["kv", "kv-paper", "mean"],
+        &["kv"],
+    );
 }
 
 #[test]
@@ -117,12 +160,21 @@ fn bf16_batched_and_one_by_one_agree() {
     let e = load(golden_dir("gemma3").to_str().unwrap(), DType::BF16);
     let texts = texts();
     for method in ["kv", "kv-paper", "token-prepending"] {
-        let opts = EmbedOptions { method: Some(method.into()), ..Default::default() };
+        let opts = EmbedOptions {
+            method: Some(method.into()),
+            ..Default::default()
+        };
         let batched = e.embed(&texts, Role::Document, &opts).unwrap().vectors;
         for (i, t) in texts.iter().enumerate() {
-            let single = e.embed(std::slice::from_ref(t), Role::Document, &opts).unwrap().vectors;
+            let single = e
+                .embed(std::slice::from_ref(t), Role::Document, &opts)
+                .unwrap()
+                .vectors;
             let c = cosine(&batched[i], &single[0]);
-            assert!(c >= 0.9999, "{method}: text {i} batched vs single cosine {c}");
+            assert!(
+                c >= 0.9999,
+                "{method}: text {i} batched vs single cosine {c}"
+            );
         }
     }
 }

@@ -7,7 +7,9 @@ use kvembed_core::{Embedder, LoadSpec};
 use std::path::PathBuf;
 
 fn golden_dir(arch: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(arch)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(arch)
 }
 
 fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f64>]) -> f64 {
@@ -34,28 +36,45 @@ fn check_with(arch: &str, kernel: bool) {
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
     // f32 matmuls: the goldens are f32 (AMX's bf16 products are checked
     // against them below, with a tolerance for bf16).
-    let spec = LoadSpec { weights: Some(WeightFormat::F32), ..LoadSpec::new(dir.to_str().unwrap()) };
+    let spec = LoadSpec {
+        weights: Some(WeightFormat::F32),
+        ..LoadSpec::new(dir.to_str().unwrap())
+    };
     let mut e = Embedder::load(&spec).unwrap();
     assert!(!e.decoder.amx);
     e.decoder.cpu_attention_kernel = kernel;
     for case in golden["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
-        let ids: Vec<u32> = case["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let ids: Vec<u32> = case["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         // The tokenizer reproduces the reference ids (BOS included where the model wants it).
         let mut ours = Vec::new();
         if e.tokenizer.add_bos {
             ours.extend(e.tokenizer.bos);
         }
         ours.extend(e.tokenizer.encode(case["text"].as_str().unwrap()).unwrap());
-        assert_eq!(ours, ids, "{arch}/{name}: token ids differ from the reference tokenizer");
+        assert_eq!(
+            ours, ids,
+            "{arch}/{name}: token ids differ from the reference tokenizer"
+        );
 
         let expected: Vec<Vec<f64>> = serde_json::from_value(case["final_hidden"].clone()).unwrap();
-        let layers: Option<Vec<usize>> =
-            case.get("reroute_layers").map(|v| serde_json::from_value(v.clone()).unwrap());
+        let layers: Option<Vec<usize>> = case
+            .get("reroute_layers")
+            .map(|v| serde_json::from_value(v.clone()).unwrap());
         let bias = case.get("bias").and_then(|b| b.as_f64()).unwrap_or(0.0) as f32;
-        let got = e.forward_hidden(&ids, layers.as_deref().map(|l| (l, bias))).unwrap();
+        let got = e
+            .forward_hidden(&ids, layers.as_deref().map(|l| (l, bias)))
+            .unwrap();
         let d = max_abs_diff(&got, &expected);
-        assert!(d < 1e-4, "{arch}/{name} (kernel {kernel}): max |diff| {d:e} against transformers");
+        assert!(
+            d < 1e-4,
+            "{arch}/{name} (kernel {kernel}): max |diff| {d:e} against transformers"
+        );
     }
     // Re-routing must change something, or the reroute goldens prove nothing.
     let plain = &golden["cases"][0];
@@ -63,8 +82,16 @@ fn check_with(arch: &str, kernel: bool) {
     let a: Vec<Vec<f64>> = serde_json::from_value(plain["final_hidden"].clone()).unwrap();
     let b: Vec<Vec<f64>> = serde_json::from_value(rr["final_hidden"].clone()).unwrap();
     if plain["input_ids"] == rr["input_ids"] {
-        let diff: f64 = a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
-        assert!(diff > 1e-3, "{arch}: re-routing golden equals the plain one");
+        let diff: f64 = a
+            .iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            diff > 1e-3,
+            "{arch}: re-routing golden equals the plain one"
+        );
     }
 }
 
@@ -72,23 +99,48 @@ fn check_with(arch: &str, kernel: bool) {
 /// family, between the final states with the weights held as `format` and
 /// transformers' f32 states; checks on the way that each family loaded as
 /// `loaded` says and that the result is not bit-identical to f32.
-fn min_cosine_against_transformers(format: WeightFormat, loaded: impl Fn(&Embedder) -> bool) -> f64 {
+fn min_cosine_against_transformers(
+    format: WeightFormat,
+    loaded: impl Fn(&Embedder) -> bool,
+) -> f64 {
     let mut min_cos = f64::INFINITY;
-    for arch in ["llama", "llama-sharded", "mistral", "qwen2", "qwen3", "gemma3"] {
+    for arch in [
+        "llama",
+        "llama-sharded",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma3",
+    ] {
         let dir = golden_dir(arch);
         let golden: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-        let spec = LoadSpec { weights: Some(format), ..LoadSpec::new(dir.to_str().unwrap()) };
+            serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
+                .unwrap();
+        let spec = LoadSpec {
+            weights: Some(format),
+            ..LoadSpec::new(dir.to_str().unwrap())
+        };
         let e = Embedder::load(&spec).unwrap();
-        assert!(loaded(&e), "{arch}: the decoder did not load the weights as {format:?}");
+        assert!(
+            loaded(&e),
+            "{arch}: the decoder did not load the weights as {format:?}"
+        );
         for case in golden["cases"].as_array().unwrap() {
-            let ids: Vec<u32> =
-                case["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-            let expected: Vec<Vec<f64>> = serde_json::from_value(case["final_hidden"].clone()).unwrap();
-            let layers: Option<Vec<usize>> =
-                case.get("reroute_layers").map(|v| serde_json::from_value(v.clone()).unwrap());
+            let ids: Vec<u32> = case["input_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            let expected: Vec<Vec<f64>> =
+                serde_json::from_value(case["final_hidden"].clone()).unwrap();
+            let layers: Option<Vec<usize>> = case
+                .get("reroute_layers")
+                .map(|v| serde_json::from_value(v.clone()).unwrap());
             let bias = case.get("bias").and_then(|b| b.as_f64()).unwrap_or(0.0) as f32;
-            let got = e.forward_hidden(&ids, layers.as_deref().map(|l| (l, bias))).unwrap();
+            let got = e
+                .forward_hidden(&ids, layers.as_deref().map(|l| (l, bias)))
+                .unwrap();
             assert_eq!(got.len(), expected.len());
             for (i, (g, x)) in got.iter().zip(&expected).enumerate() {
                 let dot: f64 = g.iter().zip(x).map(|(a, b)| *a as f64 * b).sum();
@@ -99,7 +151,10 @@ fn min_cosine_against_transformers(format: WeightFormat, loaded: impl Fn(&Embedd
                 min_cos = min_cos.min(cos);
             }
             // The other format really ran: not bit-identical to f32.
-            assert!(max_abs_diff(&got, &expected) > 1e-7, "{arch}: {format:?} result equals f32 exactly");
+            assert!(
+                max_abs_diff(&got, &expected) > 1e-7,
+                "{arch}: {format:?} result equals f32 exactly"
+            );
         }
     }
     min_cos
@@ -115,7 +170,10 @@ fn amx_bf16_matmuls_stay_close_to_transformers() {
         return;
     }
     let min_cos = min_cosine_against_transformers(WeightFormat::Amx, |e| e.decoder.amx);
-    assert!(min_cos >= 0.999, "AMX: smallest cosine {min_cos} against transformers");
+    assert!(
+        min_cos >= 0.999,
+        "AMX: smallest cosine {min_cos} against transformers"
+    );
 }
 
 /// With the int8 products (the default without AMX; the AVX2 kernel under
@@ -126,9 +184,13 @@ fn amx_bf16_matmuls_stay_close_to_transformers() {
 #[test]
 fn int8_matmuls_stay_close_to_transformers() {
     let kernel = kvembed_core::model::int8::Kernel::detect();
-    let min_cos = min_cosine_against_transformers(WeightFormat::Int8, |e| e.decoder.int8 == Some(kernel));
+    let min_cos =
+        min_cosine_against_transformers(WeightFormat::Int8, |e| e.decoder.int8 == Some(kernel));
     eprintln!("{kernel:?}: smallest cosine {min_cos:.6}");
-    assert!(min_cos >= 0.995, "{kernel:?}: smallest cosine {min_cos} against transformers");
+    assert!(
+        min_cos >= 0.995,
+        "{kernel:?}: smallest cosine {min_cos} against transformers"
+    );
 }
 
 #[test]
@@ -166,21 +228,52 @@ fn batched_and_one_by_one_embeddings_agree() {
     // Different lengths in one batch: each sequence re-routes its own last
     // real token and padding never leaks. Gemma adds BOS, Qwen2 does not
     // (Token Prepending's placeholder then follows the prompt's first token).
-    let texts: Vec<String> = ["a", "The cat sat on the mat.", "We read the text and the query, twice over and again.", ""]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let texts: Vec<String> = [
+        "a",
+        "The cat sat on the mat.",
+        "We read the text and the query, twice over and again.",
+        "",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     for arch in ["gemma3", "qwen2"] {
         let dir = golden_dir(arch);
         let e = Embedder::load(&LoadSpec::new(dir.to_str().unwrap())).unwrap();
-        for method in ["kv", "kv-paper", "mean", "echo", "token-prepending", "kv-tp"] {
-            let opts = kvembed_core::proto::EmbedOptions { method: Some(method.into()), ..Default::default() };
-            let batched = e.embed(&texts, kvembed_core::proto::Role::Document, &opts).unwrap().vectors;
+        for method in [
+            "kv",
+            "kv-paper",
+            "mean",
+            "echo",
+            "token-prepending",
+            "kv-tp",
+        ] {
+            let opts = kvembed_core::proto::EmbedOptions {
+                method: Some(method.into()),
+                ..Default::default()
+            };
+            let batched = e
+                .embed(&texts, kvembed_core::proto::Role::Document, &opts)
+                .unwrap()
+                .vectors;
             for (i, t) in texts.iter().enumerate() {
-                let single =
-                    e.embed(std::slice::from_ref(t), kvembed_core::proto::Role::Document, &opts).unwrap().vectors;
-                let d = batched[i].iter().zip(&single[0]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                assert!(d < 1e-5, "{arch} {method}: text {i} differs by {d} between batched and single");
+                let single = e
+                    .embed(
+                        std::slice::from_ref(t),
+                        kvembed_core::proto::Role::Document,
+                        &opts,
+                    )
+                    .unwrap()
+                    .vectors;
+                let d = batched[i]
+                    .iter()
+                    .zip(&single[0])
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    d < 1e-5,
+                    "{arch} {method}: text {i} differs by {d} between batched and single"
+                );
             }
         }
     }
@@ -190,23 +283,43 @@ fn batched_and_one_by_one_embeddings_agree() {
 fn kv_tp_applies_both_re_routing_and_token_prepending() {
     let dir = golden_dir("llama");
     let e = Embedder::load(&LoadSpec::new(dir.to_str().unwrap())).unwrap();
-    let texts = vec!["The cat sat on the mat.".to_string(), "Stocks fell sharply on Monday.".to_string()];
+    let texts = vec![
+        "The cat sat on the mat.".to_string(),
+        "Stocks fell sharply on Monday.".to_string(),
+    ];
     let embed = |method: &str| {
-        let opts = kvembed_core::proto::EmbedOptions { method: Some(method.into()), ..Default::default() };
-        e.embed(&texts, kvembed_core::proto::Role::Document, &opts).unwrap().vectors
+        let opts = kvembed_core::proto::EmbedOptions {
+            method: Some(method.into()),
+            ..Default::default()
+        };
+        e.embed(&texts, kvembed_core::proto::Role::Document, &opts)
+            .unwrap()
+            .vectors
     };
     let max_diff = |a: &[Vec<f32>], b: &[Vec<f32>]| {
-        a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+        a.iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
     };
     let (kv, tp, both) = (embed("kv"), embed("token-prepending"), embed("kv-tp"));
     // Without the placeholder kv-tp would equal kv; without re-routing, token-prepending.
-    assert!(max_diff(&both, &kv) > 1e-3, "kv-tp equals kv: no Token Prepending");
-    assert!(max_diff(&both, &tp) > 1e-3, "kv-tp equals token-prepending: no re-routing");
+    assert!(
+        max_diff(&both, &kv) > 1e-3,
+        "kv-tp equals kv: no Token Prepending"
+    );
+    assert!(
+        max_diff(&both, &tp) > 1e-3,
+        "kv-tp equals token-prepending: no re-routing"
+    );
 }
 
 #[test]
 fn errors_are_specific() {
-    let err = Embedder::load(&LoadSpec::new("/no/such/model.gguf")).map(|_| ()).unwrap_err();
+    let err = Embedder::load(&LoadSpec::new("/no/such/model.gguf"))
+        .map(|_| ())
+        .unwrap_err();
     assert!(err.to_string().contains("/no/such/model.gguf"), "{err}");
 
     // An unsupported architecture names itself.
@@ -220,15 +333,30 @@ fn errors_are_specific() {
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     cfg["model_type"] = "falcon".into();
     std::fs::write(tmp.join("config.json"), cfg.to_string()).unwrap();
-    let err = Embedder::load(&LoadSpec::new(tmp.to_str().unwrap())).map(|_| ()).unwrap_err();
-    assert!(err.to_string().contains("unsupported architecture 'falcon'"), "{err}");
+    let err = Embedder::load(&LoadSpec::new(tmp.to_str().unwrap()))
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("unsupported architecture 'falcon'"),
+        "{err}"
+    );
 
     // A tokenizer larger than the embedding table does not match the weights.
     cfg["model_type"] = "llama".into();
     cfg["vocab_size"] = 100.into();
     std::fs::write(tmp.join("config.json"), cfg.to_string()).unwrap();
-    let err = Embedder::load(&LoadSpec::new(tmp.to_str().unwrap())).map(|_| ()).unwrap_err();
-    assert!(matches!(err, kvembed_core::EngineError::TokenizerMismatch(_) | kvembed_core::EngineError::Corrupt { .. }), "{err}");
+    let err = Embedder::load(&LoadSpec::new(tmp.to_str().unwrap()))
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            kvembed_core::EngineError::TokenizerMismatch(_)
+                | kvembed_core::EngineError::Corrupt { .. }
+        ),
+        "{err}"
+    );
     std::fs::remove_dir_all(&tmp).ok();
 }
 
@@ -247,9 +375,14 @@ fn hf_repo_id_resolves_through_the_local_cache_only() {
     let from_cache = Embedder::load(&LoadSpec::new("tiny/llama")).unwrap();
     let from_dir = Embedder::load(&LoadSpec::new(golden_dir("llama").to_str().unwrap())).unwrap();
     let ids = [5u32, 17, 42, 99];
-    assert_eq!(from_cache.forward_hidden(&ids, None).unwrap(), from_dir.forward_hidden(&ids, None).unwrap());
+    assert_eq!(
+        from_cache.forward_hidden(&ids, None).unwrap(),
+        from_dir.forward_hidden(&ids, None).unwrap()
+    );
     // A repo that is not there is reported, never downloaded.
-    let err = Embedder::load(&LoadSpec::new("tiny/absent")).map(|_| ()).unwrap_err();
+    let err = Embedder::load(&LoadSpec::new("tiny/absent"))
+        .map(|_| ())
+        .unwrap_err();
     assert!(err.to_string().contains("not in the local cache"), "{err}");
     std::fs::remove_dir_all(&cache).ok();
 }

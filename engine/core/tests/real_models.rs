@@ -12,7 +12,11 @@ fn model(file: &str) -> String {
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models"));
     let p = dir.join(file);
-    assert!(p.is_file(), "{} missing: run scripts/fetch-models.sh smollm2 qwen05 gemma3", p.display());
+    assert!(
+        p.is_file(),
+        "{} missing: run scripts/fetch-models.sh smollm2 qwen05 gemma3",
+        p.display()
+    );
     p.to_string_lossy().into_owned()
 }
 
@@ -30,9 +34,16 @@ fn check_model(file: &str, expect: &str, arch: &str) {
     // "the capital of the country of France" became "the capital of the
     // world" with int8 products), so it checks the architecture, not the
     // precision (which docs/QUALITY.md measures on STS).
-    let f32 = Embedder::load(&LoadSpec { weights: Some(WeightFormat::F32), ..LoadSpec::new(model(file)) }).unwrap();
+    let f32 = Embedder::load(&LoadSpec {
+        weights: Some(WeightFormat::F32),
+        ..LoadSpec::new(model(file))
+    })
+    .unwrap();
     let cont = f32.generate("The capital of France is", 10).unwrap();
-    assert!(cont.contains(expect), "{file}: continuation {cont:?} lacks {expect:?}");
+    assert!(
+        cont.contains(expect),
+        "{file}: continuation {cont:?} lacks {expect:?}"
+    );
     drop(f32);
     // Embeddings with the default products of this CPU.
     let e = Embedder::load(&LoadSpec::new(model(file))).unwrap();
@@ -47,7 +58,10 @@ fn check_model(file: &str, expect: &str, arch: &str) {
     .map(|s| s.to_string())
     .collect();
     for method in ["kv", "kv-paper", "prompteol", "echo", "mean"] {
-        let opts = EmbedOptions { method: Some(method.into()), ..Default::default() };
+        let opts = EmbedOptions {
+            method: Some(method.into()),
+            ..Default::default()
+        };
         let v = e.embed(&texts, Role::Document, &opts).unwrap().vectors;
         assert_eq!(v[0].len(), e.info().dim);
         for x in &v {
@@ -55,7 +69,10 @@ fn check_model(file: &str, expect: &str, arch: &str) {
             assert!((n - 1.0).abs() < 1e-4, "{method}: not L2-normalised ({n})");
         }
         let (para, other) = (dot(&v[0], &v[1]), dot(&v[0], &v[2]));
-        assert!(para > other, "{file}/{method}: paraphrase {para} not above unrelated {other}");
+        assert!(
+            para > other,
+            "{file}/{method}: paraphrase {para} not above unrelated {other}"
+        );
     }
 }
 
@@ -76,7 +93,12 @@ fn gemma3_gguf() {
     check_model(GEMMA3, "France", "gemma3");
     let e = Embedder::load(&LoadSpec::new(model(GEMMA3))).unwrap();
     assert!(e.tokenizer.add_bos, "gemma needs BOS");
-    assert_eq!(e.tokenizer.decode(&e.tokenizer.encode("Hello world, café!").unwrap()).unwrap(), "Hello world, café!");
+    assert_eq!(
+        e.tokenizer
+            .decode(&e.tokenizer.encode("Hello world, café!").unwrap())
+            .unwrap(),
+        "Hello world, café!"
+    );
 }
 
 #[test]
@@ -86,32 +108,62 @@ fn long_inputs_truncate_or_fail_as_asked() {
     let n = e.count_tokens(&long);
     assert!(n > 4096, "{n}");
     // Truncation is reported, with the counts.
-    let opts = EmbedOptions { max_tokens: Some(4096), truncate: Some(true), ..Default::default() };
+    let opts = EmbedOptions {
+        max_tokens: Some(4096),
+        truncate: Some(true),
+        ..Default::default()
+    };
     let out = e.embed(&[long.clone()], Role::Document, &opts).unwrap();
     assert_eq!(out.truncated.len(), 1);
     assert_eq!(out.truncated[0].kept, 4096);
     assert_eq!(out.truncated[0].tokens, n);
     assert!(out.vectors[0].iter().all(|x| x.is_finite()));
     // Or refused.
-    let strict = EmbedOptions { max_tokens: Some(100), truncate: Some(false), ..Default::default() };
+    let strict = EmbedOptions {
+        max_tokens: Some(100),
+        truncate: Some(false),
+        ..Default::default()
+    };
     let err = e.embed(&[long], Role::Document, &strict).unwrap_err();
-    assert!(err.to_string().contains("more than max_tokens = 100"), "{err}");
+    assert!(
+        err.to_string().contains("more than max_tokens = 100"),
+        "{err}"
+    );
 }
 
 #[test]
 fn query_and_document_prompts_differ() {
     let e = Embedder::load(&LoadSpec::new(model(SMOLLM2))).unwrap();
     let t = vec!["vector search in databases".to_string()];
-    let d = e.embed(&t, Role::Document, &EmbedOptions::default()).unwrap().vectors;
-    let q = e.embed(&t, Role::Query, &EmbedOptions::default()).unwrap().vectors;
+    let d = e
+        .embed(&t, Role::Document, &EmbedOptions::default())
+        .unwrap()
+        .vectors;
+    let q = e
+        .embed(&t, Role::Query, &EmbedOptions::default())
+        .unwrap()
+        .vectors;
     assert!(dot(&d[0], &q[0]) < 0.99999);
     // A configured query prompt is the one used for queries.
-    let custom = EmbedOptions { query_prompt: Some("Search query: {text}".into()), ..Default::default() };
+    let custom = EmbedOptions {
+        query_prompt: Some("Search query: {text}".into()),
+        ..Default::default()
+    };
     let q2 = e.embed(&t, Role::Query, &custom).unwrap().vectors;
     assert!(dot(&q[0], &q2[0]) < 0.99999);
     let d2 = e.embed(&t, Role::Document, &custom).unwrap().vectors;
-    assert!((dot(&d[0], &d2[0]) - 1.0).abs() < 1e-5, "the query prompt must not touch documents");
+    assert!(
+        (dot(&d[0], &d2[0]) - 1.0).abs() < 1e-5,
+        "the query prompt must not touch documents"
+    );
     // Empty and whitespace texts still get finite vectors.
-    let v = e.embed(&["".into(), "   ".into()], Role::Document, &EmbedOptions::default()).unwrap().vectors;
+    let v = e
+        .embed(
+            &["".into(), "   ".into()],
+            Role::Document,
+            &EmbedOptions::default(),
+        )
+        .unwrap()
+        .vectors;
     assert!(v.iter().flatten().all(|x| x.is_finite()));
 }

@@ -10,7 +10,12 @@
 
 fn main() {
     let threads = rayon::current_num_threads();
-    for (m, n, k) in [(2048, 1536, 576), (2048, 576, 1536), (2048, 576, 576), (8192, 1536, 576)] {
+    for (m, n, k) in [
+        (2048, 1536, 576),
+        (2048, 576, 1536),
+        (2048, 576, 576),
+        (8192, 1536, 576),
+    ] {
         match kvembed_model::amx::throughput(m, n, k, 5) {
             Some([full, alone, no_output]) => println!(
                 "m {m} n {n} k {k}: matmul {full:.0} GFLOP/s on {threads} threads; kernel alone on one thread \

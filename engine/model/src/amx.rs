@@ -145,7 +145,15 @@ impl PackedBf16 {
             // n_pad x k_pad values, so every tile load stays in bounds.
             unsafe {
                 let c = out.get().add(rows.start * self.n_pad + cols.start);
-                self.block(&a.data, self.k_pad, self.k_pad / BLOCK, rows, cols, c, self.n_pad)
+                self.block(
+                    &a.data,
+                    self.k_pad,
+                    self.k_pad / BLOCK,
+                    rows,
+                    cols,
+                    c,
+                    self.n_pad,
+                )
             };
         });
         // SAFETY: the tasks above stored every row (m_pad) and column
@@ -188,9 +196,15 @@ impl PackedBf16 {
     ) {
         // Real checks, in release builds too: the tile loads below read raw
         // memory. (A few comparisons per block of 32 x 32 x k products.)
-        assert!(kb * BLOCK <= self.k_pad && kb * BLOCK <= a_kpad && cols.end <= self.n_pad, "block outside the operands");
+        assert!(
+            kb * BLOCK <= self.k_pad && kb * BLOCK <= a_kpad && cols.end <= self.n_pad,
+            "block outside the operands"
+        );
         assert!(a.len() >= rows.end * a_kpad, "activation rows outside `a`");
-        assert!(rows.start % BLOCK == 0 && rows.len() % ROW_TILE == 0 && cols.start % BLOCK == 0, "unaligned block");
+        assert!(
+            rows.start % BLOCK == 0 && rows.len() % ROW_TILE == 0 && cols.start % BLOCK == 0,
+            "unaligned block"
+        );
         #[cfg(target_arch = "x86_64")]
         {
             let cfg = TileConfig::all_16x64();
@@ -228,7 +242,9 @@ pub fn throughput(m: usize, n: usize, k: usize, reps: usize) -> Option<[f64; 3]>
         return None;
     }
     let fill = |len: usize, seed: u32| -> Vec<f32> {
-        (0..len).map(|i| ((i as u32).wrapping_mul(2654435761) ^ seed) as f32 / u32::MAX as f32 - 0.5).collect()
+        (0..len)
+            .map(|i| ((i as u32).wrapping_mul(2654435761) ^ seed) as f32 / u32::MAX as f32 - 0.5)
+            .collect()
     };
     let (x, w) = (fill(m * k, 1), fill(n * k, 2));
     let packed = PackedBf16::pack(&w, n, k);
@@ -254,13 +270,31 @@ pub fn throughput(m: usize, n: usize, k: usize, reps: usize) -> Option<[f64; 3]>
             for ct in (0..packed.n_pad).step_by(COLS_PER_TASK) {
                 let cols = ct..(ct + COLS_PER_TASK).min(packed.n_pad);
                 let (a, rows, out) = if to_small {
-                    (&a[rt * packed.k_pad..], 0..rows.len(), small[ct..].as_mut_ptr())
+                    (
+                        &a[rt * packed.k_pad..],
+                        0..rows.len(),
+                        small[ct..].as_mut_ptr(),
+                    )
                 } else {
-                    (&a[..], rows.clone(), c[rt * packed.n_pad + ct..].as_mut_ptr())
+                    (
+                        &a[..],
+                        rows.clone(),
+                        c[rt * packed.n_pad + ct..].as_mut_ptr(),
+                    )
                 };
                 // SAFETY: AMX is available; `a` holds the rows' tiles and
                 // `c` (`small`) m_pad (ROWS_PER_TASK) rows of n_pad values.
-                unsafe { packed.block(a, packed.k_pad, packed.k_pad / BLOCK, rows, cols, out, packed.n_pad) };
+                unsafe {
+                    packed.block(
+                        a,
+                        packed.k_pad,
+                        packed.k_pad / BLOCK,
+                        rows,
+                        cols,
+                        out,
+                        packed.n_pad,
+                    )
+                };
             }
         }
     };
@@ -346,7 +380,6 @@ impl<T: Copy> std::ops::DerefMut for Aligned<T> {
         unsafe { std::slice::from_raw_parts_mut(self.buf.as_mut_ptr() as *mut T, self.len) }
     }
 }
-
 
 /// The 64-byte operand of `LDTILECFG` (palette 1).
 #[repr(C, align(64))]
@@ -534,7 +567,17 @@ impl SiluGatedBf16 {
                 // SAFETY: AMX is available (asserted above); `c` holds the
                 // task's rows x COLS_PER_TASK values; `a` holds m_pad x k_pad
                 // and the packed weight n_pad x k_pad values.
-                unsafe { w.block(&a.data, w.k_pad, w.k_pad / BLOCK, rows.clone(), cols, c.as_mut_ptr(), COLS_PER_TASK) };
+                unsafe {
+                    w.block(
+                        &a.data,
+                        w.k_pad,
+                        w.k_pad / BLOCK,
+                        rows.clone(),
+                        cols,
+                        c.as_mut_ptr(),
+                        COLS_PER_TASK,
+                    )
+                };
                 let kb = self.n / BLOCK;
                 for (i, r) in rows.enumerate() {
                     let (g, u) = c[i * COLS_PER_TASK..(i + 1) * COLS_PER_TASK].split_at(GATE_GROUP);
@@ -546,12 +589,21 @@ impl SiluGatedBf16 {
                     // are whole row groups (ROWS_PER_TASK is a multiple of 16)
                     // and its column blocks are its own, so no other task
                     // writes this range while the slice lives.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(act_ptr.get().add(first), GATE_GROUP / BLOCK * 512) };
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            act_ptr.get().add(first),
+                            GATE_GROUP / BLOCK * 512,
+                        )
+                    };
                     row_to_tiles(dst, GATE_GROUP, r % ROW_TILE, row, 1.0);
                 }
             });
         });
-        Tiles { data: act, m: a.m, k: self.n }
+        Tiles {
+            data: act,
+            m: a.m,
+            k: self.n,
+        }
     }
 }
 
@@ -592,13 +644,19 @@ fn to_bf16_tiles(x: &[f32], m: usize, k: usize, m_pad: usize, k_pad: usize) -> A
     // cost about 4 % of a 16 x 512 pass in `memset`).
     let mut a = Aligned::<u16>::for_overwrite(m_pad * k_pad);
     // One tile row (16 rows of x) per task; rows past m are zeros.
-    a.par_chunks_mut(16 * k_pad).enumerate().for_each(|(mb, dst)| {
-        for r in 0..16 {
-            let i = mb * 16 + r;
-            let src = if i < m { &x[i * k..(i + 1) * k] } else { &[][..] };
-            row_to_tiles(dst, k_pad, r, src, 1.0);
-        }
-    });
+    a.par_chunks_mut(16 * k_pad)
+        .enumerate()
+        .for_each(|(mb, dst)| {
+            for r in 0..16 {
+                let i = mb * 16 + r;
+                let src = if i < m {
+                    &x[i * k..(i + 1) * k]
+                } else {
+                    &[][..]
+                };
+                row_to_tiles(dst, k_pad, r, src, 1.0);
+            }
+        });
     a
 }
 
@@ -618,7 +676,10 @@ fn row_to_tiles_scalar(dst: &mut [u16], k_pad: usize, r: usize, src: &[f32], sca
     let kb = k_pad / BLOCK;
     let base = (r / 16) * kb * 512 + (r % 16) * 32;
     for blk in 0..kb {
-        for (j, d) in dst[base + blk * 512..base + blk * 512 + 32].iter_mut().enumerate() {
+        for (j, d) in dst[base + blk * 512..base + blk * 512 + 32]
+            .iter_mut()
+            .enumerate()
+        {
             *d = src.get(blk * BLOCK + j).map_or(0, |&x| to_bf16(x * scale));
         }
     }
@@ -632,7 +693,10 @@ unsafe fn row_to_tiles_avx512(dst: &mut [u16], k_pad: usize, r: usize, src: &[f3
     use std::arch::x86_64::*;
     let kb = k_pad / BLOCK;
     let base = (r / 16) * kb * 512 + (r % 16) * 32;
-    assert!(kb == 0 || dst.len() >= base + (kb - 1) * 512 + 32, "row {r} lies outside the tiles");
+    assert!(
+        kb == 0 || dst.len() >= base + (kb - 1) * 512 + 32,
+        "row {r} lies outside the tiles"
+    );
     let sc = _mm512_set1_ps(scale);
     let n = src.len();
     let load = |i: usize| -> __m512 {
@@ -661,13 +725,22 @@ unsafe fn row_to_tiles_avx512(dst: &mut [u16], k_pad: usize, r: usize, src: &[f3
 /// values (before rounding to bf16). The probabilities stay unnormalised:
 /// the caller scales the product's output row by `1 / sum` instead, so the
 /// exponentials are never stored in f32 and read back.
-pub(crate) fn exp_row_to_tiles(dst: &mut [u16], k_pad: usize, r: usize, src: &[f32], max: f32) -> f32 {
+pub(crate) fn exp_row_to_tiles(
+    dst: &mut [u16],
+    k_pad: usize,
+    r: usize,
+    src: &[f32],
+    max: f32,
+) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::avx512bf16() {
         // SAFETY: the feature was detected (crate::cpu).
         return unsafe { exp_row_to_tiles_avx512(dst, k_pad, r, src, max) };
     }
-    let e: Vec<f32> = src.iter().map(|&x| crate::fastmath::exp_nonpositive(x - max)).collect();
+    let e: Vec<f32> = src
+        .iter()
+        .map(|&x| crate::fastmath::exp_nonpositive(x - max))
+        .collect();
     row_to_tiles_scalar(dst, k_pad, r, &e, 1.0);
     e.iter().sum()
 }
@@ -676,12 +749,21 @@ pub(crate) fn exp_row_to_tiles(dst: &mut [u16], k_pad: usize, r: usize, src: &[f
 /// the tail read as `-inf` (whose exponential is 0).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn exp_row_to_tiles_avx512(dst: &mut [u16], k_pad: usize, r: usize, src: &[f32], max: f32) -> f32 {
+unsafe fn exp_row_to_tiles_avx512(
+    dst: &mut [u16],
+    k_pad: usize,
+    r: usize,
+    src: &[f32],
+    max: f32,
+) -> f32 {
     use crate::fastmath::exp_nonpositive_avx512 as exp;
     use std::arch::x86_64::*;
     let kb = k_pad / BLOCK;
     let base = (r / 16) * kb * 512 + (r % 16) * 32;
-    assert!(kb == 0 || dst.len() >= base + (kb - 1) * 512 + 32, "row {r} lies outside the tiles");
+    assert!(
+        kb == 0 || dst.len() >= base + (kb - 1) * 512 + 32,
+        "row {r} lies outside the tiles"
+    );
     let n = src.len();
     assert!(n <= k_pad, "row {r} is longer than the tiles");
     let (neg_inf, max) = (_mm512_set1_ps(f32::NEG_INFINITY), _mm512_set1_ps(max));
@@ -779,11 +861,13 @@ mod tests {
                 row_to_tiles(&mut fast, k_pad, r, &src, 0.37);
                 row_to_tiles_scalar(&mut slow, k_pad, r, &src, 0.37);
                 for (j, x) in src.iter().enumerate() {
-                    let at = (r / 16) * (k_pad / 32) * 512 + (j / 32) * 512 + (r % 16) * 32 + j % 32;
+                    let at =
+                        (r / 16) * (k_pad / 32) * 512 + (j / 32) * 512 + (r % 16) * 32 + j % 32;
                     assert_eq!(slow[at], to_bf16(x * 0.37), "len {len} row {r} col {j}");
                 }
                 for j in len..k_pad {
-                    let at = (r / 16) * (k_pad / 32) * 512 + (j / 32) * 512 + (r % 16) * 32 + j % 32;
+                    let at =
+                        (r / 16) * (k_pad / 32) * 512 + (j / 32) * 512 + (r % 16) * 32 + j % 32;
                     assert_eq!(slow[at], 0, "padding of row {r}");
                 }
             }
@@ -797,18 +881,28 @@ mod tests {
         for len in [0, 5, 32, 45, 96] {
             let mut tiles = vec![7u16; rows * k_pad];
             for r in [0, 3, 17] {
-                let src: Vec<f32> = pseudo(len, (r + len) as u32).iter().map(|x| x * 8.0).collect();
+                let src: Vec<f32> = pseudo(len, (r + len) as u32)
+                    .iter()
+                    .map(|x| x * 8.0)
+                    .collect();
                 let max = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let sum = exp_row_to_tiles(&mut tiles, k_pad, r, &src, max);
                 let mut want_sum = 0f64;
                 for j in 0..k_pad {
-                    let at = (r / 16) * (k_pad / 32) * 512 + (j / 32) * 512 + (r % 16) * 32 + j % 32;
+                    let at =
+                        (r / 16) * (k_pad / 32) * 512 + (j / 32) * 512 + (r % 16) * 32 + j % 32;
                     let want = src.get(j).map_or(0.0, |&x| ((x - max) as f64).exp());
                     want_sum += want;
                     // Within bf16's rounding (8 significant bits).
-                    assert!((from_bf16(tiles[at]) as f64 - want).abs() <= want / 256.0, "len {len} row {r} col {j}");
+                    assert!(
+                        (from_bf16(tiles[at]) as f64 - want).abs() <= want / 256.0,
+                        "len {len} row {r} col {j}"
+                    );
                 }
-                assert!((sum as f64 - want_sum).abs() <= 1e-5 * want_sum, "len {len}: {sum} vs {want_sum}");
+                assert!(
+                    (sum as f64 - want_sum).abs() <= 1e-5 * want_sum,
+                    "len {len}: {sum} vs {want_sum}"
+                );
             }
         }
     }
@@ -821,22 +915,42 @@ mod tests {
     #[test]
     #[ignore = "needs AMX-BF16: scripts/test.sh runs it with --ignored where the CPU has it"]
     fn packed_gate_and_up_give_the_unfused_mlp_bit_for_bit() {
-        assert!(available(), "AMX-BF16 is not available on this CPU (KVEMBED_CPU={:?})", std::env::var("KVEMBED_CPU").ok());
-        assert!(SiluGatedBf16::pack(&pseudo(96 * 8, 1), &pseudo(96 * 8, 2), 96, 8).is_none(), "96 columns: no fused path");
+        assert!(
+            available(),
+            "AMX-BF16 is not available on this CPU (KVEMBED_CPU={:?})",
+            std::env::var("KVEMBED_CPU").ok()
+        );
+        assert!(
+            SiluGatedBf16::pack(&pseudo(96 * 8, 1), &pseudo(96 * 8, 2), 96, 8).is_none(),
+            "96 columns: no fused path"
+        );
         // Rows: one tile row, padding, and more than one task of rows;
         // columns: one task and three.
         for &(m, n, k, d) in &[(1, 128, 40, 24), (42, 384, 64, 70), (300, 256, 96, 32)] {
-            let (x, gate, up, down) = (pseudo(m * k, 3), pseudo(n * k, 4), pseudo(n * k, 5), pseudo(d * n, 6));
+            let (x, gate, up, down) = (
+                pseudo(m * k, 3),
+                pseudo(n * k, 4),
+                pseudo(n * k, 5),
+                pseudo(d * n, 6),
+            );
             let fused = SiluGatedBf16::pack(&gate, &up, n, k).expect("n is a multiple of 128");
             assert_eq!(fused.n(), n);
             let down = PackedBf16::pack(&down, d, n);
             let got = down.matmul_tiles(&fused.activation(&Tiles::new(&x, m, k)));
-            let (g, u) = (PackedBf16::pack(&gate, n, k).matmul(&x, m), PackedBf16::pack(&up, n, k).matmul(&x, m));
+            let (g, u) = (
+                PackedBf16::pack(&gate, n, k).matmul(&x, m),
+                PackedBf16::pack(&up, n, k).matmul(&x, m),
+            );
             let mut act = vec![0f32; m * n];
             crate::fastmath::silu_mul(&g, &u, &mut act);
             let want = down.matmul(&act, m);
             assert_eq!(got.len(), m * d);
-            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "m{m} n{n} k{k} d{d}");
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "m{m} n{n} k{k} d{d}"
+            );
             assert!(got.iter().any(|&v| v != 0.0));
         }
     }
@@ -844,7 +958,11 @@ mod tests {
     #[test]
     #[ignore = "needs AMX-BF16: scripts/test.sh runs it with --ignored where the CPU has it"]
     fn tile_matmul_matches_the_rounded_reference() {
-        assert!(available(), "AMX-BF16 is not available on this CPU (KVEMBED_CPU={:?})", std::env::var("KVEMBED_CPU").ok());
+        assert!(
+            available(),
+            "AMX-BF16 is not available on this CPU (KVEMBED_CPU={:?})",
+            std::env::var("KVEMBED_CPU").ok()
+        );
         // Shapes with padding in every dimension, one that needs none, and
         // one with more rows and columns than a task holds.
         for &(m, n, k) in &[

@@ -25,7 +25,10 @@ impl Family {
                 Family::Gemma3
             }
             other => {
-                return Err(EngineError::UnsupportedArch { arch: other.to_string(), path: path.to_path_buf() })
+                return Err(EngineError::UnsupportedArch {
+                    arch: other.to_string(),
+                    path: path.to_path_buf(),
+                })
             }
         })
     }
@@ -52,9 +55,16 @@ pub enum Activation {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (Gemma 3 global layers of the larger models).
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
     /// Llama 3.1 style wavelength-dependent scaling.
-    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position: f32 },
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position: f32,
+    },
 }
 
 /// Everything the shared decoder needs to know about one model.
@@ -146,10 +156,18 @@ impl ArchConfig {
         path: &Path,
     ) -> Result<ArchConfig> {
         use candle_core::quantized::gguf_file::Value as V;
-        let corrupt = |reason: String| EngineError::Corrupt { path: path.to_path_buf(), reason };
+        let corrupt = |reason: String| EngineError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
         let arch = match md.get("general.architecture") {
             Some(V::String(s)) => s.clone(),
-            _ => return Err(EngineError::NotAModel { path: path.into(), reason: "GGUF without general.architecture".into() }),
+            _ => {
+                return Err(EngineError::NotAModel {
+                    path: path.into(),
+                    reason: "GGUF without general.architecture".into(),
+                })
+            }
         };
         let family = Family::parse(&arch, path)?;
         let num = |key: &str| -> Option<f64> {
@@ -167,26 +185,35 @@ impl ArchConfig {
                 _ => None,
             }
         };
-        let req = |key: &str| num(key).ok_or_else(|| corrupt(format!("missing metadata {arch}.{key}")));
+        let req =
+            |key: &str| num(key).ok_or_else(|| corrupt(format!("missing metadata {arch}.{key}")));
         let mut c = ArchConfig::base(family);
         c.hidden = req("embedding_length")? as usize;
         c.n_layers = req("block_count")? as usize;
         c.intermediate = req("feed_forward_length")? as usize;
         c.n_heads = req("attention.head_count")? as usize;
-        c.n_kv_heads = num("attention.head_count_kv").map(|v| v as usize).unwrap_or(c.n_heads);
-        c.head_dim = num("attention.key_length").map(|v| v as usize).unwrap_or(c.hidden / c.n_heads.max(1));
+        c.n_kv_heads = num("attention.head_count_kv")
+            .map(|v| v as usize)
+            .unwrap_or(c.n_heads);
+        c.head_dim = num("attention.key_length")
+            .map(|v| v as usize)
+            .unwrap_or(c.hidden / c.n_heads.max(1));
         c.rms_eps = num("attention.layer_norm_rms_epsilon").unwrap_or(1e-6);
         c.rope_theta = num("rope.freq_base").unwrap_or(10_000.0) as f32;
         c.max_position = num("context_length").unwrap_or(4096.0) as usize;
         c.vocab_size = num("vocab_size").map(|v| v as usize).unwrap_or(0);
-        c.sliding_window = num("attention.sliding_window").map(|v| v as usize).filter(|&w| w > 0);
+        c.sliding_window = num("attention.sliding_window")
+            .map(|v| v as usize)
+            .filter(|&w| w > 0);
         if let Some(factor) = num("rope.scaling.factor").filter(|&f| f > 1.0) {
             let kind = match md.get(&format!("{arch}.rope.scaling.type")) {
                 Some(V::String(s)) => s.clone(),
                 _ => "linear".into(),
             };
             if kind == "linear" {
-                c.rope_scaling = RopeScaling::Linear { factor: factor as f32 };
+                c.rope_scaling = RopeScaling::Linear {
+                    factor: factor as f32,
+                };
             }
         }
         c.attn_scale = 1.0 / (c.head_dim as f32).sqrt();
@@ -212,31 +239,50 @@ impl ArchConfig {
             .and_then(Value::as_str)
             .map(str::to_string)
             .or_else(|| {
-                v.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str).map(str::to_string)
+                v.get("architectures")
+                    .and_then(|a| a.get(0))
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
             })
-            .ok_or_else(|| EngineError::NotAModel { path: path.into(), reason: "config.json has no model_type".into() })?;
+            .ok_or_else(|| EngineError::NotAModel {
+                path: path.into(),
+                reason: "config.json has no model_type".into(),
+            })?;
         let family = Family::parse(&arch, path)?;
         let num = |k: &str| v.get(k).and_then(Value::as_f64);
         let req = |k: &str| {
-            num(k).ok_or_else(|| EngineError::Corrupt { path: path.into(), reason: format!("config.json lacks {k}") })
+            num(k).ok_or_else(|| EngineError::Corrupt {
+                path: path.into(),
+                reason: format!("config.json lacks {k}"),
+            })
         };
         let mut c = ArchConfig::base(family);
         c.hidden = req("hidden_size")? as usize;
         c.n_layers = req("num_hidden_layers")? as usize;
         c.intermediate = req("intermediate_size")? as usize;
         c.n_heads = req("num_attention_heads")? as usize;
-        c.n_kv_heads = num("num_key_value_heads").map(|x| x as usize).unwrap_or(c.n_heads);
-        c.head_dim = num("head_dim").map(|x| x as usize).unwrap_or(c.hidden / c.n_heads.max(1));
+        c.n_kv_heads = num("num_key_value_heads")
+            .map(|x| x as usize)
+            .unwrap_or(c.n_heads);
+        c.head_dim = num("head_dim")
+            .map(|x| x as usize)
+            .unwrap_or(c.hidden / c.n_heads.max(1));
         c.vocab_size = req("vocab_size")? as usize;
         c.rms_eps = num("rms_norm_eps").unwrap_or(1e-6);
         c.rope_theta = num("rope_theta").unwrap_or(10_000.0) as f32;
         c.max_position = num("max_position_embeddings").unwrap_or(4096.0) as usize;
         c.attn_scale = 1.0 / (c.head_dim as f32).sqrt();
         if let Some(rs) = v.get("rope_scaling").filter(|r| r.is_object()) {
-            let kind = rs.get("rope_type").or_else(|| rs.get("type")).and_then(Value::as_str).unwrap_or("");
+            let kind = rs
+                .get("rope_type")
+                .or_else(|| rs.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
             let f = |k: &str, d: f64| rs.get(k).and_then(Value::as_f64).unwrap_or(d) as f32;
             c.rope_scaling = match kind {
-                "linear" => RopeScaling::Linear { factor: f("factor", 1.0) },
+                "linear" => RopeScaling::Linear {
+                    factor: f("factor", 1.0),
+                },
                 "llama3" => RopeScaling::Llama3 {
                     factor: f("factor", 8.0),
                     low_freq_factor: f("low_freq_factor", 1.0),
@@ -245,7 +291,10 @@ impl ArchConfig {
                 },
                 "default" | "" => RopeScaling::None,
                 other => {
-                    return Err(EngineError::invalid("rope_scaling", format!("type '{other}' is not supported")))
+                    return Err(EngineError::invalid(
+                        "rope_scaling",
+                        format!("type '{other}' is not supported"),
+                    ))
                 }
             };
         }
@@ -253,9 +302,13 @@ impl ArchConfig {
         match family {
             Family::Mistral => c.sliding_window = sliding,
             Family::Qwen2 | Family::Qwen3 => {
-                if v.get("use_sliding_window").and_then(Value::as_bool).unwrap_or(false) {
+                if v.get("use_sliding_window")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false)
+                {
                     c.sliding_window = sliding;
-                    let max_window_layers = num("max_window_layers").unwrap_or(c.n_layers as f64) as usize;
+                    let max_window_layers =
+                        num("max_window_layers").unwrap_or(c.n_layers as f64) as usize;
                     c.layer_sliding = (0..c.n_layers).map(|i| i >= max_window_layers).collect();
                 }
             }
@@ -266,10 +319,15 @@ impl ArchConfig {
                     c.attn_scale = 1.0 / (q as f32).sqrt();
                 }
                 c.layer_sliding = match v.get("layer_types").and_then(Value::as_array) {
-                    Some(types) => types.iter().map(|t| t.as_str() == Some("sliding_attention")).collect(),
+                    Some(types) => types
+                        .iter()
+                        .map(|t| t.as_str() == Some("sliding_attention"))
+                        .collect(),
                     None => {
                         let pattern = num("sliding_window_pattern").unwrap_or(6.0) as usize;
-                        (0..c.n_layers).map(|i| (i + 1) % pattern.max(1) != 0).collect()
+                        (0..c.n_layers)
+                            .map(|i| (i + 1) % pattern.max(1) != 0)
+                            .collect()
                     }
                 };
             }
@@ -304,12 +362,20 @@ impl ArchConfig {
     }
 
     pub fn validate(&self, path: &Path) -> Result<()> {
-        let bad = |reason: String| Err(EngineError::Corrupt { path: path.into(), reason });
+        let bad = |reason: String| {
+            Err(EngineError::Corrupt {
+                path: path.into(),
+                reason,
+            })
+        };
         if self.hidden == 0 || self.n_layers == 0 || self.n_heads == 0 || self.head_dim == 0 {
             return bad("zero-sized model dimensions".into());
         }
         if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
-            return bad(format!("{} heads not divisible by {} KV heads", self.n_heads, self.n_kv_heads));
+            return bad(format!(
+                "{} heads not divisible by {} KV heads",
+                self.n_heads, self.n_kv_heads
+            ));
         }
         if self.head_dim % 2 != 0 {
             return bad(format!("odd head dimension {}", self.head_dim));

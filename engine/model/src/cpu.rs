@@ -92,7 +92,8 @@ impl Features {
             // CPUID.(EAX=7, ECX=0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
             let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
             let amx = leaf7.edx & (1 << 22) != 0 && leaf7.edx & (1 << 24) != 0;
-            let avx512f = has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl");
+            let avx512f =
+                has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl");
             Features {
                 avx2_fma: has!("avx2") && has!("fma") && has!("f16c"),
                 avx512f,
@@ -103,7 +104,14 @@ impl Features {
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        Features { avx2_fma: false, avx512f: false, avx512bf16: false, avx512vnni: false, amx_bf16: false, cap: Level::Native }
+        Features {
+            avx2_fma: false,
+            avx512f: false,
+            avx512bf16: false,
+            avx512vnni: false,
+            amx_bf16: false,
+            cap: Level::Native,
+        }
     }
 
     /// `cpu` with everything above `cap` switched off.
@@ -167,7 +175,10 @@ impl fmt::Display for Features {
 }
 
 static FEATURES: Lazy<Features> = Lazy::new(|| {
-    let cap = std::env::var(ENV).ok().map(|v| Level::parse(&v).unwrap_or(Level::Baseline)).unwrap_or(Level::Native);
+    let cap = std::env::var(ENV)
+        .ok()
+        .map(|v| Level::parse(&v).unwrap_or(Level::Baseline))
+        .unwrap_or(Level::Native);
     let mut f = Features::capped(&Features::detect_cpu(), cap);
     // Linux hands out the 8 KiB tile data state only on request.
     f.amx_bf16 = f.amx_bf16 && request_amx_permission();
@@ -219,7 +230,13 @@ fn request_amx_permission() -> bool {
     const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
     const XFEATURE_XTILEDATA: libc::c_long = 18;
     // SAFETY: a plain system call with integer arguments.
-    let rc = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
     rc == 0
 }
 
@@ -233,7 +250,14 @@ mod tests {
     use super::*;
 
     fn all() -> Features {
-        Features { avx2_fma: true, avx512f: true, avx512bf16: true, avx512vnni: true, amx_bf16: true, cap: Level::Native }
+        Features {
+            avx2_fma: true,
+            avx512f: true,
+            avx512bf16: true,
+            avx512vnni: true,
+            amx_bf16: true,
+            cap: Level::Native,
+        }
     }
 
     #[test]
@@ -259,16 +283,28 @@ mod tests {
         assert_eq!(base.level(), Level::Baseline);
         assert!(!base.avx2_fma);
         // An AVX2-only CPU stays AVX2 under a v4 cap.
-        let avx2_cpu =
-            Features { avx2_fma: true, avx512f: false, avx512bf16: false, avx512vnni: false, amx_bf16: false, cap: Level::Native };
+        let avx2_cpu = Features {
+            avx2_fma: true,
+            avx512f: false,
+            avx512bf16: false,
+            avx512vnni: false,
+            amx_bf16: false,
+            cap: Level::Native,
+        };
         assert_eq!(Features::capped(&avx2_cpu, Level::V4).level(), Level::V3);
         assert_eq!(Features::capped(&avx2_cpu, Level::Native), avx2_cpu);
     }
 
     #[test]
     fn the_description_names_the_level_and_the_cap() {
-        assert_eq!(Features::capped(&all(), Level::V3).to_string(), "x86-64-v3 (avx2+fma; capped by KVEMBED_CPU=x86-64-v3)");
-        assert_eq!(all().to_string(), "x86-64-v4+amx (amx-bf16, avx512bf16, avx512vnni, avx512f, avx2+fma)");
+        assert_eq!(
+            Features::capped(&all(), Level::V3).to_string(),
+            "x86-64-v3 (avx2+fma; capped by KVEMBED_CPU=x86-64-v3)"
+        );
+        assert_eq!(
+            all().to_string(),
+            "x86-64-v4+amx (amx-bf16, avx512bf16, avx512vnni, avx512f, avx2+fma)"
+        );
         assert_eq!(
             Features::capped(&all(), Level::Baseline).to_string(),
             "x86-64 (no wide kernels; capped by KVEMBED_CPU=x86-64)"

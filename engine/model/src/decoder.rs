@@ -56,18 +56,30 @@ pub struct Reroute {
 
 impl Reroute {
     /// Re-route `layers` (0-based) of an `n_layers`-layer model.
-    pub fn new(layers: &[usize], n_layers: usize, bias: f32, prefix: PrefixPosition) -> Result<Reroute> {
+    pub fn new(
+        layers: &[usize],
+        n_layers: usize,
+        bias: f32,
+        prefix: PrefixPosition,
+    ) -> Result<Reroute> {
         let mut mask = vec![false; n_layers];
         for &l in layers {
             if l >= n_layers {
                 return Err(EngineError::invalid(
                     "layers",
-                    format!("layer {l} does not exist (the model has layers 0..{})", n_layers - 1),
+                    format!(
+                        "layer {l} does not exist (the model has layers 0..{})",
+                        n_layers - 1
+                    ),
                 ));
             }
             mask[l] = true;
         }
-        Ok(Reroute { layers: mask, bias, prefix })
+        Ok(Reroute {
+            layers: mask,
+            bias,
+            prefix,
+        })
     }
 }
 
@@ -113,12 +125,19 @@ impl Norm {
         if cfg.norm_plus_one {
             weight = (weight + 1.0)?;
         }
-        Ok(Norm { weight: weight.contiguous()?, eps: cfg.rms_eps as f32 })
+        Ok(Norm {
+            weight: weight.contiguous()?,
+            eps: cfg.rms_eps as f32,
+        })
     }
 
     /// RMSNorm computed in f32 (f32 weight), returned in `out`.
     fn forward_as(&self, x: &Tensor, out: DType) -> Result<Tensor> {
-        let y = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?.contiguous()?, &self.weight, self.eps)?;
+        let y = candle_nn::ops::rms_norm(
+            &x.to_dtype(DType::F32)?.contiguous()?,
+            &self.weight,
+            self.eps,
+        )?;
         Ok(y.to_dtype(out)?)
     }
 }
@@ -128,7 +147,9 @@ impl Norm {
 /// dtypes go through f32.
 fn qmatmul(q: &QMatMul, x: &Tensor) -> Result<Tensor> {
     Ok(match q {
-        QMatMul::QTensor(_) if x.dtype() != DType::F32 => q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?,
+        QMatMul::QTensor(_) if x.dtype() != DType::F32 => {
+            q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
+        }
         q => q.forward(x)?,
     })
 }
@@ -180,14 +201,18 @@ impl Weight {
         match self {
             Weight::Dense(wt) => {
                 let dims = x.dims().to_vec();
-                let (&k, lead) = dims.split_last().expect("activations have a feature dimension");
+                let (&k, lead) = dims
+                    .split_last()
+                    .expect("activations have a feature dimension");
                 let rows = lead.iter().product::<usize>();
                 let n = wt.dim(1)?;
                 let mut out = lead.to_vec();
                 out.push(n);
                 if x.device().is_cpu() && x.dtype() == DType::F32 && wt.dtype() == DType::F32 {
                     // The CPU f32 product with its kernels chosen by crate::cpu.
-                    let y = with_cpu_f32(x, |xs| with_cpu_f32(wt, |ws| crate::matmul::matmul(xs, rows, k, ws, n)))??;
+                    let y = with_cpu_f32(x, |xs| {
+                        with_cpu_f32(wt, |ws| crate::matmul::matmul(xs, rows, k, ws, n))
+                    })??;
                     return Ok(Tensor::from_vec(y, out, x.device())?);
                 }
                 let y = x.contiguous()?.reshape((rows, k))?.matmul(wt)?;
@@ -206,10 +231,26 @@ impl Weight {
     /// for the int8 kernels quantized once. (An AMX or int8 weight's own
     /// `forward` is this with one weight.)
     fn forward_shared<const N: usize>(ws: [&Weight; N], x: &Tensor) -> Result<[Tensor; N]> {
-        let amx: Option<Vec<&crate::amx::PackedBf16>> =
-            ws.iter().map(|w| if let Weight::Amx(p) = w { Some(p) } else { None }).collect();
-        let int8: Option<Vec<&crate::int8::PackedI8>> =
-            ws.iter().map(|w| if let Weight::Int8(p) = w { Some(p) } else { None }).collect();
+        let amx: Option<Vec<&crate::amx::PackedBf16>> = ws
+            .iter()
+            .map(|w| {
+                if let Weight::Amx(p) = w {
+                    Some(p)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        let int8: Option<Vec<&crate::int8::PackedI8>> = ws
+            .iter()
+            .map(|w| {
+                if let Weight::Int8(p) = w {
+                    Some(p)
+                } else {
+                    None
+                }
+            })
+            .collect();
         let mut lead = x.dims().to_vec();
         let k = lead.pop().expect("activations have a feature dimension");
         let rows = lead.iter().product::<usize>();
@@ -219,14 +260,23 @@ impl Weight {
         let ys = match (amx, int8) {
             (Some(packed), _) => {
                 let tiles = with_cpu_f32(x, |data| crate::amx::Tiles::new(data, rows, k))?;
-                packed.iter().map(|p| shaped(p.matmul_tiles(&tiles), p.n())).collect::<Result<Vec<_>>>()?
+                packed
+                    .iter()
+                    .map(|p| shaped(p.matmul_tiles(&tiles), p.n()))
+                    .collect::<Result<Vec<_>>>()?
             }
             (_, Some(packed)) => {
                 let kernel = crate::int8::Kernel::detect();
                 let q = with_cpu_f32(x, |data| crate::int8::QuantRows::new(data, rows, k, kernel))?;
-                packed.iter().map(|p| shaped(p.matmul_quantized(&q), p.n())).collect::<Result<Vec<_>>>()?
+                packed
+                    .iter()
+                    .map(|p| shaped(p.matmul_quantized(&q), p.n()))
+                    .collect::<Result<Vec<_>>>()?
             }
-            (None, None) => ws.iter().map(|w| w.forward(x)).collect::<Result<Vec<_>>>()?,
+            (None, None) => ws
+                .iter()
+                .map(|w| w.forward(x))
+                .collect::<Result<Vec<_>>>()?,
         };
         Ok(ys.try_into().expect("one output per weight"))
     }
@@ -235,20 +285,34 @@ impl Weight {
 /// A dense `[out, in]` weight's f32 values, with `out` and `in`.
 fn dense_f32(m: QMatMul) -> Result<(Vec<f32>, usize, usize)> {
     let QMatMul::Tensor(w) = m else {
-        return Err(EngineError::invalid("weights", "AMX packing needs a dense weight"));
+        return Err(EngineError::invalid(
+            "weights",
+            "AMX packing needs a dense weight",
+        ));
     };
     let (n, k) = w.dims2()?;
-    Ok((w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, n, k))
+    Ok((
+        w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+        n,
+        k,
+    ))
 }
 
 /// A layer's MLP weights.
 enum Ffn {
     /// Gate, up and down, applied one after the other.
-    Split { gate: Weight, up: Weight, down: Weight },
+    Split {
+        gate: Weight,
+        up: Weight,
+        down: Weight,
+    },
     /// SiLU-gated on the AMX tiles, gate and up packed together so that
     /// their outputs become the down projection's bf16 input block by
     /// block ([`crate::amx::SiluGatedBf16`]).
-    AmxSilu { gate_up: crate::amx::SiluGatedBf16, down: crate::amx::PackedBf16 },
+    AmxSilu {
+        gate_up: crate::amx::SiluGatedBf16,
+        down: crate::amx::PackedBf16,
+    },
 }
 
 struct Linear {
@@ -264,7 +328,11 @@ impl Linear {
     /// [`Weight::forward_shared`] with each layer's bias.
     fn forward_shared<const N: usize>(ls: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
         let ys = Weight::forward_shared(ls.map(|l| &l.w), x)?;
-        let ys = ls.iter().zip(ys).map(|(l, y)| l.add_bias(y)).collect::<Result<Vec<_>>>()?;
+        let ys = ls
+            .iter()
+            .zip(ys)
+            .map(|(l, y)| l.add_bias(y))
+            .collect::<Result<Vec<_>>>()?;
         Ok(ys.try_into().expect("one output per layer"))
     }
 
@@ -332,7 +400,10 @@ pub fn parse_dtype(s: &str) -> Result<Option<DType>> {
         "f32" | "float32" | "fp32" => Ok(Some(DType::F32)),
         "bf16" | "bfloat16" => Ok(Some(DType::BF16)),
         "f16" | "float16" | "fp16" | "half" => Ok(Some(DType::F16)),
-        other => Err(EngineError::invalid("dtype", format!("'{other}' (f32, bf16, f16, auto)"))),
+        other => Err(EngineError::invalid(
+            "dtype",
+            format!("'{other}' (f32, bf16, f16, auto)"),
+        )),
     }
 }
 
@@ -349,9 +420,19 @@ struct PassCache {
 type MaskKey = (usize, usize, usize, Option<u32>, Option<usize>);
 
 impl PassCache {
-    fn rope(&self, t: usize, hd: usize, theta: f32, scaling: &RopeScaling, dev: &Device) -> Result<(Tensor, Tensor)> {
+    fn rope(
+        &self,
+        t: usize,
+        hd: usize,
+        theta: f32,
+        scaling: &RopeScaling,
+        dev: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let mut cache = self.rope.borrow_mut();
-        if let Some((_, _, c, s)) = cache.iter().find(|(th, sc, _, _)| *th == theta && sc == scaling) {
+        if let Some((_, _, c, s)) = cache
+            .iter()
+            .find(|(th, sc, _, _)| *th == theta && sc == scaling)
+        {
             return Ok((c.clone(), s.clone()));
         }
         let (c, s) = rope_tables(t, hd, theta, scaling, dev)?;
@@ -409,7 +490,11 @@ impl LayerLoader<'_> {
 
     fn ffn(&self, gate: &str, up: &str, down: &str) -> Result<Ffn> {
         if !(self.amx && self.cfg.activation == Activation::Silu) {
-            return Ok(Ffn::Split { gate: self.weight(gate)?, up: self.weight(up)?, down: self.weight(down)? });
+            return Ok(Ffn::Split {
+                gate: self.weight(gate)?,
+                up: self.weight(up)?,
+                down: self.weight(down)?,
+            });
         }
         let (store, dev, format) = (self.store, self.dev, self.format);
         let (g, n, k) = dense_f32(store.matmul(gate, dev, format)?)?;
@@ -455,7 +540,10 @@ impl LayerLoader<'_> {
     }
 
     fn linear(&self, prefix: &str) -> Result<Linear> {
-        Ok(Linear { w: self.weight(&format!("{prefix}.weight"))?, b: self.bias(&format!("{prefix}.bias"))? })
+        Ok(Linear {
+            w: self.weight(&format!("{prefix}.weight"))?,
+            b: self.bias(&format!("{prefix}.bias"))?,
+        })
     }
 
     fn layer(&self, i: usize) -> Result<Layer> {
@@ -464,7 +552,11 @@ impl LayerLoader<'_> {
         let (ffn_norm_name, post_attn_norm) = if cfg.sandwich_norm {
             // Gemma 3 in GGUF: ffn_norm is the pre-MLP norm; in HF it is
             // pre_feedforward_layernorm.
-            let pre = if matches!(self.store, TensorStore::Gguf { .. }) { p("ffn_norm") } else { p("pre_ffw_norm") };
+            let pre = if matches!(self.store, TensorStore::Gguf { .. }) {
+                p("ffn_norm")
+            } else {
+                p("pre_ffw_norm")
+            };
             (pre, Some(self.norm(&p("post_attention_norm.weight"))?))
         } else {
             (p("ffn_norm"), None)
@@ -474,13 +566,32 @@ impl LayerLoader<'_> {
             q: self.linear(&p("attn_q"))?,
             k: self.linear(&p("attn_k"))?,
             v: self.linear(&p("attn_v"))?,
-            o: Linear { w: self.weight(&p("attn_output.weight"))?, b: None },
-            q_norm: if cfg.qk_norm { self.opt_norm(&p("attn_q_norm.weight"))? } else { None },
-            k_norm: if cfg.qk_norm { self.opt_norm(&p("attn_k_norm.weight"))? } else { None },
+            o: Linear {
+                w: self.weight(&p("attn_output.weight"))?,
+                b: None,
+            },
+            q_norm: if cfg.qk_norm {
+                self.opt_norm(&p("attn_q_norm.weight"))?
+            } else {
+                None
+            },
+            k_norm: if cfg.qk_norm {
+                self.opt_norm(&p("attn_k_norm.weight"))?
+            } else {
+                None
+            },
             post_attn_norm,
             ffn_norm: self.norm(&format!("{ffn_norm_name}.weight"))?,
-            post_ffn_norm: if cfg.sandwich_norm { self.opt_norm(&p("post_ffw_norm.weight"))? } else { None },
-            ffn: self.ffn(&p("ffn_gate.weight"), &p("ffn_up.weight"), &p("ffn_down.weight"))?,
+            post_ffn_norm: if cfg.sandwich_norm {
+                self.opt_norm(&p("post_ffw_norm.weight"))?
+            } else {
+                None
+            },
+            ffn: self.ffn(
+                &p("ffn_gate.weight"),
+                &p("ffn_up.weight"),
+                &p("ffn_down.weight"),
+            )?,
             theta: cfg.layer_rope_theta(i),
             scaling: cfg.layer_rope_scaling(i),
             window: cfg.layer_window(i),
@@ -488,7 +599,10 @@ impl LayerLoader<'_> {
         if cfg.qk_norm && (layer.q_norm.is_none() || layer.k_norm.is_none()) {
             return Err(EngineError::Corrupt {
                 path: self.store.path().into(),
-                reason: format!("{} model lacks q/k norm weights in layer {i}", cfg.family.name()),
+                reason: format!(
+                    "{} model lacks q/k norm weights in layer {i}",
+                    cfg.family.name()
+                ),
             });
         }
         Ok(layer)
@@ -506,29 +620,56 @@ impl Decoder {
         dtype: DType,
     ) -> Result<Decoder> {
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
-            return Err(EngineError::invalid("dtype", format!("{dtype:?} (f32, bf16, f16)")));
+            return Err(EngineError::invalid(
+                "dtype",
+                format!("{dtype:?} (f32, bf16, f16)"),
+            ));
         }
         let embed = store.embedding("token_embd.weight", dev)?.to_dtype(dtype)?;
         if embed.rows() < cfg.vocab_size.max(1) && cfg.vocab_size > 0 {
             return Err(EngineError::Corrupt {
                 path: store.path().into(),
-                reason: format!("embedding has {} rows, config says vocab {}", embed.rows(), cfg.vocab_size),
+                reason: format!(
+                    "embedding has {} rows, config says vocab {}",
+                    embed.rows(),
+                    cfg.vocab_size
+                ),
             });
         }
         let cpu_f32 = dev.is_cpu() && dtype == DType::F32;
-        let amx = matches!(format, WeightFormat::Auto | WeightFormat::Amx) && cpu_f32 && crate::amx::available();
+        let amx = matches!(format, WeightFormat::Auto | WeightFormat::Amx)
+            && cpu_f32
+            && crate::amx::available();
         let int8 = !amx && matches!(format, WeightFormat::Auto | WeightFormat::Int8) && cpu_f32;
-        let loader = LayerLoader { store, cfg: &cfg, dev, format, dtype, amx, int8 };
-        let layers = (0..cfg.n_layers).map(|i| loader.layer(i)).collect::<Result<Vec<_>>>()?;
+        let loader = LayerLoader {
+            store,
+            cfg: &cfg,
+            dev,
+            format,
+            dtype,
+            amx,
+            int8,
+        };
+        let layers = (0..cfg.n_layers)
+            .map(|i| loader.layer(i))
+            .collect::<Result<Vec<_>>>()?;
         let final_norm = Norm::load(store, "output_norm.weight", &cfg, dev)?;
         // The output head only serves generation (tools, tokenizer checks):
         // on the CPU it stays in its stored blocks unless f32 weights were
         // asked for (a dense copy is the size of the vocabulary times the
         // width, the largest matrix of small models). A GPU keeps it dense,
         // as every other weight there.
-        let head_format = if format == WeightFormat::F32 || !dev.is_cpu() { format } else { WeightFormat::Quantized };
+        let head_format = if format == WeightFormat::F32 || !dev.is_cpu() {
+            format
+        } else {
+            WeightFormat::Quantized
+        };
         let lm_head = qmatmul_in(
-            if store.has("output.weight") { store.matmul("output.weight", dev, head_format)? } else { embed.as_matmul()? },
+            if store.has("output.weight") {
+                store.matmul("output.weight", dev, head_format)?
+            } else {
+                embed.as_matmul()?
+            },
             dtype,
         )?;
         Ok(Decoder {
@@ -590,7 +731,8 @@ impl Decoder {
             flat.extend_from_slice(s);
             flat.extend(std::iter::repeat_n(0u32, t - s.len()));
         }
-        self.passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.passes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let ids = Tensor::from_vec(flat, (b, t), &self.device)?;
         let mut x = self.embed.lookup(&ids)?;
         if let Some(scale) = self.cfg.embed_scale {
@@ -607,7 +749,10 @@ impl Decoder {
                     x = replace_rows(&x, tp.position, &last)?;
                 }
             }
-            let reroute = opts.reroute.as_ref().filter(|r| r.layers.get(li).copied().unwrap_or(false));
+            let reroute = opts
+                .reroute
+                .as_ref()
+                .filter(|r| r.layers.get(li).copied().unwrap_or(false));
             x = self.layer_forward(layer, &x, &last, reroute, &cache)?;
             if let Some(mode) = opts.collect_layers {
                 layer_pooled.push(pool_rows(&x, &lens, mode)?);
@@ -615,7 +760,10 @@ impl Decoder {
         }
         // f32 whatever the compute dtype: pooling reads it.
         let hidden = self.final_norm.forward_as(&x, DType::F32)?;
-        Ok(ForwardOutput { hidden, layer_pooled })
+        Ok(ForwardOutput {
+            hidden,
+            layer_pooled,
+        })
     }
 
     /// Logits of the last real position of each sequence (for generation tests).
@@ -623,7 +771,13 @@ impl Decoder {
         let rows: Vec<Tensor> = lens
             .iter()
             .enumerate()
-            .map(|(bi, &l)| out.hidden.narrow(0, bi, 1)?.narrow(1, l - 1, 1)?.squeeze(0)?.squeeze(0))
+            .map(|(bi, &l)| {
+                out.hidden
+                    .narrow(0, bi, 1)?
+                    .narrow(1, l - 1, 1)?
+                    .squeeze(0)?
+                    .squeeze(0)
+            })
             .collect::<candle_core::Result<_>>()?;
         let h = Tensor::stack(&rows, 0)?.to_dtype(self.dtype)?;
         Ok(qmatmul(&self.lm_head, &h)?.to_dtype(DType::F32)?)
@@ -694,7 +848,9 @@ impl Decoder {
             let lens: Vec<usize> = last.iter().map(|&i| i + 1).collect();
             // The kernel reads the tensors' own storage (no copies).
             let out = with_cpu_f32(&q, |q| {
-                with_cpu_f32(&k, |k| with_cpu_f32(&v, |v| crate::attention::attention(q, k, v, shape, &lens)))
+                with_cpu_f32(&k, |k| {
+                    with_cpu_f32(&v, |v| crate::attention::attention(q, k, v, shape, &lens))
+                })
             })???;
             Tensor::from_vec(out, (b * t, cfg.n_heads * cfg.head_dim), &self.device)?
         } else {
@@ -712,7 +868,12 @@ impl Decoder {
     /// the q/k norms where the model has them, and rotated. Returns
     /// `(q, k before RoPE, k, v)`; the unrotated keys serve the
     /// `PrefixPosition::Zero` variant.
-    fn qkv(&self, l: &Layer, x: &Tensor, cache: &PassCache) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    fn qkv(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        cache: &PassCache,
+    ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
         let (b, t, d) = x.dims3()?;
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
@@ -758,7 +919,9 @@ impl Decoder {
         let m = match &l.ffn {
             Ffn::AmxSilu { gate_up, down } => {
                 let rows = b * t;
-                let act = with_cpu_f32(&h, |x| gate_up.activation(&crate::amx::Tiles::new(x, rows, d)))?;
+                let act = with_cpu_f32(&h, |x| {
+                    gate_up.activation(&crate::amx::Tiles::new(x, rows, d))
+                })?;
                 Tensor::from_vec(down.matmul_tiles(&act), (rows, down.n()), &self.device)?
             }
             Ffn::Split { gate, up, down } => {
@@ -818,7 +981,11 @@ impl Decoder {
             blocks.push(p.matmul(&vb)?);
             start = end;
         }
-        let att = if blocks.len() == 1 { blocks.pop().unwrap() } else { Tensor::cat(&blocks, 2)? };
+        let att = if blocks.len() == 1 {
+            blocks.pop().unwrap()
+        } else {
+            Tensor::cat(&blocks, 2)?
+        };
         Ok(att.transpose(1, 2)?.reshape((b * t, nh * hd))?)
     }
 }
@@ -829,7 +996,10 @@ fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
-        return Err(EngineError::invalid("device", "this CPU kernel needs a CPU tensor"));
+        return Err(EngineError::invalid(
+            "device",
+            "this CPU kernel needs a CPU tensor",
+        ));
     };
     let start = layout.start_offset();
     Ok(f(&cpu.as_slice::<f32>()?[start..start + t.elem_count()]))
@@ -853,8 +1023,11 @@ fn silu_mul_cpu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 /// `[B, H, T, hd]` → `[B, H, 1, hd]` taking position `pos[b]` of sequence `b`.
 fn gather_positions(x: &Tensor, pos: &[usize]) -> Result<Tensor> {
-    let rows: Vec<Tensor> =
-        pos.iter().enumerate().map(|(b, &p)| x.narrow(0, b, 1)?.narrow(2, p, 1)).collect::<candle_core::Result<_>>()?;
+    let rows: Vec<Tensor> = pos
+        .iter()
+        .enumerate()
+        .map(|(b, &p)| x.narrow(0, b, 1)?.narrow(2, p, 1))
+        .collect::<candle_core::Result<_>>()?;
     Ok(Tensor::cat(&rows, 0)?)
 }
 
@@ -864,12 +1037,18 @@ fn replace_rows(x: &Tensor, position: usize, last: &[usize]) -> Result<Tensor> {
     let mut idx = Vec::with_capacity(b * t);
     for (bi, &l) in last.iter().enumerate() {
         for ti in 0..t {
-            let src = if ti == position && position < l { l } else { ti };
+            let src = if ti == position && position < l {
+                l
+            } else {
+                ti
+            };
             idx.push((bi * t + src) as u32);
         }
     }
     let idx = Tensor::from_vec(idx, b * t, x.device())?;
-    Ok(x.reshape((b * t, d))?.index_select(&idx, 0)?.reshape((b, t, d))?)
+    Ok(x.reshape((b * t, d))?
+        .index_select(&idx, 0)?
+        .reshape((b, t, d))?)
 }
 
 /// Pool each sequence's rows: last real token or mean over real tokens (in f32).
@@ -918,15 +1097,32 @@ fn attention_mask(
 }
 
 /// cos/sin tables `[T, hd/2]` for positions `0..t`.
-fn rope_tables(t: usize, hd: usize, theta: f32, scaling: &RopeScaling, dev: &Device) -> Result<(Tensor, Tensor)> {
+fn rope_tables(
+    t: usize,
+    hd: usize,
+    theta: f32,
+    scaling: &RopeScaling,
+    dev: &Device,
+) -> Result<(Tensor, Tensor)> {
     let half = hd / 2;
-    let mut inv: Vec<f64> = (0..half).map(|i| 1.0 / (theta as f64).powf(2.0 * i as f64 / hd as f64)).collect();
+    let mut inv: Vec<f64> = (0..half)
+        .map(|i| 1.0 / (theta as f64).powf(2.0 * i as f64 / hd as f64))
+        .collect();
     match *scaling {
         RopeScaling::None => {}
         RopeScaling::Linear { factor } => inv.iter_mut().for_each(|f| *f /= factor as f64),
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
-            let (factor, lo, hi, orig) =
-                (factor as f64, low_freq_factor as f64, high_freq_factor as f64, original_max_position as f64);
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position,
+        } => {
+            let (factor, lo, hi, orig) = (
+                factor as f64,
+                low_freq_factor as f64,
+                high_freq_factor as f64,
+                original_max_position as f64,
+            );
             let low_wavelen = orig / lo;
             let high_wavelen = orig / hi;
             for f in inv.iter_mut() {
@@ -949,11 +1145,19 @@ fn rope_tables(t: usize, hd: usize, theta: f32, scaling: &RopeScaling, dev: &Dev
             sin.push(a.sin() as f32);
         }
     }
-    Ok((Tensor::from_vec(cos, (t, half), dev)?, Tensor::from_vec(sin, (t, half), dev)?))
+    Ok((
+        Tensor::from_vec(cos, (t, half), dev)?,
+        Tensor::from_vec(sin, (t, half), dev)?,
+    ))
 }
 
 /// Helper for tests and tools: `[B, T, D]` tensor row of sequence `b` as
 /// nested vectors of its first `len` positions.
 pub fn rows_of(hidden: &Tensor, b: usize, len: usize) -> Result<Vec<Vec<f32>>> {
-    Ok(hidden.narrow(0, b, 1)?.squeeze(0)?.narrow(0, 0, len)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+    Ok(hidden
+        .narrow(0, b, 1)?
+        .squeeze(0)?
+        .narrow(0, 0, len)?
+        .to_dtype(DType::F32)?
+        .to_vec2::<f32>()?)
 }

@@ -30,7 +30,11 @@ pub enum EngineError {
     Invalid { what: String, reason: String },
 
     #[error("text {index} has {tokens} tokens, more than max_tokens = {max} (enable truncation or raise the limit)")]
-    TooLong { index: usize, tokens: usize, max: usize },
+    TooLong {
+        index: usize,
+        tokens: usize,
+        max: usize,
+    },
 
     /// The work was stopped between forward passes: everyone waiting for it
     /// went away (cancelled statements).
@@ -41,7 +45,10 @@ pub enum EngineError {
     Candle(#[from] candle_core::Error),
 
     #[error("I/O error on '{path}': {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     #[error("{0}")]
     Other(String),
@@ -51,11 +58,17 @@ pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 
 impl EngineError {
     pub fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
-        EngineError::Invalid { what: what.into(), reason: reason.into() }
+        EngineError::Invalid {
+            what: what.into(),
+            reason: reason.into(),
+        }
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        EngineError::Io { path: path.into(), source }
+        EngineError::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// The protocol class of this error (mapped to a SQLSTATE by the extension).

@@ -53,7 +53,9 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     let n = rounded - ROUND;
     let ni = (rounded.to_bits() as i32).wrapping_sub(ROUND_BITS);
     let f = t - n;
-    let p = EXP2_POLY[1..].iter().fold(EXP2_POLY[0], |p, &c| p.mul_add(f, c));
+    let p = EXP2_POLY[1..]
+        .iter()
+        .fold(EXP2_POLY[0], |p, &c| p.mul_add(f, c));
     let y = p * f32::from_bits((ni.wrapping_add(127) as u32) << 23);
     if x < EXP_LOW {
         0.0
@@ -71,10 +73,15 @@ pub fn exp_nonpositive(x: f32) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-pub(crate) unsafe fn exp_nonpositive_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+pub(crate) unsafe fn exp_nonpositive_avx512(
+    x: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     let low = _mm512_set1_ps(EXP_LOW);
-    let t = _mm512_mul_ps(_mm512_max_ps(x, low), _mm512_set1_ps(std::f32::consts::LOG2_E));
+    let t = _mm512_mul_ps(
+        _mm512_max_ps(x, low),
+        _mm512_set1_ps(std::f32::consts::LOG2_E),
+    );
     let rounded = _mm512_add_ps(t, _mm512_set1_ps(ROUND));
     let n = _mm512_sub_ps(rounded, _mm512_set1_ps(ROUND));
     let ni = _mm512_sub_epi32(_mm512_castps_si512(rounded), _mm512_set1_epi32(ROUND_BITS));
@@ -83,7 +90,10 @@ pub(crate) unsafe fn exp_nonpositive_avx512(x: std::arch::x86_64::__m512) -> std
     for &c in &EXP2_POLY[1..] {
         p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
     }
-    let scale = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(ni, _mm512_set1_epi32(127))));
+    let scale = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+        ni,
+        _mm512_set1_epi32(127),
+    )));
     let y = _mm512_mul_ps(p, scale);
     let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, low);
     let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
@@ -98,7 +108,13 @@ const ROUND: f32 = 12_582_912.0;
 /// The bits of 1.5 * 2^23.
 const ROUND_BITS: i32 = 0x4b40_0000;
 /// `2^f` on [-1/2, 1/2], highest degree first.
-const EXP2_POLY: [f32; 5] = [9.560_510_5e-3, 5.591_704e-2, 2.402_498_1e-1, 6.931_219_7e-1, 9.999_991_7e-1];
+const EXP2_POLY: [f32; 5] = [
+    9.560_510_5e-3,
+    5.591_704e-2,
+    2.402_498_1e-1,
+    6.931_219_7e-1,
+    9.999_991_7e-1,
+];
 
 macro_rules! dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
@@ -212,7 +228,10 @@ mod tests {
 
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
-            let xs: Vec<f32> = (0..4096).map(|i| -90.0 + i as f32 * 0.0221).chain([f32::NAN, f32::NEG_INFINITY, 0.0]).collect();
+            let xs: Vec<f32> = (0..4096)
+                .map(|i| -90.0 + i as f32 * 0.0221)
+                .chain([f32::NAN, f32::NEG_INFINITY, 0.0])
+                .collect();
             for c in xs.chunks(16) {
                 let mut v = [0f32; 16];
                 v[..c.len()].copy_from_slice(c);
@@ -220,7 +239,10 @@ mod tests {
                 // SAFETY: AVX-512F was just detected.
                 unsafe {
                     use std::arch::x86_64::*;
-                    _mm512_storeu_ps(out.as_mut_ptr(), exp_nonpositive_avx512(_mm512_loadu_ps(v.as_ptr())));
+                    _mm512_storeu_ps(
+                        out.as_mut_ptr(),
+                        exp_nonpositive_avx512(_mm512_loadu_ps(v.as_ptr())),
+                    );
                 }
                 for (a, &x) in out.iter().zip(&v) {
                     assert_eq!(a.to_bits(), exp_nonpositive(x).to_bits(), "exp({x})");

@@ -117,8 +117,11 @@ impl PackedI8 {
         // Row by row first (scales, values), then into panels.
         let mut rows = vec![0i8; np * kp];
         let mut row_scales = vec![0f32; np * groups];
-        rows.par_chunks_mut(kp).zip(row_scales.par_chunks_mut(groups)).enumerate().filter(|(j, _)| *j < n).for_each(
-            |(j, (qrow, scales))| {
+        rows.par_chunks_mut(kp)
+            .zip(row_scales.par_chunks_mut(groups))
+            .enumerate()
+            .filter(|(j, _)| *j < n)
+            .for_each(|(j, (qrow, scales))| {
                 let row = &w[j * k..(j + 1) * k];
                 for (g, s) in scales.iter_mut().enumerate() {
                     let r = group_range(g, kp);
@@ -135,8 +138,7 @@ impl PackedI8 {
                         }
                     }
                 }
-            },
-        );
+            });
         let mut scale = Aligned::<f32>::zeroed(groups * np);
         for g in 0..groups {
             for j in 0..np {
@@ -146,20 +148,32 @@ impl PackedI8 {
         let mut offset_sum = Aligned::<i32>::zeroed(groups * np);
         for g in 0..groups {
             for j in 0..np {
-                offset_sum[g * np + j] =
-                    OFFSET * rows[j * kp..][group_range(g, kp)].iter().map(|&v| v as i32).sum::<i32>();
+                offset_sum[g * np + j] = OFFSET
+                    * rows[j * kp..][group_range(g, kp)]
+                        .iter()
+                        .map(|&v| v as i32)
+                        .sum::<i32>();
             }
         }
         let mut q = Aligned::<i8>::zeroed(np * kp);
-        q.par_chunks_mut(PANEL * kp).enumerate().for_each(|(p, panel)| {
-            for (c4, block) in panel.chunks_mut(PANEL * 4).enumerate() {
-                for (l, col) in block.chunks_mut(4).enumerate() {
-                    let j = p * PANEL + l;
-                    col.copy_from_slice(&rows[j * kp + c4 * 4..j * kp + c4 * 4 + 4]);
+        q.par_chunks_mut(PANEL * kp)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for (c4, block) in panel.chunks_mut(PANEL * 4).enumerate() {
+                    for (l, col) in block.chunks_mut(4).enumerate() {
+                        let j = p * PANEL + l;
+                        col.copy_from_slice(&rows[j * kp + c4 * 4..j * kp + c4 * 4 + 4]);
+                    }
                 }
-            }
-        });
-        PackedI8 { n, k, kp, q, scale, offset_sum }
+            });
+        PackedI8 {
+            n,
+            k,
+            kp,
+            q,
+            scale,
+            offset_sum,
+        }
     }
 
     /// Output features.
@@ -193,28 +207,35 @@ impl PackedI8 {
         }
         let dst = SendPtr::spare(&mut out);
         let panels = np / PANEL;
-        let ctx = Ctx { kp, np, groups: groups(kp) };
-        (0..panels.div_ceil(TASK_PANELS)).into_par_iter().for_each(|t| {
-            let dst = dst;
-            for i0 in (0..x.mp).step_by(MR) {
-                let xs = &x.q[i0 * kp..(i0 + MR) * kp];
-                let sx = &x.scale[i0 * ctx.groups..(i0 + MR) * ctx.groups];
-                let (p0, p1) = (t * TASK_PANELS, ((t + 1) * TASK_PANELS).min(panels));
-                let mut tiles = [[[0f32; PANEL]; MR]; TASK_PANELS];
-                self.tiles(x.kernel, &ctx, xs, sx, p0..p1, &mut tiles);
-                for (p, tile) in (p0..p1).zip(&tiles) {
-                    let j0 = p * PANEL;
-                    let cols = PANEL.min(n - j0.min(n));
-                    for (di, row) in tile.iter().enumerate().take(m.saturating_sub(i0).min(MR)) {
-                        for (dj, &v) in row[..cols].iter().enumerate() {
-                            // SAFETY: (i0 + di, j0 + dj) is inside [m, n];
-                            // each task writes only its own panels' columns.
-                            unsafe { *dst.get().add((i0 + di) * n + j0 + dj) = v };
+        let ctx = Ctx {
+            kp,
+            np,
+            groups: groups(kp),
+        };
+        (0..panels.div_ceil(TASK_PANELS))
+            .into_par_iter()
+            .for_each(|t| {
+                let dst = dst;
+                for i0 in (0..x.mp).step_by(MR) {
+                    let xs = &x.q[i0 * kp..(i0 + MR) * kp];
+                    let sx = &x.scale[i0 * ctx.groups..(i0 + MR) * ctx.groups];
+                    let (p0, p1) = (t * TASK_PANELS, ((t + 1) * TASK_PANELS).min(panels));
+                    let mut tiles = [[[0f32; PANEL]; MR]; TASK_PANELS];
+                    self.tiles(x.kernel, &ctx, xs, sx, p0..p1, &mut tiles);
+                    for (p, tile) in (p0..p1).zip(&tiles) {
+                        let j0 = p * PANEL;
+                        let cols = PANEL.min(n - j0.min(n));
+                        for (di, row) in tile.iter().enumerate().take(m.saturating_sub(i0).min(MR))
+                        {
+                            for (dj, &v) in row[..cols].iter().enumerate() {
+                                // SAFETY: (i0 + di, j0 + dj) is inside [m, n];
+                                // each task writes only its own panels' columns.
+                                unsafe { *dst.get().add((i0 + di) * n + j0 + dj) = v };
+                            }
                         }
                     }
                 }
-            }
-        });
+            });
         // SAFETY: the tasks wrote every (i, j) with i < m, j < n.
         unsafe { out.set_len(m * n) };
         out
@@ -241,17 +262,29 @@ impl PackedI8 {
             // SAFETY: the kernel was chosen by Kernel::detect (the CPU has
             // these instructions); the slices hold MR rows and whole panels.
             Kernel::Avx512Vnni if ps.len() == 2 => unsafe {
-                vnni::tile(ctx, xs, sx, [panel(ps.start), panel(ps.start + 1)], [ps.start, ps.start + 1], &sums, out)
+                vnni::tile(
+                    ctx,
+                    xs,
+                    sx,
+                    [panel(ps.start), panel(ps.start + 1)],
+                    [ps.start, ps.start + 1],
+                    &sums,
+                    out,
+                )
             },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Kernel::Avx512Vnni => unsafe { vnni::tile(ctx, xs, sx, [panel(ps.start)], [ps.start], &sums, out) },
+            Kernel::Avx512Vnni => unsafe {
+                vnni::tile(ctx, xs, sx, [panel(ps.start)], [ps.start], &sums, out)
+            },
             _ => {
                 for (p, o) in ps.zip(out.iter_mut()) {
                     match kernel {
                         #[cfg(target_arch = "x86_64")]
                         // SAFETY: as above.
-                        Kernel::Avx2 => unsafe { avx2::tile(ctx, xs, sx, panel(p), &|g| sums(g, p), o) },
+                        Kernel::Avx2 => unsafe {
+                            avx2::tile(ctx, xs, sx, panel(p), &|g| sums(g, p), o)
+                        },
                         _ => portable_tile(ctx, xs, sx, panel(p), &|g| sums(g, p), o),
                     }
                 }
@@ -302,11 +335,24 @@ impl QuantRows {
             }
         };
         if m * k >= 1 << 15 {
-            q.par_chunks_mut(kp).zip(scale.par_chunks_mut(groups)).enumerate().for_each(quantize);
+            q.par_chunks_mut(kp)
+                .zip(scale.par_chunks_mut(groups))
+                .enumerate()
+                .for_each(quantize);
         } else {
-            q.chunks_mut(kp).zip(scale.chunks_mut(groups)).enumerate().for_each(quantize);
+            q.chunks_mut(kp)
+                .zip(scale.chunks_mut(groups))
+                .enumerate()
+                .for_each(quantize);
         }
-        QuantRows { m, mp, kp, kernel, q, scale }
+        QuantRows {
+            m,
+            mp,
+            kp,
+            kernel,
+            q,
+            scale,
+        }
     }
 
     /// Rows.
@@ -421,20 +467,31 @@ mod avx2 {
                 let w0 = _mm256_loadu_si256(wp.add(c * PANEL) as *const __m256i);
                 let w1 = _mm256_loadu_si256(wp.add(c * PANEL + 32) as *const __m256i);
                 for i in 0..MR {
-                    let x = _mm256_set1_epi32((xp.add(i * ctx.kp + c) as *const i32).read_unaligned());
-                    sum[i][0] = _mm256_add_epi32(sum[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(x, w0), ones));
-                    sum[i][1] = _mm256_add_epi32(sum[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(x, w1), ones));
+                    let x =
+                        _mm256_set1_epi32((xp.add(i * ctx.kp + c) as *const i32).read_unaligned());
+                    sum[i][0] = _mm256_add_epi32(
+                        sum[i][0],
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(x, w0), ones),
+                    );
+                    sum[i][1] = _mm256_add_epi32(
+                        sum[i][1],
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(x, w1), ones),
+                    );
                 }
             }
             let (sums, sw) = sums(g);
             let (sums, sw) = (sums.as_ptr(), sw.as_ptr());
-            let off = [_mm256_loadu_si256(sums as *const __m256i), _mm256_loadu_si256(sums.add(8) as *const __m256i)];
+            let off = [
+                _mm256_loadu_si256(sums as *const __m256i),
+                _mm256_loadu_si256(sums.add(8) as *const __m256i),
+            ];
             let sw = [_mm256_loadu_ps(sw), _mm256_loadu_ps(sw.add(8))];
             for i in 0..MR {
                 let s = _mm256_set1_ps(*sx.get_unchecked(i * ctx.groups + g));
                 for h in 0..2 {
                     let d = _mm256_sub_epi32(sum[i][h], off[h]);
-                    acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s, sw[h]), acc[i][h]);
+                    acc[i][h] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s, sw[h]), acc[i][h]);
                 }
             }
         }
@@ -466,7 +523,11 @@ mod vnni {
         sums: &dyn Fn(usize, usize) -> (&'a [i32], &'a [f32]),
         out: &mut [[[f32; PANEL]; MR]],
     ) {
-        debug_assert!(xs.len() >= MR * ctx.kp && w.iter().all(|w| w.len() >= PANEL * ctx.kp) && out.len() >= P);
+        debug_assert!(
+            xs.len() >= MR * ctx.kp
+                && w.iter().all(|w| w.len() >= PANEL * ctx.kp)
+                && out.len() >= P
+        );
         let mut acc = [[_mm512_setzero_ps(); P]; MR];
         let (xp, wp) = (xs.as_ptr(), w.map(|w| w.as_ptr()));
         for g in 0..ctx.groups {
@@ -474,7 +535,8 @@ mod vnni {
             for c in group_range(g, ctx.kp).step_by(4) {
                 let wv = wp.map(|w| _mm512_loadu_si512(w.add(c * PANEL) as *const _));
                 for i in 0..MR {
-                    let x = _mm512_set1_epi32((xp.add(i * ctx.kp + c) as *const i32).read_unaligned());
+                    let x =
+                        _mm512_set1_epi32((xp.add(i * ctx.kp + c) as *const i32).read_unaligned());
                     for h in 0..P {
                         sum[i][h] = _mm512_dpbusd_epi32(sum[i][h], x, wv[h]);
                     }
@@ -512,14 +574,20 @@ mod tests {
         let mut y = vec![0f32; m * n];
         for i in 0..m {
             for j in 0..n {
-                y[i * n + j] = (0..k).map(|c| x[i * k + c] as f64 * w[j * k + c] as f64).sum::<f64>() as f32;
+                y[i * n + j] = (0..k)
+                    .map(|c| x[i * k + c] as f64 * w[j * k + c] as f64)
+                    .sum::<f64>() as f32;
             }
         }
         y
     }
 
     fn data(len: usize, seed: usize) -> Vec<f32> {
-        (0..len).map(|i| (((i * 7919 + seed * 104729) % 1013) as f32 / 506.0 - 1.0) * (1.0 + (i % 7) as f32)).collect()
+        (0..len)
+            .map(|i| {
+                (((i * 7919 + seed * 104729) % 1013) as f32 / 506.0 - 1.0) * (1.0 + (i % 7) as f32)
+            })
+            .collect()
     }
 
     fn kernels() -> Vec<Kernel> {
@@ -535,7 +603,13 @@ mod tests {
 
     #[test]
     fn products_are_close_to_f32_at_odd_shapes_on_every_kernel_this_cpu_has() {
-        for &(m, k, n) in &[(1, 1, 1), (3, 5, 7), (5, 64, 3), (17, 130, 33), (9, 576, 70)] {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (3, 5, 7),
+            (5, 64, 3),
+            (17, 130, 33),
+            (9, 576, 70),
+        ] {
             let (x, w) = (data(m * k, 1), data(n * k, 2));
             let want = naive(&x, m, k, &w, n);
             let packed = PackedI8::pack(&w, n, k);
@@ -546,7 +620,10 @@ mod tests {
                 for (g, w) in got.iter().zip(&want) {
                     // 7-bit activations, 8-bit weights: within 2 % of the
                     // largest output.
-                    assert!((g - w).abs() <= 0.02 * scale, "{kernel:?} {m}x{k}x{n}: {g} vs {w}");
+                    assert!(
+                        (g - w).abs() <= 0.02 * scale,
+                        "{kernel:?} {m}x{k}x{n}: {g} vs {w}"
+                    );
                 }
             }
         }
@@ -561,7 +638,10 @@ mod tests {
         for kernel in kernels() {
             let got = packed.matmul_quantized(&QuantRows::new(&x, m, k, kernel));
             for (g, r) in got.iter().zip(&reference) {
-                assert!((g - r).abs() <= 1e-4 * (1.0 + r.abs()), "{kernel:?}: {g} vs {r}");
+                assert!(
+                    (g - r).abs() <= 1e-4 * (1.0 + r.abs()),
+                    "{kernel:?}: {g} vs {r}"
+                );
             }
         }
     }
@@ -574,7 +654,15 @@ mod tests {
         let (m, k, n) = (2, 3 * GROUP, 4);
         let mut x = data(m * k, 5);
         x[3] = 1000.0;
-        let w: Vec<f32> = (0..n * k).map(|i| if i % k < GROUP { 0.0 } else { ((i % 13) as f32 - 6.0) / 6.0 }).collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| {
+                if i % k < GROUP {
+                    0.0
+                } else {
+                    ((i % 13) as f32 - 6.0) / 6.0
+                }
+            })
+            .collect();
         let want = naive(&x, m, k, &w, n);
         let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
         assert!(scale > 1.0, "the products do not vanish: {want:?}");
@@ -591,11 +679,17 @@ mod tests {
         let (m, k, n) = (2, 10, 3);
         let mut x = vec![0f32; m * k];
         let w = data(n * k, 6);
-        assert!(PackedI8::pack(&w, n, k).matmul(&x, m).iter().all(|&v| v == 0.0));
+        assert!(PackedI8::pack(&w, n, k)
+            .matmul(&x, m)
+            .iter()
+            .all(|&v| v == 0.0));
         x[k + 2] = f32::INFINITY;
         for kernel in kernels() {
             let y = PackedI8::pack(&w, n, k).matmul_quantized(&QuantRows::new(&x, m, k, kernel));
-            assert!(y[..n].iter().all(|&v| v == 0.0), "{kernel:?}: the finite row stays exact");
+            assert!(
+                y[..n].iter().all(|&v| v == 0.0),
+                "{kernel:?}: the finite row stays exact"
+            );
             assert!(y[n..].iter().all(|v| v.is_nan()), "{kernel:?}: {y:?}");
         }
     }
@@ -611,9 +705,18 @@ mod speed {
     #[test]
     #[ignore]
     fn speed() {
-        for &(m, k, n) in &[(2048usize, 576usize, 1536usize), (2048, 1536, 576), (32, 576, 1536), (8192, 576, 576)] {
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1013) as f32 / 506.0 - 1.0).collect();
-            let w: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 1013) as f32 / 506.0 - 1.0).collect();
+        for &(m, k, n) in &[
+            (2048usize, 576usize, 1536usize),
+            (2048, 1536, 576),
+            (32, 576, 1536),
+            (8192, 576, 576),
+        ] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7919) % 1013) as f32 / 506.0 - 1.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 104729) % 1013) as f32 / 506.0 - 1.0)
+                .collect();
             let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
             let packed = PackedI8::pack(&w, n, k);
             let kernel = Kernel::detect();

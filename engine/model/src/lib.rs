@@ -12,17 +12,17 @@
 //!
 //! Depends on nothing else of kvembed except the wire protocol's error kinds.
 
-pub mod error;
-pub mod arch;
-pub mod loader;
-pub mod tokenizer;
-pub mod cpu;
-pub mod parallel;
-pub mod matmul;
 pub mod amx;
-pub mod int8;
+pub mod arch;
 pub mod attention;
-pub mod fastmath;
+pub mod cpu;
 pub mod decoder;
+pub mod error;
+pub mod fastmath;
+pub mod int8;
+pub mod loader;
+pub mod matmul;
+pub mod parallel;
+pub mod tokenizer;
 
 pub use error::{EngineError, Result};

@@ -93,8 +93,15 @@ fn resolve_hf_cache(spec: &str) -> Result<ModelSource> {
         None => hf_hub::Cache::from_env(),
     };
     let cache_dir = cache.path().display().to_string();
-    let r = cache.repo(hf_hub::Repo::with_revision(repo.to_string(), hf_hub::RepoType::Model, revision));
-    let not_cached = || EngineError::NotCached { repo: spec.to_string(), cache: cache_dir.clone() };
+    let r = cache.repo(hf_hub::Repo::with_revision(
+        repo.to_string(),
+        hf_hub::RepoType::Model,
+        revision,
+    ));
+    let not_cached = || EngineError::NotCached {
+        repo: spec.to_string(),
+        cache: cache_dir.clone(),
+    };
     let config = r.get("config.json").ok_or_else(not_cached)?;
     let dir = config.parent().ok_or_else(not_cached)?.to_path_buf();
     Ok(ModelSource::HfDir(dir))
@@ -102,8 +109,15 @@ fn resolve_hf_cache(spec: &str) -> Result<ModelSource> {
 
 /// Open tensors by their GGUF names; Hugging Face names are mapped.
 pub enum TensorStore {
-    Gguf { path: PathBuf, content: gguf_file::Content },
-    Safetensors { path: PathBuf, st: candle_core::safetensors::MmapedSafetensors, prefix: String },
+    Gguf {
+        path: PathBuf,
+        content: gguf_file::Content,
+    },
+    Safetensors {
+        path: PathBuf,
+        st: candle_core::safetensors::MmapedSafetensors,
+        prefix: String,
+    },
 }
 
 /// How matmul weights are held on the CPU.
@@ -146,8 +160,11 @@ impl TensorStore {
             ModelSource::Gguf(path) => {
                 let f = File::open(path).map_err(|e| EngineError::io(path, e))?;
                 let mut r = BufReader::new(f);
-                let content = gguf_file::Content::read(&mut r)
-                    .map_err(|e| EngineError::Corrupt { path: path.clone(), reason: e.to_string() })?;
+                let content =
+                    gguf_file::Content::read(&mut r).map_err(|e| EngineError::Corrupt {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
                 let cfg = ArchConfig::from_gguf(&content.metadata, path)?;
                 let mut cfg = cfg;
                 if cfg.vocab_size == 0 {
@@ -157,7 +174,9 @@ impl TensorStore {
                 }
                 // Check that the data section really holds every tensor (a
                 // truncated download is the common corruption).
-                let file_len = std::fs::metadata(path).map_err(|e| EngineError::io(path, e))?.len();
+                let file_len = std::fs::metadata(path)
+                    .map_err(|e| EngineError::io(path, e))?
+                    .len();
                 for (name, info) in &content.tensor_infos {
                     let elems = info.shape.elem_count();
                     let bytes = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
@@ -169,30 +188,59 @@ impl TensorStore {
                     }
                 }
                 cfg.validate(path)?;
-                Ok((TensorStore::Gguf { path: path.clone(), content }, cfg))
+                Ok((
+                    TensorStore::Gguf {
+                        path: path.clone(),
+                        content,
+                    },
+                    cfg,
+                ))
             }
             ModelSource::HfDir(dir) => {
                 let cfg_path = dir.join("config.json");
-                let text = std::fs::read_to_string(&cfg_path).map_err(|e| EngineError::io(&cfg_path, e))?;
-                let v: serde_json::Value = serde_json::from_str(&text)
-                    .map_err(|e| EngineError::Corrupt { path: cfg_path.clone(), reason: e.to_string() })?;
+                let text = std::fs::read_to_string(&cfg_path)
+                    .map_err(|e| EngineError::io(&cfg_path, e))?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| EngineError::Corrupt {
+                        path: cfg_path.clone(),
+                        reason: e.to_string(),
+                    })?;
                 let cfg = ArchConfig::from_hf_config(&v, &cfg_path)?;
                 cfg.validate(&cfg_path)?;
                 let files = safetensors_files(dir)?;
                 // SAFETY: the files are memory-mapped read-only; kvembed never
                 // writes model files, and users must not modify them while loaded.
                 let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
-                    .map_err(|e| EngineError::Corrupt { path: dir.clone(), reason: e.to_string() })?;
-                let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
-                let prefix = ["model.", "language_model.model.", "model.language_model.", ""]
-                    .into_iter()
-                    .find(|p| names.iter().any(|n| *n == format!("{p}embed_tokens.weight")))
-                    .ok_or_else(|| EngineError::NotAModel {
+                    .map_err(|e| EngineError::Corrupt {
                         path: dir.clone(),
-                        reason: "no embed_tokens.weight tensor in the safetensors files".into(),
-                    })?
-                    .to_string();
-                Ok((TensorStore::Safetensors { path: dir.clone(), st, prefix }, cfg))
+                        reason: e.to_string(),
+                    })?;
+                let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+                let prefix = [
+                    "model.",
+                    "language_model.model.",
+                    "model.language_model.",
+                    "",
+                ]
+                .into_iter()
+                .find(|p| {
+                    names
+                        .iter()
+                        .any(|n| *n == format!("{p}embed_tokens.weight"))
+                })
+                .ok_or_else(|| EngineError::NotAModel {
+                    path: dir.clone(),
+                    reason: "no embed_tokens.weight tensor in the safetensors files".into(),
+                })?
+                .to_string();
+                Ok((
+                    TensorStore::Safetensors {
+                        path: dir.clone(),
+                        st,
+                        prefix,
+                    },
+                    cfg,
+                ))
             }
         }
     }
@@ -243,12 +291,17 @@ impl TensorStore {
     pub fn has(&self, name: &str) -> bool {
         match self {
             TensorStore::Gguf { content, .. } => content.tensor_infos.contains_key(name),
-            TensorStore::Safetensors { st, prefix, .. } => st.get(&Self::hf_name(prefix, name)).is_ok(),
+            TensorStore::Safetensors { st, prefix, .. } => {
+                st.get(&Self::hf_name(prefix, name)).is_ok()
+            }
         }
     }
 
     fn missing(&self, name: &str) -> EngineError {
-        EngineError::Corrupt { path: self.path().into(), reason: format!("missing tensor '{name}'") }
+        EngineError::Corrupt {
+            path: self.path().into(),
+            reason: format!("missing tensor '{name}'"),
+        }
     }
 
     fn qtensor(&self, name: &str, dev: &Device) -> Result<QTensor> {
@@ -261,11 +314,17 @@ impl TensorStore {
                 let mut r = BufReader::new(f);
                 content
                     .tensor(&mut r, name, dev)
-                    .map_err(|e| EngineError::Corrupt { path: path.clone(), reason: format!("tensor '{name}': {e}") })
+                    .map_err(|e| EngineError::Corrupt {
+                        path: path.clone(),
+                        reason: format!("tensor '{name}': {e}"),
+                    })
             }
             TensorStore::Safetensors { .. } => {
                 let t = self.tensor(name, dev)?;
-                Ok(QTensor::quantize(&t, candle_core::quantized::GgmlDType::F32)?)
+                Ok(QTensor::quantize(
+                    &t,
+                    candle_core::quantized::GgmlDType::F32,
+                )?)
             }
         }
     }
@@ -276,8 +335,9 @@ impl TensorStore {
             TensorStore::Gguf { .. } => self.dequantized(name, dev),
             TensorStore::Safetensors { st, prefix, path } => {
                 let hf = Self::hf_name(prefix, name);
-                let t = st.load(&hf, dev).map_err(|_| {
-                    EngineError::Corrupt { path: path.clone(), reason: format!("missing tensor '{hf}'") }
+                let t = st.load(&hf, dev).map_err(|_| EngineError::Corrupt {
+                    path: path.clone(),
+                    reason: format!("missing tensor '{hf}'"),
                 })?;
                 Ok(t.to_dtype(DType::F32)?)
             }
@@ -296,12 +356,10 @@ impl TensorStore {
     /// A linear layer's weight `[out, in]`.
     pub fn matmul(&self, name: &str, dev: &Device, format: WeightFormat) -> Result<QMatMul> {
         match self {
-            TensorStore::Gguf { .. } => {
-                Ok(match format {
-                    WeightFormat::Quantized => QMatMul::from_arc(Arc::new(self.qtensor(name, dev)?))?,
-                    _ => QMatMul::Tensor(self.dequantized(name, dev)?),
-                })
-            }
+            TensorStore::Gguf { .. } => Ok(match format {
+                WeightFormat::Quantized => QMatMul::from_arc(Arc::new(self.qtensor(name, dev)?))?,
+                _ => QMatMul::Tensor(self.dequantized(name, dev)?),
+            }),
             TensorStore::Safetensors { .. } => Ok(QMatMul::Tensor(self.tensor(name, dev)?)),
         }
     }
@@ -311,7 +369,9 @@ impl TensorStore {
     /// (the decoder stores it in the compute dtype).
     pub fn embedding(&self, name: &str, dev: &Device) -> Result<Embedding> {
         match self {
-            TensorStore::Gguf { .. } if !dev.is_cpu() => Ok(Embedding::Dense(self.dequantized(name, dev)?)),
+            TensorStore::Gguf { .. } if !dev.is_cpu() => {
+                Ok(Embedding::Dense(self.dequantized(name, dev)?))
+            }
             TensorStore::Gguf { .. } => {
                 let q = self.qtensor(name, dev)?;
                 if q.dtype() == candle_core::quantized::GgmlDType::F32 {
@@ -382,13 +442,22 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(|e| EngineError::io(&index, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| EngineError::Corrupt { path: index.clone(), reason: e.to_string() })?;
-        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| EngineError::Corrupt {
-            path: index.clone(),
-            reason: "no weight_map".into(),
-        })?;
-        let mut files: Vec<String> = map.values().filter_map(|x| x.as_str().map(str::to_string)).collect();
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| EngineError::Corrupt {
+                path: index.clone(),
+                reason: e.to_string(),
+            })?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| EngineError::Corrupt {
+                path: index.clone(),
+                reason: "no weight_map".into(),
+            })?;
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|x| x.as_str().map(str::to_string))
+            .collect();
         files.sort();
         files.dedup();
         let files: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
@@ -409,7 +478,10 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(EngineError::NotAModel { path: dir.into(), reason: "no *.safetensors files".into() });
+        return Err(EngineError::NotAModel {
+            path: dir.into(),
+            reason: "no *.safetensors files".into(),
+        });
     }
     Ok(files)
 }
@@ -420,11 +492,26 @@ mod tests {
 
     #[test]
     fn hf_names_map() {
-        assert_eq!(TensorStore::hf_name("model.", "blk.3.attn_q.weight"), "model.layers.3.self_attn.q_proj.weight");
-        assert_eq!(TensorStore::hf_name("model.", "blk.0.attn_k.bias"), "model.layers.0.self_attn.k_proj.bias");
-        assert_eq!(TensorStore::hf_name("model.", "token_embd.weight"), "model.embed_tokens.weight");
-        assert_eq!(TensorStore::hf_name("model.", "output_norm.weight"), "model.norm.weight");
-        assert_eq!(TensorStore::hf_name("model.", "output.weight"), "lm_head.weight");
+        assert_eq!(
+            TensorStore::hf_name("model.", "blk.3.attn_q.weight"),
+            "model.layers.3.self_attn.q_proj.weight"
+        );
+        assert_eq!(
+            TensorStore::hf_name("model.", "blk.0.attn_k.bias"),
+            "model.layers.0.self_attn.k_proj.bias"
+        );
+        assert_eq!(
+            TensorStore::hf_name("model.", "token_embd.weight"),
+            "model.embed_tokens.weight"
+        );
+        assert_eq!(
+            TensorStore::hf_name("model.", "output_norm.weight"),
+            "model.norm.weight"
+        );
+        assert_eq!(
+            TensorStore::hf_name("model.", "output.weight"),
+            "lm_head.weight"
+        );
     }
 
     #[test]
@@ -448,8 +535,13 @@ mod tests {
 
     #[test]
     fn uncached_repo_id_is_reported() {
-        std::env::set_var("HF_HUB_CACHE", std::env::temp_dir().join("kvembed-empty-hf-cache"));
-        let err = resolve("someone/not-a-cached-model").map(|_| ()).unwrap_err();
+        std::env::set_var(
+            "HF_HUB_CACHE",
+            std::env::temp_dir().join("kvembed-empty-hf-cache"),
+        );
+        let err = resolve("someone/not-a-cached-model")
+            .map(|_| ())
+            .unwrap_err();
         assert!(matches!(err, EngineError::NotCached { .. }), "{err}");
     }
 }

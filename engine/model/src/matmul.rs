@@ -60,7 +60,11 @@ impl Gemm {
     /// strides address (reads of `lhs`/`rhs`, writes of `dst`, reads of
     /// `dst` too when `read_dst`), and `dst` must not overlap the inputs.
     pub unsafe fn run(&self, dst: *mut f32, lhs: *const f32, rhs: *const f32) {
-        let threads = if self.parallel { rayon::current_num_threads() } else { 1 };
+        let threads = if self.parallel {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
         macro_rules! call {
             ($gemm:ident) => {
                 $gemm::gemm(
@@ -82,7 +86,11 @@ impl Gemm {
                     false,
                     false,
                     false,
-                    if threads > 1 { $gemm::Parallelism::Rayon(threads) } else { $gemm::Parallelism::None },
+                    if threads > 1 {
+                        $gemm::Parallelism::Rayon(threads)
+                    } else {
+                        $gemm::Parallelism::None
+                    },
                 )
             };
         }
@@ -120,7 +128,9 @@ mod tests {
         let mut y = vec![0f32; rows * n];
         for r in 0..rows {
             for c in 0..n {
-                y[r * n + c] = (0..k).map(|i| x[r * k + i] as f64 * wt[i * n + c] as f64).sum::<f64>() as f32;
+                y[r * n + c] = (0..k)
+                    .map(|i| x[r * k + i] as f64 * wt[i * n + c] as f64)
+                    .sum::<f64>() as f32;
             }
         }
         y
@@ -129,11 +139,18 @@ mod tests {
     #[test]
     fn matmul_agrees_with_the_naive_product_at_odd_shapes() {
         for &(rows, k, n) in &[(1, 1, 1), (3, 5, 7), (17, 64, 33), (64, 96, 130)] {
-            let x: Vec<f32> = (0..rows * k).map(|i| ((i * 7919) % 23) as f32 / 11.0 - 1.0).collect();
-            let w: Vec<f32> = (0..k * n).map(|i| ((i * 104729) % 31) as f32 / 15.0 - 1.0).collect();
+            let x: Vec<f32> = (0..rows * k)
+                .map(|i| ((i * 7919) % 23) as f32 / 11.0 - 1.0)
+                .collect();
+            let w: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 104729) % 31) as f32 / 15.0 - 1.0)
+                .collect();
             let (got, want) = (matmul(&x, rows, k, &w, n), naive(&x, rows, k, &w, n));
             for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{rows}x{k}x{n}: {g} vs {w}");
+                assert!(
+                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{rows}x{k}x{n}: {g} vs {w}"
+                );
             }
         }
     }

@@ -69,7 +69,10 @@ fn md_f32s(md: &HashMap<String, Value>, key: &str) -> Option<Vec<f32>> {
 }
 
 impl TextTokenizer {
-    pub fn from_gguf(content: &candle_core::quantized::gguf_file::Content, path: &Path) -> Result<TextTokenizer> {
+    pub fn from_gguf(
+        content: &candle_core::quantized::gguf_file::Content,
+        path: &Path,
+    ) -> Result<TextTokenizer> {
         let md = &content.metadata;
         let kind = match md.get("tokenizer.ggml.model") {
             Some(Value::String(s)) => s.to_lowercase(),
@@ -80,14 +83,16 @@ impl TextTokenizer {
                 )))
             }
         };
-        let tokens = md_strings(md, "tokenizer.ggml.tokens")
-            .ok_or_else(|| EngineError::TokenizerMismatch("GGUF tokenizer has no token list".into()))?;
+        let tokens = md_strings(md, "tokenizer.ggml.tokens").ok_or_else(|| {
+            EngineError::TokenizerMismatch("GGUF tokenizer has no token list".into())
+        })?;
         let bos = md_u32(md, "tokenizer.ggml.bos_token_id");
         let eos = md_u32(md, "tokenizer.ggml.eos_token_id");
         let inner = match kind.as_str() {
             "gpt2" => {
                 use candle_core::quantized::tokenizer::TokenizerFromGguf;
-                let mut tk = Tokenizer::from_gguf(content).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+                let mut tk = Tokenizer::from_gguf(content)
+                    .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
                 let pre = match md.get("tokenizer.ggml.pre") {
                     Some(Value::String(s)) => s.clone(),
                     _ => "gpt2".into(),
@@ -121,29 +126,49 @@ impl TextTokenizer {
             }
         };
         let add_bos = md_bool(md, "tokenizer.ggml.add_bos_token").unwrap_or(kind == "llama");
-        Ok(TextTokenizer { vocab_size: tokens.len(), inner, bos, eos, add_bos })
+        Ok(TextTokenizer {
+            vocab_size: tokens.len(),
+            inner,
+            bos,
+            eos,
+            add_bos,
+        })
     }
 
     pub fn from_file(path: &Path, config: &serde_json::Value) -> Result<TextTokenizer> {
         let mut inner = Tokenizer::from_file(path)
             .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
-        let bos = config.get("bos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
+        let bos = config
+            .get("bos_token_id")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as u32);
         let eos = config
             .get("eos_token_id")
             .and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(|x| x.as_u64())))
             .map(|v| v as u32);
         // Does the tokenizer's own post-processor put BOS in front? Then the
         // model expects it.
-        let probe = inner.encode("a", true).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let probe = inner
+            .encode("a", true)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         let add_bos = bos.is_some() && probe.get_ids().first().copied() == bos;
         inner.with_post_processor(None::<tokenizers::processors::PostProcessorWrapper>);
         let vocab_size = inner.get_vocab_size(true);
-        Ok(TextTokenizer { inner, bos, eos, add_bos, vocab_size })
+        Ok(TextTokenizer {
+            inner,
+            bos,
+            eos,
+            add_bos,
+            vocab_size,
+        })
     }
 
     /// Token ids of a piece of text, without special tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -157,7 +182,9 @@ impl TextTokenizer {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| EngineError::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -182,7 +209,11 @@ fn spm_from_scores(md: &HashMap<String, Value>, tokens: &[String]) -> Result<Tok
             .collect(),
         _ => vec![1; tokens.len()],
     };
-    let vocab: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let vocab: HashMap<String, u32> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
     let mut merges: Vec<(f32, u32, String, String)> = Vec::new();
     for (id, tok) in tokens.iter().enumerate() {
         // Only normal tokens are built by merges (1 = normal in llama.cpp).
@@ -192,7 +223,12 @@ fn spm_from_scores(md: &HashMap<String, Value>, tokens: &[String]) -> Result<Tok
         for (split, _) in tok.char_indices().skip(1) {
             let (l, r) = tok.split_at(split);
             if vocab.contains_key(l) && vocab.contains_key(r) {
-                merges.push((scores.get(id).copied().unwrap_or(0.0), id as u32, l.to_string(), r.to_string()));
+                merges.push((
+                    scores.get(id).copied().unwrap_or(0.0),
+                    id as u32,
+                    l.to_string(),
+                    r.to_string(),
+                ));
             }
         }
     }
@@ -205,19 +241,29 @@ fn spm_from_scores(md: &HashMap<String, Value>, tokens: &[String]) -> Result<Tok
             .then(vocab[&a.2].cmp(&vocab[&b.2]))
     });
     let merges: Vec<(String, String)> = merges.into_iter().map(|(_, _, l, r)| (l, r)).collect();
-    let unk = md_u32(md, "tokenizer.ggml.unknown_token_id").and_then(|i| tokens.get(i as usize)).cloned();
+    let unk = md_u32(md, "tokenizer.ggml.unknown_token_id")
+        .and_then(|i| tokens.get(i as usize))
+        .cloned();
     let vocab: tokenizers::models::bpe::Vocab = vocab.into_iter().collect();
-    let mut b = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true);
+    let mut b = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true);
     if let Some(u) = unk {
         b = b.unk_token(u);
     }
-    let bpe = b.build().map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+    let bpe = b
+        .build()
+        .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
     let mut tk = Tokenizer::new(bpe);
     let mut norms: Vec<NormalizerWrapper> = Vec::new();
     if md_bool(md, "tokenizer.ggml.add_space_prefix").unwrap_or(false) {
         norms.push(tokenizers::normalizers::prepend::Prepend::new("▁".into()).into());
     }
-    norms.push(Replace::new(" ", "▁").map_err(|e| EngineError::Tokenizer(e.to_string()))?.into());
+    norms.push(
+        Replace::new(" ", "▁")
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?
+            .into(),
+    );
     tk.with_normalizer(Some(tokenizers::normalizers::Sequence::new(norms)))
         .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
     // Control / user-defined tokens (e.g. <start_of_turn>) are matched whole.
@@ -227,12 +273,15 @@ fn spm_from_scores(md: &HashMap<String, Value>, tokens: &[String]) -> Result<Tok
         .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
         .map(|(_, t)| tokenizers::AddedToken::from(t.clone(), true))
         .collect();
-    tk.add_special_tokens(specials).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+    tk.add_special_tokens(specials)
+        .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
     tk.with_decoder(Some(tokenizers::decoders::sequence::Sequence::new(vec![
         tokenizers::decoders::DecoderWrapper::Replace(
             Replace::new("▁", " ").map_err(|e| EngineError::Tokenizer(e.to_string()))?,
         ),
-        tokenizers::decoders::DecoderWrapper::ByteFallback(tokenizers::decoders::byte_fallback::ByteFallback::new()),
+        tokenizers::decoders::DecoderWrapper::ByteFallback(
+            tokenizers::decoders::byte_fallback::ByteFallback::new(),
+        ),
         tokenizers::decoders::DecoderWrapper::Fuse(tokenizers::decoders::fuse::Fuse::new()),
     ])));
     Ok(tk)

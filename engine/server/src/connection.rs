@@ -16,14 +16,20 @@ use crate::log;
 use crate::state::Shared;
 
 pub(crate) fn handle_connection(stream: UnixStream, shared: &Shared) {
-    let Ok(read_half) = stream.try_clone() else { return };
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
     let mut reader = BufReader::new(read_half);
     let mut writer = BufWriter::new(&stream);
     loop {
         let request: Request = match proto::read_json(&mut reader) {
             Ok(r) => r,
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                let _ = refuse(&mut writer, ErrorKind::Protocol, format!("bad request: {e}"));
+                let _ = refuse(
+                    &mut writer,
+                    ErrorKind::Protocol,
+                    format!("bad request: {e}"),
+                );
                 return;
             }
             Err(_) => return, // the client closed the connection
@@ -41,7 +47,12 @@ enum Next {
     Close,
 }
 
-fn answer<W: Write>(shared: &Shared, stream: &UnixStream, writer: &mut W, request: Request) -> io::Result<Next> {
+fn answer<W: Write>(
+    shared: &Shared,
+    stream: &UnixStream,
+    writer: &mut W,
+    request: Request,
+) -> io::Result<Next> {
     let pid = std::process::id();
     match request {
         Request::Hello { version } if version == proto::PROTOCOL_VERSION => {
@@ -78,11 +89,25 @@ fn answer<W: Write>(shared: &Shared, stream: &UnixStream, writer: &mut W, reques
             log("shutting down on request");
             std::process::exit(0);
         }
-        Request::Embed { texts, role, options } => {
-            return run(shared, stream, writer, admit_embed(shared, texts, role, options));
+        Request::Embed {
+            texts,
+            role,
+            options,
+        } => {
+            return run(
+                shared,
+                stream,
+                writer,
+                admit_embed(shared, texts, role, options),
+            );
         }
         Request::SelectLayers { texts, options } => {
-            return run(shared, stream, writer, admit_selection(shared, texts, options));
+            return run(
+                shared,
+                stream,
+                writer,
+                admit_selection(shared, texts, options),
+            );
         }
     }
     Ok(Next::Read)
@@ -112,11 +137,21 @@ fn refuse<W: Write>(writer: &mut W, kind: ErrorKind, message: String) -> io::Res
 /// Queues the work and waits for its outcome. Returns `None` when the client
 /// went away meanwhile (the job is marked abandoned so the inference thread
 /// skips it if it has not started it yet).
-pub(crate) fn submit<W: Write>(shared: &Shared, stream: &UnixStream, writer: &mut W, work: Work) -> Option<Outcome> {
+pub(crate) fn submit<W: Write>(
+    shared: &Shared,
+    stream: &UnixStream,
+    writer: &mut W,
+    work: Work,
+) -> Option<Outcome> {
     let (tx, rx) = mpsc::channel();
     let abandoned = Arc::new(AtomicBool::new(false));
     let client = stream.try_clone().ok().map(Arc::new);
-    shared.queue.lock().push_back(Job { work, reply: tx, abandoned: abandoned.clone(), client });
+    shared.queue.lock().push_back(Job {
+        work,
+        reply: tx,
+        abandoned: abandoned.clone(),
+        client,
+    });
     shared.queue_changed.notify_one();
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
@@ -134,7 +169,10 @@ pub(crate) fn submit<W: Write>(shared: &Shared, stream: &UnixStream, writer: &mu
                 }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Some(Outcome::Error(ErrorKind::Internal, "the inference thread stopped".into()))
+                return Some(Outcome::Error(
+                    ErrorKind::Internal,
+                    "the inference thread stopped".into(),
+                ))
             }
         }
     }
@@ -142,17 +180,33 @@ pub(crate) fn submit<W: Write>(shared: &Shared, stream: &UnixStream, writer: &mu
 
 pub(crate) fn send_outcome<W: Write>(w: &mut W, outcome: Outcome) -> io::Result<()> {
     match outcome {
-        Outcome::Embeddings { vectors, dim, truncated, tokens } => {
+        Outcome::Embeddings {
+            vectors,
+            dim,
+            truncated,
+            tokens,
+        } => {
             proto::write_json(
                 w,
-                &Response::Embeddings { count: vectors.len(), dim, truncated, tokens },
+                &Response::Embeddings {
+                    count: vectors.len(),
+                    dim,
+                    truncated,
+                    tokens,
+                },
             )?;
             let flat: Vec<f32> = vectors.into_iter().flatten().collect();
             proto::write_f32s(w, &flat)
         }
         Outcome::Layers(sel, texts, model_id) => proto::write_json(
             w,
-            &Response::Layers { curve: sel.curve, selected: sel.selected, rule: sel.rule, texts, model_id },
+            &Response::Layers {
+                curve: sel.curve,
+                selected: sel.selected,
+                rule: sel.rule,
+                texts,
+                model_id,
+            },
         ),
         Outcome::Progress(done, total) => proto::write_json(w, &Response::Progress { done, total }),
         Outcome::Error(kind, message) => proto::write_json(w, &Response::Error { kind, message }),

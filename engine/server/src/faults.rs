@@ -28,11 +28,15 @@ pub(crate) fn inject(fault: Option<Fault>) {
 /// with `--allow-faults`; otherwise says why not.
 pub(crate) fn arm(shared: &Shared, fault: Fault) -> std::result::Result<(), String> {
     if !shared.opts.allow_faults {
-        return Err("fault injection is off in this engine (it was started without --allow-faults; \
+        return Err(
+            "fault injection is off in this engine (it was started without --allow-faults; \
                     in PostgreSQL: kvembed.debug_faults = on)"
-            .into());
+                .into(),
+        );
     }
-    log(&format!("fault armed for the next embedding batch: {fault:?}"));
+    log(&format!(
+        "fault armed for the next embedding batch: {fault:?}"
+    ));
     *shared.fault.lock() = Some(fault);
     Ok(())
 }

@@ -10,7 +10,10 @@ use std::sync::{mpsc, Arc};
 
 pub(crate) enum Work {
     Embed(EmbedWork),
-    SelectLayers { texts: Vec<String>, options: SelectOptions },
+    SelectLayers {
+        texts: Vec<String>,
+        options: SelectOptions,
+    },
 }
 
 /// An `Embed` request, run in slices of at most one batch budget: after each
@@ -32,8 +35,22 @@ pub(crate) struct EmbedWork {
 }
 
 impl EmbedWork {
-    pub(crate) fn new(texts: Vec<String>, cost: Vec<usize>, role: Role, options: EmbedOptions) -> EmbedWork {
-        EmbedWork { texts, cost, role, options, next: 0, vectors: Vec::new(), truncated: Vec::new(), tokens: 0 }
+    pub(crate) fn new(
+        texts: Vec<String>,
+        cost: Vec<usize>,
+        role: Role,
+        options: EmbedOptions,
+    ) -> EmbedWork {
+        EmbedWork {
+            texts,
+            cost,
+            role,
+            options,
+            next: 0,
+            vectors: Vec::new(),
+            truncated: Vec::new(),
+            tokens: 0,
+        }
     }
 
     pub(crate) fn remaining_cost(&self) -> usize {
@@ -62,7 +79,12 @@ impl EmbedWork {
 pub(crate) enum Outcome {
     /// Intermediate: `done` of `total` texts processed (select-layers only).
     Progress(usize, usize),
-    Embeddings { vectors: Vec<Vec<f32>>, dim: usize, truncated: Vec<Truncation>, tokens: usize },
+    Embeddings {
+        vectors: Vec<Vec<f32>>,
+        dim: usize,
+        truncated: Vec<Truncation>,
+        tokens: usize,
+    },
     Layers(LayerSelection, usize, String),
     Error(ErrorKind, String),
 }

@@ -125,7 +125,9 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
                 // Queued requests wait for this thread alone: if it ever
                 // ends, the process must go, so that the supervisor starts
                 // a fresh one instead of leaving every statement waiting.
-                let end = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inference_loop(&shared)));
+                let end = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    inference_loop(&shared)
+                }));
                 let why = match end {
                     Ok(()) => "it returned".to_string(),
                     Err(panic) => panic_message(&panic),
@@ -183,9 +185,25 @@ mod tests {
 
     fn job_of(role: Role, bias: Option<f32>, cost: Vec<usize>) -> (Job, mpsc::Receiver<Outcome>) {
         let (tx, rx) = mpsc::channel();
-        let options = EmbedOptions { bias, ..Default::default() };
-        let work = Work::Embed(EmbedWork::new(vec!["x".into(); cost.len()], cost, role, options));
-        (Job { work, reply: tx, abandoned: Arc::new(AtomicBool::new(false)), client: None }, rx)
+        let options = EmbedOptions {
+            bias,
+            ..Default::default()
+        };
+        let work = Work::Embed(EmbedWork::new(
+            vec!["x".into(); cost.len()],
+            cost,
+            role,
+            options,
+        ));
+        (
+            Job {
+                work,
+                reply: tx,
+                abandoned: Arc::new(AtomicBool::new(false)),
+                client: None,
+            },
+            rx,
+        )
     }
 
     fn job(role: Role, bias: Option<f32>, tokens: usize) -> (Job, mpsc::Receiver<Outcome>) {
@@ -243,10 +261,10 @@ mod tests {
         let mut keep = Vec::new();
         for (role, bias, tokens) in [
             (Role::Document, None, 40),
-            (Role::Query, None, 10),      // other role: stays queued
+            (Role::Query, None, 10),         // other role: stays queued
             (Role::Document, Some(1.0), 10), // other options: stays queued
             (Role::Document, None, 50),
-            (Role::Document, None, 20),   // over budget: next batch
+            (Role::Document, None, 20), // over budget: next batch
         ] {
             let (j, rx) = job(role, bias, tokens);
             keep.push(rx);
@@ -292,7 +310,11 @@ mod tests {
         let listener = bind(&sock).unwrap();
         let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let dir_mode = std::fs::metadata(sock.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+        let dir_mode = std::fs::metadata(sock.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(dir_mode, 0o700);
         // A live server is never replaced.
         assert!(bind(&sock).is_err());

@@ -34,16 +34,28 @@ pub(crate) fn admit_embed(
             proto::MAX_FRAME
         ));
     }
-    if let Some(expected) = options.expect_model.as_ref().filter(|m| **m != info.model_id) {
+    if let Some(expected) = options
+        .expect_model
+        .as_ref()
+        .filter(|m| **m != info.model_id)
+    {
         return Err(refusal((
             ErrorKind::ModelChanged,
-            format!("the request was prepared for model '{expected}', the engine now serves '{}'", info.model_id),
+            format!(
+                "the request was prepared for model '{expected}', the engine now serves '{}'",
+                info.model_id
+            ),
         )));
     }
     // The session's limit, else the server's default; never above the
     // administrator's ceiling.
-    let asked = options.max_tokens.or((shared.opts.max_tokens > 0).then_some(shared.opts.max_tokens));
-    let cap = asked.unwrap_or(info.max_tokens).min(shared.opts.token_limit(info.context)).max(1);
+    let asked = options
+        .max_tokens
+        .or((shared.opts.max_tokens > 0).then_some(shared.opts.max_tokens));
+    let cap = asked
+        .unwrap_or(info.max_tokens)
+        .min(shared.opts.token_limit(info.context))
+        .max(1);
     options.max_tokens = Some(cap);
     let truncate = options.truncate != Some(false);
     if truncate {
@@ -53,7 +65,9 @@ pub(crate) fn admit_embed(
     }
     // What each text costs a pass (for slicing and packing), and without
     // truncation the refusal of a text over the limit, up front.
-    let (fixed, slots) = embedder.prompt_cost(role, &options).map_err(|e| refusal((e.kind(), e.to_string())))?;
+    let (fixed, slots) = embedder
+        .prompt_cost(role, &options)
+        .map_err(|e| refusal((e.kind(), e.to_string())))?;
     let mut cost = Vec::with_capacity(texts.len());
     for (index, t) in texts.iter().enumerate() {
         let tokens = if truncate {
@@ -61,7 +75,13 @@ pub(crate) fn admit_embed(
         } else {
             match exact_tokens(&embedder, t, cap) {
                 Some(n) if n <= cap => n,
-                tokens => return Err(Response::TooLong { index, tokens, max: cap }),
+                tokens => {
+                    return Err(Response::TooLong {
+                        index,
+                        tokens,
+                        max: cap,
+                    })
+                }
             }
         };
         cost.push(fixed + slots * tokens.min(cap));
@@ -99,7 +119,12 @@ pub(crate) fn admit_selection(
     }
     let (_, info) = shared.wait_loaded().map_err(refusal)?;
     let cap = shared.opts.token_limit(info.context);
-    options.max_tokens = Some(options.max_tokens.unwrap_or(proto::DEFAULT_MAX_TOKENS).min(cap));
+    options.max_tokens = Some(
+        options
+            .max_tokens
+            .unwrap_or(proto::DEFAULT_MAX_TOKENS)
+            .min(cap),
+    );
     Ok(Work::SelectLayers { texts, options })
 }
 

@@ -9,7 +9,10 @@
 //! kvembed cpu
 //! ```
 
-use kvembed_core::proto::{EmbedOptions, Role, DEFAULT_BATCH_TOKENS, DEFAULT_MAX_CALIBRATION_TEXTS, DEFAULT_MAX_TOKENS_LIMIT};
+use kvembed_core::proto::{
+    EmbedOptions, Role, DEFAULT_BATCH_TOKENS, DEFAULT_MAX_CALIBRATION_TEXTS,
+    DEFAULT_MAX_TOKENS_LIMIT,
+};
 use kvembed_core::{Embedder, EngineError, LoadSpec, Result};
 use kvembed_server::{serve, ServeOptions};
 use std::collections::HashMap;
@@ -38,7 +41,11 @@ struct Args {
 
 impl Args {
     fn parse(args: &[String], valued: &[&'static str], switches: &[&'static str]) -> Result<Args> {
-        let mut out = Args { values: HashMap::new(), switches: Vec::new(), positional: Vec::new() };
+        let mut out = Args {
+            values: HashMap::new(),
+            switches: Vec::new(),
+            positional: Vec::new(),
+        };
         let mut it = args.iter();
         while let Some(a) = it.next() {
             let Some(flag) = a.strip_prefix("--") else {
@@ -56,13 +63,19 @@ impl Args {
             if let Some(&n) = valued.iter().find(|&&n| n == name) {
                 let v = match inline {
                     Some(v) => v,
-                    None => it.next().cloned().ok_or_else(|| EngineError::invalid(n, "needs a value"))?,
+                    None => it
+                        .next()
+                        .cloned()
+                        .ok_or_else(|| EngineError::invalid(n, "needs a value"))?,
                 };
                 out.values.insert(n, v);
             } else if let Some(&n) = switches.iter().find(|&&n| n == name && inline.is_none()) {
                 out.switches.push(n);
             } else {
-                return Err(EngineError::invalid("arguments", format!("unknown flag --{name}\n{USAGE}")));
+                return Err(EngineError::invalid(
+                    "arguments",
+                    format!("unknown flag --{name}\n{USAGE}"),
+                ));
             }
         }
         Ok(out)
@@ -73,13 +86,16 @@ impl Args {
     }
 
     fn required(&self, name: &'static str) -> Result<String> {
-        self.string(name).ok_or_else(|| EngineError::invalid(name, format!("--{name} is required")))
+        self.string(name)
+            .ok_or_else(|| EngineError::invalid(name, format!("--{name} is required")))
     }
 
     fn number(&self, name: &'static str, default: usize) -> Result<usize> {
         match self.values.get(name) {
             None => Ok(default),
-            Some(v) => v.parse().map_err(|_| EngineError::invalid(name, format!("not a number: {v:?}"))),
+            Some(v) => v
+                .parse()
+                .map_err(|_| EngineError::invalid(name, format!("not a number: {v:?}"))),
         }
     }
 }
@@ -87,7 +103,16 @@ impl Args {
 fn serve_command(args: &[String]) -> Result<()> {
     let a = Args::parse(
         args,
-        &["socket", "model", "device", "threads", "batch-tokens", "max-tokens", "max-tokens-limit", "max-calibration-texts"],
+        &[
+            "socket",
+            "model",
+            "device",
+            "threads",
+            "batch-tokens",
+            "max-tokens",
+            "max-tokens-limit",
+            "max-calibration-texts",
+        ],
         &["allow-faults"],
     )?;
     serve(ServeOptions {
@@ -115,12 +140,22 @@ fn embed_command(args: &[String]) -> Result<()> {
         weights: None,
     };
     let e = Embedder::load(&spec)?;
-    let role = if a.switches.contains(&"query") { Role::Query } else { Role::Document };
+    let role = if a.switches.contains(&"query") {
+        Role::Query
+    } else {
+        Role::Document
+    };
     let out = e.embed(&a.positional, role, &EmbedOptions::default())?;
     for t in &out.truncated {
-        eprintln!("kvembed: notice: text {} truncated from {} to {} tokens", t.index, t.tokens, t.kept);
+        eprintln!(
+            "kvembed: notice: text {} truncated from {} to {} tokens",
+            t.index, t.tokens, t.kept
+        );
     }
-    println!("{}", serde_json::to_string(&out.vectors).map_err(|e| EngineError::Other(e.to_string()))?);
+    println!(
+        "{}",
+        serde_json::to_string(&out.vectors).map_err(|e| EngineError::Other(e.to_string()))?
+    );
     Ok(())
 }
 

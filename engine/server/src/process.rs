@@ -62,7 +62,9 @@ pub(crate) fn exit_with_parent() {
         }
         std::thread::sleep(Duration::from_millis(500));
     };
-    let _ = std::thread::Builder::new().name("kvembed-parent".into()).spawn(watch);
+    let _ = std::thread::Builder::new()
+        .name("kvembed-parent".into())
+        .spawn(watch);
 }
 
 /// The model's memory lives here, not in PostgreSQL: if the machine runs out

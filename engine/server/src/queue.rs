@@ -72,7 +72,9 @@ pub(crate) fn take_batch(shared: &Shared) -> Vec<(Job, usize)> {
             continue;
         }
         let fits = match (&job.work, &batch[0].0.work) {
-            (Work::Embed(w), Work::Embed(lead)) => w.same_kind(lead) && total + w.remaining_cost() <= budget,
+            (Work::Embed(w), Work::Embed(lead)) => {
+                w.same_kind(lead) && total + w.remaining_cost() <= budget
+            }
             _ => false,
         };
         if fits {
@@ -93,8 +95,16 @@ pub(crate) fn take_batch(shared: &Shared) -> Vec<(Job, usize)> {
 /// Runs one slice: `count` texts of each job, from where it stands. A job
 /// that is done gets its reply; one with texts left goes to the back of the
 /// queue.
-pub(crate) fn run_embed_batch(shared: &Shared, embedder: &Embedder, dim: usize, batch: Vec<(Job, usize)>) {
-    let mut batch: Vec<(Job, usize)> = batch.into_iter().filter(|(j, _)| !j.is_abandoned()).collect();
+pub(crate) fn run_embed_batch(
+    shared: &Shared,
+    embedder: &Embedder,
+    dim: usize,
+    batch: Vec<(Job, usize)>,
+) {
+    let mut batch: Vec<(Job, usize)> = batch
+        .into_iter()
+        .filter(|(j, _)| !j.is_abandoned())
+        .collect();
     if batch.is_empty() {
         return;
     }
@@ -119,19 +129,26 @@ pub(crate) fn run_embed_batch(shared: &Shared, embedder: &Embedder, dim: usize, 
     let anyone_waits = someone_waits();
     match outcome {
         Ok(out) => {
-            shared.tokens_served.fetch_add(out.tokens as u64, Ordering::Relaxed);
+            shared
+                .tokens_served
+                .fetch_add(out.tokens as u64, Ordering::Relaxed);
             let mut vectors = out.vectors.into_iter();
             let mut offset = 0;
             let mut unfinished = Vec::new();
             for (mut job, count) in batch.drain(..) {
-                let Work::Embed(w) = &mut job.work else { continue };
+                let Work::Embed(w) = &mut job.work else {
+                    continue;
+                };
                 w.vectors.extend(vectors.by_ref().take(count));
                 let start = w.next;
                 w.truncated.extend(
                     out.truncated
                         .iter()
                         .filter(|tr| tr.index >= offset && tr.index < offset + count)
-                        .map(|tr| Truncation { index: tr.index - offset + start, ..tr.clone() }),
+                        .map(|tr| Truncation {
+                            index: tr.index - offset + start,
+                            ..tr.clone()
+                        }),
                 );
                 w.tokens += w.cost[start..start + count].iter().sum::<usize>();
                 w.next += count;
@@ -141,7 +158,9 @@ pub(crate) fn run_embed_batch(shared: &Shared, embedder: &Embedder, dim: usize, 
                     continue;
                 }
                 shared.requests_served.fetch_add(1, Ordering::Relaxed);
-                shared.texts_served.fetch_add(w.texts.len() as u64, Ordering::Relaxed);
+                shared
+                    .texts_served
+                    .fetch_add(w.texts.len() as u64, Ordering::Relaxed);
                 let _ = job.reply.send(Outcome::Embeddings {
                     vectors: std::mem::take(&mut w.vectors),
                     dim,
@@ -175,7 +194,9 @@ pub(crate) fn run_select_layers(embedder: &Embedder, job: Job) {
     if job.is_abandoned() {
         return;
     }
-    let Work::SelectLayers { texts, options } = &job.work else { return };
+    let Work::SelectLayers { texts, options } = &job.work else {
+        return;
+    };
     let total = texts.len();
     let mut done = 0;
     // A layer selection can take minutes: stop between batches once its
@@ -196,12 +217,15 @@ pub(crate) fn run_select_layers(embedder: &Embedder, job: Job) {
 
 /// Runs engine code, turning both errors and panics into (kind, message): a
 /// panic in one request must not take the server down for everyone else.
-pub(crate) fn guarded<T>(f: impl FnOnce() -> Result<T>) -> std::result::Result<T, (ErrorKind, String)> {
+pub(crate) fn guarded<T>(
+    f: impl FnOnce() -> Result<T>,
+) -> std::result::Result<T, (ErrorKind, String)> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err((e.kind(), e.to_string())),
-        Err(panic) => {
-            Err((ErrorKind::Internal, format!("the engine panicked: {}", panic_message(&panic))))
-        }
+        Err(panic) => Err((
+            ErrorKind::Internal,
+            format!("the engine panicked: {}", panic_message(&panic)),
+        )),
     }
 }

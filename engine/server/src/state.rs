@@ -47,7 +47,9 @@ impl Shared {
     }
 
     /// Blocks until the load has finished, one way or the other.
-    pub(crate) fn wait_loaded(&self) -> std::result::Result<(Arc<Embedder>, ModelInfo), (ErrorKind, String)> {
+    pub(crate) fn wait_loaded(
+        &self,
+    ) -> std::result::Result<(Arc<Embedder>, ModelInfo), (ErrorKind, String)> {
         let mut state = self.model.lock();
         loop {
             match &*state {
@@ -61,7 +63,9 @@ impl Shared {
     pub(crate) fn status(&self) -> proto::Status {
         let queue_depth = self.queue.lock().len();
         let threads = match self.opts.threads {
-            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             n => n,
         };
         let mut s = proto::Status {
@@ -121,8 +125,12 @@ pub(crate) fn load_model(shared: &Shared) {
                 .to_string(),
         ))
     } else {
-        let spec =
-            LoadSpec { model: opts.model.clone(), device: opts.device.clone(), threads: opts.threads, weights: None };
+        let spec = LoadSpec {
+            model: opts.model.clone(),
+            device: opts.device.clone(),
+            threads: opts.threads,
+            weights: None,
+        };
         match std::panic::catch_unwind(|| Embedder::load(&spec)) {
             Ok(Ok(mut embedder)) => {
                 // One budget for both: the queue packs requests up to it and
@@ -156,7 +164,11 @@ pub(crate) fn load_model(shared: &Shared) {
             log(&format!("model load failed: {message}"));
             // Whatever the engine called it, a load failure is a load failure
             // for the client; keep Internal only for panics inside candle.
-            let kind = if kind == ErrorKind::InvalidInput { ErrorKind::ModelLoad } else { kind };
+            let kind = if kind == ErrorKind::InvalidInput {
+                ErrorKind::ModelLoad
+            } else {
+                kind
+            };
             ModelState::Failed(kind, message)
         }
     };

@@ -15,7 +15,11 @@ fn model() -> String {
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models"));
     let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.is_file(), "{} missing: run scripts/fetch-models.sh smollm2", p.display());
+    assert!(
+        p.is_file(),
+        "{} missing: run scripts/fetch-models.sh smollm2",
+        p.display()
+    );
     p.to_string_lossy().into_owned()
 }
 
@@ -39,7 +43,15 @@ impl Server {
         let _ = std::fs::remove_dir_all(&dir);
         let socket = dir.join("engine.sock");
         let child = Command::new(env!("CARGO_BIN_EXE_kvembed"))
-            .args(["serve", "--socket", socket.to_str().unwrap(), "--model", &model(), "--threads", "2"])
+            .args([
+                "serve",
+                "--socket",
+                socket.to_str().unwrap(),
+                "--model",
+                &model(),
+                "--threads",
+                "2",
+            ])
             .args(extra)
             .stdin(Stdio::null())
             .spawn()
@@ -52,14 +64,19 @@ impl Server {
                     return server;
                 }
             }
-            assert!(started.elapsed() < Duration::from_secs(120), "the server did not get ready");
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "the server did not get ready"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
 
     fn try_connect(&self) -> std::io::Result<Conn> {
         let mut c = Conn(UnixStream::connect(&self.socket)?);
-        match c.call(&Request::Hello { version: proto::PROTOCOL_VERSION })? {
+        match c.call(&Request::Hello {
+            version: proto::PROTOCOL_VERSION,
+        })? {
             Response::Hello { .. } => Ok(c),
             other => panic!("unexpected greeting {other:?}"),
         }
@@ -91,22 +108,37 @@ impl Conn {
         texts: Vec<String>,
         options: EmbedOptions,
     ) -> Result<(Vec<Vec<f32>>, Vec<proto::Truncation>), (proto::ErrorKind, String)> {
-        match self.call(&Request::Embed { texts, role: Role::Document, options }).unwrap() {
-            Response::Embeddings { count, dim, truncated, .. } => {
+        match self
+            .call(&Request::Embed {
+                texts,
+                role: Role::Document,
+                options,
+            })
+            .unwrap()
+        {
+            Response::Embeddings {
+                count,
+                dim,
+                truncated,
+                ..
+            } => {
                 let values = proto::read_f32s_exact(&mut self.0, count * dim).unwrap();
                 Ok((values.chunks(dim).map(<[f32]>::to_vec).collect(), truncated))
             }
             Response::Error { kind, message } => Err((kind, message)),
-            Response::TooLong { index, tokens, max } => {
-                Err((proto::ErrorKind::TooLong, format!("text {index} has {tokens:?} tokens, more than {max}")))
-            }
+            Response::TooLong { index, tokens, max } => Err((
+                proto::ErrorKind::TooLong,
+                format!("text {index} has {tokens:?} tokens, more than {max}"),
+            )),
             other => panic!("unexpected {other:?}"),
         }
     }
 }
 
 fn texts(n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("text number {i}: a short sentence about topic {}", i % 17)).collect()
+    (0..n)
+        .map(|i| format!("text number {i}: a short sentence about topic {}", i % 17))
+        .collect()
 }
 
 #[test]
@@ -119,13 +151,20 @@ fn a_cancelled_request_stops_within_one_forward_pass() {
     let mut victim = server.connect();
     proto::write_json(
         &mut victim.0,
-        &Request::Embed { texts: texts(3000), role: Role::Document, options: EmbedOptions::default() },
+        &Request::Embed {
+            texts: texts(3000),
+            role: Role::Document,
+            options: EmbedOptions::default(),
+        },
     )
     .unwrap();
     // Let it run a few passes, then go away as a cancelled statement does.
     let started = Instant::now();
     while watcher.status().forward_passes < before + 3 {
-        assert!(started.elapsed() < Duration::from_secs(120), "the request never started");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the request never started"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     drop(victim);
@@ -134,7 +173,9 @@ fn a_cancelled_request_stops_within_one_forward_pass() {
     // The next request is served as soon as the cancelled one has stopped
     // (requests run one after the other), and needs one pass itself.
     let mut other = server.connect();
-    other.embed(vec!["the next statement".into()], EmbedOptions::default()).unwrap();
+    other
+        .embed(vec!["the next statement".into()], EmbedOptions::default())
+        .unwrap();
     let after = watcher.status().forward_passes;
     assert!(
         after - at_cancel <= 2,
@@ -142,57 +183,106 @@ fn a_cancelled_request_stops_within_one_forward_pass() {
         after - at_cancel
     );
     // And the cancelled request really was far from done.
-    let (_, _) = other.embed(texts(3000)[..8].to_vec(), EmbedOptions::default()).unwrap();
-    assert!(at_cancel - before < 50, "the cancel came late: {} passes had run", at_cancel - before);
+    let (_, _) = other
+        .embed(texts(3000)[..8].to_vec(), EmbedOptions::default())
+        .unwrap();
+    assert!(
+        at_cancel - before < 50,
+        "the cancel came late: {} passes had run",
+        at_cancel - before
+    );
 }
 
 #[test]
 fn no_request_goes_above_the_servers_limits() {
-    let server =
-        Server::start("limits", &["--max-tokens-limit", "32", "--max-calibration-texts", "40", "--batch-tokens", "4096"]);
+    let server = Server::start(
+        "limits",
+        &[
+            "--max-tokens-limit",
+            "32",
+            "--max-calibration-texts",
+            "40",
+            "--batch-tokens",
+            "4096",
+        ],
+    );
     let mut c = server.connect();
     let status = c.status();
     assert_eq!(status.max_tokens_limit, 32);
-    assert_eq!(status.max_tokens, 32, "the default may not exceed the limit");
+    assert_eq!(
+        status.max_tokens, 32,
+        "the default may not exceed the limit"
+    );
     assert_eq!(status.max_calibration_texts, 40);
 
     let long = "lorem ipsum dolor sit amet ".repeat(60); // ~300 tokens
-    // Asking for more tokens than the limit truncates to the limit...
-    let wide = EmbedOptions { max_tokens: Some(100_000), ..Default::default() };
+                                                         // Asking for more tokens than the limit truncates to the limit...
+    let wide = EmbedOptions {
+        max_tokens: Some(100_000),
+        ..Default::default()
+    };
     let (v_wide, truncated) = c.embed(vec![long.clone()], wide).unwrap();
     assert_eq!(truncated.len(), 1, "{truncated:?}");
     assert_eq!(truncated[0].kept, 32);
     assert!(truncated[0].tokens > 200, "{truncated:?}");
     // ... and gives exactly what 32 tokens give.
-    let at_limit = EmbedOptions { max_tokens: Some(32), ..Default::default() };
+    let at_limit = EmbedOptions {
+        max_tokens: Some(32),
+        ..Default::default()
+    };
     let (v_limit, _) = c.embed(vec![long.clone()], at_limit).unwrap();
     assert_eq!(v_wide, v_limit);
     // With truncation off the text is refused, never run in full; the
     // refusal names the text by its place in the request and its length.
-    let strict = EmbedOptions { max_tokens: Some(100_000), truncate: Some(false), ..Default::default() };
+    let strict = EmbedOptions {
+        max_tokens: Some(100_000),
+        truncate: Some(false),
+        ..Default::default()
+    };
     let passes = c.status().forward_passes;
-    let request = Request::Embed { texts: vec!["short".into(), long], role: Role::Document, options: strict.clone() };
+    let request = Request::Embed {
+        texts: vec!["short".into(), long],
+        role: Role::Document,
+        options: strict.clone(),
+    };
     match c.call(&request).unwrap() {
-        Response::TooLong { index: 1, tokens: Some(tokens), max: 32 } => assert!(tokens > 200, "{tokens}"),
+        Response::TooLong {
+            index: 1,
+            tokens: Some(tokens),
+            max: 32,
+        } => assert!(tokens > 200, "{tokens}"),
         other => panic!("the second text must be refused as too long: {other:?}"),
     }
     // Megabytes are not tokenised to say so: their length is "more than 32".
-    let request = Request::Embed { texts: vec!["x".repeat(10 << 20)], role: Role::Document, options: strict };
+    let request = Request::Embed {
+        texts: vec!["x".repeat(10 << 20)],
+        role: Role::Document,
+        options: strict,
+    };
     match c.call(&request).unwrap() {
-        Response::TooLong { index: 0, tokens: None, max: 32 } => {}
+        Response::TooLong {
+            index: 0,
+            tokens: None,
+            max: 32,
+        } => {}
         other => panic!("a 10 MB text must be refused as more than 32 tokens: {other:?}"),
     }
     assert_eq!(c.status().forward_passes, passes);
 
     // Too many texts in one request: refused before any work.
     let passes = c.status().forward_passes;
-    let (kind, message) = c.embed(texts(proto::MAX_REQUEST_TEXTS + 1), EmbedOptions::default()).unwrap_err();
+    let (kind, message) = c
+        .embed(texts(proto::MAX_REQUEST_TEXTS + 1), EmbedOptions::default())
+        .unwrap_err();
     assert_eq!(kind, proto::ErrorKind::InvalidInput, "{message}");
     assert!(message.contains("split it"), "{message}");
     assert_eq!(c.status().forward_passes, passes);
 
     // A layer selection over more texts than allowed: refused before any work.
-    let request = Request::SelectLayers { texts: texts(41), options: SelectOptions::default() };
+    let request = Request::SelectLayers {
+        texts: texts(41),
+        options: SelectOptions::default(),
+    };
     match c.call(&request).unwrap() {
         Response::Error { kind, message } => {
             assert_eq!(kind, proto::ErrorKind::InvalidInput, "{message}");
@@ -230,7 +320,15 @@ fn garbage_on_the_socket_is_refused_and_the_server_serves_on() {
             // A valid request with a byte flipped.
             _ => {
                 let mut frame = Vec::new();
-                proto::write_json(&mut frame, &Request::Embed { texts: vec!["x".into()], role: Role::Query, options: EmbedOptions::default() }).unwrap();
+                proto::write_json(
+                    &mut frame,
+                    &Request::Embed {
+                        texts: vec!["x".into()],
+                        role: Role::Query,
+                        options: EmbedOptions::default(),
+                    },
+                )
+                .unwrap();
                 let at = 4 + (next() as usize) % (frame.len() - 4);
                 frame[at] ^= 0x5a;
                 s.write_all(&frame)
@@ -241,18 +339,28 @@ fn garbage_on_the_socket_is_refused_and_the_server_serves_on() {
         // valid) or a closed connection; never a hang or a dead server.
         let mut reply = Vec::new();
         let _ = s.shutdown(std::net::Shutdown::Write);
-        s.read_to_end(&mut reply).expect("the server answers or closes, within 10 s");
-        if let Ok(Response::Error { kind: proto::ErrorKind::Protocol, .. }) = proto::read_json::<_, Response>(&mut &reply[..]) {
+        s.read_to_end(&mut reply)
+            .expect("the server answers or closes, within 10 s");
+        if let Ok(Response::Error {
+            kind: proto::ErrorKind::Protocol,
+            ..
+        }) = proto::read_json::<_, Response>(&mut &reply[..])
+        {
             refused += 1;
         }
     }
-    assert!(refused > 50, "only {refused} of 200 garbage requests got a protocol error");
+    assert!(
+        refused > 50,
+        "only {refused} of 200 garbage requests got a protocol error"
+    );
     // The same process serves on.
     let mut after = server.connect();
     let status = after.status();
     assert_eq!(status.state, proto::EngineState::Ready);
     assert!(status.requests_served >= served);
-    after.embed(vec!["still serving".into()], EmbedOptions::default()).unwrap();
+    after
+        .embed(vec!["still serving".into()], EmbedOptions::default())
+        .unwrap();
 }
 
 #[test]
@@ -264,16 +372,25 @@ fn requests_name_the_model_they_were_prepared_for() {
     // Prepared for another model (the engine restarted with a new one since
     // the session looked up its calibration): refused, nothing runs.
     let passes = status.forward_passes;
-    let stale = EmbedOptions { expect_model: Some("llama:/elsewhere/other.gguf:30x576:1".into()), ..Default::default() };
+    let stale = EmbedOptions {
+        expect_model: Some("llama:/elsewhere/other.gguf:30x576:1".into()),
+        ..Default::default()
+    };
     let (kind, message) = c.embed(vec!["x".into()], stale).unwrap_err();
     assert_eq!(kind, proto::ErrorKind::ModelChanged, "{message}");
     assert!(message.contains(&status.model_id), "{message}");
     assert_eq!(c.status().forward_passes, passes);
     // Prepared for this one: served.
-    let current = EmbedOptions { expect_model: Some(status.model_id.clone()), ..Default::default() };
+    let current = EmbedOptions {
+        expect_model: Some(status.model_id.clone()),
+        ..Default::default()
+    };
     c.embed(vec!["x".into()], current).unwrap();
     // A layer selection names the model it ran on.
-    let request = Request::SelectLayers { texts: texts(16), options: SelectOptions::default() };
+    let request = Request::SelectLayers {
+        texts: texts(16),
+        options: SelectOptions::default(),
+    };
     proto::write_json(&mut c.0, &request).unwrap();
     loop {
         match proto::read_json::<_, Response>(&mut c.0).unwrap() {
@@ -294,36 +411,73 @@ fn a_large_request_does_not_hold_the_engine_for_the_others() {
     let before = watcher.status().forward_passes;
     let big = texts(400);
     let mut a = server.connect();
-    proto::write_json(&mut a.0, &Request::Embed { texts: big.clone(), role: Role::Document, options: EmbedOptions::default() })
-        .unwrap();
+    proto::write_json(
+        &mut a.0,
+        &Request::Embed {
+            texts: big.clone(),
+            role: Role::Document,
+            options: EmbedOptions::default(),
+        },
+    )
+    .unwrap();
     let started = Instant::now();
     while watcher.status().forward_passes < before + 3 {
-        assert!(started.elapsed() < Duration::from_secs(120), "the request never started");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the request never started"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // Another session's text comes in while the large request runs: it
     // waits for the slice running (a batch budget), not for the request.
     let mut b = server.connect();
     let asked_at = watcher.status().forward_passes;
-    b.embed(vec!["a short question from another session".into()], EmbedOptions::default()).unwrap();
+    b.embed(
+        vec!["a short question from another session".into()],
+        EmbedOptions::default(),
+    )
+    .unwrap();
     let waited = watcher.status().forward_passes - asked_at;
-    assert!(waited <= 4, "the other session waited {waited} forward passes");
+    assert!(
+        waited <= 4,
+        "the other session waited {waited} forward passes"
+    );
     // The large request completes, each text with the vector it has alone.
     let (vectors, truncated) = match proto::read_json::<_, Response>(&mut a.0).unwrap() {
-        Response::Embeddings { count, dim, truncated, .. } => {
+        Response::Embeddings {
+            count,
+            dim,
+            truncated,
+            ..
+        } => {
             let values = proto::read_f32s_exact(&mut a.0, count * dim).unwrap();
-            (values.chunks(dim).map(<[f32]>::to_vec).collect::<Vec<_>>(), truncated)
+            (
+                values.chunks(dim).map(<[f32]>::to_vec).collect::<Vec<_>>(),
+                truncated,
+            )
         }
         other => panic!("unexpected {other:?}"),
     };
     assert_eq!(vectors.len(), big.len());
     assert!(truncated.is_empty());
     let total = watcher.status().forward_passes - before;
-    assert!(total > 20, "the request ran in only {total} passes: not sliced as the test assumes");
+    assert!(
+        total > 20,
+        "the request ran in only {total} passes: not sliced as the test assumes"
+    );
     for i in [0, 199, 399] {
-        let (alone, _) = b.embed(vec![big[i].clone()], EmbedOptions::default()).unwrap();
-        let diff = alone[0].iter().zip(&vectors[i]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        assert!(diff <= 1e-6, "text {i} differs by {diff} from its vector alone");
+        let (alone, _) = b
+            .embed(vec![big[i].clone()], EmbedOptions::default())
+            .unwrap();
+        let diff = alone[0]
+            .iter()
+            .zip(&vectors[i])
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff <= 1e-6,
+            "text {i} differs by {diff} from its vector alone"
+        );
     }
 }
 
@@ -334,19 +488,35 @@ fn a_large_request_does_not_hold_the_engine_for_the_others() {
 fn faults_are_armed_only_where_the_server_allows_them() {
     let plain = Server::start("faults-off", &[]);
     let mut c = plain.connect();
-    match c.call(&Request::Fault { fault: proto::Fault::Panic }).unwrap() {
+    match c
+        .call(&Request::Fault {
+            fault: proto::Fault::Panic,
+        })
+        .unwrap()
+    {
         Response::Error { kind, message } => {
             assert_eq!(kind, proto::ErrorKind::InvalidInput);
-            assert!(message.contains("--allow-faults") && message.contains("kvembed.debug_faults"), "{message}");
+            assert!(
+                message.contains("--allow-faults") && message.contains("kvembed.debug_faults"),
+                "{message}"
+            );
         }
         other => panic!("a fault was armed without --allow-faults: {other:?}"),
     }
     // Nothing was armed: the next batch succeeds.
-    assert_eq!(c.embed(texts(2), EmbedOptions::default()).unwrap().0.len(), 2);
+    assert_eq!(
+        c.embed(texts(2), EmbedOptions::default()).unwrap().0.len(),
+        2
+    );
 
     let testing = Server::start("faults-on", &["--allow-faults"]);
     let mut c = testing.connect();
-    match c.call(&Request::Fault { fault: proto::Fault::Panic }).unwrap() {
+    match c
+        .call(&Request::Fault {
+            fault: proto::Fault::Panic,
+        })
+        .unwrap()
+    {
         Response::FaultArmed { .. } => {}
         other => panic!("with --allow-faults the fault must be armed: {other:?}"),
     }
@@ -354,7 +524,10 @@ fn faults_are_armed_only_where_the_server_allows_them() {
     assert_eq!(kind, proto::ErrorKind::Internal);
     assert!(message.contains("injected fault"), "{message}");
     // The panic failed that batch only.
-    assert_eq!(c.embed(texts(2), EmbedOptions::default()).unwrap().0.len(), 2);
+    assert_eq!(
+        c.embed(texts(2), EmbedOptions::default()).unwrap().0.len(),
+        2
+    );
 }
 
 /// `Describe` answers what a request with given options runs on the loaded
@@ -365,7 +538,8 @@ fn describe_says_what_a_request_runs() {
     let server = Server::start("describe", &[]);
     let mut c = server.connect();
     let status = c.status();
-    let mut describe = |options: EmbedOptions| match c.call(&Request::Describe { options }).unwrap() {
+    let mut describe = |options: EmbedOptions| match c.call(&Request::Describe { options }).unwrap()
+    {
         Response::Described(info) => info,
         other => panic!("unexpected {other:?}"),
     };
@@ -374,12 +548,21 @@ fn describe_says_what_a_request_runs() {
     assert_eq!(kv.layers, status.default_layers);
     assert_eq!(kv.bias, Some(status.default_bias));
     assert_eq!(kv.document_prompt, status.document_prompt);
-    let paper = describe(EmbedOptions { method: Some("kv-paper".into()), ..Default::default() });
+    let paper = describe(EmbedOptions {
+        method: Some("kv-paper".into()),
+        ..Default::default()
+    });
     assert_eq!(paper.method, "kv-paper");
     assert_eq!(paper.layers.len(), 3);
-    assert_ne!(paper.layers, kv.layers, "kv-paper re-routes at its own window");
+    assert_ne!(
+        paper.layers, kv.layers,
+        "kv-paper re-routes at its own window"
+    );
     assert_ne!(paper.document_prompt, kv.document_prompt);
-    let mean = describe(EmbedOptions { method: Some("mean".into()), ..Default::default() });
+    let mean = describe(EmbedOptions {
+        method: Some("mean".into()),
+        ..Default::default()
+    });
     assert!(mean.layers.is_empty() && mean.bias.is_none(), "{mean:?}");
     let set = describe(EmbedOptions {
         method: Some("kv-paper".into()),
@@ -388,7 +571,15 @@ fn describe_says_what_a_request_runs() {
         ..Default::default()
     });
     assert_eq!((set.layers, set.bias), (vec![2, 3], Some(2.5)));
-    match c.call(&Request::Describe { options: EmbedOptions { method: Some("nope".into()), ..Default::default() } }).unwrap() {
+    match c
+        .call(&Request::Describe {
+            options: EmbedOptions {
+                method: Some("nope".into()),
+                ..Default::default()
+            },
+        })
+        .unwrap()
+    {
         Response::Error { kind, .. } => assert_eq!(kind, proto::ErrorKind::InvalidInput),
         other => panic!("an unknown method must be refused: {other:?}"),
     }

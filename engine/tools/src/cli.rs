@@ -1,8 +1,8 @@
 //! Command implementations of the `kvembed` tool.
 
+use crate::eval::{self, StsSet};
 use crate::{MethodArgs, ModelArgs};
 use indicatif::{ProgressBar, ProgressStyle};
-use crate::eval::{self, StsSet};
 use kvembed_core::proto::{EmbedOptions, Role, SelectOptions};
 use kvembed_core::{Embedder, EngineError, Result};
 use std::collections::HashMap;
@@ -16,10 +16,17 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
 
 pub fn read_lines(path: &Path) -> Result<Vec<String>> {
     let lines: Vec<String> = if path == Path::new("-") {
-        std::io::stdin().lock().lines().collect::<std::io::Result<_>>().map_err(io_err(path))?
+        std::io::stdin()
+            .lock()
+            .lines()
+            .collect::<std::io::Result<_>>()
+            .map_err(io_err(path))?
     } else {
         let f = std::fs::File::open(path).map_err(io_err(path))?;
-        std::io::BufReader::new(f).lines().collect::<std::io::Result<_>>().map_err(io_err(path))?
+        std::io::BufReader::new(f)
+            .lines()
+            .collect::<std::io::Result<_>>()
+            .map_err(io_err(path))?
     };
     Ok(lines.into_iter().filter(|l| !l.trim().is_empty()).collect())
 }
@@ -39,7 +46,13 @@ pub fn progress(len: usize, what: &str) -> ProgressBar {
 /// Tokens (prompts included) embedded by `embed_all` so far in this process.
 pub static TOKENS_EMBEDDED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-pub fn embed_all(e: &Embedder, texts: &[String], role: Role, opts: &EmbedOptions, what: &str) -> Result<Vec<Vec<f32>>> {
+pub fn embed_all(
+    e: &Embedder,
+    texts: &[String],
+    role: Role,
+    opts: &EmbedOptions,
+    what: &str,
+) -> Result<Vec<Vec<f32>>> {
     let pb = progress(texts.len(), what);
     let mut out = Vec::with_capacity(texts.len());
     for chunk in texts.chunks(256) {
@@ -64,26 +77,46 @@ pub fn embed(
         texts.extend(read_lines(f)?);
     }
     if texts.is_empty() {
-        return Err(EngineError::invalid("input", "no texts (give them as arguments or with --file)"));
+        return Err(EngineError::invalid(
+            "input",
+            "no texts (give them as arguments or with --file)",
+        ));
     }
     let e = model.load_for(method)?;
     let role = if query { Role::Query } else { Role::Document };
     let opts = method.options()?;
     let out = e.embed(&texts, role, &opts)?;
     for t in &out.truncated {
-        eprintln!("kvembed: notice: text {} truncated from {} to {} tokens", t.index, t.tokens, t.kept);
+        eprintln!(
+            "kvembed: notice: text {} truncated from {} to {} tokens",
+            t.index, t.tokens, t.kept
+        );
     }
     match npy {
         Some(p) => {
             crate::npy::write_npy_f32(p, &out.vectors).map_err(io_err(p))?;
-            eprintln!("wrote {} x {} to {}", out.vectors.len(), e.info().dim, p.display());
+            eprintln!(
+                "wrote {} x {} to {}",
+                out.vectors.len(),
+                e.info().dim,
+                p.display()
+            );
         }
-        None => println!("{}", serde_json::to_string(&out.vectors).map_err(|e| EngineError::Other(e.to_string()))?),
+        None => println!(
+            "{}",
+            serde_json::to_string(&out.vectors).map_err(|e| EngineError::Other(e.to_string()))?
+        ),
     }
     Ok(())
 }
 
-pub fn select_layers(model: &ModelArgs, file: &Path, sample: usize, opts: &SelectOptions, representation: String) -> Result<()> {
+pub fn select_layers(
+    model: &ModelArgs,
+    file: &Path,
+    sample: usize,
+    opts: &SelectOptions,
+    representation: String,
+) -> Result<()> {
     let mut texts = read_lines(file)?;
     texts.truncate(sample.max(1));
     let mut e = model.load()?;
@@ -103,11 +136,20 @@ pub fn select_layers(model: &ModelArgs, file: &Path, sample: usize, opts: &Selec
 }
 
 /// Spearman × 100 per STS file, embedding each distinct sentence once.
-pub fn eval_sts(e: &Embedder, sets: &[StsSet], opts: &EmbedOptions, limit: usize) -> Result<Vec<(String, String, f64)>> {
+pub fn eval_sts(
+    e: &Embedder,
+    sets: &[StsSet],
+    opts: &EmbedOptions,
+    limit: usize,
+) -> Result<Vec<(String, String, f64)>> {
     let mut uniq: HashMap<&str, usize> = HashMap::new();
     let mut texts: Vec<String> = Vec::new();
     for s in sets {
-        for p in s.pairs.iter().take(if limit == 0 { usize::MAX } else { limit }) {
+        for p in s
+            .pairs
+            .iter()
+            .take(if limit == 0 { usize::MAX } else { limit })
+        {
             for t in [&p.a, &p.b] {
                 if !uniq.contains_key(t.as_str()) {
                     uniq.insert(t.as_str(), texts.len());
@@ -119,10 +161,21 @@ pub fn eval_sts(e: &Embedder, sets: &[StsSet], opts: &EmbedOptions, limit: usize
     let vecs = embed_all(e, &texts, Role::Document, opts, "sts")?;
     let mut out = Vec::new();
     for s in sets {
-        let pairs: Vec<_> = s.pairs.iter().take(if limit == 0 { usize::MAX } else { limit }).collect();
-        let sims: Vec<f64> = pairs.iter().map(|p| eval::cosine(&vecs[uniq[p.a.as_str()]], &vecs[uniq[p.b.as_str()]])).collect();
+        let pairs: Vec<_> = s
+            .pairs
+            .iter()
+            .take(if limit == 0 { usize::MAX } else { limit })
+            .collect();
+        let sims: Vec<f64> = pairs
+            .iter()
+            .map(|p| eval::cosine(&vecs[uniq[p.a.as_str()]], &vecs[uniq[p.b.as_str()]]))
+            .collect();
         let gold: Vec<f64> = pairs.iter().map(|p| p.score).collect();
-        out.push((s.group.clone(), s.name.clone(), 100.0 * eval::spearman(&sims, &gold)));
+        out.push((
+            s.group.clone(),
+            s.name.clone(),
+            100.0 * eval::spearman(&sims, &gold),
+        ));
     }
     Ok(out)
 }
@@ -162,12 +215,20 @@ pub fn eval_beir(
     let mut b = eval::load_beir(root, split).map_err(io_err(root))?;
     if max_queries > 0 && b.queries.len() > max_queries {
         b.queries.truncate(max_queries);
-        let kept: std::collections::HashSet<String> = b.queries.iter().map(|q| q.0.clone()).collect();
+        let kept: std::collections::HashSet<String> =
+            b.queries.iter().map(|q| q.0.clone()).collect();
         b.qrels.retain(|q, _| kept.contains(q));
     }
-    let judged: std::collections::HashSet<&str> =
-        b.qrels.values().flat_map(|m| m.keys().map(String::as_str)).collect();
-    let mut docs: Vec<&(String, String)> = b.corpus.iter().filter(|d| judged.contains(d.0.as_str())).collect();
+    let judged: std::collections::HashSet<&str> = b
+        .qrels
+        .values()
+        .flat_map(|m| m.keys().map(String::as_str))
+        .collect();
+    let mut docs: Vec<&(String, String)> = b
+        .corpus
+        .iter()
+        .filter(|d| judged.contains(d.0.as_str()))
+        .collect();
     for d in &b.corpus {
         if max_docs > 0 && docs.len() >= max_docs {
             break;
@@ -184,7 +245,11 @@ pub fn eval_beir(
     let qv = embed_all(e, &q_texts, Role::Query, opts, "queries")?;
     let ndcg = eval::retrieval_ndcg(&qv, &q_ids, &dv, &doc_ids, &b.qrels, 10);
     // Alignment over (query, relevant document) pairs; uniformity over documents.
-    let pos: HashMap<&str, usize> = doc_ids.iter().enumerate().map(|(i, d)| (d.as_str(), i)).collect();
+    let pos: HashMap<&str, usize> = doc_ids
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.as_str(), i))
+        .collect();
     let (mut pa, mut pb) = (Vec::new(), Vec::new());
     for (qi, q) in q_ids.iter().enumerate() {
         if let Some(rel) = b.qrels.get(q) {
@@ -225,7 +290,10 @@ pub fn eval(
     json: bool,
 ) -> Result<()> {
     if sts.is_none() && beir.is_none() {
-        return Err(EngineError::invalid("eval", "give --sts DIR and/or --beir DIR"));
+        return Err(EngineError::invalid(
+            "eval",
+            "give --sts DIR and/or --beir DIR",
+        ));
     }
     let e = model.load_for(method)?;
     let opts = method.options()?;
@@ -250,7 +318,14 @@ pub fn eval(
         }
     }
     if let Some(root) = beir {
-        let r = eval_beir(&e, root, split, &opts, limits.beir_docs, limits.beir_queries)?;
+        let r = eval_beir(
+            &e,
+            root,
+            split,
+            &opts,
+            limits.beir_docs,
+            limits.beir_queries,
+        )?;
         if json {
             report.insert(
                 "retrieval".into(),
@@ -274,22 +349,46 @@ pub fn eval(
 pub fn synthetic_texts(e: &Embedder, batch: usize, tokens: usize) -> Result<Vec<Vec<u32>>> {
     let base = "the quick brown fox jumps over the lazy dog while a database indexes vectors for semantic search ";
     let ids = e.tokenizer.encode(&base.repeat(tokens / 8 + 2))?;
-    Ok((0..batch).map(|i| ids.iter().cycle().skip(i % 7).take(tokens).copied().collect()).collect())
+    Ok((0..batch)
+        .map(|i| {
+            ids.iter()
+                .cycle()
+                .skip(i % 7)
+                .take(tokens)
+                .copied()
+                .collect()
+        })
+        .collect())
 }
 
 /// The forward options of `m` (its re-routing resolved for this model).
-fn forward_options(e: &Embedder, m: &kvembed_core::method::Method) -> Result<kvembed_core::model::decoder::ForwardOptions> {
+fn forward_options(
+    e: &Embedder,
+    m: &kvembed_core::method::Method,
+) -> Result<kvembed_core::model::decoder::ForwardOptions> {
     let n = e.decoder.cfg.n_layers;
     let reroute = match &m.reroute {
-        Some(r) => Some(kvembed_core::model::decoder::Reroute::new(&r.layers.resolve(n, e.decoder.cfg.family), n, r.bias, r.prefix)?),
+        Some(r) => Some(kvembed_core::model::decoder::Reroute::new(
+            &r.layers.resolve(n, e.decoder.cfg.family),
+            n,
+            r.bias,
+            r.prefix,
+        )?),
         None => None,
     };
-    Ok(kvembed_core::model::decoder::ForwardOptions { reroute, ..Default::default() })
+    Ok(kvembed_core::model::decoder::ForwardOptions {
+        reroute,
+        ..Default::default()
+    })
 }
 
 /// Seconds of one pass over `seqs`, packed by the embedder's token budget as
 /// embedding does.
-fn forward_seconds(e: &Embedder, seqs: &[Vec<u32>], fo: &kvembed_core::model::decoder::ForwardOptions) -> Result<f64> {
+fn forward_seconds(
+    e: &Embedder,
+    seqs: &[Vec<u32>],
+    fo: &kvembed_core::model::decoder::ForwardOptions,
+) -> Result<f64> {
     let per_batch = (e.batch_tokens / seqs.first().map_or(1, |s| s.len().max(1))).max(1);
     let t0 = Instant::now();
     for chunk in seqs.chunks(per_batch) {
@@ -301,11 +400,19 @@ fn forward_seconds(e: &Embedder, seqs: &[Vec<u32>], fo: &kvembed_core::model::de
 /// Median seconds of the forward pass (no prompt, no pooling) over `batch`
 /// synthetic texts of exactly `len` tokens with `method`'s re-routing, after
 /// a warm-up, and the tokens/s that gives.
-pub fn time_forward(e: &Embedder, method: &str, batch: usize, len: usize, repeat: usize) -> Result<(f64, f64)> {
+pub fn time_forward(
+    e: &Embedder,
+    method: &str,
+    batch: usize,
+    len: usize,
+    repeat: usize,
+) -> Result<(f64, f64)> {
     let fopts = forward_options(e, &kvembed_core::method::Method::from_name(method)?)?;
     let seqs = synthetic_texts(e, batch, len)?;
     forward_seconds(e, &seqs, &fopts)?;
-    let times = (0..repeat.max(1)).map(|_| forward_seconds(e, &seqs, &fopts)).collect::<Result<Vec<f64>>>()?;
+    let times = (0..repeat.max(1))
+        .map(|_| forward_seconds(e, &seqs, &fopts))
+        .collect::<Result<Vec<f64>>>()?;
     let med = median(&times);
     Ok((med, (batch * len) as f64 / med))
 }
@@ -335,7 +442,9 @@ pub fn bench(
 ) -> Result<()> {
     let e = model.load_for(method)?;
     let opts = method.options()?;
-    let m = kvembed_core::method::Method::from_name(opts.method.as_deref().unwrap_or("kv"))?.with_options(&opts)?.with_knobs(&e.knobs)?;
+    let m = kvembed_core::method::Method::from_name(opts.method.as_deref().unwrap_or("kv"))?
+        .with_options(&opts)?
+        .with_knobs(&e.knobs)?;
     let seqs = synthetic_texts(&e, batch, tokens)?;
     if let Some(p) = dump_tokens {
         // The exact ids the timed forward passes see (no prompt, no BOS), so
@@ -352,7 +461,9 @@ pub fn bench(
         Some(name) => {
             let mut o = opts.clone();
             o.method = Some(name.to_string());
-            let m2 = kvembed_core::method::Method::from_name(name)?.with_options(&o)?.with_knobs(&e.knobs)?;
+            let m2 = kvembed_core::method::Method::from_name(name)?
+                .with_options(&o)?
+                .with_knobs(&e.knobs)?;
             let f2 = forward_options(&e, &m2)?;
             Some((m2, f2))
         }
@@ -421,7 +532,13 @@ pub fn bench(
 /// `bench --file`: end-to-end embedding (prompt, tokenizer, forward passes
 /// packed by `--batch-tokens`, pooling) of real texts, as the server does for
 /// one large request. A warm-up on the first 64 texts, then `repeat` timed runs.
-pub fn bench_texts(model: &ModelArgs, method: &MethodArgs, file: &Path, repeat: usize, json: bool) -> Result<()> {
+pub fn bench_texts(
+    model: &ModelArgs,
+    method: &MethodArgs,
+    file: &Path,
+    repeat: usize,
+    json: bool,
+) -> Result<()> {
     let texts = read_lines(file)?;
     if texts.is_empty() {
         return Err(EngineError::invalid("file", "no texts"));

@@ -447,7 +447,9 @@ pub fn chance_ndcg_at_k(n_docs: usize, k: usize) -> f64 {
     if n_docs == 0 {
         return 0.0;
     }
-    let hits: f64 = (1..=n_docs.min(k)).map(|r| 1.0 / ((r + 1) as f64).log2()).sum();
+    let hits: f64 = (1..=n_docs.min(k))
+        .map(|r| 1.0 / ((r + 1) as f64).log2())
+        .sum();
     hits / n_docs as f64
 }
 
@@ -950,7 +952,10 @@ mod tests {
                 ranked.insert(pos, "r".into());
                 total += ndcg_at_k(&ranked, &rel, k);
             }
-            assert!(close(chance_ndcg_at_k(n, k), total / n as f64), "n={n} k={k}");
+            assert!(
+                close(chance_ndcg_at_k(n, k), total / n as f64),
+                "n={n} k={k}"
+            );
         }
     }
 
@@ -1204,13 +1209,20 @@ mod tests {
             assert!(words(d) >= 100, "doc {i} has {} words", words(d));
             assert!(words(d) < 100 + 12, "doc {i} overshoots: {}", words(d));
             for (j, n) in needles.iter().enumerate() {
-                assert_eq!(d.matches(n).count(), usize::from(i == j), "doc {i}, needle {j}");
+                assert_eq!(
+                    d.matches(n).count(),
+                    usize::from(i == j),
+                    "doc {i}, needle {j}"
+                );
             }
             depths.insert(d.find(needles[i]).unwrap());
         }
         assert!(depths.len() > 1, "every needle at the same depth");
         // Documents start from different filler passages.
-        assert_ne!(docs[0].replace(needles[0], ""), docs[1].replace(needles[1], ""));
+        assert_ne!(
+            docs[0].replace(needles[0], ""),
+            docs[1].replace(needles[1], "")
+        );
         assert_eq!(docs, needle_documents(&needles, &filler, 100, 7, words));
         assert_ne!(docs, needle_documents(&needles, &filler, 100, 8, words));
         assert_eq!(
@@ -1255,11 +1267,20 @@ mod tests {
         assert_eq!(
             needles,
             vec![
-                Needle { query: "claim one".into(), passage: "one two three".into() },
-                Needle { query: "claim three".into(), passage: "also relevant".into() },
+                Needle {
+                    query: "claim one".into(),
+                    passage: "one two three".into()
+                },
+                Needle {
+                    query: "claim three".into(),
+                    passage: "also relevant".into()
+                },
             ]
         );
-        assert_eq!(filler, vec!["unjudged filler".to_string(), "more filler".to_string()]);
+        assert_eq!(
+            filler,
+            vec!["unjudged filler".to_string(), "more filler".to_string()]
+        );
         assert_eq!(needles_from_beir(&beir, 1, 4, words).0.len(), 1);
     }
 

@@ -49,7 +49,12 @@ pub struct ModelArgs {
 impl ModelArgs {
     pub fn load(&self) -> Result<Embedder, kvembed_core::EngineError> {
         let dtype = kvembed_core::model::decoder::parse_dtype(&self.dtype)?;
-        let spec = LoadSpec { model: self.model.clone(), device: self.device.clone(), threads: self.threads, weights: None };
+        let spec = LoadSpec {
+            model: self.model.clone(),
+            device: self.device.clone(),
+            threads: self.threads,
+            weights: None,
+        };
         let mut e = Embedder::load_with_dtype(&spec, dtype)?;
         e.batch_tokens = self.batch_tokens.max(1);
         Ok(e)
@@ -250,29 +255,90 @@ fn main() -> ExitCode {
             println!("{json}");
             Ok(())
         }
-        Cmd::Embed { model, method, query, file, npy, texts } => {
-            cli::embed(&model, &method, query, file.as_deref(), npy.as_deref(), texts)
-        }
-        Cmd::SelectLayers { model, file, sample, skip_fraction, window, representation } => {
-            let opts = SelectOptions { skip_fraction: Some(skip_fraction), window: Some(window), max_tokens: None };
+        Cmd::Embed {
+            model,
+            method,
+            query,
+            file,
+            npy,
+            texts,
+        } => cli::embed(
+            &model,
+            &method,
+            query,
+            file.as_deref(),
+            npy.as_deref(),
+            texts,
+        ),
+        Cmd::SelectLayers {
+            model,
+            file,
+            sample,
+            skip_fraction,
+            window,
+            representation,
+        } => {
+            let opts = SelectOptions {
+                skip_fraction: Some(skip_fraction),
+                window: Some(window),
+                max_tokens: None,
+            };
             cli::select_layers(&model, &file, sample, &opts, representation)
         }
-        Cmd::Eval { model, method, sts, beir, split, limit, beir_queries, beir_docs, json } => cli::eval(
+        Cmd::Eval {
+            model,
+            method,
+            sts,
+            beir,
+            split,
+            limit,
+            beir_queries,
+            beir_docs,
+            json,
+        } => cli::eval(
             &model,
             &method,
             sts.as_deref(),
             beir.as_deref(),
             &split,
-            cli::EvalLimits { sts_pairs: limit, beir_queries, beir_docs },
+            cli::EvalLimits {
+                sts_pairs: limit,
+                beir_queries,
+                beir_docs,
+            },
             json,
         ),
-        Cmd::Bench { model, method, batch, tokens, repeat, json, dump_tokens, file, vs } => match file {
+        Cmd::Bench {
+            model,
+            method,
+            batch,
+            tokens,
+            repeat,
+            json,
+            dump_tokens,
+            file,
+            vs,
+        } => match file {
             Some(f) => cli::bench_texts(&model, &method, &f, repeat, json),
-            None => cli::bench(&model, &method, batch, tokens, repeat, json, dump_tokens.as_deref(), vs.as_deref()),
+            None => cli::bench(
+                &model,
+                &method,
+                batch,
+                tokens,
+                repeat,
+                json,
+                dump_tokens.as_deref(),
+                vs.as_deref(),
+            ),
         },
-        Cmd::Generate { model, max_new, prompt } => {
-            model.load().and_then(|e| e.generate(&prompt, max_new)).map(|s| println!("{prompt}{s}"))
-        }
+        Cmd::Generate {
+            model,
+            max_new,
+            prompt,
+        } => model
+            .load()
+            .and_then(|e| e.generate(&prompt, max_new))
+            .map(|s| println!("{prompt}{s}")),
         Cmd::Quality(args) => quality::run(&args),
     };
     match result {

@@ -193,7 +193,10 @@ mod tests {
             .args(["-c", "import numpy"])
             .output()
             .is_ok_and(|o| o.status.success());
-        assert!(has_numpy, "`{python}` cannot import numpy: run scripts/setup.sh or set KVEMBED_PYTHON");
+        assert!(
+            has_numpy,
+            "`{python}` cannot import numpy: run scripts/setup.sh or set KVEMBED_PYTHON"
+        );
         let path =
             std::env::temp_dir().join(format!("kvembed-npy-numpy-{}.npy", std::process::id()));
         let rows: Vec<Vec<f32>> = (0..5)

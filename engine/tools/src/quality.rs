@@ -4,9 +4,9 @@
 //! the page comes from this command.
 
 use crate::cli::{eval_beir, eval_sts, group_means};
-use kvembed_core::model::decoder::LayerPooling;
 use crate::eval::{self, StsSet};
 use kvembed_core::method::{Template, COMPRESS_DOC, METHOD_NAMES};
+use kvembed_core::model::decoder::LayerPooling;
 use kvembed_core::proto::{EmbedOptions, Role};
 use kvembed_core::{Embedder, EngineError, LoadSpec, Result};
 use std::fmt::Write as _;
@@ -38,7 +38,10 @@ pub struct QualityArgs {
     #[arg(long, default_value_t = 24)]
     pub long_docs: usize,
     /// Methods run on SciFact (comma-separated).
-    #[arg(long, default_value = "kv,kv-no-reroute,kv-paper,mean,last,token-prepending,echo")]
+    #[arg(
+        long,
+        default_value = "kv,kv-no-reroute,kv-paper,mean,last,token-prepending,echo"
+    )]
     pub scifact_methods: String,
     /// Texts sampled for TwoNN.
     #[arg(long, default_value_t = 512)]
@@ -77,11 +80,24 @@ impl Row {
     }
 }
 
-fn sts_row(e: &Embedder, sets: &[StsSet], label: &str, opts: &EmbedOptions, limit: usize) -> Result<Row> {
+fn sts_row(
+    e: &Embedder,
+    sets: &[StsSet],
+    label: &str,
+    opts: &EmbedOptions,
+    limit: usize,
+) -> Result<Row> {
     let t0 = Instant::now();
     let rows = eval_sts(e, sets, opts, limit)?;
-    let row = Row { label: label.to_string(), groups: group_means(&rows) };
-    eprintln!("  {label}: avg {:.2} ({:.0}s)", row.avg(), t0.elapsed().as_secs_f64());
+    let row = Row {
+        label: label.to_string(),
+        groups: group_means(&rows),
+    };
+    eprintln!(
+        "  {label}: avg {:.2} ({:.0}s)",
+        row.avg(),
+        t0.elapsed().as_secs_f64()
+    );
     Ok(row)
 }
 
@@ -95,14 +111,21 @@ fn table(md: &mut String, rows: &[Row]) {
     let best = rows.iter().map(Row::avg).fold(f64::NEG_INFINITY, f64::max);
     for r in rows {
         let cells: Vec<String> = r.groups.iter().map(|g| format!("{:.1}", g.1)).collect();
-        let avg = if (r.avg() - best).abs() < 1e-9 { format!("**{:.1}**", r.avg()) } else { format!("{:.1}", r.avg()) };
+        let avg = if (r.avg() - best).abs() < 1e-9 {
+            format!("**{:.1}**", r.avg())
+        } else {
+            format!("{:.1}", r.avg())
+        };
         let _ = writeln!(md, "| {} | {} | {} |", r.label, cells.join(" | "), avg);
     }
     md.push('\n');
 }
 
 fn opts(method: &str) -> EmbedOptions {
-    EmbedOptions { method: Some(method.into()), ..Default::default() }
+    EmbedOptions {
+        method: Some(method.into()),
+        ..Default::default()
+    }
 }
 
 /// Options for a method of the study: `kv-paper` re-routes at the window the
@@ -130,16 +153,31 @@ fn save(out: &Path, md: &str) -> Result<()> {
 }
 
 fn method_list(list: &str) -> Vec<&str> {
-    list.split(',').map(str::trim).filter(|m| !m.is_empty()).collect()
+    list.split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .collect()
 }
 
 /// A line plot of the ID curve, as a small standalone SVG.
 fn svg_curve(title: &str, curves: &[(&str, &[f64])], selected: &[usize]) -> String {
     let (w, h, pad) = (640.0, 320.0, 40.0);
     let n = curves.iter().map(|c| c.1.len()).max().unwrap_or(1).max(2);
-    let vals: Vec<f64> = curves.iter().flat_map(|c| c.1.iter().copied()).filter(|v| v.is_finite()).collect();
-    let (lo, hi) = vals.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
-    let (lo, hi) = if hi > lo { (lo, hi) } else { (lo - 1.0, lo + 1.0) };
+    let vals: Vec<f64> = curves
+        .iter()
+        .flat_map(|c| c.1.iter().copied())
+        .filter(|v| v.is_finite())
+        .collect();
+    let (lo, hi) = vals
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
+    let (lo, hi) = if hi > lo {
+        (lo, hi)
+    } else {
+        (lo - 1.0, lo + 1.0)
+    };
     let x = |i: usize| pad + (w - 2.0 * pad) * i as f64 / (n - 1) as f64;
     let y = |v: f64| h - pad - (h - 2.0 * pad) * (v - lo) / (hi - lo);
     let mut s = format!(
@@ -147,25 +185,58 @@ fn svg_curve(title: &str, curves: &[(&str, &[f64])], selected: &[usize]) -> Stri
 <rect width=\"100%\" height=\"100%\" fill=\"white\"/><text x=\"{pad}\" y=\"18\" font-size=\"13\">{title}</text>"
     );
     for &l in selected {
-        let _ = write!(s, "<rect x=\"{:.1}\" y=\"{pad}\" width=\"6\" height=\"{:.1}\" fill=\"#fde68a\"/>", x(l) - 3.0, h - 2.0 * pad);
+        let _ = write!(
+            s,
+            "<rect x=\"{:.1}\" y=\"{pad}\" width=\"6\" height=\"{:.1}\" fill=\"#fde68a\"/>",
+            x(l) - 3.0,
+            h - 2.0 * pad
+        );
     }
     let _ = write!(
         s,
         "<line x1=\"{pad}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\"/><line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{:.1}\" stroke=\"black\"/>",
         h - pad, w - pad, h - pad, h - pad
     );
-    let _ = write!(s, "<text x=\"{:.1}\" y=\"{:.1}\">layer</text>", w / 2.0, h - 8.0);
-    let _ = write!(s, "<text x=\"4\" y=\"{:.1}\">{hi:.1}</text><text x=\"4\" y=\"{:.1}\">{lo:.1}</text>", pad + 4.0, h - pad);
+    let _ = write!(
+        s,
+        "<text x=\"{:.1}\" y=\"{:.1}\">layer</text>",
+        w / 2.0,
+        h - 8.0
+    );
+    let _ = write!(
+        s,
+        "<text x=\"4\" y=\"{:.1}\">{hi:.1}</text><text x=\"4\" y=\"{:.1}\">{lo:.1}</text>",
+        pad + 4.0,
+        h - pad
+    );
     for i in (0..n).step_by((n / 10).max(1)) {
-        let _ = write!(s, "<text x=\"{:.1}\" y=\"{:.1}\">{i}</text>", x(i) - 3.0, h - pad + 14.0);
+        let _ = write!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\">{i}</text>",
+            x(i) - 3.0,
+            h - pad + 14.0
+        );
     }
     let colors = ["#1d4ed8", "#dc2626", "#059669"];
     for (k, (name, c)) in curves.iter().enumerate() {
-        let pts: Vec<String> =
-            c.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, &v)| format!("{:.1},{:.1}", x(i), y(v))).collect();
+        let pts: Vec<String> = c
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.is_finite())
+            .map(|(i, &v)| format!("{:.1},{:.1}", x(i), y(v)))
+            .collect();
         let color = colors[k % colors.len()];
-        let _ = write!(s, "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>", pts.join(" "));
-        let _ = write!(s, "<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{color}\">{name}</text>", w - pad - 120.0, pad + 14.0 * k as f64);
+        let _ = write!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
+            pts.join(" ")
+        );
+        let _ = write!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{color}\">{name}</text>",
+            w - pad - 120.0,
+            pad + 14.0 * k as f64
+        );
     }
     s.push_str("</svg>\n");
     s
@@ -173,13 +244,22 @@ fn svg_curve(title: &str, curves: &[(&str, &[f64])], selected: &[usize]) -> Stri
 
 /// Long-context check for one method: `queries[i]` must find `docs[i]`
 /// among `docs`. Returns nDCG@10 and top-1, both × 100.
-fn long_context(e: &Embedder, docs: &[String], queries: &[String], max_tokens: usize, o: &EmbedOptions) -> Result<(f64, f64)> {
+fn long_context(
+    e: &Embedder,
+    docs: &[String],
+    queries: &[String],
+    max_tokens: usize,
+    o: &EmbedOptions,
+) -> Result<(f64, f64)> {
     let mut o = o.clone();
     o.max_tokens = Some(max_tokens);
     let dv = e.embed(docs, Role::Document, &o)?.vectors;
     let qv = e.embed(queries, Role::Query, &o)?.vectors;
     let ids: Vec<String> = (0..docs.len()).map(|i| i.to_string()).collect();
-    let qrels = ids.iter().map(|i| (i.clone(), [(i.clone(), 1.0)].into_iter().collect())).collect();
+    let qrels = ids
+        .iter()
+        .map(|i| (i.clone(), [(i.clone(), 1.0)].into_iter().collect()))
+        .collect();
     let ndcg = eval::retrieval_ndcg(&qv, &ids, &dv, &ids, &qrels, 10);
     Ok((100.0 * ndcg, 100.0 * eval::top1_accuracy(&qv, &dv)))
 }
@@ -197,11 +277,27 @@ pub fn run(a: &QualityArgs) -> Result<()> {
     std::fs::create_dir_all(&plot_dir).map_err(|e| EngineError::io(&plot_dir, e))?;
     for model in &a.models {
         eprintln!("== {model}");
-        let e = Embedder::load(&LoadSpec { model: model.clone(), device: "cpu".into(), threads: a.threads, weights: None })?;
+        let e = Embedder::load(&LoadSpec {
+            model: model.clone(),
+            device: "cpu".into(),
+            threads: a.threads,
+            weights: None,
+        })?;
         let info = e.info();
-        let name = Path::new(model).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or(model.clone());
-        let _ = writeln!(md, "## {name}\n\n{} layers, hidden size {}, {}.\n", info.layers, info.dim, info.architecture);
-        let study = Study { a, e: &e, sets: &sets };
+        let name = Path::new(model)
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or(model.clone());
+        let _ = writeln!(
+            md,
+            "## {name}\n\n{} layers, hidden size {}, {}.\n",
+            info.layers, info.dim, info.architecture
+        );
+        let study = Study {
+            a,
+            e: &e,
+            sets: &sets,
+        };
         let id_layers = study.intrinsic_dimension(&mut md, &name, &plot_dir)?;
         study.methods(&mut md, &id_layers)?;
         save(&a.out, &md)?;
@@ -257,10 +353,19 @@ impl Study<'_> {
     /// TwoNN over a sample of STS sentences, last-token and mean
     /// representations, with its plot; returns the layers the paper's rule
     /// picks on last-token states (the study's "ID-selected" window).
-    fn intrinsic_dimension(&self, md: &mut String, name: &str, plot_dir: &Path) -> Result<Vec<usize>> {
+    fn intrinsic_dimension(
+        &self,
+        md: &mut String,
+        name: &str,
+        plot_dir: &Path,
+    ) -> Result<Vec<usize>> {
         let (a, e) = (self.a, self.e);
         let n = e.info().layers;
-        let mut sample: Vec<String> = self.sets.iter().flat_map(|s| s.pairs.iter().map(|p| p.a.clone())).collect();
+        let mut sample: Vec<String> = self
+            .sets
+            .iter()
+            .flat_map(|s| s.pairs.iter().map(|p| p.a.clone()))
+            .collect();
         sample.dedup();
         let step = (sample.len() / a.id_sample.max(1)).max(1);
         let sample: Vec<String> = sample.into_iter().step_by(step).take(a.id_sample).collect();
@@ -279,16 +384,28 @@ impl Study<'_> {
         }
         let sel_last = kvembed_core::twonn::select_window(&curves[0], 0.2, 3, family);
         let sel_mean = kvembed_core::twonn::select_window(&curves[1], 0.2, 3, family);
-        let svg = svg_curve(&format!("TwoNN intrinsic dimension per layer: {name}"), &[("last token", &curves[0]), ("mean", &curves[1])], &sel_last.layers);
+        let svg = svg_curve(
+            &format!("TwoNN intrinsic dimension per layer: {name}"),
+            &[("last token", &curves[0]), ("mean", &curves[1])],
+            &sel_last.layers,
+        );
         let svg_name = format!("id-{}.svg", name.replace(['.', ' '], "_"));
         std::fs::write(plot_dir.join(&svg_name), svg).map_err(|e| EngineError::io(plot_dir, e))?;
-        let _ = writeln!(md, "### Intrinsic dimension (TwoNN, {} texts in the compression prompt)\n", sample.len());
+        let _ = writeln!(
+            md,
+            "### Intrinsic dimension (TwoNN, {} texts in the compression prompt)\n",
+            sample.len()
+        );
         let _ = writeln!(md, "![ID curve](img/{svg_name})\n");
         let _ = writeln!(md, "| layer | ID (last token) | ID (mean) |\n|---|---|---|");
         for l in 0..n {
             let _ = writeln!(md, "| {l} | {:.2} | {:.2} |", curves[0][l], curves[1][l]);
         }
-        let _ = writeln!(md, "\nSelection on last-token states: {}.  \nSelection on mean states: {}.\n", sel_last.rule, sel_mean.rule);
+        let _ = writeln!(
+            md,
+            "\nSelection on last-token states: {}.  \nSelection on mean states: {}.\n",
+            sel_last.rule, sel_mean.rule
+        );
         let _ = writeln!(
             md,
             "With the stability check of `select-layers` and `kv_select_layers` (the same rule on both halves of {} random splits of the sample): last-token states {:?} ({}); mean states {:?} ({}).\n",
@@ -306,7 +423,13 @@ impl Study<'_> {
         let _ = writeln!(md, "### Methods (STS)\n");
         let mut rows = Vec::new();
         for m in METHOD_NAMES {
-            rows.push(sts_row(self.e, self.sets, &study_label(m, id_layers), &study_opts(m, id_layers), self.a.sweep_limit)?);
+            rows.push(sts_row(
+                self.e,
+                self.sets,
+                &study_label(m, id_layers),
+                &study_opts(m, id_layers),
+                self.a.sweep_limit,
+            )?);
         }
         table(md, &rows);
         Ok(())
@@ -324,21 +447,43 @@ impl Study<'_> {
             rayon::current_num_threads()
         );
         let mut full_rows = Vec::new();
-        let _ = writeln!(md, "| run | texts | tokens | seconds | tokens/s |\n|---|---|---|---|---|");
+        let _ = writeln!(
+            md,
+            "| run | texts | tokens | seconds | tokens/s |\n|---|---|---|---|---|"
+        );
         for m in &full {
             let o = study_opts(m, id_layers);
             let t0 = Instant::now();
-            let tokens_before = crate::cli::TOKENS_EMBEDDED.load(std::sync::atomic::Ordering::Relaxed);
-            full_rows.push(sts_row(e, sets, &format!("{} (all pairs)", study_label(m, id_layers)), &o, 0)?);
+            let tokens_before =
+                crate::cli::TOKENS_EMBEDDED.load(std::sync::atomic::Ordering::Relaxed);
+            full_rows.push(sts_row(
+                e,
+                sets,
+                &format!("{} (all pairs)", study_label(m, id_layers)),
+                &o,
+                0,
+            )?);
             let secs = t0.elapsed().as_secs_f64();
-            let tokens = crate::cli::TOKENS_EMBEDDED.load(std::sync::atomic::Ordering::Relaxed) - tokens_before;
-            let texts: std::collections::HashSet<&str> =
-                sets.iter().flat_map(|s| s.pairs.iter().flat_map(|p| [p.a.as_str(), p.b.as_str()])).collect();
-            let _ = writeln!(md, "| full STS, {m} | {} | {tokens} | {secs:.0} | {:.0} |", texts.len(), tokens as f64 / secs);
+            let tokens = crate::cli::TOKENS_EMBEDDED.load(std::sync::atomic::Ordering::Relaxed)
+                - tokens_before;
+            let texts: std::collections::HashSet<&str> = sets
+                .iter()
+                .flat_map(|s| s.pairs.iter().flat_map(|p| [p.a.as_str(), p.b.as_str()]))
+                .collect();
+            let _ = writeln!(
+                md,
+                "| full STS, {m} | {} | {tokens} | {secs:.0} | {:.0} |",
+                texts.len(),
+                tokens as f64 / secs
+            );
         }
         for (batch, len) in [(64usize, 32usize), (16, 512)] {
             let (secs, tps) = crate::cli::time_forward(e, "kv", batch, len, 3)?;
-            let _ = writeln!(md, "| forward pass, kv, {batch} x {len} | {batch} | {} | {secs:.2} | {tps:.0} |", batch * len);
+            let _ = writeln!(
+                md,
+                "| forward pass, kv, {batch} x {len} | {batch} | {} | {secs:.2} | {tps:.0} |",
+                batch * len
+            );
         }
         md.push('\n');
         if !full_rows.is_empty() {
@@ -358,7 +503,13 @@ impl Study<'_> {
                 let mut o = opts("kv");
                 o.layers = Some(layers.to_vec());
                 o.bias = Some(b);
-                rows.push(sts_row(self.e, self.sets, &format!("{wname} layers {layers:?}, b={b}"), &o, self.a.sweep_limit)?);
+                rows.push(sts_row(
+                    self.e,
+                    self.sets,
+                    &format!("{wname} layers {layers:?}, b={b}"),
+                    &o,
+                    self.a.sweep_limit,
+                )?);
             }
         }
         table(md, &rows);
@@ -369,14 +520,29 @@ impl Study<'_> {
     fn layer_windows(&self, md: &mut String, id_layers: &[usize]) -> Result<()> {
         let info = self.e.info();
         let n = info.layers;
-        let _ = writeln!(md, "### Layer windows (kv, default bias {})\n", info.default_bias);
+        let _ = writeln!(
+            md,
+            "### Layer windows (kv, default bias {})\n",
+            info.default_bias
+        );
         let mut rows = Vec::new();
         let early: Vec<usize> = vec![1, 2, 3];
         let late: Vec<usize> = (n - 3..n).collect();
-        for (wname, layers) in [("early", early), ("default", info.default_layers.clone()), ("ID-selected", id_layers.to_vec()), ("late", late)] {
+        for (wname, layers) in [
+            ("early", early),
+            ("default", info.default_layers.clone()),
+            ("ID-selected", id_layers.to_vec()),
+            ("late", late),
+        ] {
             let mut o = opts("kv");
             o.layers = Some(layers.clone());
-            rows.push(sts_row(self.e, self.sets, &format!("{wname} {layers:?}"), &o, self.a.sweep_limit)?);
+            rows.push(sts_row(
+                self.e,
+                self.sets,
+                &format!("{wname} {layers:?}"),
+                &o,
+                self.a.sweep_limit,
+            )?);
         }
         table(md, &rows);
         Ok(())
@@ -392,7 +558,14 @@ impl Study<'_> {
             let mut o = study_opts(m, id_layers);
             o.max_tokens = Some(512);
             let t0 = Instant::now();
-            let r = eval_beir(self.e, &scifact, "train", &o, a.scifact_docs, a.scifact_queries)?;
+            let r = eval_beir(
+                self.e,
+                &scifact,
+                "train",
+                &o,
+                a.scifact_docs,
+                a.scifact_queries,
+            )?;
             let secs = t0.elapsed().as_secs_f64();
             eprintln!("  scifact {m}: {:.2} ({secs:.0}s)", r.ndcg10);
             scifact_rows.push((study_label(m, id_layers), r, secs));
@@ -414,11 +587,25 @@ lower is better.\n",
                 }
             );
         }
-        let _ = writeln!(md, "| method | nDCG@10 | alignment | uniformity | seconds |\n|---|---|---|---|---|");
-        let best = scifact_rows.iter().map(|r| r.1.ndcg10).fold(f64::NEG_INFINITY, f64::max);
+        let _ = writeln!(
+            md,
+            "| method | nDCG@10 | alignment | uniformity | seconds |\n|---|---|---|---|---|"
+        );
+        let best = scifact_rows
+            .iter()
+            .map(|r| r.1.ndcg10)
+            .fold(f64::NEG_INFINITY, f64::max);
         for (label, r, secs) in &scifact_rows {
-            let ndcg = if r.ndcg10 == best { format!("**{:.2}**", r.ndcg10) } else { format!("{:.2}", r.ndcg10) };
-            let _ = writeln!(md, "| {label} | {ndcg} | {:.3} | {:.3} | {secs:.0} |", r.alignment, r.uniformity);
+            let ndcg = if r.ndcg10 == best {
+                format!("**{:.2}**", r.ndcg10)
+            } else {
+                format!("{:.2}", r.ndcg10)
+            };
+            let _ = writeln!(
+                md,
+                "| {label} | {ndcg} | {:.3} | {:.3} | {secs:.0} |",
+                r.alignment, r.uniformity
+            );
         }
         md.push('\n');
         Ok(())
@@ -430,7 +617,10 @@ lower is better.\n",
         let (a, e) = (self.a, self.e);
         let scifact = a.data.join("scifact");
         let beir = eval::load_beir(&scifact, "train").map_err(|e| EngineError::io(&scifact, e))?;
-        let (needles, filler) = eval::needles_from_beir(&beir, a.long_docs, LONG_PASSAGE_TOKENS, |t| e.count_tokens(t));
+        let (needles, filler) =
+            eval::needles_from_beir(&beir, a.long_docs, LONG_PASSAGE_TOKENS, |t| {
+                e.count_tokens(t)
+            });
         let n = needles.len();
         let _ = writeln!(
             md,
@@ -442,14 +632,25 @@ nothing is truncated.\n",
             100.0 * eval::chance_ndcg_at_k(n, 10),
             100.0 / n.max(1) as f64
         );
-        let cols: Vec<String> = LONG_METHODS.iter().map(|m| format!("{m} nDCG@10 | {m} top-1")).collect();
-        let _ = writeln!(md, "| tokens | document tokens (mean) | {} |\n|---|---|{}", cols.join(" | "), "---|".repeat(2 * LONG_METHODS.len()));
+        let cols: Vec<String> = LONG_METHODS
+            .iter()
+            .map(|m| format!("{m} nDCG@10 | {m} top-1"))
+            .collect();
+        let _ = writeln!(
+            md,
+            "| tokens | document tokens (mean) | {} |\n|---|---|{}",
+            cols.join(" | "),
+            "---|".repeat(2 * LONG_METHODS.len())
+        );
         let queries: Vec<String> = needles.iter().map(|n| n.query.clone()).collect();
         let passages: Vec<&str> = needles.iter().map(|n| n.passage.as_str()).collect();
         for len in [0usize, 512, 1024, 2048, 4096] {
             // The same documents for every method: each SciFact claim's
             // abstract at a seeded random depth in unjudged abstracts.
-            let docs = eval::needle_documents(&passages, &filler, len, 0x9e37_79b9_7f4a_7c15, |t| e.count_tokens(t));
+            let docs =
+                eval::needle_documents(&passages, &filler, len, 0x9e37_79b9_7f4a_7c15, |t| {
+                    e.count_tokens(t)
+                });
             let lens: Vec<usize> = docs.iter().map(|d| e.count_tokens(d)).collect();
             let doc_tokens = eval::mean(&lens.iter().map(|&l| l as f64).collect::<Vec<_>>());
             // Filler may run over `len` by one abstract; room for the
@@ -459,10 +660,17 @@ nothing is truncated.\n",
             for m in LONG_METHODS {
                 let t0 = Instant::now();
                 let (ndcg, top1) = long_context(e, &docs, &queries, max_tokens, &opts(m))?;
-                eprintln!("  long {len} {m}: {ndcg:.1} ({:.0}s)", t0.elapsed().as_secs_f64());
+                eprintln!(
+                    "  long {len} {m}: {ndcg:.1} ({:.0}s)",
+                    t0.elapsed().as_secs_f64()
+                );
                 cells.push(format!("{ndcg:.1} | {top1:.0}%"));
             }
-            let label = if len == 0 { "alone".to_string() } else { len.to_string() };
+            let label = if len == 0 {
+                "alone".to_string()
+            } else {
+                len.to_string()
+            };
             let _ = writeln!(md, "| {label} | {doc_tokens:.0} | {} |", cells.join(" | "));
             save(&a.out, md)?;
         }
