@@ -320,6 +320,30 @@ impl Embedder {
             .with_knobs(&self.knobs)
     }
 
+    /// The token ids the model reads for `text` under the request's method
+    /// and role: BOS where the model takes one, the prompt and the text
+    /// tokenized together, Token Prepending's placeholder (after truncation
+    /// to the request's `max_tokens`).
+    pub fn prompt_ids(&self, text: &str, role: Role, opts: &EmbedOptions) -> Result<Vec<u32>> {
+        let method = self.method(opts)?;
+        let template = match role {
+            Role::Document => &method.document,
+            Role::Query => &method.query,
+        };
+        let placeholder = method.prepend.map(|p| self.placeholder_position(p));
+        let max_tokens = opts
+            .max_tokens
+            .unwrap_or(kvembed_proto::DEFAULT_MAX_TOKENS_LIMIT);
+        let (mut prepared, _) = self.prepare(
+            &[text.to_string()],
+            template,
+            max_tokens,
+            opts.truncate.unwrap_or(true),
+            placeholder,
+        )?;
+        Ok(prepared.remove(0).ids)
+    }
+
     pub fn count_tokens(&self, text: &str) -> usize {
         self.tokenizer
             .encode(text)
@@ -459,10 +483,42 @@ impl Embedder {
         truncate: bool,
         placeholder: Option<usize>,
     ) -> Result<(Vec<Prepared>, Vec<Truncation>)> {
-        let pieces: Vec<&str> = template.pieces.iter().map(String::as_str).collect();
-        let piece_ids = self.tokenizer.encode_many(&pieces)?;
+        // Texts over the limit are cut where their first token past it
+        // starts (counted alone, as the limit is stated), then wrapped in
+        // the prompt.
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let text_ids = self.tokenizer.encode_many(&refs)?;
+        let mut truncated = Vec::new();
+        let mut kept: Vec<&str> = Vec::with_capacity(texts.len());
+        for (index, (text, (ids, offsets))) in texts
+            .iter()
+            .zip(self.tokenizer.encode_many_with_offsets(&refs)?)
+            .enumerate()
+        {
+            if ids.len() <= max_tokens {
+                kept.push(text);
+                continue;
+            }
+            if !truncate {
+                return Err(EngineError::TooLong {
+                    index,
+                    tokens: ids.len(),
+                    max: max_tokens,
+                });
+            }
+            truncated.push(Truncation {
+                index,
+                tokens: ids.len(),
+                kept: max_tokens,
+            });
+            kept.push(&text[..floor_char_boundary(text, offsets[max_tokens].0)]);
+        }
+        // The prompt and the text are tokenized together, as one string, as
+        // the model's own tokenizer (llama.cpp's, Hugging Face's) does: a
+        // token may span the end of the text and the prompt after it (`."`),
+        // which tokenizing the pieces apart would split.
+        let rendered: Vec<String> = kept.iter().map(|t| template.render(t)).collect();
+        let rendered_refs: Vec<&str> = rendered.iter().map(String::as_str).collect();
+        let encoded = self.tokenizer.encode_many_with_offsets(&rendered_refs)?;
         let bos = if self.tokenizer.add_bos {
             self.tokenizer.bos
         } else {
@@ -471,36 +527,30 @@ impl Embedder {
         // A token outside any text: the stand-in for an empty input and
         // Token Prepending's placeholder.
         let filler = self.tokenizer.eos.or(self.tokenizer.bos).unwrap_or(0);
-        let mut truncated = Vec::new();
         let mut out = Vec::with_capacity(texts.len());
-        for (index, mut t) in text_ids.into_iter().enumerate() {
-            if t.len() > max_tokens {
-                if !truncate {
-                    return Err(EngineError::TooLong {
-                        index,
-                        tokens: t.len(),
-                        max: max_tokens,
-                    });
-                }
-                truncated.push(Truncation {
-                    index,
-                    tokens: t.len(),
-                    kept: max_tokens,
-                });
-                t.truncate(max_tokens);
-            }
-            let mut ids = Vec::with_capacity(t.len() * template.slots() + 32);
+        for (text, (t, offsets)) in kept.iter().zip(encoded) {
+            let mut ids = Vec::with_capacity(t.len() + 1);
             ids.extend(bos);
             let mean_start = ids.len();
-            let mut last_copy = 0..0;
-            for (k, p) in piece_ids.iter().enumerate() {
-                ids.extend_from_slice(p);
-                if k < template.slots() {
-                    let s = ids.len();
-                    ids.extend_from_slice(&t);
-                    last_copy = s..ids.len();
+            // The last copy of the text: bytes `at..at + len` of the rendered
+            // string; its tokens are those overlapping them.
+            let at = template.pieces[..template.slots()]
+                .iter()
+                .map(String::len)
+                .sum::<usize>()
+                + (template.slots() - 1) * text.len();
+            let span = at..at + text.len();
+            let first = offsets
+                .iter()
+                .position(|o| o.1 > span.start && o.0 < span.end);
+            let mut last_copy = match first {
+                Some(f) => {
+                    let n = offsets[f..].iter().take_while(|o| o.0 < span.end).count();
+                    mean_start + f..mean_start + f + n
                 }
-            }
+                _ => mean_start..mean_start,
+            };
+            ids.extend_from_slice(&t);
             if ids.is_empty() {
                 // An empty text with no prompt and no BOS: one EOS token
                 // stands for it, so every input gets a vector.
@@ -739,6 +789,15 @@ pub fn normalize(mut v: Vec<f32>) -> Vec<f32> {
         v.iter_mut().for_each(|x| *x = (*x as f64 / norm) as f32);
     }
     v
+}
+
+/// The largest character boundary of `s` at or before byte `i`.
+fn floor_char_boundary(s: &str, i: usize) -> usize {
+    let mut i = i.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
 }
 
 #[cfg(test)]

@@ -167,3 +167,63 @@ fn query_and_document_prompts_differ() {
         .vectors;
     assert!(v.iter().flatten().all(|x| x.is_finite()));
 }
+
+/// The model reads its prompt and the text tokenized as one string, as its
+/// reference tokenizer does (llama.cpp's; the tokenizer itself is checked
+/// against it by engine/tools/tests/tokenizer_conformance.rs): a sentence's
+/// final period and the prompt's closing quote make one token (`."`, 1189
+/// in Qwen2.5), which tokenizing the prompt's pieces and the text apart
+/// split in two. A text past `max_tokens` is cut where its first token past
+/// the limit starts, then wrapped.
+#[test]
+fn prompts_are_tokenized_with_their_text_as_one_string() {
+    use kvembed_core::method::{Template, PROMPTEOL};
+    let text = "A man is playing a guitar on the stage.";
+    let opts = EmbedOptions {
+        method: Some("prompteol".into()),
+        ..Default::default()
+    };
+    for file in [SMOLLM2, QWEN05, GEMMA3] {
+        let e = Embedder::load(&LoadSpec::new(model(file))).unwrap();
+        let mut want: Vec<u32> = e
+            .tokenizer
+            .bos
+            .filter(|_| e.tokenizer.add_bos)
+            .into_iter()
+            .collect();
+        want.extend(
+            e.tokenizer
+                .encode(&Template::parse(PROMPTEOL).unwrap().render(text))
+                .unwrap(),
+        );
+        assert_eq!(
+            e.prompt_ids(text, Role::Document, &opts).unwrap(),
+            want,
+            "{file}"
+        );
+        if file == QWEN05 {
+            assert!(want.contains(&1189), "no `.\"` token in {want:?}");
+        }
+        // Truncated: the first 5 tokens' text, in the prompt.
+        let long = "The quick brown fox jumps over the lazy dog again and again.";
+        let ids = e.tokenizer.encode(long).unwrap();
+        let cut = EmbedOptions {
+            max_tokens: Some(5),
+            ..opts.clone()
+        };
+        let got = e.prompt_ids(long, Role::Document, &cut).unwrap();
+        let kept = e.tokenizer.decode(&ids[..5]).unwrap();
+        let mut want: Vec<u32> = e
+            .tokenizer
+            .bos
+            .filter(|_| e.tokenizer.add_bos)
+            .into_iter()
+            .collect();
+        want.extend(
+            e.tokenizer
+                .encode(&Template::parse(PROMPTEOL).unwrap().render(kept.trim_end()))
+                .unwrap(),
+        );
+        assert_eq!(got, want, "{file}: truncated");
+    }
+}

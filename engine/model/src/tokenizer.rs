@@ -91,8 +91,17 @@ impl TextTokenizer {
         let inner = match kind.as_str() {
             "gpt2" => {
                 use candle_core::quantized::tokenizer::TokenizerFromGguf;
-                let mut tk = Tokenizer::from_gguf(content)
+                // candle reads the vocabulary and merges and picks the
+                // pre-tokenizer; the rest is set here as llama.cpp does it:
+                // no normalizer (candle puts NFC on Qwen2, as Hugging Face's
+                // tokenizer.json does, but llama.cpp reads `e` + U+0301 as
+                // two characters) and the added tokens of `added_tokens`.
+                let built = Tokenizer::from_gguf(content)
                     .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+                let mut tk = Tokenizer::new(built.get_model().clone());
+                tk.with_pre_tokenizer(built.get_pre_tokenizer().cloned());
+                tk.with_decoder(built.get_decoder().cloned());
+                added_tokens(&mut tk, md, &tokens)?;
                 let pre = match md.get("tokenizer.ggml.pre") {
                     Some(Value::String(s)) => s.clone(),
                     _ => "gpt2".into(),
@@ -113,9 +122,6 @@ impl TextTokenizer {
                         tk.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
                     }
                 }
-                // Byte-level post-processing only adjusts offsets; we add BOS
-                // ourselves, so drop the template to keep encoding predictable.
-                tk.with_post_processor(None::<tokenizers::processors::PostProcessorWrapper>);
                 tk
             }
             "llama" => spm_from_scores(md, &tokens)?,
@@ -133,6 +139,25 @@ impl TextTokenizer {
             eos,
             add_bos,
         })
+    }
+
+    /// The tokenizer of a model alone, without its weights: a GGUF file's
+    /// embedded vocabulary, or a Hugging Face directory's `tokenizer.json`
+    /// (with its `config.json` for BOS and EOS).
+    pub fn open(path: &Path) -> Result<TextTokenizer> {
+        let io = |e: std::io::Error| EngineError::Tokenizer(format!("{}: {e}", path.display()));
+        if path.is_dir() {
+            let config: serde_json::Value = match std::fs::read(path.join("config.json")) {
+                Ok(bytes) => serde_json::from_slice(&bytes)
+                    .map_err(|e| EngineError::Tokenizer(e.to_string()))?,
+                Err(_) => serde_json::Value::Null,
+            };
+            return TextTokenizer::from_file(&path.join("tokenizer.json"), &config);
+        }
+        let mut f = std::fs::File::open(path).map_err(io)?;
+        let content = candle_core::quantized::gguf_file::Content::read(&mut f)
+            .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
+        TextTokenizer::from_gguf(&content, path)
     }
 
     pub fn from_file(path: &Path, config: &serde_json::Value) -> Result<TextTokenizer> {
@@ -181,6 +206,22 @@ impl TextTokenizer {
         Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
     }
 
+    /// Many pieces at once, each with its tokens' byte ranges in the piece
+    /// (a token holding part of a character covers the whole character).
+    pub fn encode_many_with_offsets(
+        &self,
+        texts: &[&str],
+    ) -> Result<Vec<(Vec<u32>, Vec<(usize, usize)>)>> {
+        let encs = self
+            .inner
+            .encode_batch(texts.to_vec(), false)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        Ok(encs
+            .into_iter()
+            .map(|e| (e.get_ids().to_vec(), e.get_offsets().to_vec()))
+            .collect())
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, true)
@@ -198,17 +239,7 @@ impl TextTokenizer {
 /// the vocabulary is a merge, ranked by the merged token's score.
 fn spm_from_scores(md: &HashMap<String, Value>, tokens: &[String]) -> Result<Tokenizer> {
     let scores = md_f32s(md, "tokenizer.ggml.scores").unwrap_or_else(|| vec![0.0; tokens.len()]);
-    let types: Vec<u32> = match md.get("tokenizer.ggml.token_type") {
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| match v {
-                Value::I32(x) => *x as u32,
-                Value::U32(x) => *x,
-                _ => 1,
-            })
-            .collect(),
-        _ => vec![1; tokens.len()],
-    };
+    let types = token_types(md, tokens.len());
     let vocab: HashMap<String, u32> = tokens
         .iter()
         .enumerate()
@@ -266,15 +297,7 @@ fn spm_from_scores(md: &HashMap<String, Value>, tokens: &[String]) -> Result<Tok
     );
     tk.with_normalizer(Some(tokenizers::normalizers::Sequence::new(norms)))
         .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-    // Control / user-defined tokens (e.g. <start_of_turn>) are matched whole.
-    let specials: Vec<tokenizers::AddedToken> = tokens
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
-        .map(|(_, t)| tokenizers::AddedToken::from(t.clone(), true))
-        .collect();
-    tk.add_special_tokens(specials)
-        .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+    added_tokens(&mut tk, md, tokens)?;
     tk.with_decoder(Some(tokenizers::decoders::sequence::Sequence::new(vec![
         tokenizers::decoders::DecoderWrapper::Replace(
             Replace::new("▁", " ").map_err(|e| EngineError::Tokenizer(e.to_string()))?,
@@ -286,3 +309,117 @@ fn spm_from_scores(md: &HashMap<String, Value>, tokens: &[String]) -> Result<Tok
     ])));
     Ok(tk)
 }
+
+/// llama.cpp's token types (`tokenizer.ggml.token_type`): 1 normal,
+/// 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte. Missing: normal.
+fn token_types(md: &HashMap<String, Value>, n: usize) -> Vec<u32> {
+    match md.get("tokenizer.ggml.token_type") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| match v {
+                Value::I32(x) => *x as u32,
+                Value::U32(x) => *x,
+                _ => 1,
+            })
+            .collect(),
+        _ => vec![1; n],
+    }
+}
+
+/// The tokens matched whole in a text before the model's own splitting, as
+/// llama.cpp tokenizes text (`parse_special = false`): user-defined tokens
+/// (Qwen's `<tool_call>`) are; control tokens (`<|endoftext|>`,
+/// `<start_of_turn>`, BOS, EOS) are not. A text that spells a control
+/// token is text, tokenized like any other: no input can inject one.
+/// Control tokens are registered as special (for `decode` to skip them) and
+/// the tokenizer told to read them as text.
+fn added_tokens(tk: &mut Tokenizer, md: &HashMap<String, Value>, tokens: &[String]) -> Result<()> {
+    let types = token_types(md, tokens.len());
+    // llama.cpp also reads a user-defined token whose text is one of its
+    // end-of-generation or fill-in-the-middle markers as a control token
+    // (Gemma 3's `</s>` is user-defined in its GGUF).
+    let control =
+        |tok: &str, ty: u32| ty == 3 || (ty == 4 && LLAMA_CPP_CONTROL_TEXTS.contains(&tok));
+    let of_type = |user_defined: bool, special: bool| -> Vec<tokenizers::AddedToken> {
+        tokens
+            .iter()
+            .zip(&types)
+            .filter(|(tok, &ty)| {
+                if user_defined {
+                    ty == 4 && !control(tok, ty)
+                } else {
+                    control(tok, ty)
+                }
+            })
+            .map(|(tok, _)| tokenizers::AddedToken::from(tok.clone(), special))
+            .collect()
+    };
+    let err = |e: tokenizers::Error| EngineError::Tokenizer(e.to_string());
+    tk.add_tokens(of_type(true, false)).map_err(err)?;
+    tk.add_special_tokens(of_type(false, true)).map_err(err)?;
+    tk.set_encode_special_tokens(true);
+    Ok(())
+}
+
+/// The token texts llama.cpp (llama-vocab.cpp, as of llama-cpp-python
+/// 0.3.36) makes control tokens whatever their GGUF type: its end-of-turn,
+/// end-of-generation and fill-in-the-middle markers.
+const LLAMA_CPP_CONTROL_TEXTS: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "[EOS]",
+    "<｜end▁of▁sentence｜>",
+    "<end_of_utterance>",
+    "<|eom_id|>",
+    "<|return|>",
+    "<|call|>",
+    "<|flush|>",
+    "<|calls|>",
+    "</s>",
+    "<eos>",
+    "<turn|>",
+    "<|tool_response>",
+    "[e~[",
+    "<|fim_prefix|>",
+    "<fim-prefix>",
+    "<fim_prefix>",
+    "<｜fim▁begin｜>",
+    "<PRE>",
+    "▁<PRE>",
+    "<|code_prefix|>",
+    "<|prefix|>",
+    "<|fim_suffix|>",
+    "<fim-suffix>",
+    "<fim_suffix>",
+    "<｜fim▁hole｜>",
+    "<SUF>",
+    "▁<SUF>",
+    "<|code_suffix|>",
+    "<|suffix|>",
+    "<|fim_middle|>",
+    "<fim-middle>",
+    "<fim_middle>",
+    "<｜fim▁end｜>",
+    "<MID>",
+    "▁<MID>",
+    "<|code_middle|>",
+    "<|middle|>",
+    "<|fim_pad|>",
+    "<fim-pad>",
+    "<fim_pad>",
+    "<PAD>",
+    "[PAD]",
+    "<|fim_repo|>",
+    "<|repo_name|>",
+    "<fim-repo>",
+    "<REPO>",
+    "<reponame>",
+    "<|file_sep|>",
+];

@@ -8,11 +8,11 @@ use clap::{Parser, Subcommand};
 use kvembed_core::method::Knobs;
 use kvembed_core::proto::{EmbedOptions, SelectOptions};
 use kvembed_core::{Embedder, LoadSpec};
+use kvembed_tools::{conformance, eval};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod cli;
-mod eval;
 mod npy;
 mod quality;
 
@@ -230,6 +230,32 @@ enum Cmd {
         max_new: usize,
         prompt: String,
     },
+    /// Token ids, one JSON line per text: the tokenizer's own (default), or
+    /// with --method what the model reads (BOS, prompt and text tokenized
+    /// together). --corpus prints the tokenizer conformance corpus instead
+    /// (one JSON string per line; see scripts/tokenizer_goldens.py).
+    Tokenize {
+        /// GGUF file or Hugging Face model directory.
+        #[arg(long, short, env = "KVEMBED_MODEL")]
+        model: Option<PathBuf>,
+        /// Wrap each text as this method does (loads the whole model).
+        #[arg(long)]
+        method: Option<String>,
+        /// With --method: the query-side prompt.
+        #[arg(long)]
+        query: bool,
+        /// Print the conformance corpus (no model needed).
+        #[arg(long)]
+        corpus: bool,
+        /// The corpus's STS root (its sentences in the prompts); without it
+        /// the corpus holds the generated strings only.
+        #[arg(long)]
+        sts: Option<PathBuf>,
+        /// Generated strings in the corpus.
+        #[arg(long, default_value_t = conformance::DEFAULT_SYNTHETIC)]
+        synthetic: usize,
+        texts: Vec<String>,
+    },
     /// The quality study: writes docs/QUALITY.md and its plots.
     Quality(quality::QualityArgs),
     /// The CPU features the engine's kernels use here (after KVEMBED_CPU), as JSON.
@@ -340,6 +366,15 @@ fn main() -> ExitCode {
             .and_then(|e| e.generate(&prompt, max_new))
             .map(|s| println!("{prompt}{s}")),
         Cmd::Quality(args) => quality::run(&args),
+        Cmd::Tokenize {
+            model,
+            method,
+            query,
+            corpus,
+            sts,
+            synthetic,
+            texts,
+        } => tokenize(model, method, query, corpus, sts, synthetic, texts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -348,4 +383,60 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `kvembed-lab tokenize`.
+fn tokenize(
+    model: Option<PathBuf>,
+    method: Option<String>,
+    query: bool,
+    corpus: bool,
+    sts: Option<PathBuf>,
+    synthetic: usize,
+    texts: Vec<String>,
+) -> kvembed_core::Result<()> {
+    use kvembed_core::EngineError;
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    // A closed pipe (`| head`) ends the output quietly.
+    let mut json = |v: serde_json::Value| writeln!(out, "{v}").is_ok();
+    if corpus {
+        let sentences = match &sts {
+            Some(root) => conformance::sts_sentences(root)
+                .map_err(|e| EngineError::invalid("--sts", e.to_string()))?,
+            None => Vec::new(),
+        };
+        for s in conformance::corpus(&sentences, synthetic) {
+            if !json(serde_json::Value::String(s)) {
+                break;
+            }
+        }
+        return Ok(());
+    }
+    let model =
+        model.ok_or_else(|| EngineError::invalid("--model", "a model is needed (or --corpus)"))?;
+    match method {
+        None => {
+            let tk = kvembed_core::model::tokenizer::TextTokenizer::open(&model)?;
+            for t in &texts {
+                json(serde_json::json!(tk.encode(t)?));
+            }
+        }
+        Some(method) => {
+            let e = Embedder::load(&LoadSpec::new(model.to_string_lossy().into_owned()))?;
+            let role = if query {
+                kvembed_core::proto::Role::Query
+            } else {
+                kvembed_core::proto::Role::Document
+            };
+            let opts = EmbedOptions {
+                method: Some(method),
+                ..Default::default()
+            };
+            for t in &texts {
+                json(serde_json::json!(e.prompt_ids(t, role, &opts)?));
+            }
+        }
+    }
+    Ok(())
 }
