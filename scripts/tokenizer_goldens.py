@@ -13,7 +13,8 @@ of the ids the model's reference tokenizer gives it:
   `special=False`: text is text, a `<|endoftext|>` typed by a user is not the
   control token;
 - a Hugging Face directory: `tokenizers` on its tokenizer.json,
-  `add_special_tokens=False`.
+  `add_special_tokens=False`, `encode_special_tokens=True` (the special
+  tokens it lists, spelled in a text, are text too).
 
 Only hashes are written (FNV-1a 64 of the UTF-8 string; of the ids as
 little-endian u32, its low 32 bits), never the strings: the evaluation text
@@ -97,8 +98,11 @@ def main():
         else:
             import tokenizers
             tk = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+            # Special tokens spelled in a text are text, as llama.cpp's
+            # parse_special=False reads them.
+            tk.encode_special_tokens = True
             encode = lambda s, tk=tk: tk.encode(s, add_special_tokens=False).ids
-            versions.append(f"{name}=tokenizers {tokenizers.__version__} on {os.path.relpath(path, ROOT)}/tokenizer.json")
+            versions.append(f"{name}=tokenizers {tokenizers.__version__} on {os.path.relpath(path, ROOT)}/tokenizer.json, special tokens as text")
         columns.append((name, [ids_hash(encode(s)) for s in corpus]))
         print(f"{name}: done", file=sys.stderr)
 

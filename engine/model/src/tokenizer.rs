@@ -178,6 +178,8 @@ impl TextTokenizer {
             .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         let add_bos = bos.is_some() && probe.get_ids().first().copied() == bos;
         inner.with_post_processor(None::<tokenizers::processors::PostProcessorWrapper>);
+        // A text that spells a special token is text (as for GGUF files).
+        inner.set_encode_special_tokens(true);
         let vocab_size = inner.get_vocab_size(true);
         Ok(TextTokenizer {
             inner,
