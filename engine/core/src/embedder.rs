@@ -141,15 +141,88 @@ pub fn pick_device(spec: &str) -> Result<Device> {
     }
 }
 
-fn set_threads(threads: usize) {
-    if threads > 0 {
-        // candle's CPU kernels read RAYON_NUM_THREADS; the global pool can be
-        // sized once per process.
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build_global();
+/// Start the process's compute threads (rayon's global pool), `threads` of
+/// them (0: one per core). Done once per process, at the first load, so
+/// that a failure is a clear load error rather than a panic at the first
+/// parallel loop: rayon builds its global pool lazily and panics when it
+/// cannot, and after one failed attempt it refuses every later one. Threads
+/// fail to start when their stacks do not fit the address space
+/// (`kvembed.engine_memory_limit`) or the process limit on threads.
+fn start_threads(threads: usize) -> Result<()> {
+    static STARTED: std::sync::OnceLock<std::result::Result<(), String>> =
+        std::sync::OnceLock::new();
+    STARTED
+        .get_or_init(|| {
+            if threads > 0 {
+                // candle's CPU kernels read RAYON_NUM_THREADS.
+                std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+            }
+            let mut builder = rayon::ThreadPoolBuilder::new();
+            if threads > 0 {
+                builder = builder.num_threads(threads);
+            }
+            let wanted = match threads {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n,
+            };
+            let advice = "lower kvembed.threads or raise kvembed.engine_memory_limit";
+            // Checked before trying: threads that start while the address
+            // space runs out can abort the process in their first allocation.
+            if let Some((left, limit)) = address_space_left() {
+                let stack = std::env::var("RUST_MIN_STACK")
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(2 << 20);
+                let need = wanted as u64 * (stack + (64 << 10));
+                if need > left {
+                    return Err(format!(
+                        "could not start {wanted} compute threads: their stacks need {} MB of \
+                         address space and {} MB are left under the engine's memory limit of {} MB: \
+                         {advice}",
+                        need >> 20,
+                        left >> 20,
+                        limit >> 20
+                    ));
+                }
+            }
+            match builder.build_global() {
+                Ok(()) => Ok(()),
+                // Built before this by the embedding program: keep it.
+                Err(e) if e.to_string().contains("already been initialized") => Ok(()),
+                Err(e) => Err(format!(
+                    "could not start {wanted} compute threads: {e}; out of memory or of threads \
+                     (the engine's memory limit or the process limits): {advice}"
+                )),
+            }
+        })
+        .clone()
+        .map_err(EngineError::OutOfResources)
+}
+
+/// The address space left under `RLIMIT_AS` and the limit, in bytes; `None`
+/// without a limit.
+fn address_space_left() -> Option<(u64, u64)> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the struct it is given.
+        if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut lim) } != 0
+            || lim.rlim_cur == libc::RLIM_INFINITY
+        {
+            return None;
+        }
+        let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+        let pages: u64 = statm.split_whitespace().next()?.parse().ok()?;
+        // SAFETY: sysconf only reads a system constant.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+        let limit = lim.rlim_cur as u64;
+        Some((limit.saturating_sub(pages * page), limit))
     }
+    #[cfg(not(target_os = "linux"))]
+    None
 }
 
 /// Every operation of a forward pass allocates its output, many of them
@@ -212,7 +285,7 @@ impl Embedder {
 
     /// Load with an explicit compute dtype (`None`: as [`Embedder::load`]).
     pub fn load_with_dtype(spec: &LoadSpec, dtype: Option<DType>) -> Result<Embedder> {
-        set_threads(spec.threads);
+        start_threads(spec.threads)?;
         keep_freed_buffers();
         let device = pick_device(&spec.device)?;
         let dtype = match dtype {

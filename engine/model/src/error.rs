@@ -41,6 +41,10 @@ pub enum EngineError {
     #[error("cancelled: {0}")]
     Cancelled(String),
 
+    /// Memory or threads ran out while loading.
+    #[error("{0}")]
+    OutOfResources(String),
+
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
 
@@ -81,7 +85,8 @@ impl EngineError {
             | EngineError::Corrupt { .. }
             | EngineError::UnsupportedArch { .. }
             | EngineError::TokenizerMismatch(_)
-            | EngineError::NotCached { .. } => ErrorKind::ModelLoad,
+            | EngineError::NotCached { .. }
+            | EngineError::OutOfResources(_) => ErrorKind::ModelLoad,
             _ => ErrorKind::Internal,
         }
     }

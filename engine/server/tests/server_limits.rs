@@ -584,3 +584,56 @@ fn describe_says_what_a_request_runs() {
         other => panic!("an unknown method must be refused: {other:?}"),
     }
 }
+
+/// `kvembed embed --threads N hello` with its address space limited to
+/// `limit` bytes, as `kvembed.engine_memory_limit` limits the engine.
+fn embed_under_limit(limit: u64, threads: usize) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvembed"));
+    cmd.args([
+        "embed",
+        "--model",
+        &model(),
+        "--threads",
+        &threads.to_string(),
+        "hello",
+    ]);
+    // SAFETY: setrlimit is async-signal-safe and changes only the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: limit as libc::rlim_t,
+                rlim_max: limit as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().expect("run kvembed embed")
+}
+
+/// Compute threads that cannot start under the engine's memory limit are a
+/// load error that says so; rayon panicked ("The global thread pool has not
+/// been initialized") or the process aborted.
+#[test]
+fn threads_that_do_not_fit_the_memory_limit_are_a_clear_error() {
+    // 2,048 stacks of 2 MiB do not fit in 1 GiB; the model does.
+    let out = embed_under_limit(1 << 30, 2048);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("could not start 2048 compute threads")
+            && stderr.contains("memory limit")
+            && stderr.contains("kvembed.threads"),
+        "{stderr}"
+    );
+    // With the threads it can have, the same model embeds under that limit.
+    let out = embed_under_limit(1 << 30, 2);
+    assert!(
+        out.status.success() && out.stdout.starts_with(b"[["),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
