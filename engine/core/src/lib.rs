@@ -5,10 +5,12 @@
 //! Data flows one way: texts → prompts ([`method`]) → tokenizer → batches by
 //! token budget ([`embedder`]) → decoder with re-routing ([`kvembed_model`]) →
 //! pooling → L2-normalised vectors. [`twonn`] chooses the re-routed layers
-//! by intrinsic dimension.
+//! by intrinsic dimension; [`space`] fits the corpus calibration of the
+//! embedding space.
 
 pub mod embedder;
 pub mod method;
+pub mod space;
 pub mod twonn;
 
 pub use embedder::{EmbedOutput, Embedder, LoadSpec, ModelInfo};

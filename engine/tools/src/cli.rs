@@ -4,6 +4,7 @@ use crate::eval::{self, StsSet};
 use crate::{MethodArgs, ModelArgs};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvembed_core::proto::{EmbedOptions, Role, SelectOptions};
+use kvembed_core::space::{self, SpaceFit};
 use kvembed_core::{Embedder, EngineError, Result};
 use std::collections::HashMap;
 use std::io::BufRead;
@@ -142,14 +143,90 @@ pub fn eval_sts(
     opts: &EmbedOptions,
     limit: usize,
 ) -> Result<Vec<(String, String, f64)>> {
+    let mut out = eval_sts_spaces(e, sets, opts, limit, &[])?;
+    Ok(out.remove(0).1)
+}
+
+/// A corpus calibration of the space to evaluate: fitted on `sample` of the
+/// evaluation texts themselves (drawn with a fixed seed), as a user
+/// calibrates on a sample of the column being embedded; gold scores are
+/// never used.
+#[derive(Clone, Copy, Debug)]
+pub struct SpaceSpec {
+    pub fit: SpaceFit,
+    pub sample: usize,
+}
+
+impl SpaceSpec {
+    pub fn label(&self) -> String {
+        format!("{}@{}", self.fit.name(), self.sample)
+    }
+
+    /// Every fit of `fits` (comma-separated) with every size of `samples`.
+    pub fn parse_list(fits: &str, samples: &str) -> Result<Vec<SpaceSpec>> {
+        let mut out = Vec::new();
+        for f in fits.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+            let fit = SpaceFit::parse(f)?;
+            for n in samples.split(',').map(str::trim) {
+                let sample = n.parse::<usize>().ok().filter(|&n| n >= 2).ok_or_else(|| {
+                    EngineError::invalid("space sample size", format!("'{n}' (2 or more)"))
+                })?;
+                out.push(SpaceSpec { fit, sample });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Fits on a seeded sample of `fit_on` and maps `targets`.
+    pub fn map_all(&self, fit_on: &[Vec<f32>], targets: &mut [&mut Vec<Vec<f32>>]) -> Result<()> {
+        let picked: Vec<Vec<f32>> = sample_indices(fit_on.len(), self.sample, SPACE_SEED)
+            .into_iter()
+            .map(|i| fit_on[i].clone())
+            .collect();
+        let map = space::fit(&picked, self.fit)?;
+        for vecs in targets.iter_mut() {
+            for v in vecs.iter_mut() {
+                map.apply(v);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The seed of the evaluation's calibration samples.
+pub const SPACE_SEED: u64 = 0x6b76_656d_6265_6421;
+
+/// `k` distinct indices below `n` (all of them when `k >= n`), a seeded
+/// partial Fisher-Yates shuffle.
+pub fn sample_indices(n: usize, k: usize, seed: u64) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    let mut state = seed | 1;
+    let k = k.min(n);
+    for i in 0..k {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let j = i + (state % (n - i) as u64) as usize;
+        idx.swap(i, j);
+    }
+    idx.truncate(k);
+    idx
+}
+
+/// Spearman x 100 per STS file, for the raw space (label "raw") and then for
+/// each calibration of `spaces`; the texts are embedded once.
+pub fn eval_sts_spaces(
+    e: &Embedder,
+    sets: &[StsSet],
+    opts: &EmbedOptions,
+    limit: usize,
+    spaces: &[SpaceSpec],
+) -> Result<Vec<(String, Vec<(String, String, f64)>)>> {
+    let take = if limit == 0 { usize::MAX } else { limit };
     let mut uniq: HashMap<&str, usize> = HashMap::new();
     let mut texts: Vec<String> = Vec::new();
     for s in sets {
-        for p in s
-            .pairs
-            .iter()
-            .take(if limit == 0 { usize::MAX } else { limit })
-        {
+        for p in s.pairs.iter().take(take) {
             for t in [&p.a, &p.b] {
                 if !uniq.contains_key(t.as_str()) {
                     uniq.insert(t.as_str(), texts.len());
@@ -158,24 +235,29 @@ pub fn eval_sts(
             }
         }
     }
-    let vecs = embed_all(e, &texts, Role::Document, opts, "sts")?;
-    let mut out = Vec::new();
-    for s in sets {
-        let pairs: Vec<_> = s
-            .pairs
-            .iter()
-            .take(if limit == 0 { usize::MAX } else { limit })
-            .collect();
-        let sims: Vec<f64> = pairs
-            .iter()
-            .map(|p| eval::cosine(&vecs[uniq[p.a.as_str()]], &vecs[uniq[p.b.as_str()]]))
-            .collect();
-        let gold: Vec<f64> = pairs.iter().map(|p| p.score).collect();
-        out.push((
-            s.group.clone(),
-            s.name.clone(),
-            100.0 * eval::spearman(&sims, &gold),
-        ));
+    let raw = embed_all(e, &texts, Role::Document, opts, "sts")?;
+    let score = |vecs: &[Vec<f32>]| -> Vec<(String, String, f64)> {
+        sets.iter()
+            .map(|s| {
+                let pairs: Vec<_> = s.pairs.iter().take(take).collect();
+                let sims: Vec<f64> = pairs
+                    .iter()
+                    .map(|p| eval::cosine(&vecs[uniq[p.a.as_str()]], &vecs[uniq[p.b.as_str()]]))
+                    .collect();
+                let gold: Vec<f64> = pairs.iter().map(|p| p.score).collect();
+                (
+                    s.group.clone(),
+                    s.name.clone(),
+                    100.0 * eval::spearman(&sims, &gold),
+                )
+            })
+            .collect()
+    };
+    let mut out = vec![("raw".to_string(), score(&raw))];
+    for spec in spaces {
+        let mut vecs = raw.clone();
+        spec.map_all(&raw, &mut [&mut vecs])?;
+        out.push((spec.label(), score(&vecs)));
     }
     Ok(out)
 }
@@ -212,6 +294,22 @@ pub fn eval_beir(
     max_docs: usize,
     max_queries: usize,
 ) -> Result<RetrievalResult> {
+    let mut out = eval_beir_spaces(e, root, split, opts, max_docs, max_queries, &[])?;
+    Ok(out.remove(0).1)
+}
+
+/// [`eval_beir`] for the raw space (label "raw") and then for each
+/// calibration of `spaces`, fitted on a sample of the documents and applied
+/// to documents and queries alike; the texts are embedded once.
+pub fn eval_beir_spaces(
+    e: &Embedder,
+    root: &Path,
+    split: &str,
+    opts: &EmbedOptions,
+    max_docs: usize,
+    max_queries: usize,
+    spaces: &[SpaceSpec],
+) -> Result<Vec<(String, RetrievalResult)>> {
     let mut b = eval::load_beir(root, split).map_err(io_err(root))?;
     if max_queries > 0 && b.queries.len() > max_queries {
         b.queries.truncate(max_queries);
@@ -241,33 +339,43 @@ pub fn eval_beir(
     let doc_texts: Vec<String> = docs.iter().map(|d| d.1.clone()).collect();
     let q_ids: Vec<String> = b.queries.iter().map(|q| q.0.clone()).collect();
     let q_texts: Vec<String> = b.queries.iter().map(|q| q.1.clone()).collect();
-    let dv = embed_all(e, &doc_texts, Role::Document, opts, "documents")?;
-    let qv = embed_all(e, &q_texts, Role::Query, opts, "queries")?;
-    let ndcg = eval::retrieval_ndcg(&qv, &q_ids, &dv, &doc_ids, &b.qrels, 10);
+    let raw_dv = embed_all(e, &doc_texts, Role::Document, opts, "documents")?;
+    let raw_qv = embed_all(e, &q_texts, Role::Query, opts, "queries")?;
     // Alignment over (query, relevant document) pairs; uniformity over documents.
     let pos: HashMap<&str, usize> = doc_ids
         .iter()
         .enumerate()
         .map(|(i, d)| (d.as_str(), i))
         .collect();
-    let (mut pa, mut pb) = (Vec::new(), Vec::new());
+    let mut pairs = Vec::new();
     for (qi, q) in q_ids.iter().enumerate() {
         if let Some(rel) = b.qrels.get(q) {
             for d in rel.keys() {
                 if let Some(&di) = pos.get(d.as_str()) {
-                    pa.push(qv[qi].clone());
-                    pb.push(dv[di].clone());
+                    pairs.push((qi, di));
                 }
             }
         }
     }
-    Ok(RetrievalResult {
-        ndcg10: 100.0 * ndcg,
-        alignment: eval::alignment(&pa, &pb),
-        uniformity: eval::uniformity(&dv),
-        queries: q_ids.len(),
-        docs: doc_ids.len(),
-    })
+    let result = |qv: &[Vec<f32>], dv: &[Vec<f32>]| {
+        let ndcg = eval::retrieval_ndcg(qv, &q_ids, dv, &doc_ids, &b.qrels, 10);
+        let pa: Vec<Vec<f32>> = pairs.iter().map(|&(q, _)| qv[q].clone()).collect();
+        let pb: Vec<Vec<f32>> = pairs.iter().map(|&(_, d)| dv[d].clone()).collect();
+        RetrievalResult {
+            ndcg10: 100.0 * ndcg,
+            alignment: eval::alignment(&pa, &pb),
+            uniformity: eval::uniformity(dv),
+            queries: q_ids.len(),
+            docs: doc_ids.len(),
+        }
+    };
+    let mut out = vec![("raw".to_string(), result(&raw_qv, &raw_dv))];
+    for spec in spaces {
+        let (mut dv, mut qv) = (raw_dv.clone(), raw_qv.clone());
+        spec.map_all(&raw_dv, &mut [&mut dv, &mut qv])?;
+        out.push((spec.label(), result(&qv, &dv)));
+    }
+    Ok(out)
 }
 
 /// How much of the evaluation data `kvembed eval` uses (0 = all).
@@ -287,6 +395,7 @@ pub fn eval(
     beir: Option<&Path>,
     split: &str,
     limits: EvalLimits,
+    spaces: &[SpaceSpec],
     json: bool,
 ) -> Result<()> {
     if sts.is_none() && beir.is_none() {
@@ -301,41 +410,80 @@ pub fn eval(
     if let Some(root) = sts {
         let sets = eval::load_sts_root(root).map_err(io_err(root))?;
         let t0 = Instant::now();
-        let rows = eval_sts(&e, &sets, &opts, limits.sts_pairs)?;
-        let groups = group_means(&rows);
+        let by_space = eval_sts_spaces(&e, &sets, &opts, limits.sts_pairs, spaces)?;
         if json {
-            report.insert("sts_files".into(), serde_json::json!(rows));
-            report.insert("sts_groups".into(), serde_json::json!(groups));
+            let mut files = serde_json::Map::new();
+            let mut groups = serde_json::Map::new();
+            for (label, rows) in &by_space {
+                files.insert(label.clone(), serde_json::json!(rows));
+                groups.insert(label.clone(), serde_json::json!(group_means(rows)));
+            }
+            // "sts_files"/"sts_groups" stay the raw space's, as before.
+            report.insert("sts_files".into(), files["raw"].clone());
+            report.insert("sts_groups".into(), groups["raw"].clone());
+            if !spaces.is_empty() {
+                report.insert("sts_groups_by_space".into(), groups.into());
+            }
         } else {
-            println!("group\tfile\tspearman");
-            for (g, n, s) in &rows {
-                println!("{g}\t{n}\t{s:.2}");
+            let labels: Vec<&str> = by_space.iter().map(|(l, _)| l.as_str()).collect();
+            println!("group\tfile\t{}", labels.join("\t"));
+            let rows = &by_space[0].1;
+            for (i, (g, n, _)) in rows.iter().enumerate() {
+                let cells: Vec<String> = by_space
+                    .iter()
+                    .map(|(_, r)| format!("{:.2}", r[i].2))
+                    .collect();
+                println!("{g}\t{n}\t{}", cells.join("\t"));
             }
-            for (g, s) in &groups {
-                println!("{g}\tmean\t{s:.2}");
+            let means: Vec<Vec<(String, f64)>> =
+                by_space.iter().map(|(_, r)| group_means(r)).collect();
+            for (i, (g, _)) in means[0].iter().enumerate() {
+                let cells: Vec<String> = means.iter().map(|m| format!("{:.2}", m[i].1)).collect();
+                println!("{g}\tmean\t{}", cells.join("\t"));
             }
+            let avg: Vec<String> = means
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{:.2}",
+                        eval::mean(&m.iter().map(|x| x.1).collect::<Vec<_>>())
+                    )
+                })
+                .collect();
+            println!("all\tmean of groups\t{}", avg.join("\t"));
             println!("# {:.1}s", t0.elapsed().as_secs_f64());
         }
     }
     if let Some(root) = beir {
-        let r = eval_beir(
+        let by_space = eval_beir_spaces(
             &e,
             root,
             split,
             &opts,
             limits.beir_docs,
             limits.beir_queries,
+            spaces,
         )?;
+        let as_json = |r: &RetrievalResult| serde_json::json!({"ndcg@10": r.ndcg10, "alignment": r.alignment, "uniformity": r.uniformity, "queries": r.queries, "docs": r.docs});
         if json {
-            report.insert(
-                "retrieval".into(),
-                serde_json::json!({"ndcg@10": r.ndcg10, "alignment": r.alignment, "uniformity": r.uniformity, "queries": r.queries, "docs": r.docs}),
-            );
+            report.insert("retrieval".into(), as_json(&by_space[0].1));
+            if !spaces.is_empty() {
+                let all: serde_json::Map<String, serde_json::Value> = by_space
+                    .iter()
+                    .map(|(l, r)| (l.clone(), as_json(r)))
+                    .collect();
+                report.insert("retrieval_by_space".into(), all.into());
+            }
         } else {
-            println!(
-                "nDCG@10\t{:.2}\nalignment\t{:.4}\nuniformity\t{:.4}\n# {} queries, {} documents",
-                r.ndcg10, r.alignment, r.uniformity, r.queries, r.docs
-            );
+            println!("space\tnDCG@10\talignment\tuniformity");
+            for (label, r) in &by_space {
+                println!(
+                    "{label}\t{:.2}\t{:.4}\t{:.4}",
+                    r.ndcg10, r.alignment, r.uniformity
+                );
+            }
+            let r = &by_space[0].1;
+            println!("# {} queries, {} documents", r.queries, r.docs);
         }
     }
     if json {

@@ -191,6 +191,15 @@ enum Cmd {
         /// BEIR: documents kept (every judged one, then distractors; 0 = all).
         #[arg(long, default_value_t = 0)]
         beir_docs: usize,
+        /// Also score corpus calibrations of the space, each fitted on a
+        /// seeded sample of the evaluation texts (STS: the sentences;
+        /// BEIR: the documents): comma-separated `center`, `remove:K`,
+        /// `whiten[:A]`.
+        #[arg(long, default_value = "")]
+        space: String,
+        /// Sample sizes of the calibrations (comma-separated).
+        #[arg(long, default_value = "1024")]
+        space_sample: String,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -307,7 +316,7 @@ fn main() -> ExitCode {
             let opts = SelectOptions {
                 skip_fraction: Some(skip_fraction),
                 window: Some(window),
-                max_tokens: None,
+                ..Default::default()
             };
             cli::select_layers(&model, &file, sample, &opts, representation)
         }
@@ -320,20 +329,25 @@ fn main() -> ExitCode {
             limit,
             beir_queries,
             beir_docs,
+            space,
+            space_sample,
             json,
-        } => cli::eval(
-            &model,
-            &method,
-            sts.as_deref(),
-            beir.as_deref(),
-            &split,
-            cli::EvalLimits {
-                sts_pairs: limit,
-                beir_queries,
-                beir_docs,
-            },
-            json,
-        ),
+        } => cli::SpaceSpec::parse_list(&space, &space_sample).and_then(|spaces| {
+            cli::eval(
+                &model,
+                &method,
+                sts.as_deref(),
+                beir.as_deref(),
+                &split,
+                cli::EvalLimits {
+                    sts_pairs: limit,
+                    beir_queries,
+                    beir_docs,
+                },
+                &spaces,
+                json,
+            )
+        }),
         Cmd::Bench {
             model,
             method,
