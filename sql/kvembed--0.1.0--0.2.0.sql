@@ -15,6 +15,11 @@
 --   of a layer selection (both changed by kvembed_admin with ALTER SYSTEM),
 --   and kvembed.select_layers_raw (so kv_select_layers) is for superusers
 --   and kvembed_admin only.
+-- * kv_select_layers also fits a corpus calibration of the embedding space
+--   on its sample (space => 'whiten', the default; 'center', 'remove:K',
+--   'none'), stored in kvembed.calibration and applied by kv_embed while
+--   kvembed.layers = 'auto' and kvembed.space_calibration is on; kv_status
+--   reports it in its new space column.
 -- Every other object is unchanged. The 0.2.0 library serves both versions'
 -- functions (no C symbol was renamed or removed).
 
@@ -78,11 +83,63 @@ END
 $fn$;
 
 GRANT ALTER SYSTEM ON PARAMETER kvembed.max_tokens_limit, kvembed.max_calibration_texts TO kvembed_admin;
-REVOKE EXECUTE ON FUNCTION kvembed.select_layers_raw(text[], integer, real) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION kvembed.select_layers_raw(text[], integer, real) TO kvembed_admin;
+DROP FUNCTION kvembed.select_layers_raw(text[], integer, real);
+CREATE  FUNCTION kvembed."select_layers_raw"(
+	"texts" text[], /* Array < '_, DbText > */
+	"window" INT DEFAULT NULL, /* Option < i32 > */
+	"skip_fraction" real DEFAULT NULL, /* Option < f32 > */
+	"space" TEXT DEFAULT NULL /* Option < & str > */
+) RETURNS jsonb /* JsonB */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'select_layers_raw_wrapper';
+REVOKE EXECUTE ON FUNCTION kvembed.select_layers_raw(text[], integer, real, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION kvembed.select_layers_raw(text[], integer, real, text) TO kvembed_admin;
 
-CREATE OR REPLACE FUNCTION @extschema@.kv_select_layers(
-  tbl regclass, col name, sample_size int DEFAULT 512, store boolean DEFAULT true)
+-- kv_select_layers gains the space argument (a new signature), kv_status
+-- the space column, the calibration table the space calibration.
+ALTER TABLE kvembed.calibration
+  ADD COLUMN IF NOT EXISTS space_fit text,
+  ADD COLUMN IF NOT EXISTS space_options jsonb,
+  ADD COLUMN IF NOT EXISTS space_mean real[],
+  ADD COLUMN IF NOT EXISTS space_directions real[],
+  ADD COLUMN IF NOT EXISTS space_gains real[];
+COMMENT ON TABLE kvembed.calibration IS 'Layer selections and space calibrations made by kv_select_layers(), one per model';
+
+-- A jsonb array of numbers as real[] (NULL for a JSON null).
+CREATE FUNCTION kvembed.real_array(j jsonb) RETURNS real[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT CASE WHEN jsonb_typeof(j) = 'array'
+                  THEN ARRAY(SELECT x::real FROM jsonb_array_elements_text(j) WITH ORDINALITY AS e(x, i) ORDER BY i) END $$;
+
+DROP FUNCTION @extschema@.kv_status();
+CREATE FUNCTION @extschema@.kv_status()
+RETURNS TABLE (
+  state text, model text, model_id text, architecture text, dim int, n_layers int, device text,
+  method text, layers int[], layers_source text, bias real, document_prompt text, query_prompt text,
+  max_tokens int, on_overflow text, batch_tokens int, threads int, queue_depth int,
+  requests_served bigint, texts_served bigint, tokens_served bigint,
+  engine_pid int, supervisor_pid int, engine_restarts bigint, last_exit text, load_error text,
+  space text)
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT * FROM jsonb_to_record(kvembed.status_json()) AS s(
+    state text, model text, model_id text, architecture text, dim int, n_layers int, device text,
+    method text, layers int[], layers_source text, bias real, document_prompt text, query_prompt text,
+    max_tokens int, on_overflow text, batch_tokens int, threads int, queue_depth int,
+    requests_served bigint, texts_served bigint, tokens_served bigint,
+    engine_pid int, supervisor_pid int, engine_restarts bigint, last_exit text, load_error text,
+    space text)
+$$;
+COMMENT ON FUNCTION @extschema@.kv_status() IS
+  'The engine''s model, device, state and counters, and the session''s effective embedding settings';
+
+DROP FUNCTION @extschema@.kv_select_layers(regclass, name, int, boolean);
+CREATE FUNCTION @extschema@.kv_select_layers(
+  tbl regclass, col name, sample_size int DEFAULT 512, store boolean DEFAULT true,
+  space text DEFAULT 'whiten')
 RETURNS TABLE (layer int, intrinsic_dimension float8, selected bool)
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -99,7 +156,7 @@ BEGIN
     RAISE EXCEPTION 'kv_select_layers: sample_size must be positive, got %', sample_size
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  IF NOT has_function_privilege('kvembed.select_layers_raw(text[], integer, real)', 'EXECUTE') THEN
+  IF NOT has_function_privilege('kvembed.select_layers_raw(text[], integer, real, text)', 'EXECUTE') THEN
     RAISE EXCEPTION 'kv_select_layers: permission denied to run a layer selection'
       USING ERRCODE = 'insufficient_privilege',
             HINT = 'A layer selection holds the shared engine for minutes and its memory grows with the square of the sample: superusers and members of kvembed_admin run it.';
@@ -128,18 +185,30 @@ BEGIN
   END IF;
 
   RAISE NOTICE 'kv_select_layers: running the model over % texts and measuring every layer', n;
-  result := kvembed.select_layers_raw(texts);
+  result := kvembed.select_layers_raw(texts, space => space);
   RAISE NOTICE 'kv_select_layers: selected layers % (%) in % s', result->'selected', result->>'rule',
     round(extract(epoch FROM clock_timestamp() - started)::numeric, 1);
+  IF jsonb_typeof(result->'space') = 'object' THEN
+    RAISE NOTICE 'kv_select_layers: fitted the space calibration % (% directions) for this session''s method, bias and document prompt',
+      result->'space'->>'fit', jsonb_array_length(result->'space'->'gains');
+  END IF;
 
   IF store THEN
-    INSERT INTO kvembed.calibration AS c (model_id, layers, curve, rule, source, sample_size)
+    INSERT INTO kvembed.calibration AS c (model_id, layers, curve, rule, source, sample_size,
+                                          space_fit, space_options, space_mean, space_directions, space_gains)
     VALUES (result->>'model_id',
             ARRAY(SELECT jsonb_array_elements_text(result->'selected')::int),
-            result->'curve', result->>'rule', source, n)
+            result->'curve', result->>'rule', source, n,
+            result->'space'->>'fit', result->'space'->'options',
+            kvembed.real_array(result->'space'->'mean'),
+            kvembed.real_array(result->'space'->'directions'),
+            kvembed.real_array(result->'space'->'gains'))
     ON CONFLICT (model_id) DO UPDATE
       SET layers = EXCLUDED.layers, curve = EXCLUDED.curve, rule = EXCLUDED.rule,
           source = EXCLUDED.source, sample_size = EXCLUDED.sample_size,
+          space_fit = EXCLUDED.space_fit, space_options = EXCLUDED.space_options,
+          space_mean = EXCLUDED.space_mean, space_directions = EXCLUDED.space_directions,
+          space_gains = EXCLUDED.space_gains,
           created_by = current_user, created_at = now();
     RAISE NOTICE 'kv_select_layers: stored for model %; kv_embed uses it while kvembed.layers = ''auto''',
       result->>'model_id';
@@ -151,3 +220,5 @@ BEGIN
     ORDER BY 1;
 END
 $fn$;
+COMMENT ON FUNCTION @extschema@.kv_select_layers(regclass, name, int, boolean, text) IS
+  'Selects the re-routing layers by TwoNN intrinsic dimension on a sample of a column, fits the space calibration on it, and stores both';

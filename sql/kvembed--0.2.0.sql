@@ -127,7 +127,8 @@ CREATE SCHEMA IF NOT EXISTS kvembed; /* kvembed::api::kvembed */
 CREATE  FUNCTION kvembed."select_layers_raw"(
 	"texts" text[], /* Array < '_, DbText > */
 	"window" INT DEFAULT NULL, /* Option < i32 > */
-	"skip_fraction" real DEFAULT NULL /* Option < f32 > */
+	"skip_fraction" real DEFAULT NULL, /* Option < f32 > */
+	"space" TEXT DEFAULT NULL /* Option < & str > */
 ) RETURNS jsonb /* JsonB */
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -162,9 +163,17 @@ CREATE TABLE kvembed.calibration (
   source      text,
   sample_size int,
   created_by  name NOT NULL DEFAULT current_user,
-  created_at  timestamptz NOT NULL DEFAULT now()
+  created_at  timestamptz NOT NULL DEFAULT now(),
+  -- The corpus calibration of the space fitted on the same sample (NULL:
+  -- none): y = normalize(x' + sum_i gains[i] * u_i * (u_i . x')), x' = x - mean,
+  -- with u_i the rows of space_directions (gains count x dim, row-major).
+  space_fit        text,
+  space_options    jsonb,
+  space_mean       real[],
+  space_directions real[],
+  space_gains      real[]
 );
-COMMENT ON TABLE kvembed.calibration IS 'Layer selections made by kv_select_layers(), one per model';
+COMMENT ON TABLE kvembed.calibration IS 'Layer selections and space calibrations made by kv_select_layers(), one per model';
 REVOKE ALL ON kvembed.calibration FROM PUBLIC;
 GRANT SELECT ON kvembed.calibration TO PUBLIC;
 GRANT SELECT, INSERT, UPDATE, DELETE ON kvembed.calibration TO kvembed_admin;
@@ -178,7 +187,8 @@ RETURNS TABLE (
   method text, layers int[], layers_source text, bias real, document_prompt text, query_prompt text,
   max_tokens int, on_overflow text, batch_tokens int, threads int, queue_depth int,
   requests_served bigint, texts_served bigint, tokens_served bigint,
-  engine_pid int, supervisor_pid int, engine_restarts bigint, last_exit text, load_error text)
+  engine_pid int, supervisor_pid int, engine_restarts bigint, last_exit text, load_error text,
+  space text)
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -187,18 +197,28 @@ AS $$
     method text, layers int[], layers_source text, bias real, document_prompt text, query_prompt text,
     max_tokens int, on_overflow text, batch_tokens int, threads int, queue_depth int,
     requests_served bigint, texts_served bigint, tokens_served bigint,
-    engine_pid int, supervisor_pid int, engine_restarts bigint, last_exit text, load_error text)
+    engine_pid int, supervisor_pid int, engine_restarts bigint, last_exit text, load_error text,
+    space text)
 $$;
 COMMENT ON FUNCTION @extschema@.kv_status() IS
   'The engine''s model, device, state and counters, and the session''s effective embedding settings';
 
+-- A jsonb array of numbers as real[] (NULL for a JSON null).
+CREATE FUNCTION kvembed.real_array(j jsonb) RETURNS real[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT CASE WHEN jsonb_typeof(j) = 'array'
+                  THEN ARRAY(SELECT x::real FROM jsonb_array_elements_text(j) WITH ORDINALITY AS e(x, i) ORDER BY i) END $$;
+
 -- kv_select_layers(): choose the re-routing layers for the loaded model from
--- the intrinsic dimension (TwoNN) of a sample of a column, store the choice,
--- and return the per-layer curve. Reads the table with the caller's
+-- the intrinsic dimension (TwoNN) of a sample of a column, fit the corpus
+-- calibration of the space on the same sample (space => 'none' skips it),
+-- store both, and return the per-layer curve. Reads the table with the caller's
 -- privileges (row-level security applies); names are quoted by regclass
 -- output and %I.
 CREATE FUNCTION @extschema@.kv_select_layers(
-  tbl regclass, col name, sample_size int DEFAULT 512, store boolean DEFAULT true)
+  tbl regclass, col name, sample_size int DEFAULT 512, store boolean DEFAULT true,
+  space text DEFAULT 'whiten')
 RETURNS TABLE (layer int, intrinsic_dimension float8, selected bool)
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -215,7 +235,7 @@ BEGIN
     RAISE EXCEPTION 'kv_select_layers: sample_size must be positive, got %', sample_size
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  IF NOT has_function_privilege('kvembed.select_layers_raw(text[], integer, real)', 'EXECUTE') THEN
+  IF NOT has_function_privilege('kvembed.select_layers_raw(text[], integer, real, text)', 'EXECUTE') THEN
     RAISE EXCEPTION 'kv_select_layers: permission denied to run a layer selection'
       USING ERRCODE = 'insufficient_privilege',
             HINT = 'A layer selection holds the shared engine for minutes and its memory grows with the square of the sample: superusers and members of kvembed_admin run it.';
@@ -244,18 +264,30 @@ BEGIN
   END IF;
 
   RAISE NOTICE 'kv_select_layers: running the model over % texts and measuring every layer', n;
-  result := kvembed.select_layers_raw(texts);
+  result := kvembed.select_layers_raw(texts, space => space);
   RAISE NOTICE 'kv_select_layers: selected layers % (%) in % s', result->'selected', result->>'rule',
     round(extract(epoch FROM clock_timestamp() - started)::numeric, 1);
+  IF jsonb_typeof(result->'space') = 'object' THEN
+    RAISE NOTICE 'kv_select_layers: fitted the space calibration % (% directions) for this session''s method, bias and document prompt',
+      result->'space'->>'fit', jsonb_array_length(result->'space'->'gains');
+  END IF;
 
   IF store THEN
-    INSERT INTO kvembed.calibration AS c (model_id, layers, curve, rule, source, sample_size)
+    INSERT INTO kvembed.calibration AS c (model_id, layers, curve, rule, source, sample_size,
+                                          space_fit, space_options, space_mean, space_directions, space_gains)
     VALUES (result->>'model_id',
             ARRAY(SELECT jsonb_array_elements_text(result->'selected')::int),
-            result->'curve', result->>'rule', source, n)
+            result->'curve', result->>'rule', source, n,
+            result->'space'->>'fit', result->'space'->'options',
+            kvembed.real_array(result->'space'->'mean'),
+            kvembed.real_array(result->'space'->'directions'),
+            kvembed.real_array(result->'space'->'gains'))
     ON CONFLICT (model_id) DO UPDATE
       SET layers = EXCLUDED.layers, curve = EXCLUDED.curve, rule = EXCLUDED.rule,
           source = EXCLUDED.source, sample_size = EXCLUDED.sample_size,
+          space_fit = EXCLUDED.space_fit, space_options = EXCLUDED.space_options,
+          space_mean = EXCLUDED.space_mean, space_directions = EXCLUDED.space_directions,
+          space_gains = EXCLUDED.space_gains,
           created_by = current_user, created_at = now();
     RAISE NOTICE 'kv_select_layers: stored for model %; kv_embed uses it while kvembed.layers = ''auto''',
       result->>'model_id';
@@ -267,8 +299,8 @@ BEGIN
     ORDER BY 1;
 END
 $fn$;
-COMMENT ON FUNCTION @extschema@.kv_select_layers(regclass, name, int, boolean) IS
-  'Selects the re-routing layers by TwoNN intrinsic dimension on a sample of a column and stores them';
+COMMENT ON FUNCTION @extschema@.kv_select_layers(regclass, name, int, boolean, text) IS
+  'Selects the re-routing layers by TwoNN intrinsic dimension on a sample of a column, fits the space calibration on it, and stores both';
 
 -- kv_backfill(): fill NULL embeddings of an existing table in batches,
 -- committing after each batch (so it must be CALLed outside a transaction
@@ -328,8 +360,8 @@ COMMENT ON PROCEDURE @extschema@.kv_backfill(regclass, name, name, int) IS
 -- Only superusers and kvembed_admin restart the engine.
 -- A layer selection costs the shared engine minutes and memory that grows
 -- with the square of its sample: not for every role.
-REVOKE EXECUTE ON FUNCTION kvembed.select_layers_raw(text[], integer, real) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION kvembed.select_layers_raw(text[], integer, real) TO kvembed_admin;
+REVOKE EXECUTE ON FUNCTION kvembed.select_layers_raw(text[], integer, real, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION kvembed.select_layers_raw(text[], integer, real, text) TO kvembed_admin;
 REVOKE EXECUTE ON FUNCTION @extschema@.kv_restart() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.kv_restart() TO kvembed_admin;
 REVOKE EXECUTE ON FUNCTION @extschema@.kv_debug_fault(text) FROM PUBLIC;

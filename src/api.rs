@@ -2,7 +2,7 @@
 //! (`kv_status`, `kv_select_layers`, `kv_backfill`) is written in SQL on top
 //! of these, in `sql/finalize.sql`.
 
-use crate::calibration;
+use crate::calibration::{self, StoredSpace};
 use crate::client;
 use crate::settings::{self, LayerChoice};
 use crate::text::DbText;
@@ -11,6 +11,7 @@ use kvembed_proto::{EmbedOptions, Response, Role, SelectOptions, Truncation};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::JsonB;
+use std::rc::Rc;
 
 /// Embeds one text as a pgvector `vector` (L2-normalised). `role` is
 /// 'document' (default) or 'query': queries get the query prompt.
@@ -77,8 +78,10 @@ mod kvembed {
     fn status_json() -> JsonB {
         let s = client::status();
         let supervisor = crate::worker::read_state().unwrap_or_default();
-        let (asked_layers, layers_source, _) = session_layers(|| s.model_id.clone());
+        let (asked_layers, layers_source, _, space) = session_layers(|| s.model_id.clone());
         let opts = settings::embed_options(asked_layers);
+        let space =
+            applied_space(space, &opts).map(|s| format!("{} ({} texts)", s.fit, s.sample_size));
         let engine = settings::EngineSettings::current();
         // What the session's settings run on the loaded model (a method's
         // own layers, bias and prompts where it is not the default one);
@@ -114,6 +117,7 @@ mod kvembed {
             "method": method,
             "layers": layers,
             "layers_source": layers_source,
+            "space": space,
             "bias": bias,
             "document_prompt": document_prompt,
             "query_prompt": query_prompt,
@@ -143,6 +147,7 @@ mod kvembed {
         texts: Array<'_, DbText>,
         window: default!(Option<i32>, "NULL"),
         skip_fraction: default!(Option<f32>, "NULL"),
+        space: default!(Option<&str>, "NULL"),
     ) -> JsonB {
         let texts: Vec<String> = texts.iter().flatten().map(DbText::into_utf8).collect();
         let n = texts.len();
@@ -156,10 +161,17 @@ mod kvembed {
             .set_hint("Sample fewer texts, or ask an administrator to raise kvembed.max_calibration_texts.")
             .report(PgLogLevel::ERROR);
         }
+        // The space is fitted for this session's method, bias and prompt.
+        let embed = settings::embed_options(None);
+        let space = space
+            .map(str::trim)
+            .filter(|s| !s.is_empty() && *s != "none");
         let options = SelectOptions {
             skip_fraction,
             window: window.map(|w| w.max(1) as usize),
-            max_tokens: settings::embed_options(None).max_tokens,
+            max_tokens: embed.max_tokens,
+            space: space.map(str::to_string),
+            embed: space.is_some().then(|| embed.clone()),
         };
         match client::select_layers(texts, options) {
             // Stored under the model the engine ran the selection on, which
@@ -171,14 +183,25 @@ mod kvembed {
                 rule,
                 texts,
                 model_id,
+                space: map,
             } => {
                 calibration::invalidate();
+                let space = map.map(|m| {
+                    serde_json::json!({
+                        "fit": space,
+                        "options": calibration::options_key(&embed),
+                        "mean": m.mean,
+                        "directions": m.directions,
+                        "gains": m.gains,
+                    })
+                });
                 JsonB(serde_json::json!({
                     "model_id": model_id,
                     "curve": curve,
                     "selected": selected,
                     "rule": rule,
                     "texts": texts.max(n),
+                    "space": space,
                 }))
             }
             _ => unreachable!("client::select_layers returns Layers or raises"),
@@ -259,38 +282,60 @@ fn parse_role(role: &str) -> Role {
 }
 
 /// The request options for this session: its settings, with `layers = auto`
-/// resolved against the stored calibration of the loaded model.
+/// resolved against the stored calibration of the loaded model; and the
+/// stored space calibration, where it applies to them.
 ///
 /// With `layers = auto` the layers depend on the model: the request names
 /// the model they were looked up for, and the engine refuses it if it has
 /// restarted with another model in between.
-fn request_options() -> EmbedOptions {
-    let (layers, _, expect_model) =
+fn request_options() -> (EmbedOptions, Option<Rc<StoredSpace>>) {
+    let (layers, _, expect_model, space) =
         session_layers(|| client::with_engine(true, |e| Ok(e.status.model_id.clone())));
-    EmbedOptions {
+    let options = EmbedOptions {
         expect_model,
         ..settings::embed_options(layers)
-    }
+    };
+    let space = applied_space(space, &options);
+    (options, space)
 }
 
 /// The layers the session's settings ask for; where they come from
-/// (`setting`, `calibration`, or `default`: the method's own, `None`); and,
-/// with `kvembed.layers = 'auto'`, the model (`model_id()`) whose stored
-/// calibration was looked up, which a request then names.
+/// (`setting`, `calibration`, or `default`: the method's own, `None`); with
+/// `kvembed.layers = 'auto'`, the model (`model_id()`) whose stored
+/// calibration was looked up, which a request then names; and that
+/// calibration's space map, if it has one.
 fn session_layers(
     model_id: impl FnOnce() -> String,
-) -> (Option<Vec<usize>>, &'static str, Option<String>) {
+) -> (
+    Option<Vec<usize>>,
+    &'static str,
+    Option<String>,
+    Option<Rc<StoredSpace>>,
+) {
     match settings::layers() {
-        LayerChoice::Explicit(l) => (Some(l), "setting", None),
-        LayerChoice::Default => (None, "default", None),
+        LayerChoice::Explicit(l) => (Some(l), "setting", None, None),
+        LayerChoice::Default => (None, "default", None, None),
         LayerChoice::Auto => {
             let model_id = model_id();
-            match calibration::layers_for(&model_id) {
-                Some(l) => (Some(l), "calibration", Some(model_id)),
-                None => (None, "default", Some(model_id)),
+            match calibration::stored_for(&model_id) {
+                Some(calibration::Stored {
+                    layers: Some(l),
+                    space,
+                }) => (Some(l), "calibration", Some(model_id), space),
+                _ => (None, "default", Some(model_id), None),
             }
         }
     }
+}
+
+/// The stored space calibration if `kvembed.space_calibration` is on and
+/// it was fitted for these options (method, bias, document prompt).
+fn applied_space(
+    space: Option<Rc<StoredSpace>>,
+    options: &EmbedOptions,
+) -> Option<Rc<StoredSpace>> {
+    space
+        .filter(|s| settings::space_calibration() && s.options == calibration::options_key(options))
 }
 
 /// Embeds `texts`, in requests of bounded size (`kvembed_proto::request_bounds`):
@@ -302,7 +347,7 @@ fn session_layers(
 /// for a single text.
 fn embed_texts(texts: Vec<String>, role: DbText, elements: Option<&[usize]>) -> Vec<Vec<f32>> {
     let role = parse_role(&role.into_utf8());
-    let options = request_options();
+    let (options, space) = request_options();
     let mut texts = texts;
     // Which texts were cut before tokenizing: their length in tokens is
     // then a lower bound.
@@ -343,6 +388,24 @@ fn embed_texts(texts: Vec<String>, role: DbText, elements: Option<&[usize]>) -> 
         start = end;
     }
     report_truncations(&truncated, &cut, count);
+    if let Some(space) = space {
+        for v in &mut vectors {
+            if v.len() != space.map.dim() {
+                ErrorReport::new(
+                    PgSqlErrorCode::ERRCODE_DATA_EXCEPTION,
+                    format!(
+                        "kvembed: the stored space calibration has dimension {}, the model's embeddings {}",
+                        space.map.dim(),
+                        v.len()
+                    ),
+                    "kvembed",
+                )
+                .set_hint("Run kv_select_layers() again, or SET kvembed.space_calibration = off.")
+                .report(PgLogLevel::ERROR);
+            }
+            space.map.apply(v);
+        }
+    }
     vectors
 }
 

@@ -31,6 +31,7 @@ pub static MAX_CALIBRATION_TEXTS: GucSetting<i32> =
 pub static METHOD: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static LAYERS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"auto"));
 pub static BIAS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+pub static SPACE_CALIBRATION: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static DOCUMENT_PROMPT: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c""));
 pub static QUERY_PROMPT: GucSetting<Option<CString>> =
@@ -158,6 +159,14 @@ pub fn define() {
         &LAYERS,
         Userset,
         none,
+    );
+    GucRegistry::define_bool_guc(
+        c"kvembed.space_calibration",
+        c"Apply the stored corpus calibration of the space (kv_select_layers) while kvembed.layers = auto and the session's method, bias and document prompt are the ones it was fitted for.",
+        c"",
+        &SPACE_CALIBRATION,
+        Userset,
+        GucFlags::default(),
     );
     GucRegistry::define_string_guc(
         c"kvembed.bias",
@@ -299,6 +308,11 @@ pub enum LayerChoice {
     /// The method's default window, ignoring any calibration.
     Default,
     Explicit(Vec<usize>),
+}
+
+/// Whether `kvembed.space_calibration` is on.
+pub fn space_calibration() -> bool {
+    SPACE_CALIBRATION.get()
 }
 
 pub fn layers() -> LayerChoice {

@@ -13,6 +13,9 @@
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
+pub mod space;
+pub use space::SpaceMap;
+
 /// Bumped on any incompatible change; `Hello` checks it.
 pub const PROTOCOL_VERSION: u32 = 4;
 
@@ -210,6 +213,15 @@ pub struct SelectOptions {
     pub window: Option<usize>,
     /// Tokens kept of each text (default [`DEFAULT_MAX_TOKENS`]).
     pub max_tokens: Option<usize>,
+    /// Also fit a corpus calibration of the space on the same sample
+    /// (`center`, `remove:K`, `whiten[:A]`; see [`space`]), embedded with
+    /// [`SelectOptions::embed`] and the selected layers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub space: Option<String>,
+    /// The embedding options the space calibration is fitted for (their
+    /// layers are replaced by the selected ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embed: Option<EmbedOptions>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -434,6 +446,9 @@ pub enum Response {
         /// under it (not under what the client believed was loaded).
         #[serde(default)]
         model_id: String,
+        /// The corpus calibration of the space, when one was asked for.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        space: Option<SpaceMap>,
     },
     Status(Status),
     Described(MethodInfo),

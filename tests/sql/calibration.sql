@@ -4,7 +4,9 @@
 -- layers 20-22 on SmolLM2-135M, on any CPU): the curve has one row per layer,
 -- the choice is stored for the loaded model, kv_status() and
 -- kvembed.layers = 'auto' use it, store => false writes nothing, and bad
--- arguments are refused. The NOTICEs (timings, the model's path) are left
+-- arguments are refused. The space calibration fitted on the same sample is
+-- stored with it and applied while the session's method, bias and document
+-- prompt are the ones it was fitted for and kvembed.space_calibration is on. The NOTICEs (timings, the model's path) are left
 -- out. Runs last: it stores, then deletes, a calibration.
 \set VERBOSITY terse
 
@@ -38,18 +40,51 @@ SELECT model_id = (SELECT model_id FROM kv_status()) AS for_loaded_model,
        jsonb_array_length(curve) AS curve_layers,
        rule LIKE '%too few to check%' AND rule LIKE '%default window%' AS fell_back_to_default
   FROM kvembed.calibration;
+-- The space calibration: the mean, and at most sample - 1 directions.
+SELECT space_fit, space_options,
+       cardinality(space_mean) = (SELECT dim FROM kv_status()) AS mean_has_dim,
+       cardinality(space_gains) BETWEEN 1 AND 15 AS directions_from_sample,
+       cardinality(space_directions) = cardinality(space_gains) * cardinality(space_mean) AS shapes_agree
+  FROM kvembed.calibration;
 -- kvembed.layers = 'auto' (the default) uses it; 'default' ignores it.
 SELECT layers, layers_source FROM kv_status();
 SET kvembed.layers = 'default';
 SELECT layers, layers_source FROM kv_status();
 RESET kvembed.layers;
--- The stored window is the default one here, so the vectors are unchanged.
+SELECT space FROM kv_status();
+-- The stored window is the default one here: the space calibration alone
+-- changes the vectors, which stay of unit length; off, they are as before.
+SELECT (v <=> kv_embed('a calibrated text')) > 1e-3 AS moved,
+       abs(vector_norm(kv_embed('a calibrated text')) - 1) < 1e-5 AS unit
+  FROM regress_calib_vec WHERE label = 'before';
+SET kvembed.space_calibration = off;
+SELECT space FROM kv_status();
 SELECT (v <=> kv_embed('a calibrated text')) < 1e-5 AS same_vector FROM regress_calib_vec WHERE label = 'before';
+RESET kvembed.space_calibration;
+-- Fitted for the session's settings then: another bias does not use it.
+SET kvembed.bias = '1.5';
+SELECT space, layers_source FROM kv_status();
+INSERT INTO regress_calib_vec VALUES ('bias 1.5', kv_embed('a calibrated text'));
+SET kvembed.space_calibration = off;
+SELECT (v <=> kv_embed('a calibrated text')) < 1e-5 AS same_as_uncalibrated FROM regress_calib_vec WHERE label = 'bias 1.5';
+RESET kvembed.space_calibration;
+RESET kvembed.bias;
 -- A second selection replaces the first (one calibration per model).
 SET client_min_messages = warning;
 SELECT count(*) AS layers FROM kv_select_layers('regress_calib', 'body', 12);
 RESET client_min_messages;
 SELECT count(*) AS calibrations, min(sample_size) AS sample_size FROM kvembed.calibration;
+-- Other fits, and none.
+SET client_min_messages = warning;
+SELECT count(*) AS layers FROM kv_select_layers('regress_calib', 'body', space => 'remove:2');
+RESET client_min_messages;
+SELECT space_fit, space_gains FROM kvembed.calibration;
+SELECT space FROM kv_status();
+SET client_min_messages = warning;
+SELECT count(*) AS layers FROM kv_select_layers('regress_calib', 'body', space => 'none');
+RESET client_min_messages;
+SELECT space_fit, space_mean IS NULL AS no_mean FROM kvembed.calibration;
+SELECT space FROM kv_status();
 
 -- Arguments: the sample needs at least 8 non-NULL texts; sample_size must be
 -- positive; the table and column must exist. A sample above
@@ -71,7 +106,9 @@ SELECT q AS call, regress_error('SELECT count(*) FROM ' || q) AS result
                ('kv_select_layers(''regress_calib'', ''body'', NULL, store => false)'),
                ('kv_select_layers(''regress_calib_empty'', ''body'', store => false)'),
                ('kv_select_layers(''regress_calib'', ''no_such_column'', store => false)'),
-               ('kv_select_layers(''regress_no_such_table'', ''body'', store => false)')) AS t(q);
+               ('kv_select_layers(''regress_no_such_table'', ''body'', store => false)'),
+               ('kv_select_layers(''regress_calib'', ''body'', store => false, space => ''bogus'')'),
+               ('kv_select_layers(''regress_calib'', ''body'', store => false, space => ''whiten:2'')')) AS t(q);
 SELECT count(*) AS layers FROM kv_select_layers('regress_calib', 'body', 100000, store => false);
 RESET client_min_messages;
 

@@ -785,6 +785,15 @@ fn calibration_survives_a_cluster_restart() {
         .unwrap();
     assert_eq!(row.get::<_, String>(1), "calibration");
     assert_eq!(row.get::<_, Vec<i32>>(0), selected);
+    // The space calibration fitted with it is applied after the restart too.
+    let space: Option<String> = s
+        .query_one("SELECT space FROM kv_status()", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        space.as_deref().is_some_and(|s| s.starts_with("whiten")),
+        "{space:?}"
+    );
     s.batch_execute("DELETE FROM kvembed.calibration").unwrap();
     record_figures(
         "calibration_survives_a_cluster_restart",

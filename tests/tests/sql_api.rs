@@ -424,6 +424,11 @@ fn select_layers_stores_a_calibration_that_kv_embed_uses() {
     assert_eq!(row.get::<_, Vec<i32>>(0), selected);
     assert_eq!(row.get::<_, String>(1), "calibration");
     let auto = vector(&mut s, "SELECT kv_embed('calibrated text')::real[]", &[]);
+    let auto_query = vector(
+        &mut s,
+        "SELECT kv_embed('calibrated text', 'query')::real[]",
+        &[],
+    );
     let list = selected
         .iter()
         .map(|l| l.to_string())
@@ -432,10 +437,41 @@ fn select_layers_stores_a_calibration_that_kv_embed_uses() {
     s.batch_execute(&format!("SET kvembed.layers = '{list}'"))
         .unwrap();
     let explicit = vector(&mut s, "SELECT kv_embed('calibrated text')::real[]", &[]);
-    assert!(
-        max_abs_diff(&auto, &explicit) <= 1e-6,
-        "auto must use the stored layers"
+    let explicit_query = vector(
+        &mut s,
+        "SELECT kv_embed('calibrated text', 'query')::real[]",
+        &[],
     );
+    // With layers = auto the stored space calibration, fitted on the same
+    // sample, maps documents and queries alike.
+    let row = s
+        .query_one(
+            "SELECT space_mean, space_directions, space_gains FROM kvembed.calibration",
+            &[],
+        )
+        .unwrap();
+    let map = kvembed_proto::SpaceMap {
+        mean: row.get(0),
+        directions: row.get(1),
+        gains: row.get(2),
+    };
+    map.validate().unwrap();
+    assert!(
+        !map.gains.is_empty(),
+        "the default fit (whiten) has directions"
+    );
+    for (stored_layers, plain) in [(auto, explicit), (auto_query, explicit_query)] {
+        let mut mapped = plain.clone();
+        map.apply(&mut mapped);
+        assert!(
+            max_abs_diff(&stored_layers, &mapped) <= 1e-5,
+            "auto must use the stored layers and space calibration"
+        );
+        assert!(
+            max_abs_diff(&stored_layers, &plain) > 1e-3,
+            "the space calibration changes the vectors"
+        );
+    }
     // A new session sees it too.
     let mut other = Session::connect(DB, "postgres");
     let src: String = other

@@ -68,6 +68,9 @@ pub struct LayerSelection {
     pub curve: Vec<LayerPoint>,
     pub selected: Vec<usize>,
     pub rule: String,
+    /// The corpus calibration of the space, when [`SelectOptions::space`]
+    /// asked for one.
+    pub space: Option<kvembed_proto::SpaceMap>,
 }
 
 pub use kvembed_proto::DEFAULT_BATCH_TOKENS;
@@ -778,10 +781,36 @@ impl Embedder {
                 selected: sel.layers.contains(&layer),
             })
             .collect();
+        // The space is calibrated on the same sample, embedded as kv_embed
+        // will embed with the layers just selected.
+        let space = match &opts.space {
+            None => None,
+            Some(fit) => {
+                let fit = crate::space::SpaceFit::parse(fit)?;
+                let mut embed = opts.embed.clone().unwrap_or_default();
+                embed.layers = Some(sel.layers.clone());
+                embed.truncate = Some(true);
+                if embed.max_tokens.is_none() {
+                    embed.max_tokens = opts.max_tokens;
+                }
+                let mut vecs = Vec::with_capacity(texts.len());
+                for chunk in texts.chunks(64) {
+                    if !progress(0) {
+                        return Err(EngineError::Cancelled(
+                            "layer selection stopped: its client went away".into(),
+                        ));
+                    }
+                    vecs.extend(self.embed(chunk, Role::Document, &embed)?.vectors);
+                    progress(chunk.len());
+                }
+                Some(crate::space::fit(&vecs, fit)?)
+            }
+        };
         Ok(LayerSelection {
             curve: points,
             selected: sel.layers,
             rule: sel.rule,
+            space,
         })
     }
 

@@ -206,6 +206,7 @@ pub(crate) fn send_outcome<W: Write>(w: &mut W, outcome: Outcome) -> io::Result<
                 rule: sel.rule,
                 texts,
                 model_id,
+                space: sel.space,
             },
         ),
         Outcome::Progress(done, total) => proto::write_json(w, &Response::Progress { done, total }),

@@ -125,6 +125,18 @@ pub(crate) fn admit_selection(
             .unwrap_or(proto::DEFAULT_MAX_TOKENS)
             .min(cap),
     );
+    if let Some(fit) = &options.space {
+        kvembed_core::space::SpaceFit::parse(fit)
+            .map_err(|e| refusal((e.kind(), e.to_string())))?;
+    }
+    if let Some(embed) = &mut options.embed {
+        embed.max_tokens = Some(
+            embed
+                .max_tokens
+                .unwrap_or(proto::DEFAULT_MAX_TOKENS)
+                .min(cap),
+        );
+    }
     Ok(Work::SelectLayers { texts, options })
 }
 
