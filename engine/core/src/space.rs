@@ -15,6 +15,11 @@
 //!   whitening, which a sample smaller than the dimension cannot support).
 //!   The map is `S_A^{-1/2}` scaled by `sqrt(A tr S / d)`, so directions the
 //!   sample did not see are left as they are.
+//! * `whiten:auto`: the same with `A` estimated from the sample by Ledoit
+//!   and Wolf's formula ("A well-conditioned estimator for large-dimensional
+//!   covariance matrices", 2004): the spread of the per-text outer products
+//!   around `S` against the distance of `S` from isotropy. Small samples in
+//!   many dimensions get more shrinkage, large ones less.
 
 use crate::{EngineError, Result};
 use kvembed_proto::SpaceMap;
@@ -26,18 +31,20 @@ pub enum SpaceFit {
     Center,
     Remove { top: usize },
     Whiten { shrink: f64 },
+    /// Whitening with the Ledoit-Wolf shrinkage of the sample.
+    WhitenAuto,
 }
 
 /// The default: whitening with the covariance shrunk halfway to isotropy.
 pub const DEFAULT_FIT: SpaceFit = SpaceFit::Whiten { shrink: 0.5 };
 
 impl SpaceFit {
-    /// Parses `center`, `remove:K` and `whiten[:A]`.
+    /// Parses `center`, `remove:K`, `whiten[:A]` and `whiten:auto`.
     pub fn parse(s: &str) -> Result<SpaceFit> {
         let bad = || {
             EngineError::invalid(
                 "space calibration",
-                format!("'{s}' (center, remove:K with K >= 1, whiten or whiten:A with 0 < A <= 1)"),
+                format!("'{s}' (center, remove:K with K >= 1, whiten, whiten:auto or whiten:A with 0 < A <= 1)"),
             )
         };
         let (name, arg) = match s.split_once(':') {
@@ -51,6 +58,7 @@ impl SpaceFit {
                 _ => Err(bad()),
             },
             ("whiten", None) => Ok(DEFAULT_FIT),
+            ("whiten", Some("auto")) => Ok(SpaceFit::WhitenAuto),
             ("whiten", Some(a)) => match a.parse::<f64>() {
                 Ok(shrink) if shrink > 0.0 && shrink <= 1.0 => Ok(SpaceFit::Whiten { shrink }),
                 _ => Err(bad()),
@@ -64,6 +72,7 @@ impl SpaceFit {
             SpaceFit::Center => "center".into(),
             SpaceFit::Remove { top } => format!("remove:{top}"),
             SpaceFit::Whiten { shrink } => format!("whiten:{shrink}"),
+            SpaceFit::WhitenAuto => "whiten:auto".into(),
         }
     }
 }
@@ -110,11 +119,17 @@ pub fn fit(vecs: &[Vec<f32>], how: SpaceFit) -> Result<SpaceMap> {
     let (variances, dirs) = principal_directions(&x);
     let trace: f64 = variances.iter().sum();
     let tau = trace / dim as f64;
+    let how = match how {
+        SpaceFit::WhitenAuto => SpaceFit::Whiten {
+            shrink: ledoit_wolf_shrinkage(&x, &variances),
+        },
+        other => other,
+    };
     let mut directions = Vec::new();
     let mut gains = Vec::new();
     for (k, (&var, u)) in variances.iter().zip(&dirs).enumerate() {
         let gain = match how {
-            SpaceFit::Center => unreachable!(),
+            SpaceFit::Center | SpaceFit::WhitenAuto => unreachable!(),
             SpaceFit::Remove { top } => {
                 if k >= top {
                     break;
@@ -140,6 +155,26 @@ pub fn fit(vecs: &[Vec<f32>], how: SpaceFit) -> Result<SpaceMap> {
     map.validate()
         .map_err(|e| EngineError::Other(format!("space calibration: {e}")))?;
     Ok(map)
+}
+
+/// Ledoit and Wolf's shrinkage intensity for the sample covariance `S` of
+/// `x` (centred rows) towards `(tr S / d) I`, in (0, 1]: `b^2 / d^2`, with
+/// `d^2 = |S - m I|^2` (m = tr S / d) and `b^2` the mean squared distance of
+/// the texts' outer products from `S` over n, at most `d^2`. `variances` are
+/// the non-zero eigenvalues of `S`, which give `|S|^2` and `tr S`.
+fn ledoit_wolf_shrinkage(x: &DMatrix<f64>, variances: &[f64]) -> f64 {
+    let (n, dim) = x.shape();
+    let n_f = n as f64;
+    let trace: f64 = variances.iter().sum();
+    let s2: f64 = variances.iter().map(|l| l * l).sum();
+    let d2 = s2 - trace * trace / dim as f64;
+    // sum_k |x_k x_k^T - S|^2 = sum_k |x_k|^4 - n |S|^2.
+    let fourth: f64 = x.row_iter().map(|r| r.norm_squared().powi(2)).sum();
+    let b2 = ((fourth - n_f * s2) / (n_f * n_f)).max(0.0).min(d2);
+    if d2 <= 0.0 {
+        return 1.0;
+    }
+    (b2 / d2).clamp(1e-3, 1.0)
 }
 
 /// The covariance's eigenpairs of `x` (centred rows), largest variance
@@ -316,6 +351,36 @@ mod tests {
                 assert!((d - want).abs() < 1e-4, "{a} {b} {d}");
             }
         }
+    }
+
+    #[test]
+    fn ledoit_wolf_shrinks_small_samples_more() {
+        // Isotropic noise: the sample covariance is all estimation error,
+        // so the shrinkage is near 1; with a strong direction and many
+        // texts it is small.
+        let iso = |n: usize| -> DMatrix<f64> {
+            let mut state = 7u64;
+            DMatrix::from_fn(n, 20, |_, _| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+            })
+        };
+        let shrink = |x: &DMatrix<f64>| {
+            let m = x.row_mean();
+            let xc = DMatrix::from_fn(x.nrows(), x.ncols(), |i, j| x[(i, j)] - m[j]);
+            let (vars, _) = principal_directions(&xc);
+            ledoit_wolf_shrinkage(&xc, &vars)
+        };
+        assert!(shrink(&iso(30)) > 0.5, "{}", shrink(&iso(30)));
+        let vecs = sample(400, 20);
+        let x = DMatrix::from_fn(400, 20, |i, j| vecs[i][j] as f64);
+        let strong = shrink(&x);
+        assert!(strong < 0.1, "{strong}");
+        let map = fit(&vecs, SpaceFit::WhitenAuto).unwrap();
+        assert!(!map.gains.is_empty());
+        assert_eq!(SpaceFit::parse("whiten:auto").unwrap(), SpaceFit::WhitenAuto);
     }
 
     #[test]
