@@ -138,7 +138,7 @@ COMMENT ON FUNCTION @extschema@.kv_status() IS
 
 DROP FUNCTION @extschema@.kv_select_layers(regclass, name, int, boolean);
 CREATE FUNCTION @extschema@.kv_select_layers(
-  tbl regclass, col name, sample_size int DEFAULT 512, store boolean DEFAULT true,
+  tbl regclass, col name, sample_size int DEFAULT 1024, store boolean DEFAULT true,
   space text DEFAULT 'whiten')
 RETURNS TABLE (layer int, intrinsic_dimension float8, selected bool)
 LANGUAGE plpgsql VOLATILE

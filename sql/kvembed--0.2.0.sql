@@ -217,7 +217,7 @@ AS $$ SELECT CASE WHEN jsonb_typeof(j) = 'array'
 -- privileges (row-level security applies); names are quoted by regclass
 -- output and %I.
 CREATE FUNCTION @extschema@.kv_select_layers(
-  tbl regclass, col name, sample_size int DEFAULT 512, store boolean DEFAULT true,
+  tbl regclass, col name, sample_size int DEFAULT 1024, store boolean DEFAULT true,
   space text DEFAULT 'whiten')
 RETURNS TABLE (layer int, intrinsic_dimension float8, selected bool)
 LANGUAGE plpgsql VOLATILE
