@@ -19,7 +19,9 @@
 --   on its sample (space => 'whiten', the default; 'center', 'remove:K',
 --   'none'), stored in kvembed.calibration and applied by kv_embed while
 --   kvembed.layers = 'auto' and kvembed.space_calibration is on; kv_status
---   reports it in its new space column.
+--   reports it in its new space column; its sample_size defaults to 1024.
+-- * kv_chunk(text, max_tokens, overlap): token-aware chunking with the
+--   loaded model's tokenizer.
 -- Every other object is unchanged. The 0.2.0 library serves both versions'
 -- functions (no C symbol was renamed or removed).
 
@@ -222,3 +224,19 @@ END
 $fn$;
 COMMENT ON FUNCTION @extschema@.kv_select_layers(regclass, name, int, boolean, text) IS
   'Selects the re-routing layers by TwoNN intrinsic dimension on a sample of a column, fits the space calibration on it, and stores both';
+
+-- kv_chunk() is new.
+CREATE FUNCTION @extschema@."kv_chunk"(
+	"input" text, /* DbText */
+	"max_tokens" INT DEFAULT 256, /* i32 */
+	"overlap" INT DEFAULT 32 /* i32 */
+) RETURNS TABLE (
+	"ord" INT,  /* i32 */
+	"chunk" text,  /* DbTextOut */
+	"start_char" INT,  /* i32 */
+	"end_char" INT,  /* i32 */
+	"tokens" INT  /* i32 */
+)
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'kv_chunk_wrapper';

@@ -62,6 +62,25 @@ GRANT ALTER SYSTEM ON PARAMETER kvembed.model, kvembed.device, kvembed.threads, 
 
 /* <begin connected objects> */
 -- src/api.rs
+-- kvembed::api::kv_chunk
+CREATE  FUNCTION "kv_chunk"(
+	"input" text, /* DbText */
+	"max_tokens" INT DEFAULT 256, /* i32 */
+	"overlap" INT DEFAULT 32 /* i32 */
+) RETURNS TABLE (
+	"ord" INT,  /* i32 */
+	"chunk" text,  /* DbTextOut */
+	"start_char" INT,  /* i32 */
+	"end_char" INT,  /* i32 */
+	"tokens" INT  /* i32 */
+)
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'kv_chunk_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs
 -- kvembed::api::kv_debug_fault
 CREATE  FUNCTION "kv_debug_fault"(
 	"kind" TEXT /* & str */

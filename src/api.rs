@@ -5,7 +5,7 @@
 use crate::calibration::{self, StoredSpace};
 use crate::client;
 use crate::settings::{self, LayerChoice};
-use crate::text::DbText;
+use crate::text::{DbText, DbTextOut, Encoding};
 use crate::vector::{HalfVec, Vector};
 use kvembed_proto::{EmbedOptions, Response, Role, SelectOptions, Truncation};
 use pgrx::pg_sys::panic::ErrorReport;
@@ -64,6 +64,100 @@ fn kv_embed_batch(
         .into_iter()
         .map(|p| if p { vectors.next().map(Vector) } else { None })
         .collect()
+}
+
+/// Cuts a text into chunks of at most `max_tokens` tokens of the loaded
+/// model, counted alone as `kv_embed` counts them, at paragraph, line,
+/// sentence or word boundaries, with up to `overlap` tokens repeated
+/// between neighbours. `start_char` and `end_char` are the chunk's first
+/// and last character, counted from 1 as `substr` does.
+#[pg_extern(stable, strict, parallel_safe)]
+fn kv_chunk(
+    input: DbText,
+    max_tokens: default!(i32, 256),
+    overlap: default!(i32, 32),
+) -> TableIterator<
+    'static,
+    (
+        name!(ord, i32),
+        name!(chunk, DbTextOut),
+        name!(start_char, i32),
+        name!(end_char, i32),
+        name!(tokens, i32),
+    ),
+> {
+    let (Ok(max), Ok(over)) = (usize::try_from(max_tokens), usize::try_from(overlap)) else {
+        client::raise(
+            kvembed_proto::ErrorKind::InvalidInput,
+            &format!("kv_chunk: max_tokens and overlap must not be negative, got {max_tokens} and {overlap}"),
+        );
+    };
+    let raw_len = input.as_bytes().len();
+    if raw_len > kvembed_proto::MAX_CHUNK_TEXT_BYTES {
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!(
+                "kvembed: kv_chunk takes texts of at most {} bytes, this one has {raw_len}",
+                kvembed_proto::MAX_CHUNK_TEXT_BYTES
+            ),
+            "kvembed",
+        )
+        .set_hint("Split the text first, for example at paragraphs with regexp_split_to_table().")
+        .report(PgLogLevel::ERROR);
+    }
+    let raw = DbText::from_bytes(input.as_bytes().to_vec());
+    let text = input.into_utf8();
+    let spans = client::chunk(text.clone(), max, over);
+    // The engine answers in bytes of the UTF-8 text; SQL counts characters
+    // of the database encoding (bytes in SQL_ASCII) and the chunk is cut
+    // from the original bytes.
+    let (starts, ends, chars) = match crate::text::database_encoding() {
+        Encoding::SqlAscii => {
+            let starts: Vec<usize> = spans.iter().map(|s| s.start).collect();
+            let ends: Vec<usize> = spans.iter().map(|s| s.end).collect();
+            let chars = starts.iter().copied().zip(ends.iter().copied()).collect();
+            (starts, ends, chars)
+        }
+        encoding => {
+            let (mut at_byte, mut at_char) = (0usize, 0usize);
+            let mut char_of = |byte: usize| {
+                if byte < at_byte {
+                    (at_byte, at_char) = (0, 0);
+                }
+                at_char += text[at_byte..byte].chars().count();
+                at_byte = byte;
+                at_char
+            };
+            let chars: Vec<(usize, usize)> = spans
+                .iter()
+                .map(|s| (char_of(s.start), char_of(s.end)))
+                .collect();
+            if encoding == Encoding::Utf8 {
+                let starts = spans.iter().map(|s| s.start).collect();
+                let ends = spans.iter().map(|s| s.end).collect();
+                (starts, ends, chars)
+            } else {
+                let starts = raw.char_offsets(chars.iter().map(|c| c.0));
+                let ends = raw.char_offsets(chars.iter().map(|c| c.1));
+                (starts, ends, chars)
+            }
+        }
+    };
+    let bytes = raw.as_bytes();
+    let rows: Vec<_> = spans
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            (
+                i as i32 + 1,
+                DbTextOut(bytes[starts[i]..ends[i]].to_vec()),
+                chars[i].0 as i32 + 1,
+                chars[i].1 as i32,
+                s.tokens as i32,
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
 }
 
 /// Internal helpers in the `kvembed` schema, wrapped by the SQL functions in
@@ -338,13 +432,12 @@ fn applied_space(
         .filter(|s| settings::space_calibration() && s.options == calibration::options_key(options))
 }
 
-/// Embeds `texts`, in requests of bounded size (`kvembed_proto::request_bounds`):
-/// a large `kv_embed_batch` neither builds one huge request and reply nor
-/// holds the engine for the whole array at once, and a cancel stops it
-/// within one forward pass of the engine.
-/// Embeds `texts` in requests of a bounded size. `elements`: each text's
-/// place in the caller's array (from 1), to name a text in errors; `None`
-/// for a single text.
+/// Embeds `texts` in requests of a bounded size
+/// (`kvembed_proto::request_bounds`): a large `kv_embed_batch` neither
+/// builds one huge request and reply nor holds the engine for the whole
+/// array at once, and a cancel stops it within one forward pass of the
+/// engine. `elements`: each text's place in the caller's array (from 1), to
+/// name a text in errors; `None` for a single text.
 fn embed_texts(texts: Vec<String>, role: DbText, elements: Option<&[usize]>) -> Vec<Vec<f32>> {
     let role = parse_role(&role.into_utf8());
     let (options, space) = request_options();

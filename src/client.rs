@@ -236,6 +236,20 @@ pub fn describe(options: proto::EmbedOptions) -> Option<proto::MethodInfo> {
     }
 }
 
+/// The loaded model's chunks of `text` (`kv_chunk`).
+pub fn chunk(text: String, max_tokens: usize, overlap: usize) -> Vec<proto::ChunkSpan> {
+    let request = Request::Chunk {
+        text,
+        max_tokens,
+        overlap,
+    };
+    match with_engine(true, |engine| engine.call(&request)) {
+        Response::Chunks { chunks } => chunks,
+        Response::Error { kind, message } => raise(kind, &message),
+        other => unexpected(other),
+    }
+}
+
 /// Asks the engine to exit; its supervisor starts a new one at once.
 /// Returns the pid that was asked, or None when no engine was running.
 pub fn shutdown() -> Option<u32> {
@@ -581,6 +595,7 @@ fn unexpected(r: Response) -> ! {
         Response::Progress { .. } => "progress",
         Response::Status(_) => "status",
         Response::Described(_) => "described",
+        Response::Chunks { .. } => "chunks",
         Response::ShuttingDown { .. } => "shutting_down",
         Response::FaultArmed { .. } => "fault_armed",
         Response::Error { .. } => "error",

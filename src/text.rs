@@ -77,6 +77,40 @@ unsafe impl<'fcx> ArgAbi<'fcx> for DbText {
 }
 
 impl DbText {
+    pub fn from_bytes(bytes: Vec<u8>) -> DbText {
+        DbText(bytes)
+    }
+
+    /// The bytes, in the database encoding.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Byte offsets in the database encoding of character positions (counted
+    /// from 0) given in increasing order, in one walk over the text.
+    pub fn char_offsets(&self, positions: impl IntoIterator<Item = usize>) -> Vec<usize> {
+        // SAFETY: reads the session's database encoding; no arguments.
+        let encoding = unsafe { pg_sys::GetDatabaseEncoding() };
+        let mut out = Vec::new();
+        let (mut byte, mut chars) = (0usize, 0usize);
+        for p in positions {
+            if p < chars {
+                (byte, chars) = (0, 0);
+            }
+            while chars < p && byte < self.0.len() {
+                // SAFETY: `byte` is inside the buffer, at a character start;
+                // pg_encoding_mblen reads the character's leading byte.
+                let len = unsafe {
+                    pg_sys::pg_encoding_mblen(encoding, self.0.as_ptr().add(byte).cast())
+                };
+                byte += len.max(1) as usize;
+                chars += 1;
+            }
+            out.push(byte.min(self.0.len()));
+        }
+        out
+    }
+
     /// The text as UTF-8, converted from the database encoding; an ERROR
     /// (never a crash) when that is impossible.
     pub fn into_utf8(self) -> String {
@@ -113,6 +147,58 @@ impl DbText {
             }
             let converted = std::ffi::CStr::from_ptr(out as *const std::ffi::c_char);
             String::from_utf8_lossy(converted.to_bytes()).into_owned()
+        }
+    }
+}
+
+/// The database encoding, as far as text handling cares.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Utf8,
+    /// Any bytes; a character is a byte.
+    SqlAscii,
+    Other,
+}
+
+pub fn database_encoding() -> Encoding {
+    // SAFETY: reads the session's database encoding; no arguments.
+    match unsafe { pg_sys::GetDatabaseEncoding() } as u32 {
+        pg_sys::pg_enc::PG_UTF8 => Encoding::Utf8,
+        pg_sys::pg_enc::PG_SQL_ASCII => Encoding::SqlAscii,
+        _ => Encoding::Other,
+    }
+}
+
+/// A `text` result made of bytes already in the database encoding (a slice
+/// of a [`DbText`]).
+pub struct DbTextOut(pub Vec<u8>);
+
+impl_sql_translatable!(DbTextOut, "text");
+
+impl pgrx::IntoDatum for DbTextOut {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        // SAFETY: copies `len` bytes into a new palloc'd text varlena.
+        let text = unsafe {
+            pg_sys::cstring_to_text_with_len(self.0.as_ptr().cast(), self.0.len() as i32)
+        };
+        Some(pg_sys::Datum::from(text))
+    }
+
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::TEXTOID
+    }
+}
+
+// SAFETY: returns a freshly palloc'd `text` datum.
+unsafe impl pgrx::callconv::BoxRet for DbTextOut {
+    unsafe fn box_into<'fcx>(
+        self,
+        fcinfo: &mut pgrx::callconv::FcInfo<'fcx>,
+    ) -> pgrx::datum::Datum<'fcx> {
+        match pgrx::IntoDatum::into_datum(self) {
+            // SAFETY: a valid `text` datum for a column of type text.
+            Some(datum) => unsafe { fcinfo.return_raw_datum(datum) },
+            None => fcinfo.return_null(),
         }
     }
 }

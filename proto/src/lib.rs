@@ -17,7 +17,7 @@ pub mod space;
 pub use space::SpaceMap;
 
 /// Bumped on any incompatible change; `Hello` checks it.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// A text's token budget when neither the request nor the session sets one
 /// (the default of `kvembed.max_tokens`, and of a layer selection's texts).
@@ -244,6 +244,13 @@ pub enum Request {
         options: SelectOptions,
     },
     Status,
+    /// Cut `text` into chunks of at most `max_tokens` tokens of the loaded
+    /// model (`kv_chunk()`), answered with `Chunks`.
+    Chunk {
+        text: String,
+        max_tokens: usize,
+        overlap: usize,
+    },
     /// What `options` resolve to on the loaded model (the method, its
     /// re-routed layers, bias and prompts), answered with `Described`.
     Describe {
@@ -452,6 +459,10 @@ pub enum Response {
     },
     Status(Status),
     Described(MethodInfo),
+    /// Answer to `Chunk`: the chunks in order.
+    Chunks {
+        chunks: Vec<ChunkSpan>,
+    },
     /// Answer to `Shutdown`; the server exits right after sending it.
     ShuttingDown {
         pid: u32,
@@ -476,6 +487,23 @@ pub enum Response {
         max: usize,
     },
 }
+
+/// One chunk of a `Chunk` request's text: bytes `start..end` of it (no
+/// leading or trailing whitespace), `tokens` long counted alone.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkSpan {
+    pub start: usize,
+    pub end: usize,
+    pub tokens: usize,
+}
+
+/// Largest text one `Chunk` request carries (32 MiB): escaped as JSON it
+/// still fits a frame. The extension refuses larger texts up front.
+pub const MAX_CHUNK_TEXT_BYTES: usize = 32 << 20;
+
+/// Bytes of JSON one [`ChunkSpan`] may take at most in a reply: a `Chunk`
+/// whose answer could pass [`MAX_FRAME`] is refused.
+pub const CHUNK_REPLY_BYTES: usize = 80;
 
 pub fn write_frame<W: Write>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
     if bytes.len() > MAX_FRAME {

@@ -64,6 +64,13 @@ fn any_request() -> impl Strategy<Value = Request> {
                 }
             }),
         Just(Request::Status),
+        (".{0,200}", any::<usize>(), any::<usize>()).prop_map(|(text, max_tokens, overlap)| {
+            Request::Chunk {
+                text,
+                max_tokens,
+                overlap,
+            }
+        }),
         Just(Request::Shutdown),
         (0u64..100_000).prop_map(|ms| Request::Fault {
             fault: Fault::Stall { ms }

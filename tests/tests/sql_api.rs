@@ -1,6 +1,7 @@
 //! The SQL API of kvembed against a real cluster: install, values equal to
 //! the engine's, generated columns, HNSW, semantic search, layer selection,
-//! concurrency, privileges, NULL/empty input, overflow, settings validation.
+//! concurrency, privileges, NULL/empty input, overflow, settings validation,
+//! chunking.
 
 use kvembed_core::{Embedder, LoadSpec};
 use kvembed_proto::{EmbedOptions, Role};
@@ -78,6 +79,7 @@ fn extension_installs_with_its_objects() {
         "kv_select_layers",
         "kv_status",
         "kv_restart",
+        "kv_chunk",
         "kv_backfill",
     ] {
         let n: i64 = s
@@ -883,6 +885,18 @@ fn non_utf8_databases_convert_or_refuse_clearly() {
             max_abs_diff(&got, &want) <= 1e-6,
             "{encoding}: converted text must embed the same"
         );
+        // kv_chunk cuts the same chunks, and its positions are the
+        // database's characters (bytes in SQL_ASCII), as substr counts them.
+        let text = "Crème brûlée, café. Naïve résumé! ".repeat(12);
+        let chunk_query = "SELECT array_agg(chunk ORDER BY ord), \
+             bool_and(substr($1, start_char, end_char - start_char + 1) = chunk) \
+             FROM kv_chunk($1, 16, 4)";
+        let row = c.query_one(chunk_query, &[&text]).unwrap();
+        let (chunks, positions_agree): (Vec<String>, bool) = (row.get(0), row.get(1));
+        let utf8: Vec<String> = s.query_one(chunk_query, &[&text]).unwrap().get(0);
+        assert!(chunks.len() > 2, "{encoding}: {chunks:?}");
+        assert_eq!(chunks, utf8, "{encoding}: the same chunks");
+        assert!(positions_agree, "{encoding}: positions");
         if encoding == "SQL_ASCII" {
             // SQL_ASCII stores any bytes: invalid UTF-8 is an ERROR, not a crash.
             for q in [
@@ -914,5 +928,195 @@ fn non_utf8_databases_convert_or_refuse_clearly() {
         admin
             .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
             .unwrap();
+    }
+}
+
+/// A long document of paragraphs from a seeded generator (no evaluation
+/// text): sentences of common words, a URL, numbers, accents and CJK.
+fn generated_document(paragraphs: usize, seed: u64) -> String {
+    const WORDS: &[&str] = &[
+        "the",
+        "engine",
+        "reads",
+        "every",
+        "row",
+        "of",
+        "a",
+        "table",
+        "and",
+        "writes",
+        "vectors",
+        "quickly",
+        "café",
+        "naïve",
+        "résumé",
+        "index",
+        "search",
+        "query",
+        "model",
+        "tokens",
+        "were",
+        "counted",
+        "twice",
+        "before",
+        "it",
+        "stopped",
+        "on",
+        "Tuesday",
+        "1,024",
+        "3.5",
+        "https://example.org/a?b=c",
+        "don't",
+        "isn't",
+        "paragraph",
+        "sentence",
+        "日本語の文章",
+        "emoji😀",
+        "back-end",
+        "(maybe)",
+        "\"quoted\"",
+    ];
+    let mut state = seed;
+    let mut next = move |n: usize| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) as usize) % n
+    };
+    let mut doc = String::new();
+    for p in 0..paragraphs {
+        if p > 0 {
+            doc.push_str(if next(4) == 0 { "\n" } else { "\n\n" });
+        }
+        for k in 0..3 + next(4) {
+            if k > 0 {
+                doc.push(' ');
+            }
+            let n = 5 + next(12);
+            for w in 0..n {
+                let word = WORDS[next(WORDS.len())];
+                if w == 0 {
+                    let mut c = word.chars();
+                    let first = c.next().unwrap();
+                    doc.extend(first.to_uppercase());
+                    doc.push_str(c.as_str());
+                } else {
+                    doc.push(' ');
+                    doc.push_str(word);
+                }
+            }
+            doc.push_str([".", "?", "!", "。"][next(4)]);
+        }
+    }
+    doc
+}
+
+#[test]
+fn kv_chunk_stays_within_the_limit_and_covers_the_text() {
+    let (_g, mut s) = session();
+    let doc = generated_document(40, 7);
+    let rows = |s: &mut Session, max: i32, overlap: i32| -> Vec<(i32, String, i32, i32, i32)> {
+        s.query(
+            "SELECT ord, chunk, start_char, end_char, tokens FROM kv_chunk($1, $2, $3) ORDER BY ord",
+            &[&doc, &max, &overlap],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect()
+    };
+    let chunks = rows(&mut s, 64, 0);
+    assert!(chunks.len() >= 10, "{} chunks", chunks.len());
+    let chars: Vec<char> = doc.chars().collect();
+    for (i, (ord, chunk, start, end, tokens)) in chunks.iter().enumerate() {
+        assert_eq!(*ord as usize, i + 1);
+        assert!(
+            *tokens >= 1 && *tokens <= 64,
+            "chunk {ord}: {tokens} tokens"
+        );
+        // The positions are characters from 1, as substr counts them.
+        let at: String = chars[*start as usize - 1..*end as usize].iter().collect();
+        assert_eq!(&at, chunk, "chunk {ord}'s positions");
+        assert_eq!(chunk.trim(), chunk, "chunk {ord} is trimmed");
+    }
+    // Without overlap nothing is lost: only whitespace lies between chunks.
+    let squash = |t: &str| t.split_whitespace().collect::<String>();
+    let joined: String = chunks.iter().map(|c| squash(&c.1)).collect();
+    assert_eq!(joined, squash(&doc));
+    // Most cuts fall at a sentence end or a line break, not inside a
+    // sentence (64 tokens hold several sentences).
+    let at_sentence = chunks
+        .iter()
+        .filter(|c| c.1.ends_with(['.', '?', '!', '。']))
+        .count();
+    assert!(
+        at_sentence * 10 >= chunks.len() * 9,
+        "{at_sentence} of {} end a sentence",
+        chunks.len()
+    );
+    // The engine in this process cuts the same chunks, and each one embeds
+    // under kvembed.max_tokens = 64 without truncation: counted as kv_embed
+    // counts.
+    let engine: Vec<(usize, usize)> = ENGINE
+        .chunk(&doc, 64, 0)
+        .unwrap()
+        .iter()
+        .map(|c| (c.start, c.end))
+        .collect();
+    let sql: Vec<(usize, usize)> = chunks
+        .iter()
+        .map(|c| {
+            let start = chars[..c.2 as usize - 1]
+                .iter()
+                .map(|ch| ch.len_utf8())
+                .sum::<usize>();
+            (start, start + c.1.len())
+        })
+        .collect();
+    assert_eq!(sql, engine);
+    s.batch_execute("SET kvembed.max_tokens = 64; SET kvembed.on_overflow = 'error'")
+        .unwrap();
+    let texts: Vec<String> = chunks.iter().map(|c| c.1.clone()).collect();
+    let n: i64 = s
+        .query_one(
+            "SELECT count(*) FROM unnest(kv_embed_batch($1)) AS v WHERE v IS NOT NULL",
+            &[&texts],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(n as usize, texts.len());
+    s.batch_execute("RESET kvembed.max_tokens; RESET kvembed.on_overflow")
+        .unwrap();
+    // Deterministic.
+    assert_eq!(rows(&mut s, 64, 0), chunks);
+    // With overlap, each chunk starts inside the one before it, and the
+    // chunks still reach the end.
+    let over = rows(&mut s, 64, 16);
+    assert!(over.len() >= chunks.len());
+    for w in over.windows(2) {
+        assert!(
+            w[1].2 > w[0].2 && w[1].2 <= w[0].3,
+            "{:?} then {:?}",
+            w[0],
+            w[1]
+        );
+    }
+    assert_eq!(over.last().unwrap().3, chunks.last().unwrap().3);
+    // Bad arguments are clear errors; NULL and empty text give no rows.
+    for (q, code) in [
+        ("SELECT * FROM kv_chunk('x', 4)", "22023"),
+        ("SELECT * FROM kv_chunk('x', 64, 40)", "22023"),
+        ("SELECT * FROM kv_chunk('x', -1, 0)", "22023"),
+        ("SELECT * FROM kv_chunk(repeat('x', 40000000))", "54000"),
+    ] {
+        let err = s.batch_execute(q).expect_err(q);
+        assert_eq!(sql_error(&err).0, code, "{q}: {err}");
+    }
+    for q in [
+        "SELECT count(*) FROM kv_chunk(NULL)",
+        "SELECT count(*) FROM kv_chunk(' \n ')",
+    ] {
+        let n: i64 = s.query_one(q, &[]).unwrap().get(0);
+        assert_eq!(n, 0, "{q}");
     }
 }

@@ -427,6 +427,33 @@ impl Embedder {
             .unwrap_or(text.len() / 4)
     }
 
+    /// Cuts `text` into chunks of at most `max_tokens` tokens of this
+    /// model, counted alone ([`crate::chunk`]); `overlap` tokens repeated
+    /// between neighbours.
+    pub fn chunk(
+        &self,
+        text: &str,
+        max_tokens: usize,
+        overlap: usize,
+    ) -> Result<Vec<crate::chunk::Span>> {
+        crate::chunk::check_args(max_tokens, overlap)
+            .map_err(|m| EngineError::invalid("chunk size", m))?;
+        crate::chunk::chunk_text(
+            text,
+            max_tokens,
+            overlap,
+            |t| {
+                Ok(self
+                    .tokenizer
+                    .encode_many_with_offsets(&[t])?
+                    .pop()
+                    .map(|(_, offsets)| offsets)
+                    .unwrap_or_default())
+            },
+            |t| Ok(self.tokenizer.encode(t)?.len()),
+        )
+    }
+
     /// Embed with the method named in `opts` (or the default) and its overrides.
     pub fn embed(&self, texts: &[String], role: Role, opts: &EmbedOptions) -> Result<EmbedOutput> {
         self.embed_cancellable(texts, role, opts, &|| true)

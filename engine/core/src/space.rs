@@ -29,8 +29,12 @@ use nalgebra::{DMatrix, SymmetricEigen};
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum SpaceFit {
     Center,
-    Remove { top: usize },
-    Whiten { shrink: f64 },
+    Remove {
+        top: usize,
+    },
+    Whiten {
+        shrink: f64,
+    },
     /// Whitening with the Ledoit-Wolf shrinkage of the sample.
     WhitenAuto,
 }
@@ -380,7 +384,10 @@ mod tests {
         assert!(strong < 0.1, "{strong}");
         let map = fit(&vecs, SpaceFit::WhitenAuto).unwrap();
         assert!(!map.gains.is_empty());
-        assert_eq!(SpaceFit::parse("whiten:auto").unwrap(), SpaceFit::WhitenAuto);
+        assert_eq!(
+            SpaceFit::parse("whiten:auto").unwrap(),
+            SpaceFit::WhitenAuto
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! One thread per connection: reads requests, answers `Hello`, `Status`,
-//! `Describe`, `Fault` and `Shutdown` itself, and hands `Embed` and
+//! `Describe`, `Chunk`, `Fault` and `Shutdown` itself, and hands `Embed` and
 //! `SelectLayers`, once admitted (`limits`), to the queue, watching for the
 //! client to go away while it waits.
 
@@ -74,6 +74,33 @@ fn answer<W: Write>(
                 .and_then(|(e, _)| e.describe(&options).map_err(|e| (e.kind(), e.to_string())));
             match described {
                 Ok(info) => proto::write_json(writer, &Response::Described(info))?,
+                Err(refused) => proto::write_json(writer, &refusal(refused))?,
+            }
+        }
+        Request::Chunk {
+            text,
+            max_tokens,
+            overlap,
+        } => {
+            // Tokenizing is this thread's work, as for admission: the
+            // inference thread is not held.
+            let chunked = shared.wait_loaded().and_then(|(e, _)| {
+                e.chunk(&text, max_tokens, overlap)
+                    .map_err(|e| (e.kind(), e.to_string()))
+            });
+            match chunked {
+                Ok(chunks) if chunks.len().saturating_mul(proto::CHUNK_REPLY_BYTES) > proto::MAX_FRAME => {
+                    refuse(
+                        writer,
+                        ErrorKind::InvalidInput,
+                        format!(
+                            "{} chunks would exceed the {} byte reply limit: raise max_tokens or split the text",
+                            chunks.len(),
+                            proto::MAX_FRAME
+                        ),
+                    )?
+                }
+                Ok(chunks) => proto::write_json(writer, &Response::Chunks { chunks })?,
                 Err(refused) => proto::write_json(writer, &refusal(refused))?,
             }
         }
