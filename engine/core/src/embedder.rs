@@ -303,21 +303,7 @@ impl Embedder {
             (TensorStore::Gguf { content, .. }, ModelSource::Gguf(p)) => {
                 TextTokenizer::from_gguf(content, p)?
             }
-            (_, ModelSource::HfDir(dir)) => {
-                let tk = dir.join("tokenizer.json");
-                if !tk.is_file() {
-                    return Err(EngineError::NotAModel {
-                        path: dir.clone(),
-                        reason: "no tokenizer.json beside config.json".into(),
-                    });
-                }
-                let cfg_json: serde_json::Value = serde_json::from_str(
-                    &std::fs::read_to_string(dir.join("config.json"))
-                        .map_err(|e| EngineError::io(dir, e))?,
-                )
-                .unwrap_or_default();
-                TextTokenizer::from_file(&tk, &cfg_json)?
-            }
+            (_, ModelSource::HfDir(dir)) => TextTokenizer::from_hf_dir(dir)?,
             _ => unreachable!("store kind follows the source"),
         };
         let format = spec.weights.unwrap_or_else(WeightFormat::from_env);

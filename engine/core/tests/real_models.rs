@@ -185,17 +185,22 @@ fn prompts_are_tokenized_with_their_text_as_one_string() {
     };
     for file in [SMOLLM2, QWEN05, GEMMA3] {
         let e = Embedder::load(&LoadSpec::new(model(file))).unwrap();
-        let mut want: Vec<u32> = e
-            .tokenizer
-            .bos
-            .filter(|_| e.tokenizer.add_bos)
-            .into_iter()
-            .collect();
-        want.extend(
-            e.tokenizer
-                .encode(&Template::parse(PROMPTEOL).unwrap().render(text))
-                .unwrap(),
-        );
+        // BOS where the model adds it, then the prompt around `t` as one string.
+        let wrapped = |t: &str| -> Vec<u32> {
+            let mut ids: Vec<u32> = e
+                .tokenizer
+                .bos
+                .filter(|_| e.tokenizer.add_bos)
+                .into_iter()
+                .collect();
+            ids.extend(
+                e.tokenizer
+                    .encode(&Template::parse(PROMPTEOL).unwrap().render(t))
+                    .unwrap(),
+            );
+            ids
+        };
+        let want = wrapped(text);
         assert_eq!(
             e.prompt_ids(text, Role::Document, &opts).unwrap(),
             want,
@@ -213,17 +218,6 @@ fn prompts_are_tokenized_with_their_text_as_one_string() {
         };
         let got = e.prompt_ids(long, Role::Document, &cut).unwrap();
         let kept = e.tokenizer.decode(&ids[..5]).unwrap();
-        let mut want: Vec<u32> = e
-            .tokenizer
-            .bos
-            .filter(|_| e.tokenizer.add_bos)
-            .into_iter()
-            .collect();
-        want.extend(
-            e.tokenizer
-                .encode(&Template::parse(PROMPTEOL).unwrap().render(kept.trim_end()))
-                .unwrap(),
-        );
-        assert_eq!(got, want, "{file}: truncated");
+        assert_eq!(got, wrapped(kept.trim_end()), "{file}: truncated");
     }
 }

@@ -147,17 +147,29 @@ impl TextTokenizer {
     pub fn open(path: &Path) -> Result<TextTokenizer> {
         let io = |e: std::io::Error| EngineError::Tokenizer(format!("{}: {e}", path.display()));
         if path.is_dir() {
-            let config: serde_json::Value = match std::fs::read(path.join("config.json")) {
-                Ok(bytes) => serde_json::from_slice(&bytes)
-                    .map_err(|e| EngineError::Tokenizer(e.to_string()))?,
-                Err(_) => serde_json::Value::Null,
-            };
-            return TextTokenizer::from_file(&path.join("tokenizer.json"), &config);
+            return TextTokenizer::from_hf_dir(path);
         }
         let mut f = std::fs::File::open(path).map_err(io)?;
         let content = candle_core::quantized::gguf_file::Content::read(&mut f)
             .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
         TextTokenizer::from_gguf(&content, path)
+    }
+
+    /// A Hugging Face directory's tokenizer: its `tokenizer.json`, with BOS
+    /// and EOS from its `config.json` (if that reads).
+    pub fn from_hf_dir(dir: &Path) -> Result<TextTokenizer> {
+        let tk = dir.join("tokenizer.json");
+        if !tk.is_file() {
+            return Err(EngineError::NotAModel {
+                path: dir.to_path_buf(),
+                reason: "no tokenizer.json beside config.json".into(),
+            });
+        }
+        let config: serde_json::Value = match std::fs::read(dir.join("config.json")) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+            Err(_) => serde_json::Value::Null,
+        };
+        TextTokenizer::from_file(&tk, &config)
     }
 
     pub fn from_file(path: &Path, config: &serde_json::Value) -> Result<TextTokenizer> {

@@ -727,7 +727,7 @@ pub fn bench_texts(
 
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{median, sample_indices};
 
     #[test]
     fn median_takes_the_middle_or_the_mean_of_the_two_middle_values() {
@@ -735,5 +735,31 @@ mod tests {
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
         assert_eq!(median(&[5.0]), 5.0);
         assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn space_samples_are_distinct_seeded_and_bounded() {
+        let a = sample_indices(1000, 256, 7);
+        assert_eq!(a.len(), 256);
+        let distinct: std::collections::HashSet<usize> = a.iter().copied().collect();
+        assert_eq!(distinct.len(), 256, "no index twice");
+        assert!(a.iter().all(|&i| i < 1000));
+        assert_eq!(
+            a,
+            sample_indices(1000, 256, 7),
+            "the same seed, the same sample"
+        );
+        assert_ne!(
+            a,
+            sample_indices(1000, 256, 8),
+            "another seed, another sample"
+        );
+        // Not the first k: a sample spread over the whole set.
+        assert!(a.iter().any(|&i| i >= 500));
+        // Asking for more than there are gives every index once.
+        let mut all = sample_indices(10, 50, 1);
+        all.sort();
+        assert_eq!(all, (0..10).collect::<Vec<_>>());
+        assert!(sample_indices(0, 5, 1).is_empty());
     }
 }
