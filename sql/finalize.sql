@@ -216,3 +216,16 @@ GRANT EXECUTE ON FUNCTION kvembed.select_layers_raw(text[], integer, real, text)
 REVOKE EXECUTE ON FUNCTION @extschema@.kv_restart() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.kv_restart() TO kvembed_admin;
 REVOKE EXECUTE ON FUNCTION @extschema@.kv_debug_fault(text) FROM PUBLIC;
+
+-- kvembed.stats: the engine's metrics per database and role since the engine
+-- started or kv_stats_reset() (superusers and kvembed_admin): requests,
+-- texts, tokens, errors by SQLSTATE, time queued and in forward passes,
+-- batch fill. For monitoring, e.g. with postgres_exporter.
+CREATE VIEW kvembed.stats AS
+  SELECT database, role, requests, texts, tokens, errors,
+         queue_wait_p50_ms, queue_wait_p99_ms, inference_p50_ms, inference_p99_ms,
+         batch_fill, pg_catalog.to_timestamp(since_epoch) AS since
+    FROM kvembed.engine_stats();
+GRANT SELECT ON kvembed.stats TO PUBLIC;
+REVOKE EXECUTE ON FUNCTION @extschema@.kv_stats_reset() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.kv_stats_reset() TO kvembed_admin;

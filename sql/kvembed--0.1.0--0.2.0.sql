@@ -22,6 +22,8 @@
 --   reports it in its new space column; its sample_size defaults to 1024.
 -- * kv_chunk(text, max_tokens, overlap): token-aware chunking with the
 --   loaded model's tokenizer.
+-- * kvembed.stats: the engine's metrics per database and role, and
+--   kv_stats_reset() (superusers and kvembed_admin).
 -- Every other object is unchanged. The 0.2.0 library serves both versions'
 -- functions (no C symbol was renamed or removed).
 
@@ -240,3 +242,39 @@ CREATE FUNCTION @extschema@."kv_chunk"(
 STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'kv_chunk_wrapper';
+
+-- The engine's metrics are new.
+CREATE FUNCTION kvembed."engine_stats"() RETURNS TABLE (
+	"database" text,  /* DbTextOut */
+	"role" text,  /* DbTextOut */
+	"requests" bigint,  /* i64 */
+	"texts" bigint,  /* i64 */
+	"tokens" bigint,  /* i64 */
+	"errors" jsonb,  /* JsonB */
+	"queue_wait_p50_ms" double precision,  /* f64 */
+	"queue_wait_p99_ms" double precision,  /* f64 */
+	"inference_p50_ms" double precision,  /* f64 */
+	"inference_p99_ms" double precision,  /* f64 */
+	"batch_fill" double precision,  /* f64 */
+	"since_epoch" double precision  /* f64 */
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'engine_stats_wrapper';
+CREATE FUNCTION @extschema@."kv_stats_reset"() RETURNS bigint /* i64 */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'kv_stats_reset_wrapper';
+
+-- kvembed.stats: the engine's metrics per database and role since the engine
+-- started or kv_stats_reset() (superusers and kvembed_admin): requests,
+-- texts, tokens, errors by SQLSTATE, time queued and in forward passes,
+-- batch fill. For monitoring, e.g. with postgres_exporter.
+CREATE VIEW kvembed.stats AS
+  SELECT database, role, requests, texts, tokens, errors,
+         queue_wait_p50_ms, queue_wait_p99_ms, inference_p50_ms, inference_p99_ms,
+         batch_fill, pg_catalog.to_timestamp(since_epoch) AS since
+    FROM kvembed.engine_stats();
+GRANT SELECT ON kvembed.stats TO PUBLIC;
+REVOKE EXECUTE ON FUNCTION @extschema@.kv_stats_reset() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.kv_stats_reset() TO kvembed_admin;

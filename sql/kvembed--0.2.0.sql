@@ -137,7 +137,38 @@ AS 'MODULE_PATHNAME', 'kv_restart_wrapper';
 
 /* <begin connected objects> */
 -- src/api.rs
+-- kvembed::api::kv_stats_reset
+CREATE  FUNCTION "kv_stats_reset"() RETURNS bigint /* i64 */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'kv_stats_reset_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs
 CREATE SCHEMA IF NOT EXISTS kvembed; /* kvembed::api::kvembed */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs
+-- kvembed::api::kvembed::engine_stats
+CREATE  FUNCTION kvembed."engine_stats"() RETURNS TABLE (
+	"database" text,  /* DbTextOut */
+	"role" text,  /* DbTextOut */
+	"requests" bigint,  /* i64 */
+	"texts" bigint,  /* i64 */
+	"tokens" bigint,  /* i64 */
+	"errors" jsonb,  /* JsonB */
+	"queue_wait_p50_ms" double precision,  /* f64 */
+	"queue_wait_p99_ms" double precision,  /* f64 */
+	"inference_p50_ms" double precision,  /* f64 */
+	"inference_p99_ms" double precision,  /* f64 */
+	"batch_fill" double precision,  /* f64 */
+	"since_epoch" double precision  /* f64 */
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'engine_stats_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -384,5 +415,18 @@ GRANT EXECUTE ON FUNCTION kvembed.select_layers_raw(text[], integer, real, text)
 REVOKE EXECUTE ON FUNCTION @extschema@.kv_restart() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.kv_restart() TO kvembed_admin;
 REVOKE EXECUTE ON FUNCTION @extschema@.kv_debug_fault(text) FROM PUBLIC;
+
+-- kvembed.stats: the engine's metrics per database and role since the engine
+-- started or kv_stats_reset() (superusers and kvembed_admin): requests,
+-- texts, tokens, errors by SQLSTATE, time queued and in forward passes,
+-- batch fill. For monitoring, e.g. with postgres_exporter.
+CREATE VIEW kvembed.stats AS
+  SELECT database, role, requests, texts, tokens, errors,
+         queue_wait_p50_ms, queue_wait_p99_ms, inference_p50_ms, inference_p99_ms,
+         batch_fill, pg_catalog.to_timestamp(since_epoch) AS since
+    FROM kvembed.engine_stats();
+GRANT SELECT ON kvembed.stats TO PUBLIC;
+REVOKE EXECUTE ON FUNCTION @extschema@.kv_stats_reset() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.kv_stats_reset() TO kvembed_admin;
 /* </end connected objects> */
 

@@ -160,11 +160,61 @@ fn kv_chunk(
     TableIterator::new(rows)
 }
 
+/// Empties the engine's metrics (`kvembed.stats`); returns how many rows
+/// (database and role pairs) they had. Superusers and `kvembed_admin`.
+#[pg_extern(volatile, parallel_unsafe)]
+fn kv_stats_reset() -> i64 {
+    client::stats(true).1.len() as i64
+}
+
 /// Internal helpers in the `kvembed` schema, wrapped by the SQL functions in
 /// `sql/finalize.sql`.
 #[pg_schema]
 mod kvembed {
     use super::*;
+
+    /// The engine's metrics per database and role, read by the view
+    /// `kvembed.stats`.
+    #[pg_extern(volatile, parallel_safe)]
+    fn engine_stats() -> TableIterator<
+        'static,
+        (
+            name!(database, DbTextOut),
+            name!(role, DbTextOut),
+            name!(requests, i64),
+            name!(texts, i64),
+            name!(tokens, i64),
+            name!(errors, JsonB),
+            name!(queue_wait_p50_ms, f64),
+            name!(queue_wait_p99_ms, f64),
+            name!(inference_p50_ms, f64),
+            name!(inference_p99_ms, f64),
+            name!(batch_fill, f64),
+            name!(since_epoch, f64),
+        ),
+    > {
+        let (since, rows) = client::stats(false);
+        let rows: Vec<_> = rows
+            .into_iter()
+            .map(|r| {
+                (
+                    DbTextOut::from_utf8(&r.database),
+                    DbTextOut::from_utf8(&r.role),
+                    r.requests as i64,
+                    r.texts as i64,
+                    r.tokens as i64,
+                    JsonB(serde_json::to_value(&r.errors).unwrap_or_default()),
+                    r.queue_wait_p50_ms,
+                    r.queue_wait_p99_ms,
+                    r.inference_p50_ms,
+                    r.inference_p99_ms,
+                    r.batch_fill,
+                    since,
+                )
+            })
+            .collect();
+        TableIterator::new(rows)
+    }
 
     /// Everything the engine and its supervisor report, with the session's
     /// effective settings (`kv_status()` turns it into columns).

@@ -117,6 +117,7 @@ pub fn embed(
         texts,
         role,
         options,
+        caller: caller(),
     };
     let (response, vectors) = with_engine(true, |engine| {
         let response = engine.call(&request)?;
@@ -185,7 +186,11 @@ pub fn embed(
 /// into rows and stores it). The engine's progress reports become NOTICEs,
 /// at most one every few seconds.
 pub fn select_layers(texts: Vec<String>, options: proto::SelectOptions) -> Response {
-    let request = Request::SelectLayers { texts, options };
+    let request = Request::SelectLayers {
+        texts,
+        options,
+        caller: caller(),
+    };
     let response = with_engine(true, |engine| {
         proto::write_json(&mut engine.io(), &request)?;
         let started = Instant::now();
@@ -236,12 +241,52 @@ pub fn describe(options: proto::EmbedOptions) -> Option<proto::MethodInfo> {
     }
 }
 
+/// This session's database and current role, under which the engine counts
+/// its requests (`kvembed.stats`).
+fn caller() -> proto::Caller {
+    // SAFETY: both look the session's own ids up in the syscache; they
+    // return a palloc'd name, or NULL (noerr) for a dropped role.
+    let (database, role) = unsafe {
+        (
+            pg_sys::get_database_name(pg_sys::MyDatabaseId),
+            pg_sys::GetUserNameFromId(pg_sys::GetUserId(), true),
+        )
+    };
+    let name = |p: *mut std::ffi::c_char| {
+        if p.is_null() {
+            return String::new();
+        }
+        // SAFETY: a NUL-terminated name from the catalog.
+        let bytes = unsafe { std::ffi::CStr::from_ptr(p) }.to_bytes().to_vec();
+        // Never an ERROR for a name: lossy where the bytes are not UTF-8.
+        if bytes.is_ascii() || crate::text::database_encoding() != crate::text::Encoding::Other {
+            String::from_utf8_lossy(&bytes).into_owned()
+        } else {
+            crate::text::DbText::from_bytes(bytes).into_utf8()
+        }
+    };
+    proto::Caller {
+        database: name(database),
+        role: name(role),
+    }
+}
+
+/// The engine's metrics per database and role; `reset` empties them after.
+pub fn stats(reset: bool) -> (f64, Vec<proto::StatsRow>) {
+    match with_engine(false, |engine| engine.call(&Request::Stats { reset })) {
+        Response::Stats { since, rows } => (since, rows),
+        Response::Error { kind, message } => raise(kind, &message),
+        other => unexpected(other),
+    }
+}
+
 /// The loaded model's chunks of `text` (`kv_chunk`).
 pub fn chunk(text: String, max_tokens: usize, overlap: usize) -> Vec<proto::ChunkSpan> {
     let request = Request::Chunk {
         text,
         max_tokens,
         overlap,
+        caller: caller(),
     };
     match with_engine(true, |engine| engine.call(&request)) {
         Response::Chunks { chunks } => chunks,
@@ -596,6 +641,7 @@ fn unexpected(r: Response) -> ! {
         Response::Status(_) => "status",
         Response::Described(_) => "described",
         Response::Chunks { .. } => "chunks",
+        Response::Stats { .. } => "stats",
         Response::ShuttingDown { .. } => "shutting_down",
         Response::FaultArmed { .. } => "fault_armed",
         Response::Error { .. } => "error",

@@ -175,6 +175,27 @@ pub struct DbTextOut(pub Vec<u8>);
 
 impl_sql_translatable!(DbTextOut, "text");
 
+impl DbTextOut {
+    /// UTF-8 text converted to the database encoding (as is in UTF-8 and
+    /// SQL_ASCII databases).
+    pub fn from_utf8(s: &str) -> DbTextOut {
+        if s.is_ascii() || database_encoding() != Encoding::Other {
+            return DbTextOut(s.as_bytes().to_vec());
+        }
+        // SAFETY: pg_any_to_server reads `len` bytes and returns either its
+        // input (nothing to convert) or a new NUL-terminated palloc'd string;
+        // it raises a PostgreSQL ERROR for unconvertible input.
+        unsafe {
+            let src = s.as_ptr() as *const std::ffi::c_char;
+            let out = pg_sys::pg_any_to_server(src, s.len() as i32, pg_sys::pg_enc::PG_UTF8 as i32);
+            if out as *const std::ffi::c_char == src {
+                return DbTextOut(s.as_bytes().to_vec());
+            }
+            DbTextOut(std::ffi::CStr::from_ptr(out).to_bytes().to_vec())
+        }
+    }
+}
+
 impl pgrx::IntoDatum for DbTextOut {
     fn into_datum(self) -> Option<pg_sys::Datum> {
         // SAFETY: copies `len` bytes into a new palloc'd text varlena.

@@ -237,11 +237,15 @@ pub enum Request {
         role: Role,
         #[serde(default)]
         options: EmbedOptions,
+        #[serde(default)]
+        caller: Caller,
     },
     SelectLayers {
         texts: Vec<String>,
         #[serde(default)]
         options: SelectOptions,
+        #[serde(default)]
+        caller: Caller,
     },
     Status,
     /// Cut `text` into chunks of at most `max_tokens` tokens of the loaded
@@ -250,6 +254,13 @@ pub enum Request {
         text: String,
         max_tokens: usize,
         overlap: usize,
+        #[serde(default)]
+        caller: Caller,
+    },
+    /// The metrics per database and role (`kvembed.stats`), answered with
+    /// `Stats`; `reset` empties them afterwards.
+    Stats {
+        reset: bool,
     },
     /// What `options` resolve to on the loaded model (the method, its
     /// re-routed layers, bias and prompts), answered with `Described`.
@@ -313,6 +324,58 @@ pub enum ErrorKind {
     ModelChanged,
     /// Anything else inside the engine.
     Internal,
+}
+
+impl ErrorKind {
+    /// The SQLSTATE the extension raises for this class (its `raise`).
+    pub fn sqlstate(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidInput => "22023",
+            ErrorKind::TooLong => "54000",
+            ErrorKind::ModelLoad => "58P01",
+            ErrorKind::Loading | ErrorKind::ModelChanged => "58000",
+            ErrorKind::Protocol | ErrorKind::Internal => "XX000",
+        }
+    }
+}
+
+/// SQLSTATE of a statement cancelled while the engine worked for it (the
+/// engine sees its client go away).
+pub const SQLSTATE_CANCELED: &str = "57014";
+
+/// Who sent a request: the engine's metrics are kept per database and role.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Caller {
+    pub database: String,
+    pub role: String,
+}
+
+/// The engine's metrics for one database and role since `Stats` was last
+/// reset (or the engine started): `kvembed.stats`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct StatsRow {
+    pub database: String,
+    pub role: String,
+    /// Requests answered, of every kind (embed, chunk, layer selection),
+    /// with or without an error.
+    pub requests: u64,
+    /// Texts embedded and tokens run (prompts included) by `Embed` requests.
+    pub texts: u64,
+    pub tokens: u64,
+    /// Failed requests by SQLSTATE (57014: cancelled while the engine
+    /// worked on it).
+    pub errors: std::collections::BTreeMap<String, u64>,
+    /// Of embedding requests that succeeded: time queued (waiting for the
+    /// inference thread, between slices included) and time in forward
+    /// passes, in milliseconds, median and 99th percentile (log-scale
+    /// buckets: within 10 %).
+    pub queue_wait_p50_ms: f64,
+    pub queue_wait_p99_ms: f64,
+    pub inference_p50_ms: f64,
+    pub inference_p99_ms: f64,
+    /// How full the batches these requests ran in were, on average: tokens
+    /// of the batch over `kvembed.batch_tokens`.
+    pub batch_fill: f64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -459,6 +522,12 @@ pub enum Response {
     },
     Status(Status),
     Described(MethodInfo),
+    /// Answer to `Stats`: the rows, and since when they count (seconds
+    /// since the Unix epoch: the engine's start or the last reset).
+    Stats {
+        since: f64,
+        rows: Vec<StatsRow>,
+    },
     /// Answer to `Chunk`: the chunks in order.
     Chunks {
         chunks: Vec<ChunkSpan>,
@@ -620,6 +689,7 @@ mod tests {
                 layers: Some(vec![3, 4]),
                 ..Default::default()
             },
+            caller: Default::default(),
         };
         let mut buf = Vec::new();
         write_json(&mut buf, &req).unwrap();

@@ -50,7 +50,11 @@ fn any_request() -> impl Strategy<Value = Request> {
             .prop_map(|(texts, role, options)| Request::Embed {
                 texts,
                 role,
-                options
+                options,
+                caller: Caller {
+                    database: "db".into(),
+                    role: "rôle".into(),
+                },
             }),
         (
             proptest::collection::vec(".{0,30}", 0..8),
@@ -61,7 +65,8 @@ fn any_request() -> impl Strategy<Value = Request> {
                 options: SelectOptions {
                     window,
                     ..Default::default()
-                }
+                },
+                caller: Default::default(),
             }),
         Just(Request::Status),
         (".{0,200}", any::<usize>(), any::<usize>()).prop_map(|(text, max_tokens, overlap)| {
@@ -69,8 +74,10 @@ fn any_request() -> impl Strategy<Value = Request> {
                 text,
                 max_tokens,
                 overlap,
+                caller: Default::default(),
             }
         }),
+        any::<bool>().prop_map(|reset| Request::Stats { reset }),
         Just(Request::Shutdown),
         (0u64..100_000).prop_map(|ms| Request::Fault {
             fault: Fault::Stall { ms }

@@ -1,9 +1,9 @@
 //! One thread per connection: reads requests, answers `Hello`, `Status`,
-//! `Describe`, `Chunk`, `Fault` and `Shutdown` itself, and hands `Embed` and
+//! `Describe`, `Chunk`, `Stats`, `Fault` and `Shutdown` itself, and hands `Embed` and
 //! `SelectLayers`, once admitted (`limits`), to the queue, watching for the
 //! client to go away while it waits.
 
-use kvembed_proto::{self as proto, ErrorKind, Request, Response};
+use kvembed_proto::{self as proto, Caller, ErrorKind, Request, Response};
 use std::io::{self, BufReader, BufWriter, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,10 +77,15 @@ fn answer<W: Write>(
                 Err(refused) => proto::write_json(writer, &refusal(refused))?,
             }
         }
+        Request::Stats { reset } => {
+            let (since, rows) = shared.stats.lock().snapshot(reset);
+            proto::write_json(writer, &Response::Stats { since, rows })?;
+        }
         Request::Chunk {
             text,
             max_tokens,
             overlap,
+            caller,
         } => {
             // Tokenizing is this thread's work, as for admission: the
             // inference thread is not held.
@@ -88,6 +93,18 @@ fn answer<W: Write>(
                 e.chunk(&text, max_tokens, overlap)
                     .map_err(|e| (e.kind(), e.to_string()))
             });
+            match &chunked {
+                Ok(chunks)
+                    if chunks.len().saturating_mul(proto::CHUNK_REPLY_BYTES) > proto::MAX_FRAME =>
+                {
+                    shared
+                        .stats
+                        .lock()
+                        .failed(&caller, ErrorKind::InvalidInput.sqlstate())
+                }
+                Ok(_) => shared.stats.lock().served(&caller),
+                Err((kind, _)) => shared.stats.lock().failed(&caller, kind.sqlstate()),
+            }
             match chunked {
                 Ok(chunks) if chunks.len().saturating_mul(proto::CHUNK_REPLY_BYTES) > proto::MAX_FRAME => {
                     refuse(
@@ -120,19 +137,26 @@ fn answer<W: Write>(
             texts,
             role,
             options,
+            caller,
         } => {
             return run(
                 shared,
                 stream,
                 writer,
+                &caller,
                 admit_embed(shared, texts, role, options),
             );
         }
-        Request::SelectLayers { texts, options } => {
+        Request::SelectLayers {
+            texts,
+            options,
+            caller,
+        } => {
             return run(
                 shared,
                 stream,
                 writer,
+                &caller,
                 admit_selection(shared, texts, options),
             );
         }
@@ -140,18 +164,46 @@ fn answer<W: Write>(
     Ok(Next::Read)
 }
 
-/// Queues admitted work and sends its outcome, or sends the refusal.
+/// Queues admitted work and sends its outcome, or sends the refusal; counts
+/// either in the caller's metrics.
 fn run<W: Write>(
     shared: &Shared,
     stream: &UnixStream,
     writer: &mut W,
+    caller: &Caller,
     admitted: std::result::Result<Work, Response>,
 ) -> io::Result<Next> {
     match admitted {
-        Err(refusal) => proto::write_json(writer, &refusal)?,
+        Err(refusal) => {
+            let sqlstate = match &refusal {
+                Response::Error { kind, .. } => kind.sqlstate(),
+                _ => ErrorKind::TooLong.sqlstate(),
+            };
+            shared.stats.lock().failed(caller, sqlstate);
+            proto::write_json(writer, &refusal)?
+        }
         Ok(work) => match submit(shared, stream, writer, work) {
-            None => return Ok(Next::Close),
-            Some(outcome) => send_outcome(writer, outcome)?,
+            None => {
+                shared.stats.lock().failed(caller, proto::SQLSTATE_CANCELED);
+                return Ok(Next::Close);
+            }
+            Some(outcome) => {
+                {
+                    let mut stats = shared.stats.lock();
+                    match &outcome {
+                        Outcome::Embeddings {
+                            vectors,
+                            tokens,
+                            timing,
+                            ..
+                        } => stats.embedded(caller, vectors.len(), *tokens, *timing),
+                        Outcome::Layers(..) => stats.served(caller),
+                        Outcome::Error(kind, _) => stats.failed(caller, kind.sqlstate()),
+                        Outcome::Progress(..) => {}
+                    }
+                }
+                send_outcome(writer, outcome)?
+            }
         },
     }
     Ok(Next::Read)
@@ -212,6 +264,7 @@ pub(crate) fn send_outcome<W: Write>(w: &mut W, outcome: Outcome) -> io::Result<
             dim,
             truncated,
             tokens,
+            timing: _,
         } => {
             proto::write_json(
                 w,

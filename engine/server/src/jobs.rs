@@ -7,6 +7,9 @@ use std::io;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use crate::stats::Timing;
 
 pub(crate) enum Work {
     Embed(EmbedWork),
@@ -32,6 +35,12 @@ pub(crate) struct EmbedWork {
     pub(crate) truncated: Vec<Truncation>,
     /// Tokens run so far.
     pub(crate) tokens: usize,
+    /// When it was queued, its time in forward passes so far, and the
+    /// fill of each batch it ran in (summed, with their number): its metrics.
+    pub(crate) queued: Instant,
+    pub(crate) busy: Duration,
+    pub(crate) fill_sum: f64,
+    pub(crate) slices: u32,
 }
 
 impl EmbedWork {
@@ -50,6 +59,19 @@ impl EmbedWork {
             vectors: Vec::new(),
             truncated: Vec::new(),
             tokens: 0,
+            queued: Instant::now(),
+            busy: Duration::ZERO,
+            fill_sum: 0.0,
+            slices: 0,
+        }
+    }
+
+    /// How the request went through the engine, once it is done.
+    pub(crate) fn timing(&self) -> Timing {
+        Timing {
+            queue_wait: self.queued.elapsed().saturating_sub(self.busy),
+            inference: self.busy,
+            fill: self.fill_sum / f64::from(self.slices.max(1)),
         }
     }
 
@@ -84,6 +106,7 @@ pub(crate) enum Outcome {
         dim: usize,
         truncated: Vec<Truncation>,
         tokens: usize,
+        timing: Timing,
     },
     Layers(LayerSelection, usize, String),
     Error(ErrorKind, String),

@@ -40,6 +40,7 @@ mod limits;
 mod process;
 mod queue;
 mod state;
+mod stats;
 
 use connection::handle_connection;
 use process::{bind, exit_with_parent, volunteer_for_oom_killer};

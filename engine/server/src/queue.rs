@@ -7,6 +7,7 @@ use kvembed_core::embedder::Embedder;
 use kvembed_core::Result;
 use kvembed_proto::{ErrorKind, Truncation};
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use crate::faults::inject;
 use crate::jobs::{Job, Outcome, Work};
@@ -113,11 +114,15 @@ pub(crate) fn run_embed_batch(
         Work::SelectLayers { .. } => unreachable!("select-layers jobs are never batched"),
     };
     let mut texts = Vec::new();
+    let mut cost = 0;
     for (job, count) in &batch {
         if let Work::Embed(w) = &job.work {
             texts.extend(w.texts[w.next..w.next + count].iter().cloned());
+            cost += w.cost[w.next..w.next + count].iter().sum::<usize>();
         }
     }
+    let fill = cost as f64 / shared.opts.batch_tokens.max(1) as f64;
+    let started = Instant::now();
     let fault = shared.fault.lock().take();
     // Stop between forward passes once every client of the batch has gone:
     // a cancelled request holds the engine for one more pass at most.
@@ -127,6 +132,7 @@ pub(crate) fn run_embed_batch(
         embedder.embed_cancellable(&texts, role, &options, &someone_waits)
     });
     let anyone_waits = someone_waits();
+    let took = started.elapsed();
     match outcome {
         Ok(out) => {
             shared
@@ -152,6 +158,9 @@ pub(crate) fn run_embed_batch(
                 );
                 w.tokens += w.cost[start..start + count].iter().sum::<usize>();
                 w.next += count;
+                w.busy += took;
+                w.fill_sum += fill.min(1.0);
+                w.slices += 1;
                 offset += count;
                 if w.next < w.texts.len() {
                     unfinished.push(job);
@@ -166,6 +175,7 @@ pub(crate) fn run_embed_batch(
                     dim,
                     truncated: std::mem::take(&mut w.truncated),
                     tokens: w.tokens,
+                    timing: w.timing(),
                 });
             }
             if !unfinished.is_empty() {

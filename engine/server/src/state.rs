@@ -29,6 +29,8 @@ pub(crate) struct Shared {
     pub(crate) tokens_served: AtomicU64,
     /// A fault armed by `Request::Fault`, taken by the next embedding batch.
     pub(crate) fault: Mutex<Option<Fault>>,
+    /// The metrics per database and role (`Request::Stats`).
+    pub(crate) stats: Mutex<crate::stats::Stats>,
 }
 
 impl Shared {
@@ -43,6 +45,7 @@ impl Shared {
             texts_served: AtomicU64::new(0),
             tokens_served: AtomicU64::new(0),
             fault: Mutex::new(None),
+            stats: Mutex::new(Default::default()),
         }
     }
 

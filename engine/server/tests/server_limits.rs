@@ -113,6 +113,7 @@ impl Conn {
                 texts,
                 role: Role::Document,
                 options,
+                caller: Default::default(),
             })
             .unwrap()
         {
@@ -155,6 +156,7 @@ fn a_cancelled_request_stops_within_one_forward_pass() {
             texts: texts(3000),
             role: Role::Document,
             options: EmbedOptions::default(),
+            caller: Default::default(),
         },
     )
     .unwrap();
@@ -244,6 +246,7 @@ fn no_request_goes_above_the_servers_limits() {
         texts: vec!["short".into(), long],
         role: Role::Document,
         options: strict.clone(),
+        caller: Default::default(),
     };
     match c.call(&request).unwrap() {
         Response::TooLong {
@@ -258,6 +261,7 @@ fn no_request_goes_above_the_servers_limits() {
         texts: vec!["x".repeat(10 << 20)],
         role: Role::Document,
         options: strict,
+        caller: Default::default(),
     };
     match c.call(&request).unwrap() {
         Response::TooLong {
@@ -282,6 +286,7 @@ fn no_request_goes_above_the_servers_limits() {
     let request = Request::SelectLayers {
         texts: texts(41),
         options: SelectOptions::default(),
+        caller: Default::default(),
     };
     match c.call(&request).unwrap() {
         Response::Error { kind, message } => {
@@ -326,6 +331,7 @@ fn garbage_on_the_socket_is_refused_and_the_server_serves_on() {
                         texts: vec!["x".into()],
                         role: Role::Query,
                         options: EmbedOptions::default(),
+                        caller: Default::default(),
                     },
                 )
                 .unwrap();
@@ -390,6 +396,7 @@ fn requests_name_the_model_they_were_prepared_for() {
     let request = Request::SelectLayers {
         texts: texts(16),
         options: SelectOptions::default(),
+        caller: Default::default(),
     };
     proto::write_json(&mut c.0, &request).unwrap();
     loop {
@@ -417,6 +424,7 @@ fn a_large_request_does_not_hold_the_engine_for_the_others() {
             texts: big.clone(),
             role: Role::Document,
             options: EmbedOptions::default(),
+            caller: Default::default(),
         },
     )
     .unwrap();
