@@ -105,20 +105,21 @@ fn kv_chunk(
         .set_hint("Split the text first, for example at paragraphs with regexp_split_to_table().")
         .report(PgLogLevel::ERROR);
     }
-    let raw = DbText::from_bytes(input.as_bytes().to_vec());
-    let text = input.into_utf8();
-    let spans = client::chunk(text.clone(), max, over);
+    let encoding = crate::text::database_encoding();
+    // The original bytes are kept only where they differ from the UTF-8 text.
+    let raw = (encoding == Encoding::Other).then(|| DbText::from_bytes(input.as_bytes().to_vec()));
+    let (text, spans) = client::chunk(input.into_utf8(), max, over);
     // The engine answers in bytes of the UTF-8 text; SQL counts characters
     // of the database encoding (bytes in SQL_ASCII) and the chunk is cut
     // from the original bytes.
-    let (starts, ends, chars) = match crate::text::database_encoding() {
+    let (starts, ends, chars) = match encoding {
         Encoding::SqlAscii => {
             let starts: Vec<usize> = spans.iter().map(|s| s.start).collect();
             let ends: Vec<usize> = spans.iter().map(|s| s.end).collect();
             let chars = starts.iter().copied().zip(ends.iter().copied()).collect();
             (starts, ends, chars)
         }
-        encoding => {
+        _ => {
             let (mut at_byte, mut at_char) = (0usize, 0usize);
             let mut char_of = |byte: usize| {
                 if byte < at_byte {
@@ -132,18 +133,21 @@ fn kv_chunk(
                 .iter()
                 .map(|s| (char_of(s.start), char_of(s.end)))
                 .collect();
-            if encoding == Encoding::Utf8 {
-                let starts = spans.iter().map(|s| s.start).collect();
-                let ends = spans.iter().map(|s| s.end).collect();
-                (starts, ends, chars)
-            } else {
-                let starts = raw.char_offsets(chars.iter().map(|c| c.0));
-                let ends = raw.char_offsets(chars.iter().map(|c| c.1));
-                (starts, ends, chars)
+            match &raw {
+                None => {
+                    let starts = spans.iter().map(|s| s.start).collect();
+                    let ends = spans.iter().map(|s| s.end).collect();
+                    (starts, ends, chars)
+                }
+                Some(raw) => {
+                    let starts = raw.char_offsets(chars.iter().map(|c| c.0));
+                    let ends = raw.char_offsets(chars.iter().map(|c| c.1));
+                    (starts, ends, chars)
+                }
             }
         }
     };
-    let bytes = raw.as_bytes();
+    let bytes = raw.as_ref().map_or(text.as_bytes(), DbText::as_bytes);
     let rows: Vec<_> = spans
         .iter()
         .enumerate()

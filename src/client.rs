@@ -280,16 +280,21 @@ pub fn stats(reset: bool) -> (f64, Vec<proto::StatsRow>) {
     }
 }
 
-/// The loaded model's chunks of `text` (`kv_chunk`).
-pub fn chunk(text: String, max_tokens: usize, overlap: usize) -> Vec<proto::ChunkSpan> {
+/// The loaded model's chunks of `text` (`kv_chunk`), and the text back
+/// (it is not copied for the request).
+pub fn chunk(text: String, max_tokens: usize, overlap: usize) -> (String, Vec<proto::ChunkSpan>) {
     let request = Request::Chunk {
         text,
         max_tokens,
         overlap,
         caller: caller(),
     };
-    match with_engine(true, |engine| engine.call(&request)) {
-        Response::Chunks { chunks } => chunks,
+    let response = with_engine(true, |engine| engine.call(&request));
+    let Request::Chunk { text, .. } = request else {
+        unreachable!("built above")
+    };
+    match response {
+        Response::Chunks { chunks } => (text, chunks),
         Response::Error { kind, message } => raise(kind, &message),
         other => unexpected(other),
     }
