@@ -48,7 +48,7 @@ note() { echo "regress.sh: $*" >&2; }
 # The tests, in the order they run: install creates the extension and waits
 # for the engine; calibration stores (then deletes) a calibration, so it runs
 # last.
-all_tests=(install api settings errors privileges generated_columns hnsw chunk metrics calibration)
+all_tests=(install api settings errors privileges generated_columns hnsw chunk metrics profiles calibration)
 # A test file left out of the list would silently never run.
 for f in tests/sql/*.sql; do
   t=$(basename "$f" .sql)

@@ -24,6 +24,9 @@
 --   loaded model's tokenizer.
 -- * kvembed.stats: the engine's metrics per database and role, and
 --   kv_stats_reset() (superusers and kvembed_admin).
+-- * embedding profiles: kvembed.profiles, kv_create_profile(),
+--   kv_drop_profile(), kvembed.profile_columns, kv_embed(text, role,
+--   profile) and its _half and _batch forms, the kvembed.profile setting.
 -- Every other object is unchanged. The 0.2.0 library serves both versions'
 -- functions (no C symbol was renamed or removed).
 
@@ -278,3 +281,130 @@ CREATE VIEW kvembed.stats AS
 GRANT SELECT ON kvembed.stats TO PUBLIC;
 REVOKE EXECUTE ON FUNCTION @extschema@.kv_stats_reset() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.kv_stats_reset() TO kvembed_admin;
+
+-- Embedding profiles are new.
+CREATE FUNCTION @extschema@."kv_embed"(
+	"input" text, /* DbText */
+	"role" text, /* DbText */
+	"profile" text /* DbText */
+) RETURNS vector /* Vector */
+IMMUTABLE STRICT PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'kv_embed_profile_wrapper';
+CREATE FUNCTION @extschema@."kv_embed_half"(
+	"input" text, /* DbText */
+	"role" text, /* DbText */
+	"profile" text /* DbText */
+) RETURNS halfvec /* HalfVec */
+IMMUTABLE STRICT PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'kv_embed_half_profile_wrapper';
+CREATE FUNCTION @extschema@."kv_embed_batch"(
+	"inputs" text[], /* Array < '_, DbText > */
+	"role" text, /* DbText */
+	"profile" text /* DbText */
+) RETURNS vector[] /* Vec < Option < Vector > > */
+IMMUTABLE STRICT PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'kv_embed_batch_profile_wrapper';
+CREATE FUNCTION kvembed."session_profile"() RETURNS jsonb /* JsonB */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'session_profile_wrapper';
+
+-- Embedding profiles: named, frozen embedding settings, made from a
+-- session's settings by kv_create_profile() (superusers and kvembed_admin)
+-- and used by kv_embed(text, role, profile) and kvembed.profile. Frozen: no
+-- role may UPDATE a row; a new definition takes a new name.
+CREATE TABLE kvembed.profiles (
+  name text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,62}$'),
+  model_id text NOT NULL,
+  options jsonb NOT NULL,
+  space_fit text,
+  space_mean real[],
+  space_directions real[],
+  space_gains real[],
+  created_by name NOT NULL DEFAULT current_user,
+  created_at timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('kvembed.profiles', '');
+REVOKE ALL ON kvembed.profiles FROM PUBLIC;
+GRANT SELECT ON kvembed.profiles TO PUBLIC;
+GRANT SELECT, INSERT, DELETE ON kvembed.profiles TO kvembed_admin;
+
+-- The generated columns of this database that embed under a profile (the
+-- profile named as a literal in a kv_embed* call of the column's expression).
+CREATE VIEW kvembed.profile_columns AS
+  SELECT p.name AS profile, c.oid::regclass AS table_name, a.attname AS column_name
+    FROM pg_catalog.pg_attrdef AS d
+    JOIN pg_catalog.pg_class AS c ON c.oid = d.adrelid
+    JOIN pg_catalog.pg_attribute AS a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+    CROSS JOIN LATERAL pg_catalog.pg_get_expr(d.adbin, d.adrelid) AS e(expr)
+    CROSS JOIN LATERAL pg_catalog.regexp_matches(e.expr, '''((?:[^'']|'''')*)''::text', 'g') AS m
+    JOIN kvembed.profiles AS p ON p.name = pg_catalog.replace(m[1], '''''', '''')
+   WHERE a.attgenerated = 's' AND e.expr LIKE '%kv\_embed%';
+GRANT SELECT ON kvembed.profile_columns TO PUBLIC;
+
+-- kv_create_profile(): freeze this session's embedding settings (kvembed.*,
+-- the stored calibration's layers and space map where they apply) for the
+-- loaded model under a name; returns the frozen options.
+CREATE FUNCTION @extschema@.kv_create_profile(profile text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE STRICT
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+  p jsonb;
+BEGIN
+  IF NOT has_table_privilege('kvembed.profiles', 'INSERT') THEN
+    RAISE EXCEPTION 'kv_create_profile: creating a profile needs kvembed_admin or a superuser'
+      USING ERRCODE = '42501',
+            HINT = 'A superuser can GRANT kvembed_admin TO ' || quote_ident(current_user) || '.';
+  END IF;
+  IF profile !~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,62}$' THEN
+    RAISE EXCEPTION 'kv_create_profile: invalid profile name %', quote_literal(profile)
+      USING ERRCODE = '22023',
+            HINT = 'Letters, digits, _ . : - (not first), at most 63 characters.';
+  END IF;
+  p := kvembed.session_profile();
+  BEGIN
+    INSERT INTO kvembed.profiles (name, model_id, options, space_fit, space_mean, space_directions, space_gains)
+    VALUES (profile, p->>'model_id', p->'options', p->'space'->>'fit',
+            kvembed.real_array(p->'space'->'mean'), kvembed.real_array(p->'space'->'directions'),
+            kvembed.real_array(p->'space'->'gains'));
+  EXCEPTION WHEN unique_violation THEN
+    RAISE EXCEPTION 'kv_create_profile: profile % exists', quote_literal(profile)
+      USING ERRCODE = '42710',
+            HINT = 'Profiles are frozen: choose a new name (and re-embed under it), or kv_drop_profile() this one.';
+  END;
+  RETURN p->'options';
+END
+$fn$;
+COMMENT ON FUNCTION @extschema@.kv_create_profile(text) IS
+  'Freezes this session''s embedding settings for the loaded model under a name, for kv_embed(text, role, profile)';
+
+-- kv_drop_profile(): refuses while a generated column embeds under it,
+-- unless force.
+CREATE FUNCTION @extschema@.kv_drop_profile(profile text, force boolean DEFAULT false)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE STRICT
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+  users text;
+BEGIN
+  IF NOT has_table_privilege('kvembed.profiles', 'DELETE') THEN
+    RAISE EXCEPTION 'kv_drop_profile: dropping a profile needs kvembed_admin or a superuser'
+      USING ERRCODE = '42501';
+  END IF;
+  SELECT string_agg(format('%s.%I', table_name, column_name), ', ') INTO users
+    FROM kvembed.profile_columns WHERE profile_columns.profile = kv_drop_profile.profile;
+  IF users IS NOT NULL AND NOT force THEN
+    RAISE EXCEPTION 'kv_drop_profile: generated columns embed under profile %: %', quote_literal(profile), users
+      USING ERRCODE = '2BP01',
+            HINT = 'Their next INSERT or UPDATE would fail. Drop or change those columns first, or pass force => true.';
+  END IF;
+  DELETE FROM kvembed.profiles WHERE name = profile;
+  RETURN FOUND;
+END
+$fn$;

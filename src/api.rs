@@ -18,10 +18,44 @@ use std::rc::Rc;
 #[pg_extern(immutable, strict, parallel_safe)]
 fn kv_embed(input: DbText, role: default!(DbText, "'document'")) -> Vector {
     Vector(
-        embed_texts(vec![input.into_utf8()], role, None)
+        embed_texts(vec![input.into_utf8()], role, None, None)
             .pop()
             .unwrap_or_default(),
     )
+}
+
+/// Embeds one text under a named profile (`kv_create_profile`): the same
+/// vector in every session, whatever its settings, and an ERROR rather
+/// than a vector from another model.
+#[pg_extern(immutable, strict, parallel_safe, name = "kv_embed")]
+fn kv_embed_profile(input: DbText, role: DbText, profile: DbText) -> Vector {
+    let profile = profile.into_utf8();
+    Vector(
+        embed_texts(vec![input.into_utf8()], role, None, Some(&profile))
+            .pop()
+            .unwrap_or_default(),
+    )
+}
+
+/// `kv_embed_half` under a named profile.
+#[pg_extern(immutable, strict, parallel_safe, name = "kv_embed_half")]
+fn kv_embed_half_profile(input: DbText, role: DbText, profile: DbText) -> HalfVec {
+    let profile = profile.into_utf8();
+    HalfVec(
+        embed_texts(vec![input.into_utf8()], role, None, Some(&profile))
+            .pop()
+            .unwrap_or_default(),
+    )
+}
+
+/// `kv_embed_batch` under a named profile.
+#[pg_extern(immutable, strict, parallel_safe, name = "kv_embed_batch")]
+fn kv_embed_batch_profile(
+    inputs: Array<'_, DbText>,
+    role: DbText,
+    profile: DbText,
+) -> Vec<Option<Vector>> {
+    embed_array(inputs, role, Some(&profile.into_utf8()))
 }
 
 /// Same as `kv_embed`, as a `halfvec`: HNSW indexes `halfvec` up to 4,000
@@ -29,7 +63,7 @@ fn kv_embed(input: DbText, role: default!(DbText, "'document'")) -> Vector {
 #[pg_extern(immutable, strict, parallel_safe)]
 fn kv_embed_half(input: DbText, role: default!(DbText, "'document'")) -> HalfVec {
     HalfVec(
-        embed_texts(vec![input.into_utf8()], role, None)
+        embed_texts(vec![input.into_utf8()], role, None, None)
             .pop()
             .unwrap_or_default(),
     )
@@ -41,6 +75,15 @@ fn kv_embed_half(input: DbText, role: default!(DbText, "'document'")) -> HalfVec
 fn kv_embed_batch(
     inputs: Array<'_, DbText>,
     role: default!(DbText, "'document'"),
+) -> Vec<Option<Vector>> {
+    embed_array(inputs, role, None)
+}
+
+/// `kv_embed_batch`'s work: NULL elements give NULL, the others a vector.
+fn embed_array(
+    inputs: Array<'_, DbText>,
+    role: DbText,
+    profile: Option<&str>,
 ) -> Vec<Option<Vector>> {
     let mut texts = Vec::new();
     let present: Vec<bool> = inputs
@@ -57,7 +100,7 @@ fn kv_embed_batch(
     let mut vectors = if texts.is_empty() {
         Vec::new()
     } else {
-        embed_texts(texts, role, Some(&elements))
+        embed_texts(texts, role, Some(&elements), profile)
     }
     .into_iter();
     present
@@ -218,6 +261,51 @@ mod kvembed {
             })
             .collect();
         TableIterator::new(rows)
+    }
+
+    /// What `kv_create_profile` freezes: the loaded model, this session's
+    /// settings resolved by the engine (method, layers, bias, prompts; the
+    /// length limit and overflow rule), and the space calibration they
+    /// would apply.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn session_profile() -> JsonB {
+        let (options, space) = settings_options();
+        let model_id = client::with_engine(true, |e| Ok(e.status.model_id.clone()));
+        let max_tokens = options
+            .max_tokens
+            .unwrap_or_else(|| client::with_engine(true, |e| Ok(e.status.max_tokens)));
+        let Some(info) = client::describe(options.clone()) else {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                "kvembed: the engine cannot resolve this session's settings (see kv_status())",
+                "kvembed",
+            )
+            .report(PgLogLevel::ERROR);
+            unreachable!()
+        };
+        let frozen = EmbedOptions {
+            method: Some(info.method),
+            layers: (!info.layers.is_empty()).then_some(info.layers),
+            bias: info.bias,
+            document_prompt: Some(info.document_prompt),
+            query_prompt: Some(info.query_prompt),
+            max_tokens: Some(max_tokens),
+            truncate: options.truncate,
+            expect_model: None,
+        };
+        let space = space.map(|s| {
+            serde_json::json!({
+                "fit": s.fit,
+                "mean": s.map.mean,
+                "directions": s.map.directions,
+                "gains": s.map.gains,
+            })
+        });
+        JsonB(serde_json::json!({
+            "model_id": model_id,
+            "options": frozen,
+            "space": space,
+        }))
     }
 
     /// Everything the engine and its supervisor report, with the session's
@@ -437,6 +525,14 @@ fn parse_role(role: &str) -> Role {
 /// the model they were looked up for, and the engine refuses it if it has
 /// restarted with another model in between.
 fn request_options() -> (EmbedOptions, Option<Rc<StoredSpace>>) {
+    if let Some(profile) = settings::profile() {
+        return crate::profile::options_for(&profile);
+    }
+    settings_options()
+}
+
+/// The request options from the session's `kvembed.*` settings (no profile).
+fn settings_options() -> (EmbedOptions, Option<Rc<StoredSpace>>) {
     let (layers, _, expect_model, space) =
         session_layers(|| client::with_engine(true, |e| Ok(e.status.model_id.clone())));
     let options = EmbedOptions {
@@ -491,10 +587,19 @@ fn applied_space(
 /// builds one huge request and reply nor holds the engine for the whole
 /// array at once, and a cancel stops it within one forward pass of the
 /// engine. `elements`: each text's place in the caller's array (from 1), to
-/// name a text in errors; `None` for a single text.
-fn embed_texts(texts: Vec<String>, role: DbText, elements: Option<&[usize]>) -> Vec<Vec<f32>> {
+/// name a text in errors; `None` for a single text. `profile`: a named
+/// profile's settings instead of the session's.
+fn embed_texts(
+    texts: Vec<String>,
+    role: DbText,
+    elements: Option<&[usize]>,
+    profile: Option<&str>,
+) -> Vec<Vec<f32>> {
     let role = parse_role(&role.into_utf8());
-    let (options, space) = request_options();
+    let (options, space) = match profile {
+        Some(p) => crate::profile::options_for(p),
+        None => request_options(),
+    };
     let mut texts = texts;
     // Which texts were cut before tokenizing: their length in tokens is
     // then a lower bound.

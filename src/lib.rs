@@ -23,6 +23,7 @@ use pgrx::prelude::*;
 mod api;
 mod calibration;
 mod client;
+mod profile;
 mod settings;
 mod text;
 mod vector;

@@ -32,6 +32,7 @@ pub static METHOD: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::
 pub static LAYERS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"auto"));
 pub static BIAS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static SPACE_CALIBRATION: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static PROFILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static DOCUMENT_PROMPT: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c""));
 pub static QUERY_PROMPT: GucSetting<Option<CString>> =
@@ -159,6 +160,14 @@ pub fn define() {
         &LAYERS,
         Userset,
         none,
+    );
+    GucRegistry::define_string_guc(
+        c"kvembed.profile",
+        c"The embedding profile (kv_create_profile) kv_embed uses when none is named (empty = this session's kvembed.* settings).",
+        c"",
+        &PROFILE,
+        Userset,
+        GucFlags::default(),
     );
     GucRegistry::define_bool_guc(
         c"kvembed.space_calibration",
@@ -308,6 +317,11 @@ pub enum LayerChoice {
     /// The method's default window, ignoring any calibration.
     Default,
     Explicit(Vec<usize>),
+}
+
+/// The profile `kvembed.profile` names, if any.
+pub fn profile() -> Option<String> {
+    non_empty(&PROFILE).map(|p| p.trim().to_string())
 }
 
 /// Whether `kvembed.space_calibration` is on.

@@ -80,6 +80,9 @@ fn extension_installs_with_its_objects() {
         "kv_status",
         "kv_restart",
         "kv_chunk",
+        "kv_stats_reset",
+        "kv_create_profile",
+        "kv_drop_profile",
         "kv_backfill",
     ] {
         let n: i64 = s
@@ -88,19 +91,23 @@ fn extension_installs_with_its_objects() {
             .get(0);
         assert!(n >= 1, "{f} is missing");
     }
+    // Each form (with and without a profile).
     for f in ["kv_embed", "kv_embed_half", "kv_embed_batch"] {
-        let row = s
-            .query_one(
+        let rows = s
+            .query(
                 "SELECT provolatile::text, proisstrict, proparallel::text FROM pg_proc WHERE proname = $1",
                 &[&f],
             )
             .unwrap();
-        let (vol, strict, par): (String, bool, String) = (row.get(0), row.get(1), row.get(2));
-        assert_eq!(
-            (vol.as_str(), strict, par.as_str()),
-            ("i", true, "s"),
-            "{f} must be IMMUTABLE STRICT PARALLEL SAFE"
-        );
+        assert_eq!(rows.len(), 2, "{f}: with and without a profile");
+        for row in rows {
+            let (vol, strict, par): (String, bool, String) = (row.get(0), row.get(1), row.get(2));
+            assert_eq!(
+                (vol.as_str(), strict, par.as_str()),
+                ("i", true, "s"),
+                "{f} must be IMMUTABLE STRICT PARALLEL SAFE"
+            );
+        }
     }
     let row = s
         .query_one(
@@ -462,7 +469,7 @@ fn select_layers_stores_a_calibration_that_kv_embed_uses() {
         !map.gains.is_empty(),
         "the default fit (whiten) has directions"
     );
-    for (stored_layers, plain) in [(auto, explicit), (auto_query, explicit_query)] {
+    for (stored_layers, plain) in [(auto.clone(), explicit), (auto_query, explicit_query)] {
         let mut mapped = plain.clone();
         map.apply(&mut mapped);
         assert!(
@@ -481,8 +488,38 @@ fn select_layers_stores_a_calibration_that_kv_embed_uses() {
         .unwrap()
         .get(0);
     assert_eq!(src, "calibration");
+    // A profile made now freezes the calibrated layers and space: it gives
+    // the calibrated vectors, and still does once the calibration is gone.
+    s.batch_execute(
+        "SET kvembed.layers = 'auto'; SELECT kv_drop_profile('calibrated', force => true); \
+         SELECT kv_create_profile('calibrated')",
+    )
+    .unwrap();
+    let fit: Option<String> = s
+        .query_one(
+            "SELECT space_fit FROM kvembed.profiles WHERE name = 'calibrated'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        fit.is_some_and(|f| f.starts_with("whiten")),
+        "the profile keeps the space map"
+    );
+    let profiled = "SELECT kv_embed('calibrated text', 'document', 'calibrated')::real[]";
+    let under_profile = vector(&mut other, profiled, &[]);
+    assert!(
+        max_abs_diff(&under_profile, &auto) <= 1e-5,
+        "the profile gives the calibrated vector"
+    );
     // store => false computes without writing.
     s.batch_execute("DELETE FROM kvembed.calibration").unwrap();
+    let uncalibrated = vector(&mut s, "SELECT kv_embed('calibrated text')::real[]", &[]);
+    assert!(max_abs_diff(&uncalibrated, &auto) > 1e-3);
+    let still = vector(&mut s, profiled, &[]);
+    assert!(max_abs_diff(&still, &auto) <= 1e-5, "a profile is frozen");
+    s.batch_execute("SELECT kv_drop_profile('calibrated')")
+        .unwrap();
     let rows = s
         .query(
             "SELECT * FROM kv_select_layers('calib_docs', 'body', 16, store => false)",
