@@ -89,36 +89,34 @@ fn answer<W: Write>(
         } => {
             // Tokenizing is this thread's work, as for admission: the
             // inference thread is not held.
-            let chunked = shared.wait_loaded().and_then(|(e, _)| {
-                e.chunk(&text, max_tokens, overlap)
-                    .map_err(|e| (e.kind(), e.to_string()))
-            });
-            match &chunked {
-                Ok(chunks)
-                    if chunks.len().saturating_mul(proto::CHUNK_REPLY_BYTES) > proto::MAX_FRAME =>
-                {
-                    shared
-                        .stats
-                        .lock()
-                        .failed(&caller, ErrorKind::InvalidInput.sqlstate())
-                }
-                Ok(_) => shared.stats.lock().served(&caller),
-                Err((kind, _)) => shared.stats.lock().failed(&caller, kind.sqlstate()),
-            }
+            let chunked = shared
+                .wait_loaded()
+                .and_then(|(e, _)| {
+                    e.chunk(&text, max_tokens, overlap)
+                        .map_err(|e| (e.kind(), e.to_string()))
+                })
+                .and_then(|chunks| {
+                    if chunks.len().saturating_mul(proto::CHUNK_REPLY_BYTES) > proto::MAX_FRAME {
+                        return Err((
+                            ErrorKind::InvalidInput,
+                            format!(
+                                "{} chunks would exceed the {} byte reply limit: raise max_tokens or split the text",
+                                chunks.len(),
+                                proto::MAX_FRAME
+                            ),
+                        ));
+                    }
+                    Ok(chunks)
+                });
             match chunked {
-                Ok(chunks) if chunks.len().saturating_mul(proto::CHUNK_REPLY_BYTES) > proto::MAX_FRAME => {
-                    refuse(
-                        writer,
-                        ErrorKind::InvalidInput,
-                        format!(
-                            "{} chunks would exceed the {} byte reply limit: raise max_tokens or split the text",
-                            chunks.len(),
-                            proto::MAX_FRAME
-                        ),
-                    )?
+                Ok(chunks) => {
+                    shared.stats.lock().served(&caller);
+                    proto::write_json(writer, &Response::Chunks { chunks })?
                 }
-                Ok(chunks) => proto::write_json(writer, &Response::Chunks { chunks })?,
-                Err(refused) => proto::write_json(writer, &refusal(refused))?,
+                Err(refused) => {
+                    shared.stats.lock().failed(&caller, refused.0.sqlstate());
+                    proto::write_json(writer, &refusal(refused))?
+                }
             }
         }
         Request::Fault { fault } => match crate::faults::arm(shared, fault) {
