@@ -156,7 +156,10 @@ fn a_cancelled_request_stops_within_one_forward_pass() {
             texts: texts(3000),
             role: Role::Document,
             options: EmbedOptions::default(),
-            caller: Default::default(),
+            caller: proto::Caller {
+                database: "db".into(),
+                role: "victim".into(),
+            },
         },
     )
     .unwrap();
@@ -193,6 +196,35 @@ fn a_cancelled_request_stops_within_one_forward_pass() {
         "the cancel came late: {} passes had run",
         at_cancel - before
     );
+    // The metrics count it as a cancelled statement (57014) of its caller,
+    // and the others' requests as served.
+    let started = Instant::now();
+    loop {
+        let rows = match watcher.call(&Request::Stats { reset: false }).unwrap() {
+            Response::Stats { rows, .. } => rows,
+            other => panic!("unexpected {other:?}"),
+        };
+        let victim = rows.iter().find(|r| r.role == "victim");
+        if let Some(v) = victim.filter(|v| !v.errors.is_empty()) {
+            assert_eq!((v.requests, v.texts), (1, 0), "{v:?}");
+            assert_eq!(v.errors.get(proto::SQLSTATE_CANCELED), Some(&1), "{v:?}");
+            let others = rows
+                .iter()
+                .find(|r| r.role.is_empty())
+                .expect("the other caller");
+            assert_eq!((others.requests, others.texts), (2, 9), "{others:?}");
+            assert!(
+                others.inference_p50_ms > 0.0 && others.errors.is_empty(),
+                "{others:?}"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the cancelled request is not in the metrics: {rows:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
