@@ -319,6 +319,18 @@ mod kvembed {
         let space =
             applied_space(space, &opts).map(|s| format!("{} ({} texts)", s.fit, s.sample_size));
         let engine = settings::EngineSettings::current();
+        // Under kvembed.profile, the profile's settings.
+        let (opts, layers_source, space) = match settings::profile() {
+            None => (opts, layers_source.to_string(), space),
+            Some(name) => match crate::profile::stored(&name) {
+                Some(p) => (
+                    p.options,
+                    format!("profile {name}"),
+                    p.space.map(|s| s.fit.clone()),
+                ),
+                None => (opts, format!("profile {name} (missing)"), space),
+            },
+        };
         // What the session's settings run on the loaded model (a method's
         // own layers, bias and prompts where it is not the default one);
         // before the model is loaded, the settings as they are.

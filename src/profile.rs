@@ -66,6 +66,11 @@ pub fn options_for(name: &str) -> (EmbedOptions, Option<Rc<StoredSpace>>) {
     (options, profile.space.clone())
 }
 
+/// Profile `name` as stored, without any check (`kv_status()`).
+pub fn stored(name: &str) -> Option<Profile> {
+    read_row(name)
+}
+
 fn read(name: &str) -> Profile {
     // SAFETY: reads the current statement's start time; no arguments.
     let now = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };

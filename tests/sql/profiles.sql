@@ -30,6 +30,8 @@ SET kvembed.max_tokens = 4;
 SELECT kv_embed('a text about profiles', 'document', 'regress_v1') <=> kv_embed('a text about profiles') > 1e-4
        AS settings_differ;
 SET kvembed.profile = 'regress_v1';
+-- kv_status() shows the profile's settings, not the session's.
+SELECT layers_source, max_tokens, bias FROM kv_status();
 SELECT kv_embed('a text about profiles') <=> kv_embed('a text about profiles', 'document', 'regress_v1') < 1e-6
        AS profile_setting,
        kv_embed_half('a text', 'query', 'regress_v1')::vector <=> kv_embed('a text', 'query') < 1e-3 AS half,
