@@ -199,28 +199,6 @@ AS 'MODULE_PATHNAME', 'status_json_wrapper';
 
 /* <begin connected objects> */
 -- src/api.rs
--- kvembed::api::kvembed::engine_stats
-CREATE  FUNCTION kvembed."engine_stats"() RETURNS TABLE (
-	"database" text,  /* DbTextOut */
-	"role" text,  /* DbTextOut */
-	"requests" bigint,  /* i64 */
-	"texts" bigint,  /* i64 */
-	"tokens" bigint,  /* i64 */
-	"errors" jsonb,  /* JsonB */
-	"queue_wait_p50_ms" double precision,  /* f64 */
-	"queue_wait_p99_ms" double precision,  /* f64 */
-	"inference_p50_ms" double precision,  /* f64 */
-	"inference_p99_ms" double precision,  /* f64 */
-	"batch_fill" double precision,  /* f64 */
-	"since_epoch" double precision  /* f64 */
-)
-STRICT VOLATILE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'engine_stats_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs
 -- kvembed::api::kvembed::select_layers_raw
 CREATE  FUNCTION kvembed."select_layers_raw"(
 	"texts" text[], /* Array < '_, DbText > */
@@ -240,6 +218,28 @@ CREATE  FUNCTION kvembed."session_profile"() RETURNS jsonb /* JsonB */
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'session_profile_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs
+-- kvembed::api::kvembed::engine_stats
+CREATE  FUNCTION kvembed."engine_stats"() RETURNS TABLE (
+	"database" text,  /* DbTextOut */
+	"role" text,  /* DbTextOut */
+	"requests" bigint,  /* i64 */
+	"texts" bigint,  /* i64 */
+	"tokens" bigint,  /* i64 */
+	"errors" jsonb,  /* JsonB */
+	"queue_wait_p50_ms" double precision,  /* f64 */
+	"queue_wait_p99_ms" double precision,  /* f64 */
+	"inference_p50_ms" double precision,  /* f64 */
+	"inference_p99_ms" double precision,  /* f64 */
+	"batch_fill" double precision,  /* f64 */
+	"since_epoch" double precision  /* f64 */
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'engine_stats_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -497,17 +497,22 @@ REVOKE ALL ON kvembed.profiles FROM PUBLIC;
 GRANT SELECT ON kvembed.profiles TO PUBLIC;
 GRANT SELECT, INSERT, DELETE ON kvembed.profiles TO kvembed_admin;
 
--- The generated columns of this database that embed under a profile (the
--- profile named as a literal in a kv_embed* call of the column's expression).
+-- Every profile, with the generated columns of this database that embed
+-- under it (the profile named as a literal in a kv_embed* call of the
+-- column's expression); NULL table and column for a profile no column uses.
 CREATE VIEW kvembed.profile_columns AS
-  SELECT p.name AS profile, c.oid::regclass AS table_name, a.attname AS column_name
-    FROM pg_catalog.pg_attrdef AS d
-    JOIN pg_catalog.pg_class AS c ON c.oid = d.adrelid
-    JOIN pg_catalog.pg_attribute AS a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
-    CROSS JOIN LATERAL pg_catalog.pg_get_expr(d.adbin, d.adrelid) AS e(expr)
-    CROSS JOIN LATERAL pg_catalog.regexp_matches(e.expr, '''((?:[^'']|'''')*)''::text', 'g') AS m
-    JOIN kvembed.profiles AS p ON p.name = pg_catalog.replace(m[1], '''''', '''')
-   WHERE a.attgenerated = 's' AND e.expr LIKE '%kv\_embed%';
+  SELECT p.name AS profile, p.model_id, p.options->>'method' AS method, p.created_at,
+         u.table_name, u.column_name
+    FROM kvembed.profiles AS p
+    LEFT JOIN (
+      SELECT pg_catalog.replace(m[1], '''''', '''') AS profile,
+             c.oid::regclass AS table_name, a.attname AS column_name
+        FROM pg_catalog.pg_attrdef AS d
+        JOIN pg_catalog.pg_class AS c ON c.oid = d.adrelid
+        JOIN pg_catalog.pg_attribute AS a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+        CROSS JOIN LATERAL pg_catalog.pg_get_expr(d.adbin, d.adrelid) AS e(expr)
+        CROSS JOIN LATERAL pg_catalog.regexp_matches(e.expr, '''((?:[^'']|'''')*)''::text', 'g') AS m
+       WHERE a.attgenerated = 's' AND e.expr LIKE '%kv\_embed%') AS u ON u.profile = p.name;
 GRANT SELECT ON kvembed.profile_columns TO PUBLIC;
 
 -- kv_create_profile(): freeze this session's embedding settings (kvembed.*,
@@ -563,7 +568,8 @@ BEGIN
       USING ERRCODE = '42501';
   END IF;
   SELECT string_agg(format('%s.%I', table_name, column_name), ', ') INTO users
-    FROM kvembed.profile_columns WHERE profile_columns.profile = kv_drop_profile.profile;
+    FROM kvembed.profile_columns
+   WHERE profile_columns.profile = kv_drop_profile.profile AND table_name IS NOT NULL;
   IF users IS NOT NULL AND NOT force THEN
     RAISE EXCEPTION 'kv_drop_profile: generated columns embed under profile %: %', quote_literal(profile), users
       USING ERRCODE = '2BP01',

@@ -48,7 +48,10 @@ CREATE TABLE regress_prof (
 INSERT INTO regress_prof VALUES ('first row'), (NULL);
 SELECT body, emb <=> kv_embed(body, 'document', 'regress_v1') < 1e-6 AS under_profile
   FROM regress_prof ORDER BY body;
-SELECT profile, table_name, column_name FROM kvembed.profile_columns;
+SELECT kv_create_profile('regress_unused') IS NOT NULL AS created;
+SELECT profile, model_id = (SELECT model_id FROM kv_status()) AS this_model, method, table_name, column_name
+  FROM kvembed.profile_columns ORDER BY profile;
+SELECT kv_drop_profile('regress_unused') AS dropped_unused;
 
 -- Errors: an existing name (frozen), a bad name, an unknown profile, a
 -- profile of another model, dropping a profile in use.
