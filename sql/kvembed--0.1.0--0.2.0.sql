@@ -319,6 +319,7 @@ AS 'MODULE_PATHNAME', 'session_profile_wrapper';
 CREATE TABLE kvembed.profiles (
   name text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,62}$'),
   model_id text NOT NULL,
+  fingerprint text NOT NULL,
   options jsonb NOT NULL,
   space_fit text,
   space_mean real[],
@@ -336,7 +337,7 @@ GRANT SELECT, INSERT, DELETE ON kvembed.profiles TO kvembed_admin;
 -- under it (the profile named as a literal in a kv_embed* call of the
 -- column's expression); NULL table and column for a profile no column uses.
 CREATE VIEW kvembed.profile_columns AS
-  SELECT p.name AS profile, p.model_id, p.options->>'method' AS method, p.created_at,
+  SELECT p.name AS profile, p.model_id, p.fingerprint, p.options->>'method' AS method, p.created_at,
          u.table_name, u.column_name
     FROM kvembed.profiles AS p
     LEFT JOIN (
@@ -373,8 +374,8 @@ BEGIN
   END IF;
   p := kvembed.session_profile();
   BEGIN
-    INSERT INTO kvembed.profiles (name, model_id, options, space_fit, space_mean, space_directions, space_gains)
-    VALUES (profile, p->>'model_id', p->'options', p->'space'->>'fit',
+    INSERT INTO kvembed.profiles (name, model_id, fingerprint, options, space_fit, space_mean, space_directions, space_gains)
+    VALUES (profile, p->>'model_id', p->>'fingerprint', p->'options', p->'space'->>'fit',
             kvembed.real_array(p->'space'->'mean'), kvembed.real_array(p->'space'->'directions'),
             kvembed.real_array(p->'space'->'gains'));
   EXCEPTION WHEN unique_violation THEN

@@ -190,11 +190,24 @@ CREATE SCHEMA IF NOT EXISTS kvembed; /* kvembed::api::kvembed */
 
 /* <begin connected objects> */
 -- src/api.rs
--- kvembed::api::kvembed::status_json
-CREATE  FUNCTION kvembed."status_json"() RETURNS jsonb /* JsonB */
+-- kvembed::api::kvembed::engine_stats
+CREATE  FUNCTION kvembed."engine_stats"() RETURNS TABLE (
+	"database" text,  /* DbTextOut */
+	"role" text,  /* DbTextOut */
+	"requests" bigint,  /* i64 */
+	"texts" bigint,  /* i64 */
+	"tokens" bigint,  /* i64 */
+	"errors" jsonb,  /* JsonB */
+	"queue_wait_p50_ms" double precision,  /* f64 */
+	"queue_wait_p99_ms" double precision,  /* f64 */
+	"inference_p50_ms" double precision,  /* f64 */
+	"inference_p99_ms" double precision,  /* f64 */
+	"batch_fill" double precision,  /* f64 */
+	"since_epoch" double precision  /* f64 */
+)
 STRICT VOLATILE PARALLEL SAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'status_json_wrapper';
+AS 'MODULE_PATHNAME', 'engine_stats_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -222,24 +235,11 @@ AS 'MODULE_PATHNAME', 'session_profile_wrapper';
 
 /* <begin connected objects> */
 -- src/api.rs
--- kvembed::api::kvembed::engine_stats
-CREATE  FUNCTION kvembed."engine_stats"() RETURNS TABLE (
-	"database" text,  /* DbTextOut */
-	"role" text,  /* DbTextOut */
-	"requests" bigint,  /* i64 */
-	"texts" bigint,  /* i64 */
-	"tokens" bigint,  /* i64 */
-	"errors" jsonb,  /* JsonB */
-	"queue_wait_p50_ms" double precision,  /* f64 */
-	"queue_wait_p99_ms" double precision,  /* f64 */
-	"inference_p50_ms" double precision,  /* f64 */
-	"inference_p99_ms" double precision,  /* f64 */
-	"batch_fill" double precision,  /* f64 */
-	"since_epoch" double precision  /* f64 */
-)
+-- kvembed::api::kvembed::status_json
+CREATE  FUNCTION kvembed."status_json"() RETURNS jsonb /* JsonB */
 STRICT VOLATILE PARALLEL SAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'engine_stats_wrapper';
+AS 'MODULE_PATHNAME', 'status_json_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -484,6 +484,7 @@ GRANT EXECUTE ON FUNCTION @extschema@.kv_stats_reset() TO kvembed_admin;
 CREATE TABLE kvembed.profiles (
   name text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,62}$'),
   model_id text NOT NULL,
+  fingerprint text NOT NULL,
   options jsonb NOT NULL,
   space_fit text,
   space_mean real[],
@@ -501,7 +502,7 @@ GRANT SELECT, INSERT, DELETE ON kvembed.profiles TO kvembed_admin;
 -- under it (the profile named as a literal in a kv_embed* call of the
 -- column's expression); NULL table and column for a profile no column uses.
 CREATE VIEW kvembed.profile_columns AS
-  SELECT p.name AS profile, p.model_id, p.options->>'method' AS method, p.created_at,
+  SELECT p.name AS profile, p.model_id, p.fingerprint, p.options->>'method' AS method, p.created_at,
          u.table_name, u.column_name
     FROM kvembed.profiles AS p
     LEFT JOIN (
@@ -538,8 +539,8 @@ BEGIN
   END IF;
   p := kvembed.session_profile();
   BEGIN
-    INSERT INTO kvembed.profiles (name, model_id, options, space_fit, space_mean, space_directions, space_gains)
-    VALUES (profile, p->>'model_id', p->'options', p->'space'->>'fit',
+    INSERT INTO kvembed.profiles (name, model_id, fingerprint, options, space_fit, space_mean, space_directions, space_gains)
+    VALUES (profile, p->>'model_id', p->>'fingerprint', p->'options', p->'space'->>'fit',
             kvembed.real_array(p->'space'->'mean'), kvembed.real_array(p->'space'->'directions'),
             kvembed.real_array(p->'space'->'gains'));
   EXCEPTION WHEN unique_violation THEN

@@ -270,7 +270,9 @@ mod kvembed {
     #[pg_extern(volatile, parallel_unsafe)]
     fn session_profile() -> JsonB {
         let (options, space) = settings_options();
-        let model_id = client::with_engine(true, |e| Ok(e.status.model_id.clone()));
+        let (model_id, fingerprint) = client::with_engine(true, |e| {
+            Ok((e.status.model_id.clone(), e.status.fingerprint.clone()))
+        });
         let max_tokens = options
             .max_tokens
             .unwrap_or_else(|| client::with_engine(true, |e| Ok(e.status.max_tokens)));
@@ -303,6 +305,7 @@ mod kvembed {
         });
         JsonB(serde_json::json!({
             "model_id": model_id,
+            "fingerprint": fingerprint,
             "options": frozen,
             "space": space,
         }))
@@ -357,6 +360,7 @@ mod kvembed {
             "state": s.state.as_str(),
             "model": s.model,
             "model_id": s.model_id,
+            "fingerprint": s.fingerprint,
             "architecture": s.architecture,
             "dim": s.dim,
             "n_layers": s.layers,

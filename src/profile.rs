@@ -21,6 +21,9 @@ use std::rc::Rc;
 #[derive(Clone)]
 pub struct Profile {
     pub model_id: String,
+    /// The model's content fingerprint (empty for a profile made before
+    /// engines reported one: then `model_id` is checked).
+    pub fingerprint: String,
     pub options: EmbedOptions,
     pub space: Option<Rc<StoredSpace>>,
 }
@@ -39,15 +42,27 @@ thread_local! {
 /// the loaded model.
 pub fn options_for(name: &str) -> (EmbedOptions, Option<Rc<StoredSpace>>) {
     let profile = read(name);
-    let loaded = client::with_engine(true, |e| Ok(e.status.model_id.clone()));
-    if loaded != profile.model_id {
+    let (loaded, loaded_fingerprint) = client::with_engine(true, |e| {
+        Ok((e.status.model_id.clone(), e.status.fingerprint.clone()))
+    });
+    // The same weights, wherever they lie now; by identity where the
+    // profile has no fingerprint.
+    let same = if profile.fingerprint.is_empty() {
+        loaded == profile.model_id
+    } else {
+        loaded_fingerprint == profile.fingerprint
+    };
+    if !same {
+        let short = |f: &str| f.chars().take(19).collect::<String>();
         ErrorReport::new(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!(
-                "kvembed: profile '{}' was made with model '{}', but the engine serves '{}'",
+                "kvembed: profile '{}' was made with model '{}' ({}), but the engine serves '{}' ({})",
                 crate::text::for_message(name),
                 crate::text::for_message(&profile.model_id),
-                crate::text::for_message(&loaded)
+                short(&profile.fingerprint),
+                crate::text::for_message(&loaded),
+                short(&loaded_fingerprint)
             ),
             "kvembed",
         )
@@ -60,7 +75,7 @@ pub fn options_for(name: &str) -> (EmbedOptions, Option<Rc<StoredSpace>>) {
     let options = EmbedOptions {
         // The engine refuses the request if it restarts with another model
         // before it runs.
-        expect_model: Some(profile.model_id.clone()),
+        expect_model: Some(loaded),
         ..profile.options.clone()
     };
     (options, profile.space.clone())
@@ -117,8 +132,8 @@ fn fail(e: impl std::fmt::Display) -> ! {
 }
 
 fn read_row(name: &str) -> Option<Profile> {
-    let query = "SELECT model_id, options, space_fit, space_mean, space_directions, space_gains \
-                 FROM kvembed.profiles WHERE name = $1";
+    let query = "SELECT model_id, options, space_fit, space_mean, space_directions, space_gains, \
+                 fingerprint FROM kvembed.profiles WHERE name = $1";
     let args = [name.into()];
     let floats = |v: Option<Vec<Option<f32>>>| -> Vec<f32> {
         v.unwrap_or_default()
@@ -151,12 +166,13 @@ fn read_row(name: &str) -> Option<Profile> {
         };
         Ok(Some((
             row.get::<String>(1)?.unwrap_or_default(),
+            row.get::<String>(7)?.unwrap_or_default(),
             options,
             space,
         )))
     })
     .unwrap_or_else(|e| fail(e))?;
-    let (model_id, options, space) = profile;
+    let (model_id, fingerprint, options, space) = profile;
     let options: EmbedOptions = serde_json::from_value(options)
         .unwrap_or_else(|e| fail(format!("profile '{name}' has damaged options ({e})")));
     if let Some(s) = &space {
@@ -168,6 +184,7 @@ fn read_row(name: &str) -> Option<Profile> {
     }
     Some(Profile {
         model_id,
+        fingerprint,
         options,
         space: space.map(Rc::new),
     })

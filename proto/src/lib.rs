@@ -445,6 +445,10 @@ pub struct Status {
     pub model: String,
     /// Stable identity of the loaded weights (path + architecture + shape).
     pub model_id: String,
+    /// The weights' content (`sha256:...` of the files' sizes and ends),
+    /// the same under any path: what an embedding profile is checked against.
+    #[serde(default)]
+    pub fingerprint: String,
     pub architecture: String,
     pub dim: usize,
     pub layers: usize,

@@ -19,7 +19,9 @@ SELECT o->>'method' AS method, jsonb_array_length(o->'layers') AS layers,
        (o->>'bias')::real AS bias, (o->>'max_tokens')::int AS max_tokens,
        o->>'document_prompt' LIKE '%{text}%' AS prompt
   FROM kv_create_profile('regress_v1') AS o;
-SELECT name, model_id = (SELECT model_id FROM kv_status()) AS this_model, space_fit,
+SELECT name, model_id = (SELECT model_id FROM kv_status()) AS this_model,
+       fingerprint = kvembed.status_json()->>'fingerprint' AND fingerprint ~ '^sha256:[0-9a-f]{64}$' AS fingerprint,
+       space_fit,
        created_by = current_user AS by_me
   FROM kvembed.profiles;
 
@@ -60,7 +62,11 @@ SELECT q AS call, regress_sqlstate(q) AS sqlstate
                ('SELECT kv_create_profile(''bad name'')'),
                ('SELECT kv_embed(''x'', ''document'', ''no_such_profile'')'),
                ('SELECT kv_drop_profile(''regress_v1'')')) AS t(q);
-UPDATE kvembed.profiles SET model_id = 'another:model' WHERE name = 'regress_v1';
+-- Moved weights are the same model (the fingerprint is of the content);
+-- other weights are not.
+UPDATE kvembed.profiles SET model_id = 'llama:/moved/elsewhere.gguf' WHERE name = 'regress_v1';
+SELECT regress_sqlstate('SELECT kv_embed(''x'', ''document'', ''regress_v1'')') AS moved;
+UPDATE kvembed.profiles SET fingerprint = 'sha256:0123456789abcdef' WHERE name = 'regress_v1';
 SELECT q AS call, regress_sqlstate(q) AS sqlstate
   FROM (VALUES ('SELECT kv_embed(''x'', ''document'', ''regress_v1'')'),
                ('INSERT INTO regress_prof VALUES (''second row'')')) AS t(q);

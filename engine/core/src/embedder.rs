@@ -39,6 +39,8 @@ impl LoadSpec {
 pub struct ModelInfo {
     pub model: String,
     pub model_id: String,
+    /// The weights' content, wherever they lie: [`fingerprint`].
+    pub fingerprint: String,
     pub architecture: String,
     pub dim: usize,
     pub layers: usize,
@@ -338,6 +340,7 @@ impl Embedder {
         let info = ModelInfo {
             model: spec.model.clone(),
             model_id,
+            fingerprint: fingerprint(source.path())?,
             architecture: cfg.family.name().into(),
             dim: cfg.hidden,
             layers: cfg.n_layers,
@@ -907,6 +910,67 @@ pub fn normalize(mut v: Vec<f32>) -> Vec<f32> {
 }
 
 /// The largest character boundary of `s` at or before byte `i`.
+/// Bytes read from each end of a weights file for its fingerprint.
+const FINGERPRINT_BYTES: u64 = 4 << 20;
+
+/// A model's fingerprint: `sha256:` and the hex digest of, for each weights
+/// file (a GGUF file; a Hugging Face directory's `config.json` and
+/// `*.safetensors`, by name), its name's extension, its size and its first
+/// and last 4 MiB (the headers with every tensor's name, shape and offset,
+/// and weights at both ends). The same weights give the same fingerprint
+/// under any path; other weights of the same shape and size do not.
+pub fn fingerprint(path: &std::path::Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Seek, SeekFrom};
+    let mut files = Vec::new();
+    if path.is_dir() {
+        let entries = std::fs::read_dir(path).map_err(|e| EngineError::io(path, e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name == "config.json" || name.ends_with(".safetensors") {
+                files.push(entry.path());
+            }
+        }
+        files.sort();
+    } else {
+        files.push(path.to_path_buf());
+    }
+    let mut hash = Sha256::new();
+    for file in &files {
+        let mut f = std::fs::File::open(file).map_err(|e| EngineError::io(file, e))?;
+        let len = f.metadata().map_err(|e| EngineError::io(file, e))?.len();
+        hash.update(
+            file.extension()
+                .map(|e| e.as_encoded_bytes())
+                .unwrap_or_default(),
+        );
+        hash.update(len.to_le_bytes());
+        let mut buf = Vec::new();
+        (&mut f)
+            .take(FINGERPRINT_BYTES)
+            .read_to_end(&mut buf)
+            .map_err(|e| EngineError::io(file, e))?;
+        if len > 2 * FINGERPRINT_BYTES {
+            f.seek(SeekFrom::Start(len - FINGERPRINT_BYTES))
+                .map_err(|e| EngineError::io(file, e))?;
+            f.read_to_end(&mut buf)
+                .map_err(|e| EngineError::io(file, e))?;
+        } else {
+            f.read_to_end(&mut buf)
+                .map_err(|e| EngineError::io(file, e))?;
+        }
+        hash.update(&buf);
+    }
+    let digest = hash.finalize();
+    Ok(format!(
+        "sha256:{}",
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    ))
+}
+
 fn floor_char_boundary(s: &str, i: usize) -> usize {
     let mut i = i.min(s.len());
     while !s.is_char_boundary(i) {

@@ -221,3 +221,28 @@ fn prompts_are_tokenized_with_their_text_as_one_string() {
         assert_eq!(got, wrapped(kept.trim_end()), "{file}: truncated");
     }
 }
+
+/// A model's fingerprint is of its content: the same under another path,
+/// different for other weights.
+#[test]
+fn fingerprints_follow_the_weights_not_the_path() {
+    use kvembed_core::embedder::fingerprint;
+    let smol = std::path::PathBuf::from(model(SMOLLM2));
+    let a = fingerprint(&smol).unwrap();
+    assert!(a.starts_with("sha256:") && a.len() == 7 + 64, "{a}");
+    let dir = std::env::temp_dir().join(format!("kvembed-fp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("renamed.gguf");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&smol, &link).unwrap();
+    assert_eq!(
+        fingerprint(&link).unwrap(),
+        a,
+        "another path, the same weights"
+    );
+    assert_ne!(
+        fingerprint(std::path::Path::new(&model(QWEN05))).unwrap(),
+        a
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

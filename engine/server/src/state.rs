@@ -96,6 +96,7 @@ impl Shared {
                 // `model` stays the setting as given (what kvembed.model says);
                 // `model_id` identifies the weights.
                 s.model_id = info.model_id.clone();
+                s.fingerprint = info.fingerprint.clone();
                 s.architecture = info.architecture.clone();
                 s.dim = info.dim;
                 s.layers = info.layers;
