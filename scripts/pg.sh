@@ -158,6 +158,10 @@ port = $PGPORT
 unix_socket_directories = '$PGHOST'
 shared_buffers = 64MB
 max_connections = 40
+# kvembed's queue workers (one per database with vectorized tables) and the
+# logical replication the queue tests use
+max_worker_processes = 24
+wal_level = logical
 shared_preload_libraries = '$preload'
 $model_line
 # a throwaway development cluster: durability is not needed

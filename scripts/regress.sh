@@ -48,7 +48,7 @@ note() { echo "regress.sh: $*" >&2; }
 # The tests, in the order they run: install creates the extension and waits
 # for the engine; calibration stores (then deletes) a calibration, so it runs
 # last.
-all_tests=(install api settings errors privileges generated_columns hnsw chunk metrics profiles calibration)
+all_tests=(install api settings errors privileges generated_columns hnsw chunk metrics profiles vectorize calibration)
 # A test file left out of the list would silently never run.
 for f in tests/sql/*.sql; do
   t=$(basename "$f" .sql)
@@ -90,6 +90,12 @@ mkdir -p "$out"
 note "$("$PG_CONFIG" --version) at $KVEMBED_PG_URL; pg_regress: $regress; psql: $PG_BINDIR/psql"
 started=$SECONDS
 rc=0
+# pg_regress drops the database without FORCE, which fails while a client or
+# a kvembed queue worker (a run stopped before its tables were unvectorized)
+# is connected to it.
+"$PG_BINDIR/psql" -X -q -h "$PGHOST" -p "$PGPORT" -U "$PGUSER" -d postgres \
+  -c "SET client_min_messages = warning" -c "DROP DATABASE IF EXISTS kvembed_regress WITH (FORCE)" \
+  || die "could not drop the database kvembed_regress"
 "$regress" \
   --bindir="$PG_BINDIR" \
   --host="$PGHOST" --port="$PGPORT" --user="$PGUSER" \

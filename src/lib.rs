@@ -15,6 +15,7 @@
 //! | `text.rs`       | SQL `text` to UTF-8, whatever the database encoding        |
 //! | `vector.rs`     | pgvector `vector` / `halfvec` values built directly        |
 //! | `calibration.rs`| the stored layer selection used when `kvembed.layers = auto` |
+//! | `queue.rs`      | `kv_vectorize`: the per-database worker that embeds pending rows |
 //! | `api.rs`        | the SQL functions                                          |
 //! | `sql/`          | hand-written SQL: schema, tables, procedures, upgrades     |
 
@@ -24,6 +25,7 @@ mod api;
 mod calibration;
 mod client;
 mod profile;
+mod queue;
 mod settings;
 mod text;
 mod vector;

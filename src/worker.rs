@@ -245,6 +245,9 @@ struct Supervisor {
     next_start: Instant,
     backoff: Duration,
     state: SupervisorState,
+    /// When each database's queue worker was last (re)launched.
+    queue_launches: std::collections::HashMap<u32, Instant>,
+    queues_checked: Option<Instant>,
 }
 
 impl Supervisor {
@@ -255,6 +258,8 @@ impl Supervisor {
             engine: None,
             next_start: Instant::now(),
             backoff: Duration::ZERO,
+            queue_launches: Default::default(),
+            queues_checked: None,
             state: SupervisorState {
                 supervisor_pid: std::process::id(),
                 ..Default::default()
@@ -313,6 +318,15 @@ impl Supervisor {
         }
         if self.engine.is_none() && Instant::now() >= self.next_start {
             self.start_engine();
+        }
+        // The queue workers of databases with vectorized tables (after a
+        // restart, or when one exited with an error).
+        if self
+            .queues_checked
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
+        {
+            self.queues_checked = Some(Instant::now());
+            crate::queue::supervise(&mut self.queue_launches);
         }
     }
 

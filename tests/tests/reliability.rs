@@ -1570,3 +1570,116 @@ fn fault_injection_is_refused_unless_kvembed_debug_faults_is_on() {
     let (after, _) = embed_until_ok(&mut fresh, Duration::from_secs(30));
     assert!(max_abs_diff(&after, &reference) <= 1e-6);
 }
+
+/// (pending, embedded, errors of the batches) of a vectorized table.
+fn queue_state(s: &mut Session, table: &str) -> (i64, i64, Option<String>) {
+    let row = s
+        .query_one(
+            "SELECT pending, embedded, last_error FROM kvembed.vectorized WHERE table_name = $1::text::regclass",
+            &[&table],
+        )
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+fn wait_drained(s: &mut Session, table: &str, timeout: Duration) {
+    let started = Instant::now();
+    loop {
+        let (pending, _, error) = queue_state(s, table);
+        if pending == 0 {
+            return;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "{pending} rows of {table} still pending after {timeout:?} (last error: {error:?})"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn the_queue_loses_nothing_when_the_engine_dies_mid_drain_or_the_cluster_restarts() {
+    let (_g, mut s) = session();
+    s.batch_execute(
+        "SELECT kv_drop_profile('queue_kill', true);
+         SELECT kv_create_profile('queue_kill');
+         DROP TABLE IF EXISTS queued;
+         CREATE TABLE queued (id int PRIMARY KEY, body text);
+         INSERT INTO queued SELECT i, 'queued sentence number ' || i || ' is about '
+           || (ARRAY['cats', 'rivers', 'engines', 'music'])[1 + i % 4] FROM generate_series(1, 400) i;
+         SELECT kv_vectorize('queued', 'body', 'emb', profile => 'queue_kill', batch_size => 16);",
+    )
+    .unwrap();
+    let before = restarts(&mut s);
+    // Kill the engine while the worker waits on it, with a batch in flight.
+    let started = Instant::now();
+    loop {
+        let waiting: i64 = s
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'kvembed queue'
+                   AND datname = current_database() AND wait_event_type = 'Extension'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        let (_, embedded, _) = queue_state(&mut s, "queued");
+        if waiting > 0 && embedded >= 32 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the worker never drained"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    kill_engine(engine_pid(&mut s), "-KILL");
+    wait_drained(&mut s, "queued", Duration::from_secs(300));
+    assert!(restarts(&mut s) > before, "the engine was not restarted");
+    let (_, _, error) = queue_state(&mut s, "queued");
+    assert!(
+        error.is_some(),
+        "the batch in flight when the engine died failed and was retried"
+    );
+    let check = "SELECT count(*) FILTER (WHERE emb IS NULL),
+                        count(*) FILTER (WHERE emb <=> kv_embed(body, 'document', 'queue_kill') < 1e-5)
+                   FROM queued";
+    let row = s.query_one(check, &[]).unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (0, 400));
+
+    // New texts, then a restart of the cluster before they are embedded: the
+    // supervisor starts the queue worker again and nothing is lost.
+    s.batch_execute("UPDATE queued SET body = body || ' (revised)' WHERE id <= 150")
+        .unwrap();
+    drop(s);
+    let out = std::process::Command::new("bash")
+        .arg(repo_root().join("scripts/pg.sh"))
+        .arg("restart")
+        .output()
+        .expect("scripts/pg.sh restart");
+    assert!(
+        out.status.success(),
+        "restart failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut s = connect();
+    wait_ready(&mut s, Duration::from_secs(120));
+    wait_drained(&mut s, "queued", Duration::from_secs(300));
+    let row = s.query_one(check, &[]).unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (0, 400));
+    let revised: i64 = s
+        .query_one(
+            "SELECT count(*) FROM queued WHERE body LIKE '%(revised)'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(revised, 150);
+    s.batch_execute(
+        "SELECT kv_unvectorize('queued'); DROP TABLE queued; SELECT kv_drop_profile('queue_kill');",
+    )
+    .unwrap();
+    record_figures(
+        "the_queue_loses_nothing_when_the_engine_dies_mid_drain_or_the_cluster_restarts",
+        serde_json::json!({"rows": 400, "engine_kills": 1, "cluster_restarts": 1}),
+    );
+}

@@ -1157,3 +1157,209 @@ fn kv_chunk_stays_within_the_limit_and_covers_the_text() {
         assert_eq!(n, 0, "{q}");
     }
 }
+
+/// Waits until the queue of `table` satisfies `done(pending, failed_rows)`;
+/// returns the last (pending, failed_rows).
+fn wait_queue(s: &mut Session, table: &str, done: impl Fn(i64, i64) -> bool) -> (i64, i64) {
+    let started = std::time::Instant::now();
+    loop {
+        let row = s
+            .query_one(
+                "SELECT pending, failed_rows FROM kvembed.vectorized WHERE table_name = $1::text::regclass",
+                &[&table],
+            )
+            .unwrap();
+        let (pending, failed): (i64, i64) = (row.get(0), row.get(1));
+        if done(pending, failed) {
+            return (pending, failed);
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(180),
+            "the queue of {table} is stuck: {pending} pending, {failed} set aside"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_queue_quotes_hostile_identifiers() {
+    let (_g, mut s) = session();
+    s.batch_execute(
+        r#"DROP TABLE IF EXISTS "q""ueue; DROP TABLE x; --";
+           CREATE TABLE "q""ueue; DROP TABLE x; --" ("te""xt; --" text);
+           INSERT INTO "q""ueue; DROP TABLE x; --" SELECT 'queued text ' || i FROM generate_series(1, 12) i;"#,
+    )
+    .unwrap();
+    let pending: i64 = s
+        .query_one(
+            r#"SELECT kv_vectorize('"q""ueue; DROP TABLE x; --"', 'te"xt; --', 'v"e c', batch_size => 5)"#,
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(pending, 12);
+    wait_queue(&mut s, r#""q""ueue; DROP TABLE x; --""#, |p, _| p == 0);
+    let n: i64 = s
+        .query_one(
+            r#"SELECT count(*) FROM "q""ueue; DROP TABLE x; --" WHERE "v""e c" IS NOT NULL"#,
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 12);
+    s.batch_execute(
+        r#"SELECT kv_unvectorize('"q""ueue; DROP TABLE x; --"'); DROP TABLE "q""ueue; DROP TABLE x; --";"#,
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_text_the_engine_refuses_is_set_aside_and_the_others_are_embedded() {
+    let (_g, mut s) = session();
+    s.batch_execute(
+        "SELECT kv_drop_profile('queue_strict', true);
+         SET kvembed.on_overflow = 'error';
+         SET kvembed.max_tokens = 48;
+         SELECT kv_create_profile('queue_strict');
+         RESET kvembed.on_overflow; RESET kvembed.max_tokens;
+         DROP TABLE IF EXISTS strict_docs;
+         CREATE TABLE strict_docs (id int PRIMARY KEY, body text);
+         INSERT INTO strict_docs SELECT i, 'a short text ' || i FROM generate_series(1, 11) i;
+         UPDATE strict_docs SET body = repeat('far too long for the profile ', 40) WHERE id = 6;
+         SELECT kv_vectorize('strict_docs', 'body', 'emb', profile => 'queue_strict', batch_size => 4);",
+    )
+    .unwrap();
+    // The batch holding row 6 fails; the worker embeds its rows one by one
+    // and sets row 6 aside; every other row gets its vector.
+    assert_eq!(
+        wait_queue(&mut s, "strict_docs", |p, f| p == 1 && f == 1),
+        (1, 1)
+    );
+    let row = s
+        .query_one(
+            "SELECT last_error_sqlstate, last_error, embedded FROM kvembed.vectorized WHERE table_name = 'strict_docs'::regclass",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some("54000"));
+    assert_eq!(row.get::<_, i64>(2), 10);
+    let missing: Vec<i32> = s
+        .query("SELECT id FROM strict_docs WHERE emb IS NULL", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(missing, vec![6]);
+    // A new text is a new row version: it is tried again, and embedded.
+    s.batch_execute("UPDATE strict_docs SET body = 'short now' WHERE id = 6")
+        .unwrap();
+    assert_eq!(
+        wait_queue(&mut s, "strict_docs", |p, f| p == 0 && f == 0),
+        (0, 0)
+    );
+    let same: bool = s
+        .query_one(
+            "SELECT emb <=> kv_embed(body, 'document', 'queue_strict') < 1e-5 FROM strict_docs WHERE id = 6",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(same);
+    s.batch_execute(
+        "SELECT kv_unvectorize('strict_docs'); DROP TABLE strict_docs; SELECT kv_drop_profile('queue_strict');",
+    )
+    .unwrap();
+}
+
+#[test]
+fn rows_arriving_by_logical_replication_are_embedded_and_re_embedded() {
+    let (_g, mut s) = session();
+    const PUB: &str = "kvembed_test_publisher";
+    let mut admin = Session::connect("postgres", "postgres");
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {PUB} WITH (FORCE)"))
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {PUB}"))
+        .unwrap();
+    let mut publisher = Session::connect(PUB, "postgres");
+    for q in [
+        "CREATE TABLE articles (id int PRIMARY KEY, body text)",
+        "CREATE PUBLICATION kvembed_articles FOR TABLE articles",
+        "SELECT pg_create_logical_replication_slot('kvembed_test_slot', 'pgoutput')",
+    ] {
+        publisher.batch_execute(q).unwrap();
+    }
+    let config = base_config();
+    let host = match &config.get_hosts()[0] {
+        postgres::config::Host::Unix(p) => p.to_string_lossy().into_owned(),
+        postgres::config::Host::Tcp(h) => h.clone(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    for q in [
+        "DROP SUBSCRIPTION IF EXISTS kvembed_articles".to_string(),
+        "DROP TABLE IF EXISTS articles".to_string(),
+        "CREATE TABLE articles (id int PRIMARY KEY, body text)".to_string(),
+        "SELECT kv_drop_profile('queue_replica', true)".to_string(),
+        "SELECT kv_create_profile('queue_replica')".to_string(),
+        "SELECT kv_vectorize('articles', 'body', 'emb', profile => 'queue_replica')".to_string(),
+        format!(
+            "CREATE SUBSCRIPTION kvembed_articles
+               CONNECTION 'host={host} port={port} dbname={PUB} user=postgres'
+               PUBLICATION kvembed_articles WITH (create_slot = false, slot_name = 'kvembed_test_slot')"
+        ),
+    ] {
+        s.batch_execute(&q).unwrap();
+    }
+    publisher
+        .batch_execute(
+            "INSERT INTO articles SELECT i, 'replicated article ' || i FROM generate_series(1, 20) i",
+        )
+        .unwrap();
+    let arrived = |s: &mut Session, body: &str| -> bool {
+        s.query_one(
+            "SELECT count(*) = 1 FROM articles WHERE body = $1",
+            &[&body],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let started = std::time::Instant::now();
+    while !arrived(&mut s, "replicated article 20") {
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "replication never arrived"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    wait_queue(&mut s, "articles", |p, _| p == 0);
+    let check = "SELECT count(*) FILTER (WHERE emb <=> kv_embed(body, 'document', 'queue_replica') < 1e-5) FROM articles";
+    assert_eq!(s.query_one(check, &[]).unwrap().get::<_, i64>(0), 20);
+    // An UPDATE of the text on the publisher fires the trigger in the apply
+    // worker (ENABLE ALWAYS): the row is embedded again.
+    publisher
+        .batch_execute("UPDATE articles SET body = 'a revised replicated article' WHERE id = 3")
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !arrived(&mut s, "a revised replicated article") {
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "the update never arrived"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    wait_queue(&mut s, "articles", |p, _| p == 0);
+    assert_eq!(s.query_one(check, &[]).unwrap().get::<_, i64>(0), 20);
+    for q in [
+        "DROP SUBSCRIPTION kvembed_articles",
+        "SELECT kv_unvectorize('articles')",
+        "DROP TABLE articles",
+        "SELECT kv_drop_profile('queue_replica')",
+    ] {
+        s.batch_execute(q).unwrap();
+    }
+    drop(publisher);
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {PUB} WITH (FORCE)"))
+        .unwrap();
+}
