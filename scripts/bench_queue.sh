@@ -5,7 +5,8 @@
 #   bash scripts/bench_queue.sh [--rows N] [--batch-size B] [--repeat R] [--out FILE]
 #
 #   --rows N        texts (default 20000): deterministic sentences of 15-60 tokens
-#   --batch-size B  the queue's batch size (kv_vectorize's default: 64)
+#   --batch-size B  the queue's batch size (kv_vectorize's default: 256); a list
+#                   (256,64) measures the queue once per size
 #   --repeat R      timed runs of each path (default 1); medians are reported
 #   --out FILE      the report (default docs/BENCHMARKS-queue.md)
 #
@@ -24,7 +25,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$KVEMBED_ROOT"
 
-rows=20000 batch=64 repeat=1 out="$KVEMBED_ROOT/docs/BENCHMARKS-queue.md"
+rows=20000 batch=256 repeat=1 out="$KVEMBED_ROOT/docs/BENCHMARKS-queue.md"
 args=("$@")
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -69,6 +70,7 @@ SELECT i, (SELECT string_agg(
 SQL
 q -c "SELECT vector_dims(kv_embed('warm up'))" >/dev/null
 model=$(q -c "SELECT model_id FROM kv_status()")
+model=${model//$KVEMBED_ROOT\//}
 threads=$(q -c "SELECT threads FROM kv_status()")
 tokens=$(q -c "SHOW kvembed.batch_tokens")
 say "model $model, $threads threads"
@@ -81,7 +83,9 @@ insert_all() {
     done; } | q
 }
 
-batch_s=() plain_s=() queue_s=() queue_insert_s=() view_rate=()
+IFS=, read -ra sizes <<< "$batch"
+batch_s=() plain_s=()
+declare -A queue_s queue_insert_s view_rate
 for ((r = 1; r <= repeat; r++)); do
   t0=$(now)
   q -c "SELECT sum(cardinality(v)) FROM (SELECT kv_embed_batch(array_agg(body ORDER BY id)) AS v FROM src GROUP BY (id - 1) / 256) s" >/dev/null
@@ -92,35 +96,41 @@ for ((r = 1; r <= repeat; r++)); do
   t0=$(now); insert_all plain; plain_s+=("$(elapsed "$t0")")
   say "run $r: plain INSERTs ${plain_s[-1]} s"
 
-  q -c "SELECT kv_unvectorize('queued') FROM pg_class WHERE relname = 'queued'" >/dev/null
-  q -c "DROP TABLE IF EXISTS queued" -c "CREATE TABLE queued (id bigint PRIMARY KEY, body text NOT NULL)"
-  q -c "SELECT kv_vectorize('queued', 'body', 'emb', batch_size => $batch)" >/dev/null
-  t0=$(now); insert_all queued; t1=$(now)
-  queue_insert_s+=("$(awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}')")
-  while [ "$(q -c "SELECT pending FROM kvembed.vectorized WHERE table_name = 'queued'::regclass")" != 0 ]; do
-    sleep 0.2
+  for b in "${sizes[@]}"; do
+    q -c "SELECT kv_unvectorize(oid) FROM pg_class WHERE relname = 'queued' AND relnamespace = 'public'::regnamespace" >/dev/null
+    q -c "DROP TABLE IF EXISTS queued" -c "CREATE TABLE queued (id bigint PRIMARY KEY, body text NOT NULL)"
+    q -c "SELECT kv_vectorize('queued', 'body', 'emb', batch_size => $b)" >/dev/null
+    t0=$(now); insert_all queued; t1=$(now)
+    queue_insert_s[$b]+="$(awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}') "
+    while [ "$(q -c "SELECT pending FROM kvembed.vectorized WHERE table_name = 'queued'::regclass")" != 0 ]; do
+      sleep 0.2
+    done
+    queue_s[$b]+="$(elapsed "$t0") "
+    view_rate[$b]+="$(q -c "SELECT rows_per_second FROM kvembed.vectorized WHERE table_name = 'queued'::regclass") "
+    say "run $r: queue, batch_size $b: INSERTs done after $(awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}') s, drained after $(elapsed "$t0") s"
   done
-  queue_s+=("$(elapsed "$t0")")
-  view_rate+=("$(q -c "SELECT rows_per_second FROM kvembed.vectorized WHERE table_name = 'queued'::regclass")")
-  say "run $r: queue: INSERTs ${queue_insert_s[-1]} s, drained after ${queue_s[-1]} s"
 done
 
 # Every vector the queue wrote equals kv_embed_batch's for its text.
-check=$(q <<'SQL'
-SELECT count(*) FILTER (WHERE e.emb IS NOT NULL AND e.emb <=> b.v < 1e-5) || '/' || count(*)
+check_sql="SELECT count(*) FILTER (WHERE e.emb IS NOT NULL AND e.emb <=> b.v < 1e-5) || '/' || count(*)
   FROM (SELECT unnest(array_agg(id ORDER BY id)) AS id, unnest(kv_embed_batch(array_agg(body ORDER BY id))) AS v
           FROM queued GROUP BY (id - 1) / 256) AS b
-  JOIN queued AS e USING (id);
-SQL
-)
+  JOIN queued AS e USING (id)"
+check=$(q -c "$check_sql")
 say "vectors equal to kv_embed_batch's: $check"
 
 m_batch=$(printf '%s\n' "${batch_s[@]}" | median)
 m_plain=$(printf '%s\n' "${plain_s[@]}" | median)
-m_queue=$(printf '%s\n' "${queue_s[@]}" | median)
-m_qins=$(printf '%s\n' "${queue_insert_s[@]}" | median)
 rate() { awk -v n="$rows" -v s="$1" 'BEGIN {printf "%.1f", n / s}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
+queue_rows="" insert_rows="" rates=""
+for b in "${sizes[@]}"; do
+  m=$(printf '%s\n' ${queue_s[$b]} | median)
+  queue_rows+="| queue end to end: INSERTs (100 rows per transaction) with the worker draining (batch_size $b), until nothing is pending | $(printf '%.1f' "$m") | $(rate "$m") | $(ratio "$m_batch" "$m") |"$'\n'
+  m=$(printf '%s\n' ${queue_insert_s[$b]} | median)
+  insert_rows+="| vectorized table (batch_size $b), while the worker drains | $(printf '%.2f' "$m") | $(rate "$m") | $(ratio "$m_plain" "$m") |"$'\n'
+  rates+="batch_size $b: ${view_rate[$b]}rows/s; "
+done
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
 mkdir -p "$(dirname "$out")"
 cat > "$out" <<EOF
@@ -139,14 +149,17 @@ each figure is the median of $repeat run(s), every path from an empty table, one
 | path | seconds | rows/s | against kv_embed_batch |
 | --- | --- | --- | --- |
 | \`kv_embed_batch\`, 256 texts per call (embedding only, nothing written) | $(printf '%.1f' "$m_batch") | $(rate "$m_batch") | 1.00 |
-| queue end to end: INSERTs (100 rows per transaction) with the worker draining (batch_size $batch), until nothing is pending | $(printf '%.1f' "$m_queue") | $(rate "$m_queue") | $(ratio "$m_batch" "$m_queue") |
+$queue_rows
 
 | INSERTs, 100 rows per transaction | seconds | rows/s | against a plain table |
 | --- | --- | --- | --- |
 | plain table | $(printf '%.2f' "$m_plain") | $(rate "$m_plain") | 1.00 |
-| vectorized table, while the worker drains | $(printf '%.2f' "$m_qins") | $(rate "$m_qins") | $(ratio "$m_plain" "$m_qins") |
+$insert_rows
 
-The worker's own rate while draining (\`kvembed.vectorized.rows_per_second\`): $(printf '%s ' "${view_rate[@]}")rows/s.
-Vectors the queue wrote that equal \`kv_embed_batch\`'s for the same text (cosine distance < 1e-5): $check.
+The worker's own rate while draining (\`kvembed.vectorized.rows_per_second\`, per run): $rates
+Vectors the queue wrote in the last run (batch_size ${sizes[-1]}) that equal \`kv_embed_batch\`'s for the same text (cosine distance < 1e-5): $check.
+
+A row being embedded is locked (\`FOR UPDATE SKIP LOCKED\`) until its batch commits: an UPDATE of it waits
+up to one batch, about batch_size / rows per second.
 EOF
 say "wrote $out"

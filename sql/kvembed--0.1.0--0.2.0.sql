@@ -674,7 +674,7 @@ GRANT SELECT ON kvembed.vectorized TO PUBLIC;
 -- the trigger and a partial index of the pending rows, starts the worker,
 -- and returns the number of rows pending now. The table's owner only.
 CREATE FUNCTION @extschema@.kv_vectorize(
-  tbl regclass, text_col name, vec_col name, profile text DEFAULT NULL, batch_size int DEFAULT 64)
+  tbl regclass, text_col name, vec_col name, profile text DEFAULT NULL, batch_size int DEFAULT 256)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp

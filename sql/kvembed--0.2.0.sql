@@ -204,6 +204,15 @@ AS 'MODULE_PATHNAME', 'embed_pending_wrapper';
 
 /* <begin connected objects> */
 -- src/queue.rs
+-- kvembed::queue::kvembed::vectorize_wake
+CREATE  FUNCTION kvembed."vectorize_wake"() RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'vectorize_wake_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/queue.rs
 -- kvembed::queue::kvembed::vectorize_batch
 CREATE  FUNCTION kvembed."vectorize_batch"(
 	"relid" oid, /* pg_sys :: Oid */
@@ -216,17 +225,22 @@ AS 'MODULE_PATHNAME', 'vectorize_batch_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/queue.rs
--- kvembed::queue::kvembed::vectorize_wake
-CREATE  FUNCTION kvembed."vectorize_wake"() RETURNS bool /* bool */
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'vectorize_wake_wrapper';
+-- src/api.rs
+CREATE SCHEMA IF NOT EXISTS kvembed; /* kvembed::api::kvembed */
 /* </end connected objects> */
 
 /* <begin connected objects> */
 -- src/api.rs
-CREATE SCHEMA IF NOT EXISTS kvembed; /* kvembed::api::kvembed */
+-- kvembed::api::kvembed::select_layers_raw
+CREATE  FUNCTION kvembed."select_layers_raw"(
+	"texts" text[], /* Array < '_, DbText > */
+	"window" INT DEFAULT NULL, /* Option < i32 > */
+	"skip_fraction" real DEFAULT NULL, /* Option < f32 > */
+	"space" TEXT DEFAULT NULL /* Option < & str > */
+) RETURNS jsonb /* JsonB */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'select_layers_raw_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -236,15 +250,6 @@ CREATE  FUNCTION kvembed."session_profile"() RETURNS jsonb /* JsonB */
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'session_profile_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs
--- kvembed::api::kvembed::status_json
-CREATE  FUNCTION kvembed."status_json"() RETURNS jsonb /* JsonB */
-STRICT VOLATILE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'status_json_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -271,16 +276,11 @@ AS 'MODULE_PATHNAME', 'engine_stats_wrapper';
 
 /* <begin connected objects> */
 -- src/api.rs
--- kvembed::api::kvembed::select_layers_raw
-CREATE  FUNCTION kvembed."select_layers_raw"(
-	"texts" text[], /* Array < '_, DbText > */
-	"window" INT DEFAULT NULL, /* Option < i32 > */
-	"skip_fraction" real DEFAULT NULL, /* Option < f32 > */
-	"space" TEXT DEFAULT NULL /* Option < & str > */
-) RETURNS jsonb /* JsonB */
-VOLATILE PARALLEL UNSAFE
+-- kvembed::api::kvembed::status_json
+CREATE  FUNCTION kvembed."status_json"() RETURNS jsonb /* JsonB */
+STRICT VOLATILE PARALLEL SAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'select_layers_raw_wrapper';
+AS 'MODULE_PATHNAME', 'status_json_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -853,7 +853,7 @@ GRANT SELECT ON kvembed.vectorized TO PUBLIC;
 -- the trigger and a partial index of the pending rows, starts the worker,
 -- and returns the number of rows pending now. The table's owner only.
 CREATE FUNCTION @extschema@.kv_vectorize(
-  tbl regclass, text_col name, vec_col name, profile text DEFAULT NULL, batch_size int DEFAULT 64)
+  tbl regclass, text_col name, vec_col name, profile text DEFAULT NULL, batch_size int DEFAULT 256)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
