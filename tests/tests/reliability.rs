@@ -750,6 +750,20 @@ fn the_engine_channel_is_private_and_there_is_no_tcp_listener() {
     );
 }
 
+/// Restarts the cluster (scripts/pg.sh restart).
+fn restart_cluster() {
+    let out = std::process::Command::new("bash")
+        .arg(repo_root().join("scripts/pg.sh"))
+        .arg("restart")
+        .output()
+        .expect("scripts/pg.sh restart");
+    assert!(
+        out.status.success(),
+        "restart failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn calibration_survives_a_cluster_restart() {
     let (_g, mut s) = session();
@@ -767,16 +781,7 @@ fn calibration_survives_a_cluster_restart() {
         .collect();
     assert!(!selected.is_empty());
     drop(s);
-    let out = std::process::Command::new("bash")
-        .arg(repo_root().join("scripts/pg.sh"))
-        .arg("restart")
-        .output()
-        .expect("scripts/pg.sh restart");
-    assert!(
-        out.status.success(),
-        "restart failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    restart_cluster();
     let mut s = connect();
     s.batch_execute("SET kvembed.layers = 'auto'").unwrap();
     wait_ready(&mut s, Duration::from_secs(120));
@@ -1651,16 +1656,7 @@ fn the_queue_loses_nothing_when_the_engine_dies_mid_drain_or_the_cluster_restart
     s.batch_execute("UPDATE queued SET body = body || ' (revised)' WHERE id <= 150")
         .unwrap();
     drop(s);
-    let out = std::process::Command::new("bash")
-        .arg(repo_root().join("scripts/pg.sh"))
-        .arg("restart")
-        .output()
-        .expect("scripts/pg.sh restart");
-    assert!(
-        out.status.success(),
-        "restart failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    restart_cluster();
     let mut s = connect();
     wait_ready(&mut s, Duration::from_secs(120));
     wait_drained(&mut s, "queued", Duration::from_secs(300));
