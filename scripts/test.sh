@@ -78,9 +78,9 @@ trap finish EXIT
 [ -x "$PG_CONFIG" ] || die "no PostgreSQL $KVEMBED_PG at $PG_CONFIG; run scripts/setup.sh${KVEMBED_PG:+ --pg $KVEMBED_PG} first"
 echo "testing against $("$PG_CONFIG" --version) ($PG_CONFIG)${KVEMBED_CPU:+, engine kernels capped by KVEMBED_CPU=$KVEMBED_CPU}"
 
-phase "models for the tests (${KVEMBED_TEST_MODELS:-smollm2 qwen05 gemma3})"
+phase "models for the tests (${KVEMBED_TEST_MODELS:-smollm2 qwen05 gemma3 minilm})"
 # shellcheck disable=SC2086
-bash scripts/fetch-models.sh ${KVEMBED_TEST_MODELS:-smollm2 qwen05 gemma3}
+bash scripts/fetch-models.sh ${KVEMBED_TEST_MODELS:-smollm2 qwen05 gemma3 minilm}
 
 if [ "$smoke" = 0 ]; then
   engine=(-p kvembed-proto -p kvembed-model -p kvembed-core -p kvembed-server -p kvembed-tools)
@@ -103,7 +103,7 @@ if [ "$smoke" = 0 ]; then
 
   phase "engine unit and golden tests with the kernels capped at x86-64-v3 (KVEMBED_CPU=x86-64-v3)"
   KVEMBED_CPU=x86-64-v3 cargo test --release -p kvembed-model --lib -- "$@"
-  KVEMBED_CPU=x86-64-v3 cargo test --release -p kvembed-core --lib --test golden --test bf16 -- "$@"
+  KVEMBED_CPU=x86-64-v3 cargo test --release -p kvembed-core --lib --test golden --test bf16 --test native -- "$@"
 
   command -v qemu-x86_64 >/dev/null || die "qemu-x86_64 is missing (apt-get install qemu-user; scripts/setup.sh does)"
   for cpu in Haswell Nehalem; do

@@ -5,6 +5,7 @@
 use crate::method::{Knobs, Method, Pooling, Prepend, Template, DEFAULT_METHOD};
 use candle_core::{DType, Device, Tensor};
 use kvembed_model::decoder::{Decoder, ForwardOptions, LayerPooling, Reroute, TokenPrepend};
+use kvembed_model::encoder::{self, Encoder};
 use kvembed_model::error::{EngineError, Result};
 use kvembed_model::loader::{self, ModelSource, TensorStore, WeightFormat};
 use kvembed_model::tokenizer::TextTokenizer;
@@ -77,9 +78,24 @@ pub struct LayerSelection {
 
 pub use kvembed_proto::DEFAULT_BATCH_TOKENS;
 
+/// The network under the embedder: a decoder LLM (every method, KV
+/// re-routing first) or an encoder (its own embedding only).
+pub enum Backbone {
+    Decoder(Decoder),
+    Encoder(Encoder),
+}
+
 pub struct Embedder {
-    pub decoder: Decoder,
+    pub backbone: Backbone,
     pub tokenizer: TextTokenizer,
+    /// The model's own embedding (`native`), where its files describe one
+    /// ([`crate::native`]): always for an encoder.
+    pub native: Option<crate::native::Native>,
+    /// The method a request without one runs: `native` for a model trained
+    /// for embeddings, else [`DEFAULT_METHOD`].
+    default_method: String,
+    /// Longest input the model reads, special tokens included.
+    context: usize,
     pub source: ModelSource,
     info: ModelInfo,
     /// Padded tokens per forward pass.
@@ -300,6 +316,11 @@ impl Embedder {
             }
         };
         let source = loader::resolve(&spec.model)?;
+        if let ModelSource::HfDir(dir) = &source {
+            if encoder::is_encoder_dir(dir) {
+                return Self::load_encoder(spec, dir, &device, dtype);
+            }
+        }
         let (store, cfg) = TensorStore::open(&source)?;
         let tokenizer = match (&store, &source) {
             (TensorStore::Gguf { content, .. }, ModelSource::Gguf(p)) => {
@@ -318,12 +339,21 @@ impl Embedder {
                 tokenizer.vocab_size, rows
             )));
         }
+        let native = match &source {
+            ModelSource::HfDir(dir) => crate::native::read(dir, false)?,
+            ModelSource::Gguf(_) => None,
+        };
         let cfg = &decoder.cfg;
-        let default = describe(
-            &Method::from_name(DEFAULT_METHOD)?,
-            cfg.n_layers,
-            cfg.family,
-        );
+        let default_method = match &native {
+            Some(n) => n.method.clone(),
+            None => Method::from_name(DEFAULT_METHOD)?,
+        };
+        let default = describe(&default_method, cfg.n_layers, cfg.family);
+        let context = native
+            .as_ref()
+            .and_then(|n| n.max_seq_length)
+            .unwrap_or(cfg.max_position)
+            .clamp(1, cfg.max_position.max(1));
         // The same weights must get the same id however the path is spelled.
         let canonical =
             std::fs::canonicalize(source.path()).unwrap_or_else(|_| source.path().to_path_buf());
@@ -350,17 +380,132 @@ impl Embedder {
             default_bias: default.bias.unwrap_or(0.0),
             document_prompt: default.document_prompt,
             query_prompt: default.query_prompt,
-            max_tokens: kvembed_proto::DEFAULT_MAX_TOKENS_LIMIT.min(cfg.max_position.max(1)),
-            context: cfg.max_position.max(1),
+            max_tokens: kvembed_proto::DEFAULT_MAX_TOKENS_LIMIT.min(context),
+            context,
         };
         Ok(Embedder {
-            decoder,
+            backbone: Backbone::Decoder(decoder),
             tokenizer,
+            default_method: default_method.name.clone(),
+            native,
+            context,
             source,
             info,
             batch_tokens: DEFAULT_BATCH_TOKENS,
             knobs: Knobs::default(),
         })
+    }
+
+    /// An encoder's embedder ([`Embedder::load`] found one in `dir`): its
+    /// tokenizer, its weights, its own embedding (the only method it runs).
+    fn load_encoder(
+        spec: &LoadSpec,
+        dir: &std::path::Path,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Embedder> {
+        let tokenizer = TextTokenizer::from_hf_dir(dir)?;
+        let enc = Encoder::load(dir, device, dtype)?;
+        if tokenizer.vocab_size > enc.cfg.vocab_size {
+            return Err(EngineError::TokenizerMismatch(format!(
+                "tokenizer has {} tokens but the model's embedding has {} rows",
+                tokenizer.vocab_size, enc.cfg.vocab_size
+            )));
+        }
+        let native = crate::native::read(dir, true)?.expect("an encoder always has one");
+        let specials = tokenizer.specials.0.len() + tokenizer.specials.1.len();
+        let context = native
+            .max_seq_length
+            .unwrap_or(enc.cfg.max_position)
+            .clamp(specials + 1, enc.cfg.max_position.max(specials + 1));
+        let canonical = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        let info = ModelInfo {
+            model: spec.model.clone(),
+            model_id: format!(
+                "{}:{}:{}x{}",
+                enc.cfg.family,
+                canonical.display(),
+                enc.cfg.n_layers,
+                enc.cfg.hidden
+            ),
+            fingerprint: fingerprint(dir)?,
+            architecture: enc.cfg.family.clone(),
+            dim: enc.cfg.hidden,
+            layers: enc.cfg.n_layers,
+            device: describe_device(device, dtype),
+            default_method: "native".into(),
+            default_layers: Vec::new(),
+            default_bias: 0.0,
+            document_prompt: native.method.document.source(),
+            query_prompt: native.method.query.source(),
+            max_tokens: context - specials,
+            context,
+        };
+        Ok(Embedder {
+            backbone: Backbone::Encoder(enc),
+            tokenizer,
+            default_method: "native".into(),
+            native: Some(native),
+            context,
+            source: ModelSource::HfDir(dir.to_path_buf()),
+            info,
+            batch_tokens: DEFAULT_BATCH_TOKENS,
+            knobs: Knobs::default(),
+        })
+    }
+
+    /// The decoder, for what only a decoder can do (re-routing, the
+    /// training-free methods, layer selection, generation); on an encoder an
+    /// error that says so.
+    pub fn decoder(&self) -> Result<&Decoder> {
+        match &self.backbone {
+            Backbone::Decoder(d) => Ok(d),
+            Backbone::Encoder(e) => Err(self.needs_decoder(&e.cfg.family)),
+        }
+    }
+
+    pub fn decoder_mut(&mut self) -> Result<&mut Decoder> {
+        match &mut self.backbone {
+            Backbone::Decoder(d) => Ok(d),
+            Backbone::Encoder(_) => Err(EngineError::invalid("model", "an encoder has no decoder")),
+        }
+    }
+
+    fn needs_decoder(&self, family: &str) -> EngineError {
+        EngineError::invalid(
+            "method",
+            format!(
+                "the loaded model is an encoder ({family}): it makes its own embedding (method \
+                 native, the default) and none of the methods that re-route or prompt a decoder \
+                 LLM, nor layer selection"
+            ),
+        )
+    }
+
+    /// Forward passes run since the model loaded.
+    pub fn forward_passes(&self) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        match &self.backbone {
+            Backbone::Decoder(d) => d.passes.load(Relaxed),
+            Backbone::Encoder(e) => e.passes.load(Relaxed),
+        }
+    }
+
+    /// The matrix-product kernel the model runs on.
+    pub fn matmul_kernel(&self) -> String {
+        match &self.backbone {
+            Backbone::Decoder(d) => d.matmul_kernel(),
+            Backbone::Encoder(e) => format!("candle-{}", format!("{:?}", e.dtype()).to_lowercase()),
+        }
+    }
+
+    /// (layers, family) of a decoder, for resolving a method's window; an
+    /// encoder has no windows (its only method does not re-route).
+    fn depth(&self) -> (usize, kvembed_model::arch::Family) {
+        match &self.backbone {
+            Backbone::Decoder(d) => (d.cfg.n_layers, d.cfg.family),
+            Backbone::Encoder(e) => (e.cfg.n_layers, kvembed_model::arch::Family::Llama),
+        }
     }
 
     pub fn info(&self) -> ModelInfo {
@@ -371,18 +516,36 @@ impl Embedder {
     /// [`Embedder::embed`] builds it, its layers resolved to this depth.
     pub fn describe(&self, opts: &EmbedOptions) -> Result<MethodInfo> {
         let method = self.method(opts)?;
-        Ok(describe(
-            &method,
-            self.decoder.cfg.n_layers,
-            self.decoder.cfg.family,
-        ))
+        let (n_layers, family) = self.depth();
+        Ok(describe(&method, n_layers, family))
     }
 
-    /// The method a request with `opts` runs (with this embedder's knobs).
+    /// The method a request with `opts` runs (with this embedder's knobs):
+    /// the one it names, else the model's default; `native` is the model's
+    /// own embedding, the only method of an encoder.
     fn method(&self, opts: &EmbedOptions) -> Result<Method> {
-        Method::from_name(opts.method.as_deref().unwrap_or(DEFAULT_METHOD))?
-            .with_options(opts)?
-            .with_knobs(&self.knobs)
+        let name = opts.method.as_deref().unwrap_or(&self.default_method);
+        let method = if name == "native" {
+            match &self.native {
+                Some(n) => n.method.clone(),
+                None => {
+                    return Err(EngineError::invalid(
+                        "method",
+                        "native: the loaded model has no embedding of its own (no \
+                         sentence-transformers pooling config beside its weights); use kv or \
+                         another training-free method",
+                    ))
+                }
+            }
+        } else {
+            if let Backbone::Encoder(e) = &self.backbone {
+                // Name it as asked, then say why it cannot run.
+                Method::from_name(name)?;
+                return Err(self.needs_decoder(&e.cfg.family));
+            }
+            Method::from_name(name)?
+        };
+        method.with_options(opts)?.with_knobs(&self.knobs)
     }
 
     /// The token ids the model reads for `text` under the request's method
@@ -405,6 +568,7 @@ impl Embedder {
             max_tokens,
             opts.truncate.unwrap_or(true),
             placeholder,
+            method.specials,
         )?;
         Ok(prepared.remove(0).ids)
     }
@@ -464,8 +628,12 @@ impl Embedder {
             .iter()
             .map(Vec::len)
             .sum();
-        let extra = usize::from(self.tokenizer.add_bos && self.tokenizer.bos.is_some())
-            + usize::from(method.prepend.is_some());
+        let extra = if method.specials {
+            self.tokenizer.specials.0.len() + self.tokenizer.specials.1.len()
+        } else {
+            usize::from(self.tokenizer.add_bos && self.tokenizer.bos.is_some())
+                + usize::from(method.prepend.is_some())
+        };
         Ok((fixed + extra, template.slots().max(1)))
     }
 
@@ -510,12 +678,40 @@ impl Embedder {
             Role::Query => &method.query,
         };
         let placeholder = method.prepend.map(|p| self.placeholder_position(p));
-        let (prepared, truncated) =
-            self.prepare(texts, template, max_tokens, truncate, placeholder)?;
-        let n_layers = self.decoder.cfg.n_layers;
+        let (prepared, truncated) = self.prepare(
+            texts,
+            template,
+            max_tokens,
+            truncate,
+            placeholder,
+            method.specials,
+        )?;
+        if let Backbone::Encoder(enc) = &self.backbone {
+            let tokens = prepared.iter().map(|p| p.ids.len()).sum();
+            let mut vectors = vec![Vec::new(); prepared.len()];
+            for batch in self.batches(&prepared) {
+                if !keep_going() {
+                    return Err(EngineError::Cancelled(
+                        "embedding stopped: its clients went away".into(),
+                    ));
+                }
+                let seqs: Vec<Vec<u32>> = batch.iter().map(|&i| prepared[i].ids.clone()).collect();
+                let hidden = enc.forward(&seqs)?;
+                for (bi, &i) in batch.iter().enumerate() {
+                    vectors[i] = pool(&hidden, bi, &prepared[i], method.pooling)?;
+                }
+            }
+            return Ok(EmbedOutput {
+                vectors,
+                truncated,
+                tokens,
+            });
+        }
+        let decoder = self.decoder()?;
+        let n_layers = decoder.cfg.n_layers;
         let reroute = match &method.reroute {
             Some(r) => Some(Reroute::new(
-                &r.layers.resolve(n_layers, self.decoder.cfg.family),
+                &r.layers.resolve(n_layers, decoder.cfg.family),
                 n_layers,
                 r.bias,
                 r.prefix,
@@ -543,7 +739,7 @@ impl Embedder {
                 ));
             }
             let seqs: Vec<Vec<u32>> = batch.iter().map(|&i| prepared[i].ids.clone()).collect();
-            let out = self.decoder.forward(&seqs, &fopts)?;
+            let out = decoder.forward(&seqs, &fopts)?;
             for (bi, &i) in batch.iter().enumerate() {
                 vectors[i] = pool(&out.hidden, bi, &prepared[i], method.pooling)?;
             }
@@ -574,7 +770,41 @@ impl Embedder {
         max_tokens: usize,
         truncate: bool,
         placeholder: Option<usize>,
+        specials: bool,
     ) -> Result<(Vec<Prepared>, Vec<Truncation>)> {
+        let (before, after): (&[u32], &[u32]) = if specials {
+            (&self.tokenizer.specials.0, &self.tokenizer.specials.1)
+        } else {
+            (&[], &[])
+        };
+        // The model's own embedding reads at most `context` tokens, its
+        // special tokens and the prompt included (sentence-transformers'
+        // max_seq_length): the text gets what they leave.
+        let max_tokens = if specials {
+            let pieces: Vec<&str> = template.pieces.iter().map(String::as_str).collect();
+            let prompt: usize = self
+                .tokenizer
+                .encode_many(&pieces)?
+                .iter()
+                .map(Vec::len)
+                .sum();
+            let room = self
+                .context
+                .saturating_sub(before.len() + after.len() + prompt)
+                / template.slots();
+            if room == 0 {
+                return Err(EngineError::invalid(
+                    "prompt",
+                    format!(
+                        "its {prompt} tokens leave no room for the text in the model's {} positions",
+                        self.context
+                    ),
+                ));
+            }
+            max_tokens.min(room)
+        } else {
+            max_tokens
+        };
         // Texts over the limit are cut where their first token past it
         // starts (counted alone, as the limit is stated), then wrapped in
         // the prompt.
@@ -611,7 +841,9 @@ impl Embedder {
         let rendered: Vec<String> = kept.iter().map(|t| template.render(t)).collect();
         let rendered_refs: Vec<&str> = rendered.iter().map(String::as_str).collect();
         let encoded = self.tokenizer.encode_many_with_offsets(&rendered_refs)?;
-        let bos = if self.tokenizer.add_bos {
+        let bos = if specials {
+            None
+        } else if self.tokenizer.add_bos {
             self.tokenizer.bos
         } else {
             None
@@ -621,9 +853,12 @@ impl Embedder {
         let filler = self.tokenizer.eos.or(self.tokenizer.bos).unwrap_or(0);
         let mut out = Vec::with_capacity(texts.len());
         for (text, (t, offsets)) in kept.iter().zip(encoded) {
-            let mut ids = Vec::with_capacity(t.len() + 1);
+            let mut ids = Vec::with_capacity(t.len() + before.len() + after.len() + 1);
             ids.extend(bos);
-            let mean_start = ids.len();
+            ids.extend_from_slice(before);
+            // The native method pools over every token the model read, its
+            // special tokens included (as sentence-transformers does).
+            let mean_start = if specials { 0 } else { ids.len() };
             // The last copy of the text: bytes `at..at + len` of the rendered
             // string; its tokens are those overlapping them.
             let at = template.pieces[..template.slots()]
@@ -643,6 +878,7 @@ impl Embedder {
                 _ => mean_start..mean_start,
             };
             ids.extend_from_slice(&t);
+            ids.extend_from_slice(after);
             if ids.is_empty() {
                 // An empty text with no prompt and no BOS: one EOS token
                 // stands for it, so every input gets a vector.
@@ -703,8 +939,9 @@ impl Embedder {
         max_tokens: usize,
         mut progress: impl FnMut(usize) -> bool,
     ) -> Result<Vec<Vec<Vec<f32>>>> {
-        let (prepared, _) = self.prepare(texts, template, max_tokens, true, None)?;
-        let n_layers = self.decoder.cfg.n_layers;
+        let decoder = self.decoder()?;
+        let (prepared, _) = self.prepare(texts, template, max_tokens, true, None, false)?;
+        let n_layers = decoder.cfg.n_layers;
         let mut reps = vec![vec![Vec::new(); prepared.len()]; n_layers];
         let fopts = ForwardOptions {
             collect_layers: Some(pooling),
@@ -712,7 +949,7 @@ impl Embedder {
         };
         for batch in self.batches(&prepared) {
             let seqs: Vec<Vec<u32>> = batch.iter().map(|&i| prepared[i].ids.clone()).collect();
-            let out = self.decoder.forward(&seqs, &fopts)?;
+            let out = decoder.forward(&seqs, &fopts)?;
             for (l, pooled) in out.layer_pooled.iter().enumerate() {
                 let rows = pooled.to_vec2::<f32>()?;
                 for (bi, row) in rows.into_iter().enumerate() {
@@ -782,7 +1019,7 @@ impl Embedder {
             &reps,
             f64::from(skip),
             window,
-            self.decoder.cfg.family,
+            self.decoder()?.cfg.family,
             &mut || progress(0),
         )
         .ok_or_else(|| {
@@ -837,7 +1074,8 @@ impl Embedder {
         ids: &[u32],
         reroute: Option<(&[usize], f32)>,
     ) -> Result<Vec<Vec<f32>>> {
-        let n = self.decoder.cfg.n_layers;
+        let decoder = self.decoder()?;
+        let n = decoder.cfg.n_layers;
         let reroute = match reroute {
             Some((layers, bias)) => Some(Reroute::new(
                 layers,
@@ -847,7 +1085,7 @@ impl Embedder {
             )?),
             None => None,
         };
-        let out = self.decoder.forward(
+        let out = decoder.forward(
             &[ids.to_vec()],
             &ForwardOptions {
                 reroute,
@@ -865,11 +1103,10 @@ impl Embedder {
         }
         ids.extend(self.tokenizer.encode(prompt)?);
         let start = ids.len();
+        let decoder = self.decoder()?;
         for _ in 0..max_new {
-            let out = self
-                .decoder
-                .forward(&[ids.clone()], &ForwardOptions::default())?;
-            let logits = self.decoder.last_logits(&out, &[ids.len()])?;
+            let out = decoder.forward(&[ids.clone()], &ForwardOptions::default())?;
+            let logits = decoder.last_logits(&out, &[ids.len()])?;
             let next = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
             if Some(next) == self.tokenizer.eos {
                 break;
@@ -893,6 +1130,7 @@ fn pool(hidden: &Tensor, b: usize, p: &Prepared, pooling: Pooling) -> Result<Vec
         Pooling::Last => last()?,
         Pooling::Hybrid => ((mean(p.mean_start..len)? + last()?)? * 0.5)?,
         Pooling::LastCopyMean => mean(p.last_copy.clone())?,
+        Pooling::First => seq.narrow(0, 0, 1)?.squeeze(0)?,
     };
     Ok(normalize(v.to_vec1::<f32>()?))
 }
@@ -929,6 +1167,18 @@ pub fn fingerprint(path: &std::path::Path) -> Result<String> {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name == "config.json" || name.ends_with(".safetensors") {
                 files.push(entry.path());
+            }
+        }
+        // How a model's own embedding is made (crate::native) is part of
+        // what it gives.
+        for st in [
+            "modules.json",
+            "config_sentence_transformers.json",
+            "sentence_bert_config.json",
+            "1_Pooling/config.json",
+        ] {
+            if path.join(st).is_file() {
+                files.push(path.join(st));
             }
         }
         files.sort();
@@ -1007,7 +1257,9 @@ mod tests {
                 with_bos,
                 "{arch}"
             );
-            let (plain, _) = e.prepare(&texts, &tp.document, 64, false, None).unwrap();
+            let (plain, _) = e
+                .prepare(&texts, &tp.document, 64, false, None, false)
+                .unwrap();
             let plain = &plain[0].ids;
             let token = e.tokenizer.eos.or(e.tokenizer.bos).unwrap_or(0);
             let default = e.placeholder_position(tp.prepend.unwrap());
@@ -1018,7 +1270,9 @@ mod tests {
             for at in [default, 0, 1] {
                 let m = asked(at).unwrap();
                 assert_eq!(e.placeholder_position(m.prepend.unwrap()), at, "{arch}");
-                let (marked, _) = e.prepare(&texts, &m.document, 64, false, Some(at)).unwrap();
+                let (marked, _) = e
+                    .prepare(&texts, &m.document, 64, false, Some(at), false)
+                    .unwrap();
                 let marked = &marked[0].ids;
                 assert_eq!(marked.len(), plain.len() + 1, "{arch} at {at}");
                 assert_eq!(marked[at], token, "{arch} at {at}");
@@ -1036,7 +1290,8 @@ mod tests {
     fn a_token_id_outside_the_vocabulary_is_an_internal_error() {
         let e = golden("llama");
         let Err(err) = e
-            .decoder
+            .decoder()
+            .unwrap()
             .forward(&[vec![1, u32::MAX]], &ForwardOptions::default())
         else {
             panic!("a token id outside the vocabulary was accepted");
@@ -1046,9 +1301,6 @@ mod tests {
             err.to_string().contains("outside the model's vocabulary"),
             "{err}"
         );
-        assert_eq!(
-            e.decoder.passes.load(std::sync::atomic::Ordering::Relaxed),
-            0
-        );
+        assert_eq!(e.forward_passes(), 0);
     }
 }

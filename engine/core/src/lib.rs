@@ -11,6 +11,7 @@
 pub mod chunk;
 pub mod embedder;
 pub mod method;
+pub mod native;
 pub mod space;
 pub mod twonn;
 

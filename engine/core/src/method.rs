@@ -27,6 +27,8 @@ pub enum Pooling {
     Hybrid,
     /// Mean over the tokens of the *last* copy of the text (Echo).
     LastCopyMean,
+    /// The first token's state (an encoder's `[CLS]`).
+    First,
 }
 
 impl Pooling {
@@ -36,10 +38,11 @@ impl Pooling {
             "last" => Pooling::Last,
             "hybrid" => Pooling::Hybrid,
             "echo" | "last-copy-mean" => Pooling::LastCopyMean,
+            "first" | "cls" => Pooling::First,
             other => {
                 return Err(EngineError::invalid(
                     "pooling",
-                    format!("'{other}' (mean, last, hybrid, echo)"),
+                    format!("'{other}' (mean, last, hybrid, echo, first)"),
                 ))
             }
         })
@@ -137,6 +140,10 @@ pub struct Method {
     pub pooling: Pooling,
     pub reroute: Option<RerouteConfig>,
     pub prepend: Option<Prepend>,
+    /// Wrap each input in the special tokens the model's own tokenizer adds
+    /// (`TextTokenizer::specials`) instead of BOS alone, and pool over all
+    /// of them: the `native` method ([`crate::native`]).
+    pub specials: bool,
 }
 
 /// Token Prepending (Fu et al., 2024): a placeholder token whose state is
@@ -200,6 +207,7 @@ impl Method {
             pooling,
             reroute,
             prepend,
+            specials: false,
         };
         // The product default, from the study in docs/QUALITY.md: on small
         // backbones the PromptEOL prompt with last-token pooling is far
@@ -328,7 +336,10 @@ impl Method {
             other => {
                 return Err(EngineError::invalid(
                     "method",
-                    format!("'{other}' (known: {})", METHOD_NAMES.join(", ")),
+                    format!(
+                        "'{other}' (known: {}, and native: the model's own embedding)",
+                        METHOD_NAMES.join(", ")
+                    ),
                 ))
             }
         })

@@ -76,7 +76,7 @@ fn load(model: &str, dtype: DType) -> Embedder {
         ..LoadSpec::new(model)
     };
     let e = Embedder::load_with_dtype(&spec, Some(dtype)).unwrap();
-    assert_eq!(e.decoder.dtype(), dtype);
+    assert_eq!(e.decoder().unwrap().dtype(), dtype);
     e
 }
 
@@ -191,6 +191,6 @@ fn dtype_names_parse() {
     assert!(err.contains("dtype") && err.contains("int8"), "{err}");
     // The default stays f32 on the CPU.
     let e = Embedder::load(&LoadSpec::new(golden_dir("llama").to_str().unwrap())).unwrap();
-    assert_eq!(e.decoder.dtype(), DType::F32);
+    assert_eq!(e.decoder().unwrap().dtype(), DType::F32);
     assert_eq!(e.info().device, "cpu");
 }

@@ -41,8 +41,8 @@ fn check_with(arch: &str, kernel: bool) {
         ..LoadSpec::new(dir.to_str().unwrap())
     };
     let mut e = Embedder::load(&spec).unwrap();
-    assert!(!e.decoder.amx);
-    e.decoder.cpu_attention_kernel = kernel;
+    assert!(!e.decoder().unwrap().amx);
+    e.decoder_mut().unwrap().cpu_attention_kernel = kernel;
     for case in golden["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let ids: Vec<u32> = case["input_ids"]
@@ -169,7 +169,7 @@ fn amx_bf16_matmuls_stay_close_to_transformers() {
         eprintln!("no AMX-BF16 on this CPU: nothing to check");
         return;
     }
-    let min_cos = min_cosine_against_transformers(WeightFormat::Amx, |e| e.decoder.amx);
+    let min_cos = min_cosine_against_transformers(WeightFormat::Amx, |e| e.decoder().unwrap().amx);
     assert!(
         min_cos >= 0.999,
         "AMX: smallest cosine {min_cos} against transformers"
@@ -184,8 +184,9 @@ fn amx_bf16_matmuls_stay_close_to_transformers() {
 #[test]
 fn int8_matmuls_stay_close_to_transformers() {
     let kernel = kvembed_core::model::int8::Kernel::detect();
-    let min_cos =
-        min_cosine_against_transformers(WeightFormat::Int8, |e| e.decoder.int8 == Some(kernel));
+    let min_cos = min_cosine_against_transformers(WeightFormat::Int8, |e| {
+        e.decoder().unwrap().int8 == Some(kernel)
+    });
     eprintln!("{kernel:?}: smallest cosine {min_cos:.6}");
     assert!(
         min_cos >= 0.995,

@@ -14,7 +14,7 @@ pub enum EngineError {
     #[error("corrupt or truncated model file '{path}': {reason}")]
     Corrupt { path: PathBuf, reason: String },
 
-    #[error("unsupported architecture '{arch}' in '{path}' (supported: llama, mistral, qwen2, qwen3, gemma3)")]
+    #[error("unsupported architecture '{arch}' in '{path}' (supported: the decoders llama, mistral, qwen2, qwen3, gemma3 and the encoder bert)")]
     UnsupportedArch { arch: String, path: PathBuf },
 
     #[error("tokenizer does not match the weights: {0}")]

@@ -17,6 +17,7 @@ pub mod arch;
 pub mod attention;
 pub mod cpu;
 pub mod decoder;
+pub mod encoder;
 pub mod error;
 pub mod fastmath;
 pub mod int8;

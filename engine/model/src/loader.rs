@@ -438,7 +438,7 @@ impl Embedding {
     }
 }
 
-fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(|e| EngineError::io(&index, e))?;

@@ -19,6 +19,12 @@ pub struct TextTokenizer {
     pub eos: Option<u32>,
     /// Whether the model expects a BOS token in front of every input.
     pub add_bos: bool,
+    /// The special tokens the model's own tokenizer puts around a text
+    /// (Hugging Face's post-processor: `[CLS]` … `[SEP]` for BERT, BOS, an
+    /// EOS some embedding models end with; GGUF: BOS and EOS as its
+    /// `add_bos_token` / `add_eos_token` say). The `native` method wraps
+    /// every input in them, as the model was trained to read it.
+    pub specials: (Vec<u32>, Vec<u32>),
     pub vocab_size: usize,
 }
 
@@ -132,7 +138,13 @@ impl TextTokenizer {
             }
         };
         let add_bos = md_bool(md, "tokenizer.ggml.add_bos_token").unwrap_or(kind == "llama");
+        let add_eos = md_bool(md, "tokenizer.ggml.add_eos_token").unwrap_or(false);
+        let specials = (
+            bos.filter(|_| add_bos).into_iter().collect(),
+            eos.filter(|_| add_eos).into_iter().collect(),
+        );
         Ok(TextTokenizer {
+            specials,
             vocab_size: tokens.len(),
             inner,
             bos,
@@ -175,6 +187,14 @@ impl TextTokenizer {
     pub fn from_file(path: &Path, config: &serde_json::Value) -> Result<TextTokenizer> {
         let mut inner = Tokenizer::from_file(path)
             .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
+        // Padding and truncation are the engine's to do (batches are padded
+        // by the model, texts cut with a notice): a tokenizer.json that
+        // pads every text to a fixed length or cuts it silently would
+        // change what is embedded.
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         let bos = config
             .get("bos_token_id")
             .and_then(|v| v.as_u64())
@@ -189,6 +209,10 @@ impl TextTokenizer {
             .encode("a", true)
             .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         let add_bos = bos.is_some() && probe.get_ids().first().copied() == bos;
+        let plain = inner
+            .encode("a", false)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let specials = around(probe.get_ids(), plain.get_ids());
         inner.with_post_processor(None::<tokenizers::processors::PostProcessorWrapper>);
         // A text that spells a special token is text (as for GGUF files).
         inner.set_encode_special_tokens(true);
@@ -198,6 +222,7 @@ impl TextTokenizer {
             bos,
             eos,
             add_bos,
+            specials,
             vocab_size,
         })
     }
@@ -244,6 +269,19 @@ impl TextTokenizer {
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+}
+
+/// What a post-processor put around `plain` to make `full`: the ids before
+/// and after the first place `plain` occurs in `full` (nothing where it does
+/// not occur, as for a processor that rewrites the text's own ids).
+fn around(full: &[u32], plain: &[u32]) -> (Vec<u32>, Vec<u32>) {
+    if plain.is_empty() || plain.len() > full.len() {
+        return (Vec::new(), Vec::new());
+    }
+    match full.windows(plain.len()).position(|w| w == plain) {
+        Some(at) => (full[..at].to_vec(), full[at + plain.len()..].to_vec()),
+        None => (Vec::new(), Vec::new()),
     }
 }
 

@@ -92,7 +92,7 @@ impl Shared {
             }
             ModelState::Ready(embedder, info) => {
                 s.state = proto::EngineState::Ready;
-                s.forward_passes = embedder.decoder.passes.load(Ordering::Relaxed);
+                s.forward_passes = embedder.forward_passes();
                 // `model` stays the setting as given (what kvembed.model says);
                 // `model_id` identifies the weights.
                 s.model_id = info.model_id.clone();
@@ -160,7 +160,7 @@ pub(crate) fn load_model(shared: &Shared) {
                 info.layers,
                 info.dim,
                 info.device,
-                embedder.decoder.matmul_kernel()
+                embedder.matmul_kernel()
             ));
             ModelState::Ready(Arc::new(embedder), info)
         }

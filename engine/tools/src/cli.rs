@@ -514,10 +514,10 @@ fn forward_options(
     e: &Embedder,
     m: &kvembed_core::method::Method,
 ) -> Result<kvembed_core::model::decoder::ForwardOptions> {
-    let n = e.decoder.cfg.n_layers;
+    let n = e.decoder()?.cfg.n_layers;
     let reroute = match &m.reroute {
         Some(r) => Some(kvembed_core::model::decoder::Reroute::new(
-            &r.layers.resolve(n, e.decoder.cfg.family),
+            &r.layers.resolve(n, e.decoder()?.cfg.family),
             n,
             r.bias,
             r.prefix,
@@ -540,7 +540,7 @@ fn forward_seconds(
     let per_batch = (e.batch_tokens / seqs.first().map_or(1, |s| s.len().max(1))).max(1);
     let t0 = Instant::now();
     for chunk in seqs.chunks(per_batch) {
-        e.decoder.forward(chunk, fo)?;
+        e.decoder()?.forward(chunk, fo)?;
     }
     Ok(t0.elapsed().as_secs_f64())
 }
@@ -646,7 +646,7 @@ pub fn bench(
     if json {
         let mut doc = serde_json::json!({"method": m.name, "batch": batch, "tokens": tokens, "seconds": times,
             "tokens_per_s_median": total / med, "texts_per_s_median": batch as f64 / med,
-            "matmul": e.decoder.matmul_kernel()});
+            "matmul": e.matmul_kernel()});
         if let Some((m2, _)) = &other {
             let med2 = median(&times2);
             doc["vs_method"] = serde_json::json!(m2.name);
@@ -707,7 +707,7 @@ pub fn bench_texts(
     if json {
         println!(
             "{}",
-            serde_json::json!({"method": opts.method.as_deref().unwrap_or("kv"), "matmul": e.decoder.matmul_kernel(), "texts": texts.len(), "tokens": tokens,
+            serde_json::json!({"method": opts.method.as_deref().unwrap_or("kv"), "matmul": e.matmul_kernel(), "texts": texts.len(), "tokens": tokens,
                 "seconds": times, "texts_per_s_median": n / med, "tokens_per_s_median": tokens as f64 / med})
         );
     } else {

@@ -452,7 +452,7 @@ impl Study<'_> {
         let template = Template::parse(COMPRESS_DOC)?;
         // The paper's rule as written (`select_window`) and the product's,
         // which checks the minimum on both halves of random splits of the sample.
-        let family = e.decoder.cfg.family;
+        let family = e.decoder()?.cfg.family;
         let mut curves = Vec::new();
         let mut checked = Vec::new();
         for pooling in [LayerPooling::Last, LayerPooling::Mean] {
