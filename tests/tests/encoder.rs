@@ -65,10 +65,11 @@ fn minilm_from_sql_gives_transformers_vectors_in_generated_columns_and_hnsw() {
     let (state, err) = wait_for_model(&mut s, &model, Duration::from_secs(180));
     assert_eq!(state, "ready", "{err:?}");
     let row = s
-        .query_one("SELECT architecture, dim FROM kv_status()", &[])
+        .query_one("SELECT architecture, dim, method FROM kv_status()", &[])
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "bert");
     assert_eq!(row.get::<_, i32>(1), 384);
+    assert_eq!(row.get::<_, String>(2), "native", "the model's own embedding by default");
 
     // The vectors transformers gives, one text at a time and in one batch.
     let cases = reference();

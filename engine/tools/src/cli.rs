@@ -707,7 +707,7 @@ pub fn bench_texts(
     if json {
         println!(
             "{}",
-            serde_json::json!({"method": opts.method.as_deref().unwrap_or("kv"), "matmul": e.matmul_kernel(), "texts": texts.len(), "tokens": tokens,
+            serde_json::json!({"method": opts.method.clone().unwrap_or(e.info().default_method), "matmul": e.matmul_kernel(), "texts": texts.len(), "tokens": tokens,
                 "seconds": times, "texts_per_s_median": n / med, "tokens_per_s_median": tokens as f64 / med})
         );
     } else {
