@@ -69,7 +69,11 @@ fn minilm_from_sql_gives_transformers_vectors_in_generated_columns_and_hnsw() {
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "bert");
     assert_eq!(row.get::<_, i32>(1), 384);
-    assert_eq!(row.get::<_, String>(2), "native", "the model's own embedding by default");
+    assert_eq!(
+        row.get::<_, String>(2),
+        "native",
+        "the model's own embedding by default"
+    );
 
     // The vectors transformers gives, one text at a time and in one batch.
     let cases = reference();

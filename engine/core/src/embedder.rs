@@ -495,7 +495,7 @@ impl Embedder {
     pub fn matmul_kernel(&self) -> String {
         match &self.backbone {
             Backbone::Decoder(d) => d.matmul_kernel(),
-            Backbone::Encoder(e) => format!("candle-{}", format!("{:?}", e.dtype()).to_lowercase()),
+            Backbone::Encoder(e) => e.kernel(),
         }
     }
 
@@ -686,49 +686,35 @@ impl Embedder {
             placeholder,
             method.specials,
         )?;
-        if let Backbone::Encoder(enc) = &self.backbone {
-            let tokens = prepared.iter().map(|p| p.ids.len()).sum();
-            let mut vectors = vec![Vec::new(); prepared.len()];
-            for batch in self.batches(&prepared) {
-                if !keep_going() {
-                    return Err(EngineError::Cancelled(
-                        "embedding stopped: its clients went away".into(),
-                    ));
-                }
-                let seqs: Vec<Vec<u32>> = batch.iter().map(|&i| prepared[i].ids.clone()).collect();
-                let hidden = enc.forward(&seqs)?;
-                for (bi, &i) in batch.iter().enumerate() {
-                    vectors[i] = pool(&hidden, bi, &prepared[i], method.pooling)?;
-                }
+        // One forward pass of a batch: the encoder's, or the decoder's with
+        // the method's re-routing and Token Prepending.
+        let forward: Box<dyn Fn(&[Vec<u32>]) -> Result<Tensor> + '_> = match &self.backbone {
+            Backbone::Encoder(enc) => Box::new(move |seqs| enc.forward(seqs)),
+            Backbone::Decoder(decoder) => {
+                let n_layers = decoder.cfg.n_layers;
+                let reroute = match &method.reroute {
+                    Some(r) => Some(Reroute::new(
+                        &r.layers.resolve(n_layers, decoder.cfg.family),
+                        n_layers,
+                        r.bias,
+                        r.prefix,
+                    )?),
+                    None => None,
+                };
+                let prepend = method
+                    .prepend
+                    .zip(placeholder)
+                    .map(|(p, position)| TokenPrepend {
+                        position,
+                        layers: 1..((p.fraction * n_layers as f32).round() as usize).max(2),
+                    });
+                let fopts = ForwardOptions {
+                    reroute,
+                    prepend,
+                    collect_layers: None,
+                };
+                Box::new(move |seqs| Ok(decoder.forward(seqs, &fopts)?.hidden))
             }
-            return Ok(EmbedOutput {
-                vectors,
-                truncated,
-                tokens,
-            });
-        }
-        let decoder = self.decoder()?;
-        let n_layers = decoder.cfg.n_layers;
-        let reroute = match &method.reroute {
-            Some(r) => Some(Reroute::new(
-                &r.layers.resolve(n_layers, decoder.cfg.family),
-                n_layers,
-                r.bias,
-                r.prefix,
-            )?),
-            None => None,
-        };
-        let prepend = method
-            .prepend
-            .zip(placeholder)
-            .map(|(p, position)| TokenPrepend {
-                position,
-                layers: 1..((p.fraction * n_layers as f32).round() as usize).max(2),
-            });
-        let fopts = ForwardOptions {
-            reroute,
-            prepend,
-            collect_layers: None,
         };
         let tokens = prepared.iter().map(|p| p.ids.len()).sum();
         let mut vectors = vec![Vec::new(); prepared.len()];
@@ -739,9 +725,9 @@ impl Embedder {
                 ));
             }
             let seqs: Vec<Vec<u32>> = batch.iter().map(|&i| prepared[i].ids.clone()).collect();
-            let out = decoder.forward(&seqs, &fopts)?;
+            let hidden = forward(&seqs)?;
             for (bi, &i) in batch.iter().enumerate() {
-                vectors[i] = pool(&out.hidden, bi, &prepared[i], method.pooling)?;
+                vectors[i] = pool(&hidden, bi, &prepared[i], method.pooling)?;
             }
         }
         Ok(EmbedOutput {
@@ -878,6 +864,11 @@ impl Embedder {
                 _ => mean_start..mean_start,
             };
             ids.extend_from_slice(&t);
+            if specials && ids.len() + after.len() > self.context {
+                // The prompt and the text tokenized together came out longer
+                // than apart: cut the end, as the model's tokenizer would.
+                ids.truncate(self.context - after.len());
+            }
             ids.extend_from_slice(after);
             if ids.is_empty() {
                 // An empty text with no prompt and no BOS: one EOS token
