@@ -99,6 +99,25 @@ fn minilm_from_sql_gives_transformers_vectors_in_generated_columns_and_hnsw() {
         assert!(cosine(&got, want) >= 0.9999, "batched {text:?}");
     }
 
+    // A text longer than the model's 256 positions is cut with a NOTICE to
+    // what they leave after [CLS] and [SEP], or refused (54000).
+    let long = "lorem ipsum dolor sit amet ".repeat(200);
+    s.take_notices();
+    let v = vector(&mut s, "SELECT kv_embed($1)::real[]", &[&long]);
+    assert_eq!(v.len(), 384);
+    let notices = s.take_notices();
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.contains("truncated") && n.contains("254")),
+        "expected a truncation NOTICE keeping 254 tokens, got {notices:?}"
+    );
+    s.batch_execute("SET kvembed.on_overflow = 'error'")
+        .unwrap();
+    let e = s.query_one("SELECT kv_embed($1)", &[&long]).unwrap_err();
+    assert_eq!(sql_error(&e).0, "54000", "{}", sql_error(&e).1);
+    s.batch_execute("RESET kvembed.on_overflow").unwrap();
+
     // A generated column and an HNSW index, unchanged.
     s.batch_execute(
         "CREATE TABLE docs (id serial PRIMARY KEY, topic text, body text,

@@ -404,8 +404,10 @@ impl Embedder {
         device: &Device,
         dtype: DType,
     ) -> Result<Embedder> {
-        let tokenizer = TextTokenizer::from_hf_dir(dir)?;
+        // The weights first: an encoder family the engine does not run is
+        // refused as such, whatever else the directory lacks.
         let enc = Encoder::load(dir, device, dtype)?;
+        let tokenizer = TextTokenizer::from_hf_dir(dir)?;
         if tokenizer.vocab_size > enc.cfg.vocab_size {
             return Err(EngineError::TokenizerMismatch(format!(
                 "tokenizer has {} tokens but the model's embedding has {} rows",

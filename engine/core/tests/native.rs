@@ -177,6 +177,28 @@ fn an_encoder_refuses_the_decoder_methods_and_layer_selection_clearly() {
 }
 
 #[test]
+fn a_roberta_style_encoder_is_refused_by_name_not_run_wrongly() {
+    let dir = std::env::temp_dir().join(format!("kvembed-roberta-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type": "xlm-roberta", "architectures": ["XLMRobertaModel"], "hidden_size": 32}"#,
+    )
+    .unwrap();
+    let err = Embedder::load(&LoadSpec::new(dir.to_str().unwrap()))
+        .err()
+        .expect("an XLM-R directory does not load");
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(err.kind(), kvembed_proto::ErrorKind::ModelLoad, "{err}");
+    assert!(
+        err.to_string()
+            .contains("unsupported architecture 'xlm-roberta'")
+            && err.to_string().contains("the encoder bert"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_plain_decoder_has_no_native_method() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/qwen3");
     let e = Embedder::load(&LoadSpec::new(dir.to_str().unwrap())).unwrap();
