@@ -341,7 +341,7 @@ impl Embedder {
         }
         let native = match &source {
             ModelSource::HfDir(dir) => crate::native::read(dir, false)?,
-            ModelSource::Gguf(_) => None,
+            ModelSource::Gguf(_) => store.gguf_metadata().and_then(crate::native::from_gguf),
         };
         let cfg = &decoder.cfg;
         let default_method = match &native {

@@ -13,6 +13,11 @@
 //! * `sentence_bert_config.json`: the input length the model was trained on
 //!   (`max_seq_length`, special tokens included).
 //!
+//! A GGUF file converted from such a model by llama.cpp carries the pooling
+//! alone (`<arch>.pooling_type`: mean, CLS or last) and whether its
+//! tokenizer ends an input with EOS; it has no prompts (set
+//! `kvembed.query_prompt` for a query instruction) ([`from_gguf`]).
+//!
 //! Every input is wrapped in the special tokens the model's own tokenizer
 //! adds (`[CLS]` … `[SEP]`, an EOS), and vectors are L2-normalised as for
 //! every method. An encoder without these files gets mean pooling and no
@@ -168,6 +173,34 @@ pub fn read(dir: &Path, encoder: bool) -> Result<Option<Native>> {
         method,
         max_seq_length,
     }))
+}
+
+/// The `native` method of a GGUF embedding model, from llama.cpp's
+/// `<arch>.pooling_type` (1 mean, 2 CLS, 3 last token); `None` for a model
+/// without one (0, or a generative model) and for a reranker (4, rank).
+pub fn from_gguf(
+    md: &std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>,
+) -> Option<Native> {
+    let arch = md.get("general.architecture")?.to_string().ok()?.clone();
+    let pooling = match md.get(&format!("{arch}.pooling_type"))?.to_u32().ok()? {
+        1 => Pooling::Mean,
+        2 => Pooling::First,
+        3 => Pooling::Last,
+        _ => return None,
+    };
+    let raw = Template::parse("{text}").expect("a template with its placeholder");
+    Some(Native {
+        method: Method {
+            name: "native".into(),
+            document: raw.clone(),
+            query: raw,
+            pooling,
+            reroute: None,
+            prepend: None,
+            specials: true,
+        },
+        max_seq_length: None,
+    })
 }
 
 #[cfg(test)]

@@ -210,3 +210,77 @@ fn a_plain_decoder_has_no_native_method() {
     let err = e.embed(&["a".into()], Role::Document, &opts).unwrap_err();
     assert!(err.to_string().contains("no embedding of its own"), "{err}");
 }
+
+/// A GGUF embedding model as llama.cpp converts one (here SmolLM2's weights
+/// with `llama.pooling_type = 3` and `tokenizer.ggml.add_eos_token`, written
+/// to a new file): `native` by default, the text's tokens and a final EOS,
+/// the vector the final state of that EOS.
+#[test]
+fn a_gguf_embedding_model_pools_as_its_metadata_says() {
+    use candle_core::quantized::gguf_file::{self, Value};
+    use candle_core::Device;
+    let dir = std::env::var("KVEMBED_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models"));
+    let src = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        src.is_file(),
+        "{} missing: run scripts/fetch-models.sh smollm2",
+        src.display()
+    );
+    let mut f = std::fs::File::open(&src).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let mut md: Vec<(String, Value)> = content
+        .metadata
+        .iter()
+        .filter(|(k, _)| *k != "llama.pooling_type" && *k != "tokenizer.ggml.add_eos_token")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    md.push(("llama.pooling_type".into(), Value::U32(3)));
+    md.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(true)));
+    let tensors: Vec<(String, _)> = content
+        .tensor_infos
+        .keys()
+        .map(|n| (n.clone(), content.tensor(&mut f, n, &Device::Cpu).unwrap()))
+        .collect();
+    let out = std::env::temp_dir().join(format!("kvembed-embedding-{}.gguf", std::process::id()));
+    {
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&out).unwrap());
+        let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let t_refs: Vec<(&str, &_)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        gguf_file::write(&mut w, &md_refs, &t_refs).unwrap();
+    }
+    let e = Embedder::load(&LoadSpec::new(out.to_str().unwrap()));
+    std::fs::remove_file(&out).unwrap();
+    let e = e.unwrap();
+    assert_eq!(e.info().default_method, "native");
+    let text = "A man is playing a guitar.";
+    let opts = EmbedOptions::default();
+    let ids = e.prompt_ids(text, Role::Query, &opts).unwrap();
+    let eos = e.tokenizer.eos.expect("SmolLM2 has an EOS");
+    let mut want = e.tokenizer.specials.0.clone();
+    want.extend(e.tokenizer.encode(text).unwrap());
+    want.push(eos);
+    assert_eq!(ids, want, "no prompt, the text, then EOS");
+    let v = &e.embed(&[text.into()], Role::Query, &opts).unwrap().vectors[0];
+    let hidden = e.forward_hidden(&ids, None).unwrap();
+    let last = kvembed_core::embedder::normalize(hidden.last().unwrap().clone());
+    let diff = v
+        .iter()
+        .zip(&last)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        diff < 1e-5,
+        "the final EOS state, normalised: off by {diff}"
+    );
+    let kv = EmbedOptions {
+        method: Some("kv".into()),
+        ..Default::default()
+    };
+    let other = &e.embed(&[text.into()], Role::Query, &kv).unwrap().vectors[0];
+    assert!(
+        v.iter().zip(other).any(|(a, b)| (a - b).abs() > 1e-3),
+        "kv is another method"
+    );
+}
