@@ -112,6 +112,9 @@ if [ "$smoke" = 0 ]; then
     # CPU features QEMU cannot emulate (TSX, XSAVES) are noise.
     CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="qemu-x86_64 -cpu $cpu" \
       cargo test --release -p kvembed-core --test golden -- "$@" 2> >(grep -v "TCG doesn't support requested feature" >&2)
+    # The encoder's own forward pass (its products, exp and erf) on the same CPU.
+    CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="qemu-x86_64 -cpu $cpu" \
+      cargo test --release -p kvembed-core --test native -- a_bert_encoder "$@" 2> >(grep -v "TCG doesn't support requested feature" >&2)
   done
 
   phase "docs: the findings in docs/QUALITY.md are docs/quality-notes.md (scripts/quality_notes.py --check)"
