@@ -174,4 +174,27 @@ fn minilm_from_sql_gives_transformers_vectors_in_generated_columns_and_hnsw() {
         .unwrap_err();
     let (_, msg) = sql_error(&e);
     assert!(msg.contains("is an encoder"), "{msg}");
+
+    // A profile made on the encoder embeds with it, and refuses to once the
+    // engine serves another model.
+    s.query_one("SELECT kv_create_profile('mini')", &[])
+        .unwrap();
+    let p = vector(
+        &mut s,
+        "SELECT kv_embed($1, 'document', 'mini')::real[]",
+        &[&cases[0].0],
+    );
+    assert!(cosine(&p, &cases[0].1) >= 0.9999);
+    let decoder = model_path().to_string_lossy().into_owned();
+    configure_model(&decoder);
+    let (state, err) = wait_for_model(&mut s, &decoder, Duration::from_secs(180));
+    assert_eq!(state, "ready", "{err:?}");
+    let e = s
+        .query_one("SELECT kv_embed('hello', 'document', 'mini')", &[])
+        .unwrap_err();
+    let (_, msg) = sql_error(&e);
+    assert!(
+        msg.contains("profile 'mini' was made with model 'bert:"),
+        "{msg}"
+    );
 }

@@ -204,14 +204,6 @@ impl Encoder {
                 self.cfg.vocab_size
             )));
         }
-        let mut ids = vec![0u32; b * t];
-        let mut mask = vec![0f32; b * t];
-        for (i, s) in seqs.iter().enumerate() {
-            ids[i * t..i * t + s.len()].copy_from_slice(s);
-            mask[i * t..i * t + s.len()]
-                .iter_mut()
-                .for_each(|m| *m = 1.0);
-        }
         let hidden = match &self.model {
             Forward::Cpu(m) => {
                 let d = self.cfg.hidden;
@@ -226,6 +218,15 @@ impl Encoder {
                 Tensor::from_vec(out, (b, t, d), &self.device)?
             }
             Forward::Candle(m) => {
+                // Right-padded ids and the mask that keeps padding out.
+                let mut ids = vec![0u32; b * t];
+                let mut mask = vec![0f32; b * t];
+                for (i, s) in seqs.iter().enumerate() {
+                    ids[i * t..i * t + s.len()].copy_from_slice(s);
+                    mask[i * t..i * t + s.len()]
+                        .iter_mut()
+                        .for_each(|m| *m = 1.0);
+                }
                 let ids = Tensor::from_vec(ids, (b, t), &self.device)?;
                 let types = ids.zeros_like()?;
                 let mask = Tensor::from_vec(mask, (b, t), &self.device)?;
