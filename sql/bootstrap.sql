@@ -44,6 +44,6 @@ BEGIN
   END IF;
 END
 $$;
-GRANT ALTER SYSTEM ON PARAMETER kvembed.model, kvembed.device, kvembed.threads, kvembed.batch_tokens,
+GRANT ALTER SYSTEM ON PARAMETER kvembed.model, kvembed.models, kvembed.device, kvembed.threads, kvembed.batch_tokens,
   kvembed.engine_memory_limit, kvembed.max_tokens_limit, kvembed.max_calibration_texts
   TO kvembed_admin;

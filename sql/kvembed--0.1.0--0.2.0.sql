@@ -30,6 +30,8 @@
 -- * the asynchronous embedding queue: kv_vectorize(), kv_unvectorize(),
 --   kvembed.vectorized and the per-database queue worker; kv_backfill
 --   shares its batch (kvembed.embed_pending).
+-- * kv_models(): the models the engine serves (kvembed.model and the new
+--   kvembed.models), and the kvembed.use_model session setting.
 -- Every other object is unchanged. The 0.2.0 library serves both versions'
 -- functions (no C symbol was renamed or removed).
 
@@ -79,6 +81,7 @@ END
 $fn$;
 
 GRANT ALTER SYSTEM ON PARAMETER kvembed.max_tokens_limit, kvembed.max_calibration_texts TO kvembed_admin;
+GRANT ALTER SYSTEM ON PARAMETER kvembed.models TO kvembed_admin;
 DROP FUNCTION kvembed.select_layers_raw(text[], integer, real);
 CREATE  FUNCTION kvembed."select_layers_raw"(
 	"texts" text[], /* Array < '_, DbText > */
@@ -234,6 +237,24 @@ CREATE FUNCTION @extschema@."kv_chunk"(
 STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'kv_chunk_wrapper';
+
+-- The list of served models is new.
+CREATE FUNCTION @extschema@."kv_models"() RETURNS TABLE (
+	"name" TEXT,  /* String */
+	"source" TEXT,  /* String */
+	"state" TEXT,  /* String */
+	"model_id" TEXT,  /* String */
+	"architecture" TEXT,  /* String */
+	"dim" INT,  /* i32 */
+	"default_method" TEXT,  /* String */
+	"max_tokens" INT,  /* i32 */
+	"texts_served" bigint,  /* i64 */
+	"in_use" bool,  /* bool */
+	"load_error" TEXT  /* Option < String > */
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'kv_models_wrapper';
 
 -- The engine's metrics are new.
 CREATE FUNCTION kvembed."engine_stats"() RETURNS TABLE (

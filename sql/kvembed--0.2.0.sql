@@ -55,7 +55,7 @@ BEGIN
   END IF;
 END
 $$;
-GRANT ALTER SYSTEM ON PARAMETER kvembed.model, kvembed.device, kvembed.threads, kvembed.batch_tokens,
+GRANT ALTER SYSTEM ON PARAMETER kvembed.model, kvembed.models, kvembed.device, kvembed.threads, kvembed.batch_tokens,
   kvembed.engine_memory_limit, kvembed.max_tokens_limit, kvembed.max_calibration_texts
   TO kvembed_admin;
 /* </end connected objects> */
@@ -167,6 +167,27 @@ AS 'MODULE_PATHNAME', 'kv_embed_half_profile_wrapper';
 
 /* <begin connected objects> */
 -- src/api.rs
+-- kvembed::api::kv_models
+CREATE  FUNCTION "kv_models"() RETURNS TABLE (
+	"name" TEXT,  /* String */
+	"source" TEXT,  /* String */
+	"state" TEXT,  /* String */
+	"model_id" TEXT,  /* String */
+	"architecture" TEXT,  /* String */
+	"dim" INT,  /* i32 */
+	"default_method" TEXT,  /* String */
+	"max_tokens" INT,  /* i32 */
+	"texts_served" bigint,  /* i64 */
+	"in_use" bool,  /* bool */
+	"load_error" TEXT  /* Option < String > */
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'kv_models_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs
 -- kvembed::api::kv_restart
 CREATE  FUNCTION "kv_restart"() RETURNS bool /* bool */
 STRICT VOLATILE PARALLEL UNSAFE
@@ -231,25 +252,20 @@ CREATE SCHEMA IF NOT EXISTS kvembed; /* kvembed::api::kvembed */
 
 /* <begin connected objects> */
 -- src/api.rs
--- kvembed::api::kvembed::select_layers_raw
-CREATE  FUNCTION kvembed."select_layers_raw"(
-	"texts" text[], /* Array < '_, DbText > */
-	"window" INT DEFAULT NULL, /* Option < i32 > */
-	"skip_fraction" real DEFAULT NULL, /* Option < f32 > */
-	"space" TEXT DEFAULT NULL /* Option < & str > */
-) RETURNS jsonb /* JsonB */
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'select_layers_raw_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs
 -- kvembed::api::kvembed::session_profile
 CREATE  FUNCTION kvembed."session_profile"() RETURNS jsonb /* JsonB */
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'session_profile_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs
+-- kvembed::api::kvembed::status_json
+CREATE  FUNCTION kvembed."status_json"() RETURNS jsonb /* JsonB */
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'status_json_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -276,11 +292,16 @@ AS 'MODULE_PATHNAME', 'engine_stats_wrapper';
 
 /* <begin connected objects> */
 -- src/api.rs
--- kvembed::api::kvembed::status_json
-CREATE  FUNCTION kvembed."status_json"() RETURNS jsonb /* JsonB */
-STRICT VOLATILE PARALLEL SAFE
+-- kvembed::api::kvembed::select_layers_raw
+CREATE  FUNCTION kvembed."select_layers_raw"(
+	"texts" text[], /* Array < '_, DbText > */
+	"window" INT DEFAULT NULL, /* Option < i32 > */
+	"skip_fraction" real DEFAULT NULL, /* Option < f32 > */
+	"space" TEXT DEFAULT NULL /* Option < & str > */
+) RETURNS jsonb /* JsonB */
+VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'status_json_wrapper';
+AS 'MODULE_PATHNAME', 'select_layers_raw_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */

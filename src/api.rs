@@ -207,6 +207,54 @@ fn kv_chunk(
     TableIterator::new(rows)
 }
 
+/// The models the engine serves: `kvembed.model` first, then those of
+/// `kvembed.models`, each with its state and what `kv_embed` gives with it
+/// (`in_use`: this session's `kvembed.use_model` picks it).
+#[pg_extern(volatile, parallel_safe)]
+fn kv_models() -> TableIterator<
+    'static,
+    (
+        name!(name, String),
+        name!(source, String),
+        name!(state, String),
+        name!(model_id, String),
+        name!(architecture, String),
+        name!(dim, i32),
+        name!(default_method, String),
+        name!(max_tokens, i32),
+        name!(texts_served, i64),
+        name!(in_use, bool),
+        name!(load_error, Option<String>),
+    ),
+> {
+    let status = client::status();
+    let chosen = crate::settings::use_model();
+    let rows: Vec<_> = status
+        .models
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            (
+                m.name.clone(),
+                m.source.clone(),
+                m.state.as_str().to_string(),
+                m.model_id.clone(),
+                m.architecture.clone(),
+                m.dim as i32,
+                m.default_method.clone(),
+                m.max_tokens as i32,
+                m.texts_served as i64,
+                match &chosen {
+                    None => i == 0,
+                    Some(name) => *name == m.name,
+                },
+                m.load_error.clone(),
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
 /// Empties the engine's metrics (`kvembed.stats`); returns how many rows
 /// (database and role pairs) they had. Superusers and `kvembed_admin`.
 #[pg_extern(volatile, parallel_unsafe)]
@@ -270,12 +318,9 @@ mod kvembed {
     #[pg_extern(volatile, parallel_unsafe)]
     fn session_profile() -> JsonB {
         let (options, space) = settings_options();
-        let (model_id, fingerprint) = client::with_engine(true, |e| {
-            Ok((e.status.model_id.clone(), e.status.fingerprint.clone()))
-        });
-        let max_tokens = options
-            .max_tokens
-            .unwrap_or_else(|| client::with_engine(true, |e| Ok(e.status.max_tokens)));
+        let model = client::model(options.model.as_deref());
+        let (model_id, fingerprint) = (model.model_id, model.fingerprint);
+        let max_tokens = options.max_tokens.unwrap_or(model.max_tokens);
         let Some(info) = client::describe(options.clone()) else {
             ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -293,7 +338,9 @@ mod kvembed {
             query_prompt: Some(info.query_prompt),
             max_tokens: Some(max_tokens),
             truncate: options.truncate,
+            // A profile finds its model by the fingerprint, under any name.
             expect_model: None,
+            model: None,
         };
         let space = space.map(|s| {
             serde_json::json!({
@@ -316,8 +363,29 @@ mod kvembed {
     #[pg_extern(volatile, parallel_safe)]
     fn status_json() -> JsonB {
         let s = client::status();
+        // The session's model (kvembed.use_model); a name the engine does
+        // not serve shows as a failed model.
+        let m = match settings::use_model() {
+            None => s.model_named(None).cloned().unwrap_or_default(),
+            Some(name) => s.model_named(Some(&name)).cloned().unwrap_or_else(|| {
+                kvembed_proto::ModelStatus {
+                    load_error: Some(format!(
+                        "kvembed.use_model = '{name}' names no model the engine serves (it serves: {})",
+                        s.model_names()
+                    )),
+                    state: kvembed_proto::EngineState::Failed,
+                    source: name.clone(),
+                    name,
+                    ..Default::default()
+                }
+            }),
+        };
+        let state = match s.state {
+            kvembed_proto::EngineState::Loading => s.state,
+            _ => m.state,
+        };
         let supervisor = crate::worker::read_state().unwrap_or_default();
-        let (asked_layers, layers_source, _, space) = session_layers(|| s.model_id.clone());
+        let (asked_layers, layers_source, _, space) = session_layers(|| m.model_id.clone());
         let opts = settings::embed_options(asked_layers);
         let space =
             applied_space(space, &opts).map(|s| format!("{} ({} texts)", s.fit, s.sample_size));
@@ -337,7 +405,7 @@ mod kvembed {
         // What the session's settings run on the loaded model (a method's
         // own layers, bias and prompts where it is not the default one);
         // before the model is loaded, the settings as they are.
-        let described = (s.state == kvembed_proto::EngineState::Ready)
+        let described = (state == kvembed_proto::EngineState::Ready)
             .then(|| client::describe(opts.clone()))
             .flatten();
         let (method, layers, bias, document_prompt, query_prompt) = match described {
@@ -349,22 +417,24 @@ mod kvembed {
                 d.query_prompt,
             ),
             None => (
-                opts.method.clone().unwrap_or(s.default_method),
-                opts.layers.clone().unwrap_or(s.default_layers),
-                Some(opts.bias.unwrap_or(s.default_bias)),
-                opts.document_prompt.clone().unwrap_or(s.document_prompt),
-                opts.query_prompt.clone().unwrap_or(s.query_prompt),
+                opts.method.clone().unwrap_or(m.default_method),
+                opts.layers.clone().unwrap_or(m.default_layers),
+                Some(opts.bias.unwrap_or(m.default_bias)),
+                opts.document_prompt.clone().unwrap_or(m.document_prompt),
+                opts.query_prompt.clone().unwrap_or(m.query_prompt),
             ),
         };
         JsonB(serde_json::json!({
-            "state": s.state.as_str(),
-            "model": s.model,
-            "model_id": s.model_id,
-            "fingerprint": s.fingerprint,
-            "architecture": s.architecture,
-            "dim": s.dim,
-            "n_layers": s.layers,
-            "device": s.device,
+            "state": state.as_str(),
+            // What kvembed.model (or the entry of kvembed.models) says.
+            "model": if m.source.is_empty() { s.model } else { m.source },
+            "model_name": m.name,
+            "model_id": m.model_id,
+            "fingerprint": m.fingerprint,
+            "architecture": m.architecture,
+            "dim": m.dim,
+            "n_layers": m.layers,
+            "device": if m.device.is_empty() { s.device } else { m.device },
             "cpu": s.cpu,
             "method": method,
             "layers": layers,
@@ -373,8 +443,8 @@ mod kvembed {
             "bias": bias,
             "document_prompt": document_prompt,
             "query_prompt": query_prompt,
-            "max_tokens": opts.max_tokens.unwrap_or(s.max_tokens),
-            "max_tokens_limit": s.max_tokens_limit,
+            "max_tokens": opts.max_tokens.unwrap_or(m.max_tokens),
+            "max_tokens_limit": m.max_tokens_limit,
             "max_calibration_texts": s.max_calibration_texts,
             "forward_passes": s.forward_passes,
             "on_overflow": if opts.truncate == Some(false) { "error" } else { "truncate" },
@@ -388,7 +458,7 @@ mod kvembed {
             "supervisor_pid": supervisor.supervisor_pid,
             "engine_restarts": supervisor.restarts,
             "last_exit": supervisor.last_exit,
-            "load_error": s.load_error,
+            "load_error": m.load_error,
         }))
     }
 
@@ -419,6 +489,7 @@ mod kvembed {
             .map(str::trim)
             .filter(|s| !s.is_empty() && *s != "none");
         let options = SelectOptions {
+            model: embed.model.clone(),
             skip_fraction,
             window: window.map(|w| w.max(1) as usize),
             max_tokens: embed.max_tokens,
@@ -549,8 +620,7 @@ fn request_options() -> (EmbedOptions, Option<Rc<StoredSpace>>) {
 
 /// The request options from the session's `kvembed.*` settings (no profile).
 fn settings_options() -> (EmbedOptions, Option<Rc<StoredSpace>>) {
-    let (layers, _, expect_model, space) =
-        session_layers(|| client::with_engine(true, |e| Ok(e.status.model_id.clone())));
+    let (layers, _, expect_model, space) = session_layers(|| client::session_model().model_id);
     let options = EmbedOptions {
         expect_model,
         ..settings::embed_options(layers)
@@ -625,7 +695,7 @@ fn embed_texts(
         // beyond them need not travel (the engine cuts at the same place).
         let cap = options
             .max_tokens
-            .unwrap_or_else(|| client::with_engine(true, |e| Ok(e.status.max_tokens)));
+            .unwrap_or_else(|| client::model(options.model.as_deref()).max_tokens);
         if cap > 0 {
             for (t, cut) in texts.iter_mut().zip(&mut cut) {
                 *cut = kvembed_proto::cut_far_beyond(t, cap);

@@ -113,6 +113,7 @@ pub fn embed(
     name: &dyn Fn(usize) -> String,
 ) -> Embedded {
     let asked = texts.len();
+    let model = options.model.clone();
     let request = Request::Embed {
         texts,
         role,
@@ -125,7 +126,10 @@ pub fn embed(
             // The shape is checked against the request and the model before
             // a single value is allocated.
             Response::Embeddings { count, dim, .. } => {
-                let expected_dim = engine.status.dim;
+                let expected_dim = engine
+                    .status
+                    .model_named(model.as_deref())
+                    .map_or(0, |m| m.dim);
                 if *count != asked || (expected_dim != 0 && *dim != expected_dim) {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -180,6 +184,41 @@ pub fn embed(
         }
         other => unexpected(other),
     }
+}
+
+/// The model requests naming `name` run on (`None`: the first,
+/// kvembed.model), as the engine reported it when this session connected:
+/// an ERROR when the engine serves no model of that name or it failed to
+/// load.
+pub fn model(name: Option<&str>) -> proto::ModelStatus {
+    let (found, names) = with_engine(true, |e| {
+        Ok((e.status.model_named(name).cloned(), e.status.model_names()))
+    });
+    match found {
+        Some(m) if m.state == EngineState::Failed => raise(
+            ErrorKind::ModelLoad,
+            m.load_error.as_deref().unwrap_or("failed"),
+        ),
+        Some(m) => m,
+        None => {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!(
+                    "kvembed: kvembed.use_model = '{}' names no model the engine serves (it serves: {names})",
+                    crate::text::for_message(name.unwrap_or_default())
+                ),
+                "kvembed",
+            )
+            .set_hint("SELECT name FROM kv_models() lists them; an administrator adds one to kvembed.models.")
+            .report(PgLogLevel::ERROR);
+            unreachable!()
+        }
+    }
+}
+
+/// The session's model (`kvembed.use_model`).
+pub fn session_model() -> proto::ModelStatus {
+    model(crate::settings::use_model().as_deref())
 }
 
 /// Sends `SelectLayers` and returns the raw response (the SQL side turns it
@@ -288,6 +327,7 @@ pub fn chunk(text: String, max_tokens: usize, overlap: usize) -> (String, Vec<pr
         max_tokens,
         overlap,
         caller: caller(),
+        model: crate::settings::use_model(),
     };
     let response = with_engine(true, |engine| engine.call(&request));
     let Request::Chunk { text, .. } = request else {
@@ -572,6 +612,18 @@ pub fn raise(kind: ErrorKind, message: &str) -> ! {
             PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             format!("kvembed: {message}"),
             Some("Raise kvembed.max_tokens, or SET kvembed.on_overflow = 'truncate'.".to_string()),
+        ),
+        ErrorKind::ModelLoad if crate::settings::use_model().is_some() => (
+            PgSqlErrorCode::ERRCODE_UNDEFINED_FILE,
+            format!(
+                "kvembed could not load the model kvembed.use_model names ('{}'): {message}",
+                crate::settings::use_model().unwrap_or_default()
+            ),
+            Some(
+                "Fix its entry in kvembed.models (ALTER SYSTEM SET kvembed.models = '...'; SELECT pg_reload_conf();), \
+                 or RESET kvembed.use_model to embed with kvembed.model."
+                    .to_string(),
+            ),
         ),
         ErrorKind::ModelLoad => (
             PgSqlErrorCode::ERRCODE_UNDEFINED_FILE,

@@ -42,40 +42,61 @@ thread_local! {
 /// the loaded model.
 pub fn options_for(name: &str) -> (EmbedOptions, Option<Rc<StoredSpace>>) {
     let profile = read(name);
-    let (loaded, loaded_fingerprint) = client::with_engine(true, |e| {
-        Ok((e.status.model_id.clone(), e.status.fingerprint.clone()))
+    // The profile's model among those the engine serves: the same weights,
+    // wherever they lie now and whatever they are called; by identity
+    // where the profile has no fingerprint.
+    let (found, served) = client::with_engine(true, |e| {
+        let found = e
+            .status
+            .models
+            .iter()
+            .filter(|m| m.state == kvembed_proto::EngineState::Ready)
+            .find(|m| {
+                if profile.fingerprint.is_empty() {
+                    m.model_id == profile.model_id
+                } else {
+                    m.fingerprint == profile.fingerprint
+                }
+            })
+            .map(|m| (m.name.clone(), m.model_id.clone()));
+        let first = e.status.model_named(None).cloned().unwrap_or_default();
+        Ok((
+            found,
+            (e.status.model_names(), first.model_id, first.fingerprint),
+        ))
     });
-    // The same weights, wherever they lie now; by identity where the
-    // profile has no fingerprint.
-    let same = if profile.fingerprint.is_empty() {
-        loaded == profile.model_id
-    } else {
-        loaded_fingerprint == profile.fingerprint
-    };
-    if !same {
+    let Some((model_name, loaded)) = found else {
+        let (names, loaded, loaded_fingerprint) = served;
         let short = |f: &str| f.chars().take(19).collect::<String>();
         ErrorReport::new(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!(
-                "kvembed: profile '{}' was made with model '{}' ({}), but the engine serves '{}' ({})",
+                "kvembed: profile '{}' was made with model '{}' ({}), but the engine serves '{}' ({}){}",
                 crate::text::for_message(name),
                 crate::text::for_message(&profile.model_id),
                 short(&profile.fingerprint),
                 crate::text::for_message(&loaded),
-                short(&loaded_fingerprint)
+                short(&loaded_fingerprint),
+                if names.contains(", ") {
+                    format!(" and no other model with those weights (it serves: {names})")
+                } else {
+                    String::new()
+                }
             ),
             "kvembed",
         )
         .set_hint(
-            "Vectors of different models are not comparable: load the profile's model (kvembed.model), \
-             or create a profile for this one and re-embed.",
+            "Vectors of different models are not comparable: load the profile's model (kvembed.model or \
+             kvembed.models), or create a profile for this one and re-embed.",
         )
         .report(PgLogLevel::ERROR);
-    }
+        unreachable!()
+    };
     let options = EmbedOptions {
         // The engine refuses the request if it restarts with another model
         // before it runs.
         expect_model: Some(loaded),
+        model: Some(model_name),
         ..profile.options.clone()
     };
     (options, profile.space.clone())

@@ -16,6 +16,8 @@ use pgrx::prelude::*;
 use std::ffi::{CStr, CString};
 
 pub static MODEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+pub static MODELS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+pub static USE_MODEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 pub static DEVICE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"cpu"));
 pub static THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static BATCH_TOKENS: GucSetting<i32> =
@@ -61,8 +63,16 @@ pub fn define() {
     GucRegistry::define_string_guc(
         c"kvembed.model",
         c"Model the engine loads: a GGUF file, a Hugging Face model directory, or a repo id in the local Hugging Face cache.",
-        c"One model per cluster. Changing it (ALTER SYSTEM + pg_reload_conf()) restarts the engine.",
+        c"One engine per cluster serves it (and kvembed.models). Changing it (ALTER SYSTEM + pg_reload_conf()) restarts the engine.",
         &MODEL,
+        Sighup,
+        none,
+    );
+    GucRegistry::define_string_guc(
+        c"kvembed.models",
+        c"More models the engine serves beside kvembed.model: a comma-separated list of name=model (or model, named after its file or directory).",
+        c"Sessions choose one with kvembed.use_model, profiles by the model they were made with. Each model takes its own memory; one that fails to load fails alone. Changing the list restarts the engine.",
+        &MODELS,
         Sighup,
         none,
     );
@@ -158,6 +168,14 @@ pub fn define() {
         c"Layers to re-route: auto (the stored calibration, else the method's default), default, or a list such as 6,7,8.",
         c"",
         &LAYERS,
+        Userset,
+        none,
+    );
+    GucRegistry::define_string_guc(
+        c"kvembed.use_model",
+        c"Which of the engine's models this session embeds with, by name (kv_models() lists them; empty = kvembed.model).",
+        c"",
+        &USE_MODEL,
         Userset,
         none,
     );
@@ -264,11 +282,18 @@ pub fn model() -> String {
     string(&MODEL)
 }
 
+/// The model `kvembed.use_model` names, `None` for the first (kvembed.model).
+pub fn use_model() -> Option<String> {
+    non_empty(&USE_MODEL).map(|m| m.trim().to_string())
+}
+
 /// What the supervisor passes to `kvembed serve`; a change restarts the engine.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct EngineSettings {
     pub engine_path: String,
     pub model: String,
+    /// `kvembed.models`, as written.
+    pub models: String,
     pub device: String,
     pub threads: i32,
     pub batch_tokens: i32,
@@ -287,6 +312,7 @@ impl EngineSettings {
         EngineSettings {
             engine_path: non_empty(&ENGINE_PATH).unwrap_or_else(default_engine_path),
             model: string(&MODEL),
+            models: string(&MODELS),
             device: non_empty(&DEVICE).unwrap_or_else(|| "cpu".into()),
             threads: THREADS.get(),
             batch_tokens: BATCH_TOKENS.get(),
@@ -413,6 +439,7 @@ pub fn embed_options(layers: Option<Vec<usize>>) -> EmbedOptions {
             _ => None,
         },
         truncate: Some(overflow() == Overflow::Truncate),
+        model: use_model(),
         ..Default::default()
     }
 }

@@ -340,6 +340,12 @@ impl Supervisor {
             .arg(&socket)
             .arg("--model")
             .arg(&s.model)
+            .args(
+                (!s.models.trim().is_empty())
+                    .then(|| ["--models".to_string(), s.models.clone()])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--device")
             .arg(&s.device)
             .arg("--threads")

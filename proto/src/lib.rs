@@ -17,7 +17,7 @@ pub mod space;
 pub use space::SpaceMap;
 
 /// Bumped on any incompatible change; `Hello` checks it.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// A text's token budget when neither the request nor the session sets one
 /// (the default of `kvembed.max_tokens`, and of a layer selection's texts).
@@ -203,10 +203,19 @@ pub struct EmbedOptions {
     /// request with [`ErrorKind::ModelChanged`] if it now serves another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expect_model: Option<String>,
+    /// Which of the engine's models embeds (its name, see [`ModelEntry`]):
+    /// `None` is the first, `kvembed.model`. Requests for different models
+    /// never share a batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct SelectOptions {
+    /// Which of the engine's models the selection runs on (see
+    /// [`EmbedOptions::model`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
     /// Fraction of the layers skipped at the start (the method uses 0.2).
     pub skip_fraction: Option<f32>,
     /// Width of the selected window.
@@ -256,6 +265,9 @@ pub enum Request {
         overlap: usize,
         #[serde(default)]
         caller: Caller,
+        /// Whose tokenizer cuts (see [`EmbedOptions::model`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model: Option<String>,
     },
     /// The metrics per database and role (`kvembed.stats`), answered with
     /// `Stats`; `reset` empties them afterwards.
@@ -484,6 +496,120 @@ pub struct Status {
     /// (`kvembed.max_calibration_texts`).
     #[serde(default)]
     pub max_calibration_texts: usize,
+    /// Every model the engine serves, `kvembed.model` first, then those of
+    /// `kvembed.models`. The fields above describe the first; `state` is
+    /// `loading` until every model has finished loading (ready or failed).
+    #[serde(default)]
+    pub models: Vec<ModelStatus>,
+}
+
+impl Status {
+    /// The model requests name `name` (`None`: the first), if it is served.
+    pub fn model_named(&self, name: Option<&str>) -> Option<&ModelStatus> {
+        match name {
+            None => self.models.first(),
+            Some(n) => self.models.iter().find(|m| m.name == n),
+        }
+    }
+
+    /// The names of the served models, for messages.
+    pub fn model_names(&self) -> String {
+        let names: Vec<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
+        names.join(", ")
+    }
+}
+
+/// One model the engine serves (an entry of [`Status::models`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct ModelStatus {
+    /// What requests name it by ([`EmbedOptions::model`]).
+    pub name: String,
+    /// Where it is loaded from, as configured.
+    pub source: String,
+    pub state: EngineState,
+    pub model_id: String,
+    pub fingerprint: String,
+    pub architecture: String,
+    pub dim: usize,
+    pub layers: usize,
+    pub device: String,
+    pub default_method: String,
+    pub default_layers: Vec<usize>,
+    pub default_bias: f32,
+    pub document_prompt: String,
+    pub query_prompt: String,
+    /// A text's default token budget on this model (`kvembed.max_tokens`'s
+    /// default where the server sets none), and the ceiling on it.
+    pub max_tokens: usize,
+    pub max_tokens_limit: usize,
+    pub forward_passes: u64,
+    pub texts_served: u64,
+    pub tokens_served: u64,
+    pub load_error: Option<String>,
+}
+
+/// One model of `kvembed.model` / `kvembed.models`: the name requests use
+/// and where its weights are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelEntry {
+    pub name: String,
+    pub source: String,
+}
+
+/// The name a model is known by when its entry gives none: the file or
+/// directory name without `.gguf` (`/m/all-MiniLM-L6-v2` and the repo id
+/// `sentence-transformers/all-MiniLM-L6-v2` are both `all-MiniLM-L6-v2`).
+pub fn default_model_name(source: &str) -> String {
+    let trimmed = source.trim().trim_end_matches('/');
+    let base = trimmed.rsplit('/').next().unwrap_or(trimmed);
+    let base = base
+        .strip_suffix(".gguf")
+        .or_else(|| base.strip_suffix(".GGUF"))
+        .unwrap_or(base);
+    base.to_string()
+}
+
+fn valid_model_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// Parses `kvembed.models`: a comma-separated list of `name=source` or
+/// `source` entries (the name then from [`default_model_name`]). Names are
+/// letters, digits, `_`, `-` and `.`, at most 63 of them, and unique, also
+/// against `taken` (the name of `kvembed.model`).
+pub fn parse_model_list(list: &str, taken: &str) -> Result<Vec<ModelEntry>, String> {
+    let mut out: Vec<ModelEntry> = Vec::new();
+    for raw in list.split(',') {
+        let raw = raw.trim();
+        if raw.is_empty() {
+            continue;
+        }
+        // `name=source`, unless what precedes '=' cannot be a name (a
+        // path with '=' in it).
+        let (name, source) = match raw.split_once('=') {
+            Some((n, s)) if !n.contains('/') => (n.trim().to_string(), s.trim().to_string()),
+            _ => (default_model_name(raw), raw.to_string()),
+        };
+        if source.is_empty() {
+            return Err(format!("the entry '{raw}' names no model"));
+        }
+        if !valid_model_name(&name) {
+            return Err(format!(
+                "'{name}' is not a model name (letters, digits, '_', '-' and '.', at most 63): write name=source"
+            ));
+        }
+        if name == taken || out.iter().any(|e| e.name == name) {
+            return Err(format!(
+                "two models are named '{name}': give one another name (name=source)"
+            ));
+        }
+        out.push(ModelEntry { name, source });
+    }
+    Ok(out)
 }
 
 // `Status` makes this enum large; responses are built once per request and
@@ -659,6 +785,41 @@ pub fn read_f32s_exact<R: Read>(r: &mut R, expected: usize) -> io::Result<Vec<f3
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn model_lists_name_each_model_once() {
+        let list = parse_model_list(
+            " minilm = /m/all-MiniLM-L6-v2 ,/m/SmolLM2-135M.Q4_1.gguf,, sentence-transformers/all-mpnet-base-v2/ ,/a=b/x",
+            "first",
+        )
+        .unwrap();
+        let pairs: Vec<(&str, &str)> = list
+            .iter()
+            .map(|e| (e.name.as_str(), e.source.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("minilm", "/m/all-MiniLM-L6-v2"),
+                ("SmolLM2-135M.Q4_1", "/m/SmolLM2-135M.Q4_1.gguf"),
+                (
+                    "all-mpnet-base-v2",
+                    "sentence-transformers/all-mpnet-base-v2/"
+                ),
+                ("x", "/a=b/x"),
+            ]
+        );
+        assert_eq!(parse_model_list("", "first"), Ok(vec![]));
+        for (bad, why) in [
+            ("a=/x, a=/y", "two models are named 'a'"),
+            ("/m/first.gguf", "two models are named 'first'"),
+            ("bad name=/x", "not a model name"),
+            ("m=", "names no model"),
+        ] {
+            let err = parse_model_list(bad, "first").unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn layer_lists_in_every_accepted_spelling() {

@@ -75,6 +75,7 @@ fn any_request() -> impl Strategy<Value = Request> {
                 max_tokens,
                 overlap,
                 caller: Default::default(),
+                model: None,
             }
         }),
         any::<bool>().prop_map(|reset| Request::Stats { reset }),

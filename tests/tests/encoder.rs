@@ -3,7 +3,9 @@
 //! directory, `scripts/fetch-models.sh minilm`), `kv_embed` returns the
 //! vectors transformers gives (mean pooling, normalised), generated columns
 //! and HNSW work unchanged, and the methods that need a decoder LLM are
-//! clear errors. (Its own test binary: it changes the cluster-wide engine.)
+//! clear errors; and with kvembed.models, the engine serves the encoder
+//! beside the decoder LLM, each session and profile choosing its model.
+//! (Its own test binary: it changes the cluster-wide engine.)
 
 use kvembed_tests::*;
 use std::path::PathBuf;
@@ -16,7 +18,41 @@ struct RestoreModel;
 
 impl Drop for RestoreModel {
     fn drop(&mut self) {
+        configure_models("");
         configure_model(&model_path().to_string_lossy());
+    }
+}
+
+/// Sets kvembed.models (ALTER SYSTEM + reload): the engine restarts.
+fn configure_models(list: &str) {
+    let mut admin = Session::connect("postgres", "postgres");
+    admin.batch_execute("LOAD 'kvembed'").unwrap();
+    admin
+        .batch_execute(&format!(
+            "ALTER SYSTEM SET kvembed.models = '{}'",
+            list.replace('\'', "''")
+        ))
+        .expect("ALTER SYSTEM as superuser");
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+}
+
+/// Waits until kv_models() lists `names` in that order, none loading;
+/// returns each one's (state, load_error).
+fn wait_for_models(s: &mut Session, names: &[&str]) -> Vec<(String, Option<String>)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    loop {
+        if let Ok(rows) = s.query("SELECT name, state, load_error FROM kv_models()", &[]) {
+            let listed: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            let loading = rows.iter().any(|r| r.get::<_, String>(1) == "loading");
+            if listed == names && !loading {
+                return rows.iter().map(|r| (r.get(1), r.get(2))).collect();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the engine did not serve {names:?} in time"
+        );
+        std::thread::sleep(Duration::from_millis(300));
     }
 }
 
@@ -195,6 +231,179 @@ fn minilm_from_sql_gives_transformers_vectors_in_generated_columns_and_hnsw() {
     let (_, msg) = sql_error(&e);
     assert!(
         msg.contains("profile 'mini' was made with model 'bert:"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn two_models_at_once_each_session_and_profile_choosing_its_own() {
+    let mut s = fresh_database("kvembed_test_two_models");
+    let _restore = RestoreModel;
+    let first = model_path()
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    configure_models(&format!("mini={}", minilm()));
+    let states = wait_for_models(&mut s, &[&first, "mini"]);
+    assert!(
+        states.iter().all(|(state, _)| state == "ready"),
+        "{states:?}"
+    );
+    let cases = reference();
+    let (text, want) = &cases[0];
+
+    // Without kvembed.use_model the first model embeds; with it, the
+    // encoder, giving transformers' vectors.
+    let decoder_dim: i32 = s
+        .query_one("SELECT dim FROM kv_models() WHERE name = $1", &[&first])
+        .unwrap()
+        .get(0);
+    let v = vector(&mut s, "SELECT kv_embed($1)::real[]", &[text]);
+    assert_eq!(v.len() as i32, decoder_dim);
+    s.batch_execute("SET kvembed.use_model = 'mini'").unwrap();
+    let v = vector(&mut s, "SELECT kv_embed($1)::real[]", &[text]);
+    assert!(cosine(&v, want) >= 0.9999, "cosine {}", cosine(&v, want));
+    let row = s
+        .query_one("SELECT architecture, dim, method FROM kv_status()", &[])
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, String>(0),
+            row.get::<_, i32>(1),
+            row.get::<_, String>(2)
+        ),
+        ("bert".to_string(), 384, "native".to_string())
+    );
+    let in_use: String = s
+        .query_one("SELECT name FROM kv_models() WHERE in_use", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(in_use, "mini");
+    // kv_chunk works on the chosen model too.
+    let chunks: i64 = s
+        .query_one(
+            "SELECT count(*) FROM kv_chunk(repeat('word ', 2000), 254, 0)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(chunks >= 7, "{chunks} chunks of 254 WordPiece tokens");
+
+    // A name the engine does not serve is a clear error.
+    s.batch_execute("SET kvembed.use_model = 'nope'").unwrap();
+    let e = s.query_one("SELECT kv_embed('x')", &[]).unwrap_err();
+    let (code, msg) = sql_error(&e);
+    assert_eq!(code, "22023", "{msg}");
+    assert!(
+        msg.contains("names no model") && msg.contains("mini"),
+        "{msg}"
+    );
+
+    // A profile embeds with the model it was made with, whatever the
+    // session has chosen; in a generated column too.
+    s.batch_execute("SET kvembed.use_model = 'mini'").unwrap();
+    s.query_one("SELECT kv_create_profile('mini_p')", &[])
+        .unwrap();
+    s.batch_execute("RESET kvembed.use_model").unwrap();
+    s.query_one("SELECT kv_create_profile('llm_p')", &[])
+        .unwrap();
+    s.batch_execute("SET kvembed.use_model = 'mini'").unwrap();
+    let p = vector(
+        &mut s,
+        "SELECT kv_embed($1, 'document', 'llm_p')::real[]",
+        &[text],
+    );
+    assert_eq!(p.len() as i32, decoder_dim);
+    s.batch_execute("RESET kvembed.use_model").unwrap();
+    let p = vector(
+        &mut s,
+        "SELECT kv_embed($1, 'document', 'mini_p')::real[]",
+        &[text],
+    );
+    assert!(cosine(&p, want) >= 0.9999);
+    s.batch_execute(
+        "CREATE TABLE both_models (id serial PRIMARY KEY, body text,
+            small vector(384) GENERATED ALWAYS AS (kv_embed(body, 'document', 'mini_p')) STORED);",
+    )
+    .unwrap();
+    s.execute("INSERT INTO both_models (body) VALUES ($1)", &[text])
+        .unwrap();
+    let stored = vector(&mut s, "SELECT small::real[] FROM both_models", &[]);
+    assert!(cosine(&stored, want) >= 0.9999);
+
+    // Sessions on different models at the same time: each gets its own
+    // model's vectors (batches never mix models).
+    let texts: Vec<String> = cases.iter().map(|c| c.0.clone()).collect();
+    let workers: Vec<_> = [Some("mini"), None, Some("mini"), None]
+        .into_iter()
+        .map(|model| {
+            let texts = texts.clone();
+            std::thread::spawn(move || {
+                let mut c = Session::connect("kvembed_test_two_models", "postgres");
+                if let Some(m) = model {
+                    c.batch_execute(&format!("SET kvembed.use_model = '{m}'"))
+                        .unwrap();
+                }
+                let mut out = Vec::new();
+                for _ in 0..3 {
+                    let rows = c
+                        .query(
+                            "SELECT v::real[] FROM unnest(kv_embed_batch($1)) WITH ORDINALITY AS t(v, i) ORDER BY i",
+                            &[&texts],
+                        )
+                        .unwrap();
+                    out.push(rows.iter().map(|r| r.get::<_, Vec<f32>>(0)).collect::<Vec<_>>());
+                }
+                (model, out)
+            })
+        })
+        .collect();
+    for w in workers {
+        let (model, rounds) = w.join().unwrap();
+        for vectors in rounds {
+            for (v, (t, want)) in vectors.iter().zip(&cases) {
+                match model {
+                    Some(_) => assert!(cosine(v, want) >= 0.9999, "{t:?} on mini"),
+                    None => assert_eq!(v.len() as i32, decoder_dim, "{t:?} on the first"),
+                }
+            }
+        }
+    }
+    let served: i64 = s
+        .query_one(
+            "SELECT texts_served FROM kv_models() WHERE name = 'mini'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(served >= 6 * texts.len() as i64, "{served}");
+
+    // A bad list fails alone and visibly; the first model still serves.
+    configure_models("a=/nonexistent/a, a=/nonexistent/b");
+    let states = wait_for_models(&mut s, &[&first, "kvembed.models"]);
+    assert_eq!(states[0].0, "ready");
+    assert!(
+        states[1]
+            .1
+            .as_deref()
+            .unwrap_or("")
+            .contains("two models are named 'a'"),
+        "{states:?}"
+    );
+    let v = vector(&mut s, "SELECT kv_embed($1)::real[]", &[text]);
+    assert_eq!(v.len() as i32, decoder_dim);
+    // A model that cannot load fails alone, with its own error.
+    configure_models("gone=/nonexistent/gone.gguf");
+    let states = wait_for_models(&mut s, &[&first, "gone"]);
+    assert_eq!(states[0].0, "ready");
+    assert_eq!(states[1].0, "failed");
+    s.batch_execute("SET kvembed.use_model = 'gone'").unwrap();
+    let e = s.query_one("SELECT kv_embed('x')", &[]).unwrap_err();
+    let (code, msg) = sql_error(&e);
+    assert_eq!(code, "58P01", "{msg}");
+    assert!(
+        msg.contains("'gone'") && msg.contains("/nonexistent/gone.gguf"),
         "{msg}"
     );
 }

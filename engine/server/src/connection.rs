@@ -70,7 +70,7 @@ fn answer<W: Write>(
         Request::Status => proto::write_json(writer, &Response::Status(shared.status()))?,
         Request::Describe { options } => {
             let described = shared
-                .wait_loaded()
+                .wait_loaded(options.model.as_deref())
                 .and_then(|(e, _)| e.describe(&options).map_err(|e| (e.kind(), e.to_string())));
             match described {
                 Ok(info) => proto::write_json(writer, &Response::Described(info))?,
@@ -86,11 +86,12 @@ fn answer<W: Write>(
             max_tokens,
             overlap,
             caller,
+            model,
         } => {
             // Tokenizing is this thread's work, as for admission: the
             // inference thread is not held.
             let chunked = shared
-                .wait_loaded()
+                .wait_loaded(model.as_deref())
                 .and_then(|(e, _)| {
                     e.chunk(&text, max_tokens, overlap)
                         .map_err(|e| (e.kind(), e.to_string()))

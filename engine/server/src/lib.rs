@@ -10,12 +10,14 @@
 //! speak [`kvembed_proto`]. Inside the process:
 //!
 //! * the main thread accepts connections and gives each its own thread;
-//! * a loader thread loads the model while connections are already accepted:
-//!   `Status` answers `loading` meanwhile, other requests wait for the load;
-//!   a failed load is kept and reported to every request (the process stays
-//!   up so the error reaches the user instead of a restart loop);
-//! * one inference thread owns the model's compute: it takes jobs from a
-//!   queue and packs `Embed` requests with identical (role, options) from
+//! * a loader thread loads the models (`--model`, then each of `--models`)
+//!   while connections are already accepted: `Status` answers `loading`
+//!   meanwhile, other requests wait for the load of the model they name; a
+//!   failed load is kept and reported to every request for that model (the
+//!   process stays up so the error reaches the user instead of a restart
+//!   loop), and the other models serve;
+//! * one inference thread owns the compute: it takes jobs from a queue and
+//!   packs `Embed` requests with identical (model, role, options) from
 //!   different connections into one batch, up to a token budget, then splits
 //!   the results back. Jobs of clients that went away are skipped;
 //! * a watchdog thread exits when the parent (the supervisor) is gone.
@@ -54,6 +56,9 @@ pub struct ServeOptions {
     pub socket: PathBuf,
     /// GGUF file, Hugging Face model directory, or repo id in the local cache.
     pub model: String,
+    /// More models served beside it (`kvembed.models`, see
+    /// [`kvembed_proto::parse_model_list`]); empty for none.
+    pub models: String,
     /// `cpu`, `cuda`, `cuda:N` or `auto`.
     pub device: String,
     /// Compute threads, 0 = all cores.
@@ -101,9 +106,14 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     volunteer_for_oom_killer();
     let listener = bind(&opts.socket)?;
     log(&format!(
-        "listening on {} (model '{}', device {}, threads {}, batch_tokens {}, cpu kernels {})",
+        "listening on {} (model '{}'{}, device {}, threads {}, batch_tokens {}, cpu kernels {})",
         opts.socket.display(),
         opts.model,
+        if opts.models.trim().is_empty() {
+            String::new()
+        } else {
+            format!(", models '{}'", opts.models)
+        },
         opts.device,
         opts.threads,
         opts.batch_tokens,
@@ -215,6 +225,7 @@ mod tests {
         Shared::new(ServeOptions {
             socket: PathBuf::from("/nonexistent"),
             model: String::new(),
+            models: String::new(),
             device: "cpu".into(),
             threads: 1,
             batch_tokens,
@@ -276,6 +287,66 @@ mod tests {
         assert_eq!(tokens_of(&take_batch(&s)), vec![10]);
         assert_eq!(tokens_of(&take_batch(&s)), vec![20]);
         assert!(s.queue.lock().is_empty());
+    }
+
+    #[test]
+    fn requests_for_different_models_never_share_a_batch() {
+        let s = shared(100);
+        let mut keep = Vec::new();
+        for model in [None, Some("minilm"), None, Some("minilm")] {
+            let (mut j, rx) = job(Role::Document, None, 10);
+            if let Work::Embed(w) = &mut j.work {
+                w.options.model = model.map(str::to_string);
+            }
+            keep.push(rx);
+            s.queue.lock().push_back(j);
+        }
+        assert_eq!(tokens_of(&take_batch(&s)), vec![10, 10]);
+        assert_eq!(tokens_of(&take_batch(&s)), vec![10, 10]);
+        assert!(s.queue.lock().is_empty());
+    }
+
+    #[test]
+    fn each_listed_model_loads_and_fails_on_its_own() {
+        let mut opts = shared(10).opts;
+        opts.model = "/nonexistent/first.gguf".into();
+        opts.models = "second=/nonexistent/other, /nonexistent/third.gguf".into();
+        let s = Shared::new(opts.clone());
+        let names: Vec<&str> = s.models.iter().map(|m| m.entry.name.as_str()).collect();
+        assert_eq!(names, ["first", "second", "third"]);
+        load_model(&s);
+        let status = s.status();
+        assert_eq!(status.models.len(), 3);
+        assert_eq!(status.state, proto::EngineState::Failed);
+        for m in &status.models {
+            assert_eq!(m.state, proto::EngineState::Failed, "{}", m.name);
+            assert!(
+                m.load_error.as_ref().unwrap().contains("nonexistent"),
+                "{m:?}"
+            );
+        }
+        assert_eq!(status.models[1].source, "/nonexistent/other");
+        // A request names a served model or gets an error listing them.
+        let Err((kind, msg)) = s.wait_loaded(Some("fourth")) else {
+            panic!("an unknown model resolved")
+        };
+        assert_eq!(kind, proto::ErrorKind::InvalidInput);
+        assert!(msg.contains("first, second, third"), "{msg}");
+        let Err((kind, msg)) = s.wait_loaded(Some("second")) else {
+            panic!("a failed model resolved")
+        };
+        assert_eq!(kind, proto::ErrorKind::ModelLoad);
+        assert!(msg.contains("/nonexistent/other"), "{msg}");
+        // A bad list fails alone, visibly, and the first model is still
+        // the one requests without a name get.
+        opts.models = "first=/x".into();
+        let s = Shared::new(opts);
+        assert_eq!(s.models.len(), 2);
+        assert_eq!(s.slot(None).unwrap().entry.name, "first");
+        let Err((_, msg)) = s.wait_loaded(Some("kvembed.models")) else {
+            panic!("a bad list resolved")
+        };
+        assert!(msg.contains("two models are named 'first'"), "{msg}");
     }
 
     #[test]

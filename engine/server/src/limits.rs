@@ -16,7 +16,11 @@ pub(crate) fn admit_embed(
     role: Role,
     mut options: EmbedOptions,
 ) -> std::result::Result<Work, Response> {
-    let (embedder, info) = shared.wait_loaded().map_err(refusal)?;
+    let slot = shared.slot(options.model.as_deref()).map_err(refusal)?;
+    // Named in full, so that requests for the first model batch together
+    // whether they named it or not.
+    options.model = Some(slot.entry.name.clone());
+    let (embedder, info) = slot.wait_loaded().map_err(refusal)?;
     let refuse = |message: String| Err(refusal((ErrorKind::InvalidInput, message)));
     if texts.len() > proto::MAX_REQUEST_TEXTS {
         return refuse(format!(
@@ -117,7 +121,9 @@ pub(crate) fn admit_selection(
             format!("a layer selection over {} texts, more than kvembed.max_calibration_texts = {limit}", texts.len()),
         )));
     }
-    let (_, info) = shared.wait_loaded().map_err(refusal)?;
+    let (_, info) = shared
+        .wait_loaded(options.model.as_deref())
+        .map_err(refusal)?;
     let cap = shared.opts.token_limit(info.context);
     options.max_tokens = Some(
         options
@@ -130,6 +136,8 @@ pub(crate) fn admit_selection(
             .map_err(|e| refusal((e.kind(), e.to_string())))?;
     }
     if let Some(embed) = &mut options.embed {
+        // The space is fitted on the model the layers are selected on.
+        embed.model = options.model.clone();
         embed.max_tokens = Some(
             embed
                 .max_tokens

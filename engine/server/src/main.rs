@@ -3,7 +3,7 @@
 //! (`kvembed-lab` has those).
 //!
 //! ```text
-//! kvembed serve --socket PATH --model M [--device D] [--threads N] [--batch-tokens N]
+//! kvembed serve --socket PATH --model M [--models LIST] [--device D] [--threads N] [--batch-tokens N]
 //!               [--max-tokens N] [--max-tokens-limit N] [--max-calibration-texts N] [--allow-faults]
 //! kvembed embed --model M [--device D] [--threads N] [--query] TEXT...
 //! kvembed cpu
@@ -20,10 +20,12 @@ use std::process::ExitCode;
 
 const USAGE: &str = "\
 usage:
-  kvembed serve --socket PATH --model MODEL [--device cpu|cuda|cuda:N|auto] [--threads N]
+  kvembed serve --socket PATH --model MODEL [--models [NAME=]MODEL,...]
+                [--device cpu|cuda|cuda:N|auto] [--threads N]
                 [--batch-tokens N] [--max-tokens N] [--max-tokens-limit N] [--max-calibration-texts N]
                 [--allow-faults]
       serve embeddings on a Unix socket (started by the PostgreSQL extension's worker);
+      --models serves more models beside --model (requests name them);
       --allow-faults honours fault-injection requests (for the reliability tests)
   kvembed embed --model MODEL [--device D] [--threads N] [--query] TEXT...
       print the vectors of TEXTs (the server's defaults) as a JSON array
@@ -106,6 +108,7 @@ fn serve_command(args: &[String]) -> Result<()> {
         &[
             "socket",
             "model",
+            "models",
             "device",
             "threads",
             "batch-tokens",
@@ -118,6 +121,7 @@ fn serve_command(args: &[String]) -> Result<()> {
     serve(ServeOptions {
         socket: a.required("socket")?.into(),
         model: a.required("model")?,
+        models: a.string("models").unwrap_or_default(),
         device: a.string("device").unwrap_or_else(|| "cpu".into()),
         threads: a.number("threads", 0)?,
         batch_tokens: a.number("batch-tokens", DEFAULT_BATCH_TOKENS)?,

@@ -12,7 +12,7 @@ use std::time::Instant;
 use crate::faults::inject;
 use crate::jobs::{Job, Outcome, Work};
 use crate::panic_message;
-use crate::state::Shared;
+use crate::state::{Shared, Slot};
 
 pub(crate) fn inference_loop(shared: &Shared) -> ! {
     loop {
@@ -20,7 +20,15 @@ pub(crate) fn inference_loop(shared: &Shared) -> ! {
         if batch.is_empty() {
             continue;
         }
-        let (embedder, info) = match shared.wait_loaded() {
+        // Every job of a batch names the same model.
+        let model = match &batch[0].0.work {
+            Work::Embed(w) => w.options.model.clone(),
+            Work::SelectLayers { options, .. } => options.model.clone(),
+        };
+        let (slot, (embedder, info)) = match shared
+            .slot(model.as_deref())
+            .and_then(|slot| Ok((slot, slot.wait_loaded()?)))
+        {
             Ok(loaded) => loaded,
             Err((kind, msg)) => {
                 for (job, _) in batch {
@@ -34,7 +42,7 @@ pub(crate) fn inference_loop(shared: &Shared) -> ! {
                 run_select_layers(&embedder, job);
             }
         } else {
-            run_embed_batch(shared, &embedder, info.dim, batch);
+            run_embed_batch(shared, slot, &embedder, info.dim, batch);
         }
     }
 }
@@ -98,6 +106,7 @@ pub(crate) fn take_batch(shared: &Shared) -> Vec<(Job, usize)> {
 /// queue.
 pub(crate) fn run_embed_batch(
     shared: &Shared,
+    slot: &Slot,
     embedder: &Embedder,
     dim: usize,
     batch: Vec<(Job, usize)>,
@@ -135,9 +144,9 @@ pub(crate) fn run_embed_batch(
     let took = started.elapsed();
     match outcome {
         Ok(out) => {
-            shared
-                .tokens_served
-                .fetch_add(out.tokens as u64, Ordering::Relaxed);
+            for counter in [&shared.tokens_served, &slot.tokens_served] {
+                counter.fetch_add(out.tokens as u64, Ordering::Relaxed);
+            }
             let mut vectors = out.vectors.into_iter();
             let mut offset = 0;
             let mut unfinished = Vec::new();
@@ -167,9 +176,9 @@ pub(crate) fn run_embed_batch(
                     continue;
                 }
                 shared.requests_served.fetch_add(1, Ordering::Relaxed);
-                shared
-                    .texts_served
-                    .fetch_add(w.texts.len() as u64, Ordering::Relaxed);
+                for counter in [&shared.texts_served, &slot.texts_served] {
+                    counter.fetch_add(w.texts.len() as u64, Ordering::Relaxed);
+                }
                 let _ = job.reply.send(Outcome::Embeddings {
                     vectors: std::mem::take(&mut w.vectors),
                     dim,
@@ -189,7 +198,7 @@ pub(crate) fn run_embed_batch(
             // One request's bad input must not fail its batch-mates: run each
             // on its own so every error lands on the request that caused it.
             for entry in batch {
-                run_embed_batch(shared, embedder, dim, vec![entry]);
+                run_embed_batch(shared, slot, embedder, dim, vec![entry]);
             }
         }
         Err((kind, msg)) => {

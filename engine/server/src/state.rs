@@ -1,8 +1,8 @@
-//! What every thread of the server shares: the options, the model (loading,
-//! loaded or failed), the job queue and the counters `Status` reports.
+//! What every thread of the server shares: the options, the models (each
+//! loading, loaded or failed), the job queue and the counters `Status` reports.
 
 use kvembed_core::embedder::{Embedder, LoadSpec, ModelInfo};
-use kvembed_proto::{self as proto, ErrorKind, Fault};
+use kvembed_proto::{self as proto, ErrorKind, Fault, ModelEntry};
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,10 +18,51 @@ pub(crate) enum ModelState {
     Failed(ErrorKind, String),
 }
 
+/// One model the server serves: `kvembed.model` first, then each entry of
+/// `kvembed.models`. Each loads, fails and counts on its own.
+pub(crate) struct Slot {
+    pub(crate) entry: ModelEntry,
+    pub(crate) state: Mutex<ModelState>,
+    pub(crate) changed: Condvar,
+    pub(crate) texts_served: AtomicU64,
+    pub(crate) tokens_served: AtomicU64,
+}
+
+impl Slot {
+    fn new(entry: ModelEntry, state: ModelState) -> Slot {
+        Slot {
+            entry,
+            state: Mutex::new(state),
+            changed: Condvar::new(),
+            texts_served: AtomicU64::new(0),
+            tokens_served: AtomicU64::new(0),
+        }
+    }
+
+    fn set(&self, state: ModelState) {
+        *self.state.lock() = state;
+        self.changed.notify_all();
+    }
+
+    /// Blocks until this model's load has finished, one way or the other.
+    pub(crate) fn wait_loaded(
+        &self,
+    ) -> std::result::Result<(Arc<Embedder>, ModelInfo), (ErrorKind, String)> {
+        let mut state = self.state.lock();
+        loop {
+            match &*state {
+                ModelState::Loading => self.changed.wait(&mut state),
+                ModelState::Ready(e, info) => return Ok((e.clone(), info.clone())),
+                ModelState::Failed(kind, msg) => return Err((*kind, msg.clone())),
+            }
+        }
+    }
+}
+
 pub(crate) struct Shared {
     pub(crate) opts: ServeOptions,
-    pub(crate) model: Mutex<ModelState>,
-    pub(crate) model_changed: Condvar,
+    /// The models, `kvembed.model` first.
+    pub(crate) models: Vec<Slot>,
     pub(crate) queue: Mutex<VecDeque<Job>>,
     pub(crate) queue_changed: Condvar,
     pub(crate) requests_served: AtomicU64,
@@ -35,10 +76,33 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn new(opts: ServeOptions) -> Shared {
+        let first = ModelEntry {
+            name: proto::default_model_name(&opts.model),
+            source: opts.model.clone(),
+        };
+        let mut models = vec![Slot::new(first, ModelState::Loading)];
+        match proto::parse_model_list(&opts.models, &models[0].entry.name) {
+            Ok(entries) => models.extend(
+                entries
+                    .into_iter()
+                    .map(|e| Slot::new(e, ModelState::Loading)),
+            ),
+            // A bad list fails only itself: kvembed.model is served, and
+            // the list's error shows as a failed model.
+            Err(why) => {
+                log(&format!("kvembed.models: {why}"));
+                models.push(Slot::new(
+                    ModelEntry {
+                        name: "kvembed.models".into(),
+                        source: opts.models.clone(),
+                    },
+                    ModelState::Failed(ErrorKind::ModelLoad, format!("kvembed.models: {why}")),
+                ));
+            }
+        }
         Shared {
             opts,
-            model: Mutex::new(ModelState::Loading),
-            model_changed: Condvar::new(),
+            models,
             queue: Mutex::new(VecDeque::new()),
             queue_changed: Condvar::new(),
             requests_served: AtomicU64::new(0),
@@ -49,18 +113,34 @@ impl Shared {
         }
     }
 
-    /// Blocks until the load has finished, one way or the other.
+    /// The model requests call `name` (`None`: the first).
+    pub(crate) fn slot(
+        &self,
+        name: Option<&str>,
+    ) -> std::result::Result<&Slot, (ErrorKind, String)> {
+        let found = match name {
+            None => self.models.first(),
+            Some(n) => self.models.iter().find(|s| s.entry.name == n),
+        };
+        found.ok_or_else(|| {
+            let names: Vec<&str> = self.models.iter().map(|s| s.entry.name.as_str()).collect();
+            (
+                ErrorKind::InvalidInput,
+                format!(
+                    "the engine serves no model named '{}' (it serves: {}; kvembed.models lists more)",
+                    name.unwrap_or_default(),
+                    names.join(", ")
+                ),
+            )
+        })
+    }
+
+    /// Blocks until model `name` (`None`: the first) has finished loading.
     pub(crate) fn wait_loaded(
         &self,
+        name: Option<&str>,
     ) -> std::result::Result<(Arc<Embedder>, ModelInfo), (ErrorKind, String)> {
-        let mut state = self.model.lock();
-        loop {
-            match &*state {
-                ModelState::Loading => self.model_changed.wait(&mut state),
-                ModelState::Ready(e, info) => return Ok((e.clone(), info.clone())),
-                ModelState::Failed(kind, msg) => return Err((*kind, msg.clone())),
-            }
-        }
+        self.slot(name)?.wait_loaded()
     }
 
     pub(crate) fn status(&self) -> proto::Status {
@@ -71,9 +151,43 @@ impl Shared {
                 .unwrap_or(1),
             n => n,
         };
-        let mut s = proto::Status {
+        let models: Vec<proto::ModelStatus> = self
+            .models
+            .iter()
+            .map(|slot| self.model_status(slot))
+            .collect();
+        let first = models[0].clone();
+        let all_loaded = models
+            .iter()
+            .all(|m| m.state != proto::EngineState::Loading);
+        proto::Status {
+            // `model` stays the setting as given (what kvembed.model says);
+            // `model_id` identifies the weights.
             model: self.opts.model.clone(),
-            device: self.opts.device.clone(),
+            state: if all_loaded {
+                first.state
+            } else {
+                proto::EngineState::Loading
+            },
+            model_id: first.model_id,
+            fingerprint: first.fingerprint,
+            architecture: first.architecture,
+            dim: first.dim,
+            layers: first.layers,
+            device: if first.device.is_empty() {
+                self.opts.device.clone()
+            } else {
+                first.device
+            },
+            default_method: first.default_method,
+            default_layers: first.default_layers,
+            default_bias: first.default_bias,
+            document_prompt: first.document_prompt,
+            query_prompt: first.query_prompt,
+            max_tokens: first.max_tokens,
+            max_tokens_limit: first.max_tokens_limit,
+            forward_passes: models.iter().map(|m| m.forward_passes).sum(),
+            load_error: first.load_error,
             threads,
             queue_depth,
             requests_served: self.requests_served.load(Ordering::Relaxed),
@@ -82,46 +196,65 @@ impl Shared {
             pid: std::process::id(),
             cpu: kvembed_core::model::cpu::features().to_string(),
             max_calibration_texts: self.opts.calibration_limit(),
+            models,
+        }
+    }
+
+    fn model_status(&self, slot: &Slot) -> proto::ModelStatus {
+        let mut m = proto::ModelStatus {
+            name: slot.entry.name.clone(),
+            source: slot.entry.source.clone(),
+            texts_served: slot.texts_served.load(Ordering::Relaxed),
+            tokens_served: slot.tokens_served.load(Ordering::Relaxed),
             ..Default::default()
         };
-        match &*self.model.lock() {
-            ModelState::Loading => s.state = proto::EngineState::Loading,
+        match &*slot.state.lock() {
+            ModelState::Loading => m.state = proto::EngineState::Loading,
             ModelState::Failed(_, msg) => {
-                s.state = proto::EngineState::Failed;
-                s.load_error = Some(msg.clone());
+                m.state = proto::EngineState::Failed;
+                m.load_error = Some(msg.clone());
             }
             ModelState::Ready(embedder, info) => {
-                s.state = proto::EngineState::Ready;
-                s.forward_passes = embedder.forward_passes();
-                // `model` stays the setting as given (what kvembed.model says);
-                // `model_id` identifies the weights.
-                s.model_id = info.model_id.clone();
-                s.fingerprint = info.fingerprint.clone();
-                s.architecture = info.architecture.clone();
-                s.dim = info.dim;
-                s.layers = info.layers;
-                s.device = info.device.clone();
-                s.default_method = info.default_method.clone();
-                s.default_layers = info.default_layers.clone();
-                s.default_bias = info.default_bias;
-                s.document_prompt = info.document_prompt.clone();
-                s.query_prompt = info.query_prompt.clone();
-                s.max_tokens_limit = self.opts.token_limit(info.context);
-                s.max_tokens = match self.opts.max_tokens {
+                m.state = proto::EngineState::Ready;
+                m.forward_passes = embedder.forward_passes();
+                m.model_id = info.model_id.clone();
+                m.fingerprint = info.fingerprint.clone();
+                m.architecture = info.architecture.clone();
+                m.dim = info.dim;
+                m.layers = info.layers;
+                m.device = info.device.clone();
+                m.default_method = info.default_method.clone();
+                m.default_layers = info.default_layers.clone();
+                m.default_bias = info.default_bias;
+                m.document_prompt = info.document_prompt.clone();
+                m.query_prompt = info.query_prompt.clone();
+                m.max_tokens_limit = self.opts.token_limit(info.context);
+                m.max_tokens = match self.opts.max_tokens {
                     0 => info.max_tokens,
                     n => n,
                 }
-                .min(s.max_tokens_limit);
+                .min(m.max_tokens_limit);
             }
         }
-        s
+        m
     }
 }
 
+/// Loads every model, `kvembed.model` first, one after the other: a model
+/// that fails (a bad path, no memory left under kvembed.engine_memory_limit)
+/// fails alone; the others serve.
 pub(crate) fn load_model(shared: &Shared) {
+    for slot in &shared.models {
+        if matches!(*slot.state.lock(), ModelState::Loading) {
+            slot.set(load_one(shared, &slot.entry));
+        }
+    }
+}
+
+fn load_one(shared: &Shared, entry: &ModelEntry) -> ModelState {
     let opts = &shared.opts;
     let started = Instant::now();
-    let outcome = if opts.model.trim().is_empty() {
+    let outcome = if entry.source.trim().is_empty() {
         Err((
             ErrorKind::ModelLoad,
             "no model configured: set kvembed.model (the --model flag) to a GGUF file, a Hugging Face \
@@ -130,7 +263,7 @@ pub(crate) fn load_model(shared: &Shared) {
         ))
     } else {
         let spec = LoadSpec {
-            model: opts.model.clone(),
+            model: entry.source.clone(),
             device: opts.device.clone(),
             threads: opts.threads,
             weights: None,
@@ -145,15 +278,20 @@ pub(crate) fn load_model(shared: &Shared) {
             Ok(Err(e)) => Err((e.kind(), e.to_string())),
             Err(panic) => Err((
                 ErrorKind::ModelLoad,
-                format!("loading '{}' failed: {}", opts.model, panic_message(&panic)),
+                format!(
+                    "loading '{}' failed: {}",
+                    entry.source,
+                    panic_message(&panic)
+                ),
             )),
         }
     };
-    let new_state = match outcome {
+    match outcome {
         Ok(embedder) => {
             let info = embedder.info();
             log(&format!(
-                "model ready in {:.1}s: {} ({}, {} layers, dim {}, device {}, matmuls {})",
+                "model '{}' ready in {:.1}s: {} ({}, {} layers, dim {}, device {}, matmuls {})",
+                entry.name,
                 started.elapsed().as_secs_f64(),
                 info.model,
                 info.architecture,
@@ -165,7 +303,7 @@ pub(crate) fn load_model(shared: &Shared) {
             ModelState::Ready(Arc::new(embedder), info)
         }
         Err((kind, message)) => {
-            log(&format!("model load failed: {message}"));
+            log(&format!("model '{}' failed to load: {message}", entry.name));
             // Whatever the engine called it, a load failure is a load failure
             // for the client; keep Internal only for panics inside candle.
             let kind = if kind == ErrorKind::InvalidInput {
@@ -175,7 +313,5 @@ pub(crate) fn load_model(shared: &Shared) {
             };
             ModelState::Failed(kind, message)
         }
-    };
-    *shared.model.lock() = new_state;
-    shared.model_changed.notify_all();
+    }
 }

@@ -116,6 +116,7 @@ impl MethodArgs {
             max_tokens: self.max_tokens,
             truncate: Some(!self.no_truncate),
             expect_model: None,
+            model: None,
         })
     }
 
