@@ -732,6 +732,14 @@ BEGIN
       USING ERRCODE = '42704',
             HINT = 'SELECT name FROM kvembed.profiles lists them; kv_create_profile() makes one.';
   END IF;
+  -- The queue worker has no session settings: without a profile it embeds
+  -- with kvembed.model, which is not what a session on another model means.
+  IF profile_name IS NULL AND nullif(current_setting('kvembed.use_model', true), '') IS NOT NULL THEN
+    RAISE EXCEPTION 'kv_vectorize: without a profile the queue embeds with kvembed.model, not with this session''s kvembed.use_model = %',
+        quote_literal(current_setting('kvembed.use_model'))
+      USING ERRCODE = '22023',
+            HINT = 'Make a profile on that model (kv_create_profile() in this session) and pass it: a profile names its model.';
+  END IF;
   IF EXISTS (SELECT 1 FROM pg_trigger AS t WHERE t.tgrelid = tbl AND t.tgname = 'kvembed_vectorize') THEN
     RAISE EXCEPTION 'kv_vectorize: % is vectorized already', tbl
       USING ERRCODE = '42710', HINT = 'kv_unvectorize() it first to change its settings.';

@@ -205,67 +205,8 @@ AS 'MODULE_PATHNAME', 'kv_stats_reset_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/queue.rs
-CREATE SCHEMA IF NOT EXISTS kvembed; /* kvembed::queue::kvembed */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/queue.rs
--- kvembed::queue::kvembed::embed_pending
-CREATE  FUNCTION kvembed."embed_pending"(
-	"tbl" oid, /* pg_sys :: Oid */
-	"text_col" TEXT, /* & str */
-	"vec_col" TEXT, /* & str */
-	"batch_size" INT /* i32 */
-) RETURNS bigint /* i64 */
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'embed_pending_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/queue.rs
--- kvembed::queue::kvembed::vectorize_wake
-CREATE  FUNCTION kvembed."vectorize_wake"() RETURNS bool /* bool */
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'vectorize_wake_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/queue.rs
--- kvembed::queue::kvembed::vectorize_batch
-CREATE  FUNCTION kvembed."vectorize_batch"(
-	"relid" oid, /* pg_sys :: Oid */
-	"only_rel" oid DEFAULT NULL, /* Option < pg_sys :: Oid > */
-	"only_tid" TEXT DEFAULT NULL /* Option < & str > */
-) RETURNS bigint /* i64 */
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'vectorize_batch_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
 -- src/api.rs
 CREATE SCHEMA IF NOT EXISTS kvembed; /* kvembed::api::kvembed */
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs
--- kvembed::api::kvembed::session_profile
-CREATE  FUNCTION kvembed."session_profile"() RETURNS jsonb /* JsonB */
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'session_profile_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs
--- kvembed::api::kvembed::status_json
-CREATE  FUNCTION kvembed."status_json"() RETURNS jsonb /* JsonB */
-STRICT VOLATILE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'status_json_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -302,6 +243,65 @@ CREATE  FUNCTION kvembed."select_layers_raw"(
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'select_layers_raw_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs
+-- kvembed::api::kvembed::status_json
+CREATE  FUNCTION kvembed."status_json"() RETURNS jsonb /* JsonB */
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'status_json_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs
+-- kvembed::api::kvembed::session_profile
+CREATE  FUNCTION kvembed."session_profile"() RETURNS jsonb /* JsonB */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'session_profile_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/queue.rs
+CREATE SCHEMA IF NOT EXISTS kvembed; /* kvembed::queue::kvembed */
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/queue.rs
+-- kvembed::queue::kvembed::vectorize_wake
+CREATE  FUNCTION kvembed."vectorize_wake"() RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'vectorize_wake_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/queue.rs
+-- kvembed::queue::kvembed::vectorize_batch
+CREATE  FUNCTION kvembed."vectorize_batch"(
+	"relid" oid, /* pg_sys :: Oid */
+	"only_rel" oid DEFAULT NULL, /* Option < pg_sys :: Oid > */
+	"only_tid" TEXT DEFAULT NULL /* Option < & str > */
+) RETURNS bigint /* i64 */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'vectorize_batch_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/queue.rs
+-- kvembed::queue::kvembed::embed_pending
+CREATE  FUNCTION kvembed."embed_pending"(
+	"tbl" oid, /* pg_sys :: Oid */
+	"text_col" TEXT, /* & str */
+	"vec_col" TEXT, /* & str */
+	"batch_size" INT /* i32 */
+) RETURNS bigint /* i64 */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'embed_pending_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -910,6 +910,14 @@ BEGIN
     RAISE EXCEPTION 'kv_vectorize: profile % does not exist', quote_literal(profile_name)
       USING ERRCODE = '42704',
             HINT = 'SELECT name FROM kvembed.profiles lists them; kv_create_profile() makes one.';
+  END IF;
+  -- The queue worker has no session settings: without a profile it embeds
+  -- with kvembed.model, which is not what a session on another model means.
+  IF profile_name IS NULL AND nullif(current_setting('kvembed.use_model', true), '') IS NOT NULL THEN
+    RAISE EXCEPTION 'kv_vectorize: without a profile the queue embeds with kvembed.model, not with this session''s kvembed.use_model = %',
+        quote_literal(current_setting('kvembed.use_model'))
+      USING ERRCODE = '22023',
+            HINT = 'Make a profile on that model (kv_create_profile() in this session) and pass it: a profile names its model.';
   END IF;
   IF EXISTS (SELECT 1 FROM pg_trigger AS t WHERE t.tgrelid = tbl AND t.tgname = 'kvembed_vectorize') THEN
     RAISE EXCEPTION 'kv_vectorize: % is vectorized already', tbl

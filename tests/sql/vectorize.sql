@@ -131,6 +131,11 @@ SELECT regress_sqlstate($$SELECT kv_vectorize('other_view', 'body', 'e')$$) AS v
        regress_sqlstate($$SELECT kv_vectorize('other', 'body', 'gen')$$) AS generated,
        regress_sqlstate($$SELECT kv_vectorize('other', 'body', 'e', profile => 'no_such_profile')$$) AS profile,
        regress_sqlstate($$SELECT kv_vectorize('other', 'body', 'e', batch_size => 0)$$) AS batch;
+-- Without a profile the queue embeds with kvembed.model: refused while the
+-- session has chosen another model.
+SET kvembed.use_model = 'another';
+SELECT regress_sqlstate($$SELECT kv_vectorize('other', 'body', 'emb')$$) AS use_model_without_profile;
+RESET kvembed.use_model;
 CREATE ROLE regress_queue_stranger;
 GRANT SELECT ON docs TO regress_queue_stranger;
 SET ROLE regress_queue_stranger;
