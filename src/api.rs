@@ -366,7 +366,7 @@ mod kvembed {
         // The session's model (kvembed.use_model); a name the engine does
         // not serve shows as a failed model.
         let m = match settings::use_model() {
-            None => s.model_named(None).cloned().unwrap_or_default(),
+            None => s.first(),
             Some(name) => s.model_named(Some(&name)).cloned().unwrap_or_else(|| {
                 kvembed_proto::ModelStatus {
                     load_error: Some(format!(

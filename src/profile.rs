@@ -59,7 +59,7 @@ pub fn options_for(name: &str) -> (EmbedOptions, Option<Rc<StoredSpace>>) {
                 }
             })
             .map(|m| (m.name.clone(), m.model_id.clone()));
-        let first = e.status.model_named(None).cloned().unwrap_or_default();
+        let first = e.status.first();
         Ok((
             found,
             (e.status.model_names(), first.model_id, first.fingerprint),

@@ -453,57 +453,42 @@ pub struct MethodInfo {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct Status {
+    /// `ready` or `failed` as the first model (`kvembed.model`) is, once
+    /// every model has finished loading; `loading` until then.
     pub state: EngineState,
+    /// `kvembed.model` as given.
     pub model: String,
-    /// Stable identity of the loaded weights (path + architecture + shape).
-    pub model_id: String,
-    /// The weights' content (`sha256:...` of the files' sizes and ends),
-    /// the same under any path: what an embedding profile is checked against.
-    #[serde(default)]
-    pub fingerprint: String,
-    pub architecture: String,
-    pub dim: usize,
-    pub layers: usize,
+    /// The device asked for (`cpu`, `cuda:N`, `auto`); each model's
+    /// [`ModelStatus::device`] says where it runs.
     pub device: String,
-    pub default_method: String,
-    pub default_layers: Vec<usize>,
-    pub default_bias: f32,
-    pub document_prompt: String,
-    pub query_prompt: String,
-    pub max_tokens: usize,
     pub threads: usize,
     pub queue_depth: usize,
     pub requests_served: u64,
     pub texts_served: u64,
     pub tokens_served: u64,
-    pub load_error: Option<String>,
     pub pid: u32,
     /// The instruction-set level the engine's CPU kernels run at, e.g.
     /// `x86-64-v3 (avx2+fma)` (the engine's `cpu` module; `KVEMBED_CPU`
-    /// caps it). Empty from an engine that predates it.
-    #[serde(default)]
+    /// caps it).
     pub cpu: String,
-    /// Forward passes run since the engine started: work counted in units
-    /// that do not depend on the CPU's speed.
-    #[serde(default)]
+    /// Forward passes run since the engine started, all models together:
+    /// work counted in units that do not depend on the CPU's speed.
     pub forward_passes: u64,
-    /// The administrator's ceiling on the tokens of one text
-    /// (`kvembed.max_tokens_limit`, capped at the model's context); no
-    /// request's `max_tokens` goes above it. 0 from an engine that predates it.
-    #[serde(default)]
-    pub max_tokens_limit: usize,
     /// The administrator's ceiling on the texts of one layer selection
     /// (`kvembed.max_calibration_texts`).
-    #[serde(default)]
     pub max_calibration_texts: usize,
     /// Every model the engine serves, `kvembed.model` first, then those of
-    /// `kvembed.models`. The fields above describe the first; `state` is
-    /// `loading` until every model has finished loading (ready or failed).
-    #[serde(default)]
+    /// `kvembed.models`: what each is, its state and its limits.
     pub models: Vec<ModelStatus>,
 }
 
 impl Status {
+    /// The first model, `kvembed.model` (a default before the engine
+    /// answered).
+    pub fn first(&self) -> ModelStatus {
+        self.models.first().cloned().unwrap_or_default()
+    }
+
     /// The model requests name `name` (`None`: the first), if it is served.
     pub fn model_named(&self, name: Option<&str>) -> Option<&ModelStatus> {
         match name {
@@ -527,7 +512,10 @@ pub struct ModelStatus {
     /// Where it is loaded from, as configured.
     pub source: String,
     pub state: EngineState,
+    /// Stable identity of the loaded weights (path + architecture + shape).
     pub model_id: String,
+    /// The weights' content (`sha256:...` of the files' sizes and ends),
+    /// the same under any path: what an embedding profile is checked against.
     pub fingerprint: String,
     pub architecture: String,
     pub dim: usize,
@@ -539,12 +527,16 @@ pub struct ModelStatus {
     pub document_prompt: String,
     pub query_prompt: String,
     /// A text's default token budget on this model (`kvembed.max_tokens`'s
-    /// default where the server sets none), and the ceiling on it.
+    /// default where the server sets none).
     pub max_tokens: usize,
+    /// The administrator's ceiling on the tokens of one text
+    /// (`kvembed.max_tokens_limit`, capped at the model's context); no
+    /// request's `max_tokens` goes above it.
     pub max_tokens_limit: usize,
     pub forward_passes: u64,
     pub texts_served: u64,
     pub tokens_served: u64,
+    /// Why the load failed, for a `failed` model.
     pub load_error: Option<String>,
 }
 

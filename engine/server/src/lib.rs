@@ -370,7 +370,7 @@ mod tests {
         load_model(&s);
         let status = s.status();
         assert_eq!(status.state, proto::EngineState::Failed);
-        assert!(status.load_error.unwrap().contains("kvembed.model"));
+        assert!(status.first().load_error.unwrap().contains("kvembed.model"));
     }
 
     #[test]

@@ -156,38 +156,18 @@ impl Shared {
             .iter()
             .map(|slot| self.model_status(slot))
             .collect();
-        let first = models[0].clone();
         let all_loaded = models
             .iter()
             .all(|m| m.state != proto::EngineState::Loading);
         proto::Status {
-            // `model` stays the setting as given (what kvembed.model says);
-            // `model_id` identifies the weights.
-            model: self.opts.model.clone(),
             state: if all_loaded {
-                first.state
+                models[0].state
             } else {
                 proto::EngineState::Loading
             },
-            model_id: first.model_id,
-            fingerprint: first.fingerprint,
-            architecture: first.architecture,
-            dim: first.dim,
-            layers: first.layers,
-            device: if first.device.is_empty() {
-                self.opts.device.clone()
-            } else {
-                first.device
-            },
-            default_method: first.default_method,
-            default_layers: first.default_layers,
-            default_bias: first.default_bias,
-            document_prompt: first.document_prompt,
-            query_prompt: first.query_prompt,
-            max_tokens: first.max_tokens,
-            max_tokens_limit: first.max_tokens_limit,
+            model: self.opts.model.clone(),
+            device: self.opts.device.clone(),
             forward_passes: models.iter().map(|m| m.forward_passes).sum(),
-            load_error: first.load_error,
             threads,
             queue_depth,
             requests_served: self.requests_served.load(Ordering::Relaxed),

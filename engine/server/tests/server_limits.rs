@@ -242,9 +242,10 @@ fn no_request_goes_above_the_servers_limits() {
     );
     let mut c = server.connect();
     let status = c.status();
-    assert_eq!(status.max_tokens_limit, 32);
+    assert_eq!(status.first().max_tokens_limit, 32);
     assert_eq!(
-        status.max_tokens, 32,
+        status.first().max_tokens,
+        32,
         "the default may not exceed the limit"
     );
     assert_eq!(status.max_calibration_texts, 40);
@@ -406,7 +407,7 @@ fn requests_name_the_model_they_were_prepared_for() {
     let server = Server::start("model-id", &["--max-calibration-texts", "64"]);
     let mut c = server.connect();
     let status = c.status();
-    assert!(!status.model_id.is_empty());
+    assert!(!status.first().model_id.is_empty());
     // Prepared for another model (the engine restarted with a new one since
     // the session looked up its calibration): refused, nothing runs.
     let passes = status.forward_passes;
@@ -416,11 +417,11 @@ fn requests_name_the_model_they_were_prepared_for() {
     };
     let (kind, message) = c.embed(vec!["x".into()], stale).unwrap_err();
     assert_eq!(kind, proto::ErrorKind::ModelChanged, "{message}");
-    assert!(message.contains(&status.model_id), "{message}");
+    assert!(message.contains(&status.first().model_id), "{message}");
     assert_eq!(c.status().forward_passes, passes);
     // Prepared for this one: served.
     let current = EmbedOptions {
-        expect_model: Some(status.model_id.clone()),
+        expect_model: Some(status.first().model_id.clone()),
         ..Default::default()
     };
     c.embed(vec!["x".into()], current).unwrap();
@@ -435,7 +436,7 @@ fn requests_name_the_model_they_were_prepared_for() {
         match proto::read_json::<_, Response>(&mut c.0).unwrap() {
             Response::Progress { .. } => continue,
             Response::Layers { model_id, .. } => {
-                assert_eq!(model_id, status.model_id);
+                assert_eq!(model_id, status.first().model_id);
                 break;
             }
             other => panic!("unexpected {other:?}"),
@@ -584,10 +585,10 @@ fn describe_says_what_a_request_runs() {
         other => panic!("unexpected {other:?}"),
     };
     let kv = describe(EmbedOptions::default());
-    assert_eq!(kv.method, status.default_method);
-    assert_eq!(kv.layers, status.default_layers);
-    assert_eq!(kv.bias, Some(status.default_bias));
-    assert_eq!(kv.document_prompt, status.document_prompt);
+    assert_eq!(kv.method, status.first().default_method);
+    assert_eq!(kv.layers, status.first().default_layers);
+    assert_eq!(kv.bias, Some(status.first().default_bias));
+    assert_eq!(kv.document_prompt, status.first().document_prompt);
     let paper = describe(EmbedOptions {
         method: Some("kv-paper".into()),
         ..Default::default()
