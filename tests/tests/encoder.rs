@@ -407,3 +407,91 @@ fn two_models_at_once_each_session_and_profile_choosing_its_own() {
         "{msg}"
     );
 }
+
+/// Resets kvembed.engine_memory_limit and kvembed.models even when an
+/// assertion fails.
+struct ResetMemoryLimit;
+
+impl Drop for ResetMemoryLimit {
+    fn drop(&mut self) {
+        let mut admin = Session::connect("postgres", "postgres");
+        admin.batch_execute("LOAD 'kvembed'").unwrap();
+        admin
+            .batch_execute("ALTER SYSTEM RESET kvembed.engine_memory_limit")
+            .unwrap();
+        admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+        configure_models("");
+    }
+}
+
+/// The engine's address space now, in MB (VmSize).
+fn engine_vm_mb(s: &mut Session) -> i64 {
+    let pid = engine_pid(s);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: i64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kb >> 10
+}
+
+#[test]
+fn a_second_model_too_large_for_the_memory_limit_fails_alone() {
+    let mut s = fresh_database("kvembed_test_model_memory");
+    let _reset = ResetMemoryLimit;
+    let _restore = RestoreModel;
+    let first = model_path()
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let big = model_path()
+        .parent()
+        .unwrap()
+        .join("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
+    assert!(
+        big.is_file(),
+        "{} is missing: run scripts/fetch-models.sh qwen05",
+        big.display()
+    );
+    // A fresh engine with the first model, then a limit 100 MB above what
+    // it holds: the first model fits again, the 491 MB one cannot.
+    s.query_one("SELECT kv_restart()", &[]).unwrap();
+    let (state, err) = wait_for_model(
+        &mut s,
+        &model_path().to_string_lossy(),
+        Duration::from_secs(180),
+    );
+    assert_eq!(state, "ready", "{err:?}");
+    let reference = vector(&mut s, "SELECT kv_embed('memory check')::real[]", &[]);
+    let limit = engine_vm_mb(&mut s) + 100;
+    {
+        let mut admin = Session::connect("postgres", "postgres");
+        admin.batch_execute("LOAD 'kvembed'").unwrap();
+        admin
+            .batch_execute(&format!(
+                "ALTER SYSTEM SET kvembed.engine_memory_limit = {limit}"
+            ))
+            .unwrap();
+    }
+    configure_models(&format!("big={}", big.display()));
+    let states = wait_for_models(&mut s, &[&first, "big"]);
+    assert_eq!(states[0].0, "ready", "{states:?}");
+    assert_eq!(states[1].0, "failed", "{states:?}");
+    let why = states[1].1.clone().unwrap_or_default();
+    assert!(
+        why.contains("address space") && why.contains("kvembed.engine_memory_limit"),
+        "{why}"
+    );
+    // The engine stays up, serving the first model with the same vectors.
+    let pid = engine_pid(&mut s);
+    let v = vector(&mut s, "SELECT kv_embed('memory check')::real[]", &[]);
+    assert!(max_abs_diff(&v, &reference) <= 1e-6);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(engine_pid(&mut s), pid, "the engine restarted");
+}
