@@ -4,7 +4,8 @@ weights, texts and threads: texts/s and tokens/s end to end (tokenizer,
 forward passes, pooling), written as a Markdown page.
 
     .venv-bench/bin/python scripts/bench_encoder.py [--model DIR] [--threads N]
-        [--repeat R] [--decoder GGUF] [--out docs/BENCHMARKS-encoder.md]
+        [--repeat R] [--decoder GGUF] [--cpu-levels native,x86-64-v3]
+        [--out docs/BENCHMARKS-encoder.md]
 
 The texts are generated from a seed (short: 512 texts of 8-24 words; long:
 64 texts of 150-220 words, near all-MiniLM-L6-v2's 256-token limit), so the
@@ -16,6 +17,11 @@ torch.inference_mode with torch.set_num_threads(N). Each side is warmed up,
 then timed `--repeat` times; the median counts. With `--decoder`, the same
 texts are also embedded by kvembed with that decoder LLM and its default
 method (`kv`), for the cost of the training-free path beside the encoder.
+Each CPU level of `--cpu-levels` is measured in the same run: `native`
+(what each runtime picks on this CPU) and `x86-64-v3`, which caps every
+runtime to AVX2 + FMA (the engine with KVEMBED_CPU=x86-64-v3, PyTorch with
+ATEN_CPU_CAPABILITY=avx2), the path of CPUs without AVX-512. PyTorch runs
+in a child process so that its capability is set before it starts.
 The .venv-bench of scripts/bench.sh has torch and transformers.
 """
 
@@ -59,11 +65,12 @@ def texts(n: int, lo: int, hi: int, seed: int) -> list[str]:
     return out
 
 
-def cpu_level(lab: Path) -> str:
-    """The level the engine's kernels run at here (`kvembed cpu`)."""
+def cpu_level(lab: Path, level: str) -> str:
+    """The level the engine's kernels run at here (`kvembed cpu`) at `level`."""
     engine = lab.parent / "kvembed"
     try:
-        out = subprocess.run([str(engine), "cpu"], check=True, capture_output=True, text=True)
+        out = subprocess.run([str(engine), "cpu"], check=True, capture_output=True, text=True,
+                             env=level_env(level))
         return json.loads(out.stdout)["level"]
     except (OSError, subprocess.CalledProcessError, ValueError, KeyError):
         return "unknown"
@@ -79,11 +86,36 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def bench_kvembed(lab: Path, model: Path, file: Path, threads: int, repeat: int) -> dict:
+LEVELS = {
+    # level: (KVEMBED_CPU, ATEN_CPU_CAPABILITY); None leaves the variable unset
+    "native": (None, None),
+    "x86-64-v3": ("x86-64-v3", "avx2"),
+}
+
+
+def level_env(level: str) -> dict:
+    env = dict(os.environ)
+    for name, value in zip(("KVEMBED_CPU", "ATEN_CPU_CAPABILITY"), LEVELS[level]):
+        env.pop(name, None)
+        if value:
+            env[name] = value
+    return env
+
+
+def bench_kvembed(lab: Path, model: Path, file: Path, threads: int, repeat: int, level: str) -> dict:
     out = subprocess.run(
         [str(lab), "bench", "-m", str(model), "--file", str(file), "--threads", str(threads),
          "--repeat", str(repeat), "--json"],
-        check=True, capture_output=True, text=True)
+        check=True, capture_output=True, text=True, env=level_env(level))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_torch_at(model: Path, file: Path, threads: int, repeat: int, level: str) -> dict:
+    """bench_torch in a child process with the level's ATen capability."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--torch-worker", str(file), "--model", str(model),
+         "--threads", str(threads), "--repeat", str(repeat)],
+        check=True, capture_output=True, text=True, env=level_env(level))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -129,23 +161,38 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--decoder", help="a decoder LLM (GGUF) embedded with kv on the same texts")
+    ap.add_argument("--cpu-levels", default="native,x86-64-v3",
+                    help="comma-separated: native, x86-64-v3")
     ap.add_argument("--out", default=str(ROOT / "docs/BENCHMARKS-encoder.md"))
+    ap.add_argument("--torch-worker", metavar="FILE", help=argparse.SUPPRESS)
     a = ap.parse_args()
     model = Path(a.model)
+    if a.torch_worker:
+        ts = Path(a.torch_worker).read_text().splitlines()
+        print(json.dumps(bench_torch(model, ts, a.threads, a.repeat)))
+        return 0
+    levels = [x.strip() for x in a.cpu_levels.split(",") if x.strip()]
+    for level in levels:
+        if level not in LEVELS:
+            ap.error(f"unknown CPU level '{level}' (native, x86-64-v3)")
     lab = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release/kvembed-lab"
     work = ROOT / "target/bench-encoder"
     work.mkdir(parents=True, exist_ok=True)
     shapes = [("short", texts(512, 8, 24, 1)), ("long", texts(64, 150, 220, 2))]
     rows = []
-    for name, ts in shapes:
-        f = work / f"{name}.txt"
-        f.write_text("\n".join(ts) + "\n")
-        k = bench_kvembed(lab, model, f, a.threads, a.repeat)
-        t = bench_torch(model, ts, a.threads, a.repeat)
-        d = bench_kvembed(lab, Path(a.decoder), f, a.threads, a.repeat) if a.decoder else None
-        rows.append((name, len(ts), k, t, d))
-        print(f"{name}: kvembed {k['texts_per_s_median']:.1f} texts/s, PyTorch {t['texts_per_s_median']:.1f} texts/s",
-              file=sys.stderr)
+    seen = {}
+    for level in levels:
+        for name, ts in shapes:
+            f = work / f"{name}.txt"
+            f.write_text("\n".join(ts) + "\n")
+            k = bench_kvembed(lab, model, f, a.threads, a.repeat, level)
+            t = bench_torch_at(model, f, a.threads, a.repeat, level)
+            d = (bench_kvembed(lab, Path(a.decoder), f, a.threads, a.repeat, level)
+                 if a.decoder else None)
+            rows.append((level, name, len(ts), k, t, d))
+            seen[level] = (cpu_level(lab, level), t["capability"], d["matmul"] if d else None)
+            print(f"{level} {name}: kvembed {k['texts_per_s_median']:.1f} texts/s, "
+                  f"PyTorch {t['texts_per_s_median']:.1f} texts/s", file=sys.stderr)
     cmd = "scripts/bench_encoder.py" + "".join(f" {x}" for x in sys.argv[1:])
     lines = [
         "# Benchmarks: an encoder (all-MiniLM-L6-v2) against PyTorch",
@@ -153,21 +200,27 @@ def main() -> int:
         f"Generated by `.venv-bench/bin/python {cmd}`; do not edit by hand.",
         "",
         f"CPU: {cpu_name()}, {a.threads} threads for both. Model: `{model.name}` "
-        f"(BERT, 6 layers, d=384; f32 weights on both sides). PyTorch {rows[0][3]['torch']} "
-        f"(ATen CPU capability {rows[0][3]['capability']}); kvembed: `kvembed cpu` level "
-        f"{cpu_level(lab)}.",
+        f"(BERT, 6 layers, d=384; f32 weights on both sides). PyTorch {rows[0][4]['torch']}.",
+        "",
+        "| CPU level | kvembed kernels (`kvembed cpu`) | PyTorch ATen capability |"
+        + (" decoder matrix products |" if a.decoder else ""),
+        "| --- | --- | --- |" + (" --- |" if a.decoder else ""),
+    ]
+    for level, (engine, aten, matmul) in seen.items():
+        lines.append(f"| {level} | {engine} | {aten} |" + (f" {matmul} |" if a.decoder else ""))
+    lines += [
         "",
         "End to end: tokenizer, forward passes, pooling and normalisation, the same generated texts "
         "on both sides (short: 8-24 words; long: 150-220 words). Tokens are the model's, "
         "special tokens included. Median of the timed runs.",
         "",
-        "| texts | kvembed texts/s | PyTorch texts/s | × PyTorch | kvembed tokens/s | PyTorch tokens/s |"
+        "| CPU level | texts | kvembed texts/s | PyTorch texts/s | × PyTorch | kvembed tokens/s | PyTorch tokens/s |"
         + (" kvembed, decoder `kv` texts/s | encoder × decoder |" if a.decoder else ""),
-        "| --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if a.decoder else ""),
+        "| --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if a.decoder else ""),
     ]
-    for name, n, k, t, d in rows:
+    for level, name, n, k, t, d in rows:
         line = (
-            f"| {n} {name} | {k['texts_per_s_median']:.1f} | {t['texts_per_s_median']:.1f} | "
+            f"| {level} | {n} {name} | {k['texts_per_s_median']:.1f} | {t['texts_per_s_median']:.1f} | "
             f"{k['texts_per_s_median'] / t['texts_per_s_median']:.2f} | {k['tokens_per_s_median']:.0f} | "
             f"{t['tokens_per_s_median']:.0f} |")
         if d:
@@ -175,8 +228,8 @@ def main() -> int:
         lines.append(line)
     if a.decoder:
         lines += ["", f"The decoder column: `{Path(a.decoder).name}` with the method `kv` "
-                  "(PromptEOL prompt, re-routing), kvembed's default matrix products on this CPU "
-                  f"({rows[0][4]['matmul']}); its tokens include the prompt."]
+                  "(PromptEOL prompt, re-routing), kvembed's default matrix products at each level "
+                  "(the table above); its tokens include the prompt."]
     lines += ["", "kvembed's encoder on the CPU: the real tokens of a batch packed into one f32 "
               "product per projection (no padding computed), attention per sequence and head, the "
               "engine's vectorised exp and erf; the kernels are chosen at run time "
