@@ -550,10 +550,12 @@ pub struct ModelEntry {
 
 /// The name a model is known by when its entry gives none: the file or
 /// directory name without `.gguf` (`/m/all-MiniLM-L6-v2` and the repo id
-/// `sentence-transformers/all-MiniLM-L6-v2` are both `all-MiniLM-L6-v2`).
+/// `sentence-transformers/all-MiniLM-L6-v2@main` are both `all-MiniLM-L6-v2`).
 pub fn default_model_name(source: &str) -> String {
     let trimmed = source.trim().trim_end_matches('/');
     let base = trimmed.rsplit('/').next().unwrap_or(trimmed);
+    // A repo id's revision is not part of the name.
+    let base = base.split('@').next().unwrap_or(base);
     let base = base
         .strip_suffix(".gguf")
         .or_else(|| base.strip_suffix(".GGUF"))
@@ -781,7 +783,7 @@ mod tests {
     #[test]
     fn model_lists_name_each_model_once() {
         let list = parse_model_list(
-            " minilm = /m/all-MiniLM-L6-v2 ,/m/SmolLM2-135M.Q4_1.gguf,, sentence-transformers/all-mpnet-base-v2/ ,/a=b/x",
+            " minilm = /m/all-MiniLM-L6-v2 ,/m/SmolLM2-135M.Q4_1.gguf,, sentence-transformers/all-mpnet-base-v2@main ,/a=b/x",
             "first",
         )
         .unwrap();
@@ -796,7 +798,7 @@ mod tests {
                 ("SmolLM2-135M.Q4_1", "/m/SmolLM2-135M.Q4_1.gguf"),
                 (
                     "all-mpnet-base-v2",
-                    "sentence-transformers/all-mpnet-base-v2/"
+                    "sentence-transformers/all-mpnet-base-v2@main"
                 ),
                 ("x", "/a=b/x"),
             ]

@@ -127,7 +127,7 @@ impl Shared {
             (
                 ErrorKind::InvalidInput,
                 format!(
-                    "the engine serves no model named '{}' (it serves: {}; kvembed.models lists more)",
+                    "the engine serves no model named '{}' (it serves: {}; an administrator adds models with kvembed.models)",
                     name.unwrap_or_default(),
                     names.join(", ")
                 ),
