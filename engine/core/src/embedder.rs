@@ -220,6 +220,37 @@ fn start_threads(threads: usize) -> Result<()> {
         .map_err(EngineError::OutOfResources)
 }
 
+/// Refuses, before reading them, weights larger than the address space
+/// left under `RLIMIT_AS` (`kvembed.engine_memory_limit`, `ulimit -v`):
+/// loading them would abort the process in an allocation, taking every
+/// model already loaded with it. Any load needs at least the files' size.
+fn check_weights_fit(source: &ModelSource) -> Result<()> {
+    let Some((left, limit)) = address_space_left() else {
+        return Ok(());
+    };
+    let files = match source {
+        ModelSource::Gguf(p) => vec![p.clone()],
+        // A directory the loader cannot list fails in the load, with its reason.
+        ModelSource::HfDir(dir) => loader::safetensors_files(dir).unwrap_or_default(),
+    };
+    let need: u64 = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    if need > left {
+        return Err(EngineError::OutOfResources(format!(
+            "'{}' has {} MB of weights, more than the {} MB of address space left under the memory \
+             limit of {} MB (kvembed.engine_memory_limit, or ulimit -v): raise it, or serve fewer models",
+            source.path().display(),
+            need >> 20,
+            left >> 20,
+            limit >> 20
+        )));
+    }
+    Ok(())
+}
+
 /// The address space left under `RLIMIT_AS` and the limit, in bytes; `None`
 /// without a limit.
 fn address_space_left() -> Option<(u64, u64)> {
@@ -316,6 +347,7 @@ impl Embedder {
             }
         };
         let source = loader::resolve(&spec.model)?;
+        check_weights_fit(&source)?;
         if let ModelSource::HfDir(dir) = &source {
             if encoder::is_encoder_dir(dir) {
                 return Self::load_encoder(spec, dir, &device, dtype);

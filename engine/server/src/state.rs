@@ -221,83 +221,15 @@ impl Shared {
 }
 
 /// Loads every model, `kvembed.model` first, one after the other: a model
-/// that fails (a bad path, an unsupported architecture, a corrupt file)
-/// fails alone; the others serve. A model of `kvembed.models` whose weights
-/// are larger than the address space left under
-/// `kvembed.engine_memory_limit` is refused before it is read, so that it
-/// cannot take the engine, and the models loaded before it, down.
+/// that fails (a bad path, an unsupported architecture, a corrupt file,
+/// weights larger than the memory left under kvembed.engine_memory_limit)
+/// fails alone; the others serve.
 pub(crate) fn load_model(shared: &Shared) {
-    for (i, slot) in shared.models.iter().enumerate() {
-        if !matches!(*slot.state.lock(), ModelState::Loading) {
-            continue;
+    for slot in &shared.models {
+        if matches!(*slot.state.lock(), ModelState::Loading) {
+            slot.set(load_one(shared, &slot.entry));
         }
-        let room = (i > 0)
-            .then(|| address_space_left().zip(weights_bytes(&slot.entry.source)))
-            .flatten();
-        let state = match room {
-            Some((left, needs)) if needs > left => {
-                let message = format!(
-                    "model '{}' ({}) has {} MB of weights, more than the {} MB of address space the engine \
-                     has left under kvembed.engine_memory_limit with the models before it loaded",
-                    slot.entry.name,
-                    slot.entry.source,
-                    needs >> 20,
-                    left >> 20
-                );
-                log(&message);
-                ModelState::Failed(ErrorKind::ModelLoad, message)
-            }
-            _ => load_one(shared, &slot.entry),
-        };
-        slot.set(state);
     }
-}
-
-/// Bytes of address space left under RLIMIT_AS (the engine's
-/// `kvembed.engine_memory_limit`); `None` without a limit.
-fn address_space_left() -> Option<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes the struct passed by pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) } != 0
-        || limit.rlim_cur == libc::RLIM_INFINITY
-    {
-        return None;
-    }
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let used_kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmSize:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some((limit.rlim_cur as u64).saturating_sub(used_kb << 10))
-}
-
-/// The size of a model's weight files (a GGUF file, or the safetensors,
-/// GGUF or PyTorch files of a directory), which loading it needs at least
-/// in address space; `None` where it cannot tell (a repo id in the cache).
-fn weights_bytes(source: &str) -> Option<u64> {
-    let path = std::path::Path::new(source.trim());
-    let meta = std::fs::metadata(path).ok()?;
-    if meta.is_file() {
-        return Some(meta.len());
-    }
-    let total = std::fs::read_dir(path)
-        .ok()?
-        .flatten()
-        .filter(|e| {
-            let name = e.file_name().to_string_lossy().to_lowercase();
-            name.ends_with(".safetensors") || name.ends_with(".gguf") || name.ends_with(".bin")
-        })
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum();
-    Some(total)
 }
 
 fn load_one(shared: &Shared, entry: &ModelEntry) -> ModelState {
