@@ -62,14 +62,16 @@ AS $$ SELECT CASE WHEN jsonb_typeof(j) = 'array'
                   THEN ARRAY(SELECT x::real FROM jsonb_array_elements_text(j) WITH ORDINALITY AS e(x, i) ORDER BY i) END $$;
 
 -- kv_select_layers(): choose the re-routing layers for the loaded model from
--- the intrinsic dimension (TwoNN) of a sample of a column, fit the corpus
+-- a sample of a column (rule 'twonn': its intrinsic dimension per layer;
+-- 'agreement': the window whose embeddings best tell each text's perturbed
+-- copy from the others', each layer's row carrying no ID), fit the corpus
 -- calibration of the space on the same sample (space => 'none' skips it),
 -- store both, and return the per-layer curve. Reads the table with the caller's
 -- privileges (row-level security applies); names are quoted by regclass
 -- output and %I.
 CREATE FUNCTION @extschema@.kv_select_layers(
   tbl regclass, col name, sample_size int DEFAULT 1024, store boolean DEFAULT true,
-  space text DEFAULT 'whiten')
+  space text DEFAULT 'whiten', rule text DEFAULT 'twonn')
 RETURNS TABLE (layer int, intrinsic_dimension float8, selected bool)
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -86,7 +88,12 @@ BEGIN
     RAISE EXCEPTION 'kv_select_layers: sample_size must be positive, got %', sample_size
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  IF NOT has_function_privilege('kvembed.select_layers_raw(text[], integer, real, text)', 'EXECUTE') THEN
+  IF rule IS NULL OR lower(rule) NOT IN ('twonn', 'agreement') THEN
+    RAISE EXCEPTION 'kv_select_layers: unknown rule %', coalesce(quote_literal(rule), 'NULL')
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Use ''twonn'' (the intrinsic dimension, the default) or ''agreement'' (the window whose embeddings best tell each text''s perturbed copy from the others'').';
+  END IF;
+  IF NOT has_function_privilege('kvembed.select_layers_raw(text[], integer, real, text, text)', 'EXECUTE') THEN
     RAISE EXCEPTION 'kv_select_layers: permission denied to run a layer selection'
       USING ERRCODE = 'insufficient_privilege',
             HINT = 'A layer selection holds the shared engine for minutes and its memory grows with the square of the sample: superusers and members of kvembed_admin run it.';
@@ -114,8 +121,12 @@ BEGIN
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
 
-  RAISE NOTICE 'kv_select_layers: running the model over % texts and measuring every layer', n;
-  result := kvembed.select_layers_raw(texts, space => space);
+  IF lower(rule) = 'agreement' THEN
+    RAISE NOTICE 'kv_select_layers: scoring re-routing windows by agreement, running the model twice over % texts per window', n;
+  ELSE
+    RAISE NOTICE 'kv_select_layers: running the model over % texts and measuring every layer', n;
+  END IF;
+  result := kvembed.select_layers_raw(texts, space => space, rule => rule);
   RAISE NOTICE 'kv_select_layers: selected layers % (%) in % s', result->'selected', result->>'rule',
     round(extract(epoch FROM clock_timestamp() - started)::numeric, 1);
   IF jsonb_typeof(result->'space') = 'object' THEN
@@ -150,8 +161,8 @@ BEGIN
     ORDER BY 1;
 END
 $fn$;
-COMMENT ON FUNCTION @extschema@.kv_select_layers(regclass, name, int, boolean, text) IS
-  'Selects the re-routing layers by TwoNN intrinsic dimension on a sample of a column, fits the space calibration on it, and stores both';
+COMMENT ON FUNCTION @extschema@.kv_select_layers(regclass, name, int, boolean, text, text) IS
+  'Selects the re-routing layers on a sample of a column (rule twonn: TwoNN intrinsic dimension; agreement: the window that best tells each text''s perturbed copy from the others''), fits the space calibration on it, and stores both';
 
 -- kv_backfill(): fill NULL embeddings of an existing table in batches,
 -- committing after each batch (so it must be CALLed outside a transaction
@@ -197,8 +208,8 @@ COMMENT ON PROCEDURE @extschema@.kv_backfill(regclass, name, name, int) IS
 -- Only superusers and kvembed_admin restart the engine.
 -- A layer selection costs the shared engine minutes and memory that grows
 -- with the square of its sample: not for every role.
-REVOKE EXECUTE ON FUNCTION kvembed.select_layers_raw(text[], integer, real, text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION kvembed.select_layers_raw(text[], integer, real, text) TO kvembed_admin;
+REVOKE EXECUTE ON FUNCTION kvembed.select_layers_raw(text[], integer, real, text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION kvembed.select_layers_raw(text[], integer, real, text, text) TO kvembed_admin;
 REVOKE EXECUTE ON FUNCTION @extschema@.kv_restart() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.kv_restart() TO kvembed_admin;
 REVOKE EXECUTE ON FUNCTION @extschema@.kv_debug_fault(text) FROM PUBLIC;

@@ -87,13 +87,14 @@ CREATE  FUNCTION kvembed."select_layers_raw"(
 	"texts" text[], /* Array < '_, DbText > */
 	"window" INT DEFAULT NULL, /* Option < i32 > */
 	"skip_fraction" real DEFAULT NULL, /* Option < f32 > */
-	"space" TEXT DEFAULT NULL /* Option < & str > */
+	"space" TEXT DEFAULT NULL, /* Option < & str > */
+	"rule" TEXT DEFAULT NULL /* Option < & str > */
 ) RETURNS jsonb /* JsonB */
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'select_layers_raw_wrapper';
-REVOKE EXECUTE ON FUNCTION kvembed.select_layers_raw(text[], integer, real, text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION kvembed.select_layers_raw(text[], integer, real, text) TO kvembed_admin;
+REVOKE EXECUTE ON FUNCTION kvembed.select_layers_raw(text[], integer, real, text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION kvembed.select_layers_raw(text[], integer, real, text, text) TO kvembed_admin;
 
 -- kv_select_layers gains the space argument (a new signature), kv_status
 -- the space column, the calibration table the space calibration.
@@ -138,7 +139,7 @@ COMMENT ON FUNCTION @extschema@.kv_status() IS
 DROP FUNCTION @extschema@.kv_select_layers(regclass, name, int, boolean);
 CREATE FUNCTION @extschema@.kv_select_layers(
   tbl regclass, col name, sample_size int DEFAULT 1024, store boolean DEFAULT true,
-  space text DEFAULT 'whiten')
+  space text DEFAULT 'whiten', rule text DEFAULT 'twonn')
 RETURNS TABLE (layer int, intrinsic_dimension float8, selected bool)
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -155,7 +156,12 @@ BEGIN
     RAISE EXCEPTION 'kv_select_layers: sample_size must be positive, got %', sample_size
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  IF NOT has_function_privilege('kvembed.select_layers_raw(text[], integer, real, text)', 'EXECUTE') THEN
+  IF rule IS NULL OR lower(rule) NOT IN ('twonn', 'agreement') THEN
+    RAISE EXCEPTION 'kv_select_layers: unknown rule %', coalesce(quote_literal(rule), 'NULL')
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Use ''twonn'' (the intrinsic dimension, the default) or ''agreement'' (the window whose embeddings best tell each text''s perturbed copy from the others'').';
+  END IF;
+  IF NOT has_function_privilege('kvembed.select_layers_raw(text[], integer, real, text, text)', 'EXECUTE') THEN
     RAISE EXCEPTION 'kv_select_layers: permission denied to run a layer selection'
       USING ERRCODE = 'insufficient_privilege',
             HINT = 'A layer selection holds the shared engine for minutes and its memory grows with the square of the sample: superusers and members of kvembed_admin run it.';
@@ -183,8 +189,12 @@ BEGIN
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
 
-  RAISE NOTICE 'kv_select_layers: running the model over % texts and measuring every layer', n;
-  result := kvembed.select_layers_raw(texts, space => space);
+  IF lower(rule) = 'agreement' THEN
+    RAISE NOTICE 'kv_select_layers: scoring re-routing windows by agreement, running the model twice over % texts per window', n;
+  ELSE
+    RAISE NOTICE 'kv_select_layers: running the model over % texts and measuring every layer', n;
+  END IF;
+  result := kvembed.select_layers_raw(texts, space => space, rule => rule);
   RAISE NOTICE 'kv_select_layers: selected layers % (%) in % s', result->'selected', result->>'rule',
     round(extract(epoch FROM clock_timestamp() - started)::numeric, 1);
   IF jsonb_typeof(result->'space') = 'object' THEN
@@ -219,8 +229,8 @@ BEGIN
     ORDER BY 1;
 END
 $fn$;
-COMMENT ON FUNCTION @extschema@.kv_select_layers(regclass, name, int, boolean, text) IS
-  'Selects the re-routing layers by TwoNN intrinsic dimension on a sample of a column, fits the space calibration on it, and stores both';
+COMMENT ON FUNCTION @extschema@.kv_select_layers(regclass, name, int, boolean, text, text) IS
+  'Selects the re-routing layers on a sample of a column (rule twonn: TwoNN intrinsic dimension; agreement: the window that best tells each text''s perturbed copy from the others''), fits the space calibration on it, and stores both';
 
 -- kv_chunk() is new.
 CREATE FUNCTION @extschema@."kv_chunk"(

@@ -462,14 +462,17 @@ mod kvembed {
         }))
     }
 
-    /// Runs TwoNN over `texts` at every layer (`kv_select_layers()` samples the
-    /// texts, stores the result and returns the rows).
+    /// Chooses the re-routing layers from `texts` by `rule` (`twonn`, the
+    /// default: the intrinsic dimension at every layer; `agreement`: see
+    /// docs/REFERENCE.md); `kv_select_layers()` samples the texts, stores the
+    /// result and returns the rows.
     #[pg_extern(volatile, parallel_unsafe)]
     fn select_layers_raw(
         texts: Array<'_, DbText>,
         window: default!(Option<i32>, "NULL"),
         skip_fraction: default!(Option<f32>, "NULL"),
         space: default!(Option<&str>, "NULL"),
+        rule: default!(Option<&str>, "NULL"),
     ) -> JsonB {
         let texts: Vec<String> = texts.iter().flatten().map(DbText::into_utf8).collect();
         let n = texts.len();
@@ -488,13 +491,18 @@ mod kvembed {
         let space = space
             .map(str::trim)
             .filter(|s| !s.is_empty() && *s != "none");
+        let rule = rule.map(|r| r.trim().to_ascii_lowercase());
+        // The agreement rule embeds the sample with the session's method,
+        // bias and prompt, as a space calibration does.
+        let agreement = rule.as_deref() == Some("agreement");
         let options = SelectOptions {
             model: embed.model.clone(),
             skip_fraction,
             window: window.map(|w| w.max(1) as usize),
+            rule,
             max_tokens: embed.max_tokens,
             space: space.map(str::to_string),
-            embed: space.is_some().then(|| embed.clone()),
+            embed: (space.is_some() || agreement).then(|| embed.clone()),
         };
         match client::select_layers(texts, options) {
             // Stored under the model the engine ran the selection on, which

@@ -220,6 +220,12 @@ pub struct SelectOptions {
     pub skip_fraction: Option<f32>,
     /// Width of the selected window.
     pub window: Option<usize>,
+    /// How the window is chosen: `twonn` (the default: the minimum of the
+    /// intrinsic dimension) or `agreement` (the window whose embeddings
+    /// best tell each text's perturbed copy from the others', at the bias
+    /// of [`SelectOptions::embed`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
     /// Tokens kept of each text (default [`DEFAULT_MAX_TOKENS`]).
     pub max_tokens: Option<usize>,
     /// Also fit a corpus calibration of the space on the same sample
@@ -403,8 +409,34 @@ pub struct Truncation {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct LayerPoint {
     pub layer: usize,
+    /// TwoNN's estimate at this layer (NaN, null on the wire, where there is
+    /// none: too few distinct points, or the agreement rule, which does not
+    /// measure it).
+    #[serde(with = "nan_as_null")]
     pub intrinsic_dimension: f64,
     pub selected: bool,
+    /// The agreement rule's score of the window starting at this layer, at
+    /// the method's bias (`None` where no window starting here was scored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<f64>,
+}
+
+/// A number that may be NaN, as JSON: `null` for NaN (JSON has no NaN, and
+/// `serde_json` writes it as `null`, which a plain `f64` cannot read back).
+mod nan_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f64(*v)
+        } else {
+            s.serialize_none()
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
 }
 
 /// Where the engine's model is: on the wire and in `kv_status()` as
@@ -854,6 +886,42 @@ mod tests {
         write_json(&mut buf, &req).unwrap();
         let back: Request = read_json(&mut &buf[..]).unwrap();
         assert_eq!(back, req);
+    }
+
+    #[test]
+    fn a_layer_without_an_estimate_travels() {
+        // TwoNN has no estimate at a layer whose points coincide, and the
+        // agreement rule measures none: NaN must survive the JSON frame.
+        let reply = Response::Layers {
+            curve: vec![
+                LayerPoint {
+                    layer: 0,
+                    intrinsic_dimension: f64::NAN,
+                    selected: false,
+                    agreement: None,
+                },
+                LayerPoint {
+                    layer: 1,
+                    intrinsic_dimension: 7.5,
+                    selected: true,
+                    agreement: Some(4.25),
+                },
+            ],
+            selected: vec![1],
+            rule: "r".into(),
+            texts: 3,
+            model_id: "m".into(),
+            space: None,
+        };
+        let mut buf = Vec::new();
+        write_json(&mut buf, &reply).unwrap();
+        let Response::Layers { curve, .. } = read_json(&mut &buf[..]).unwrap() else {
+            panic!("not a Layers reply");
+        };
+        assert!(curve[0].intrinsic_dimension.is_nan());
+        assert_eq!(curve[0].agreement, None);
+        assert_eq!(curve[1].intrinsic_dimension, 7.5);
+        assert_eq!(curve[1].agreement, Some(4.25));
     }
 
     #[test]

@@ -86,8 +86,30 @@ RESET client_min_messages;
 SELECT space_fit, space_mean IS NULL AS no_mean FROM kvembed.calibration;
 SELECT space FROM kv_status();
 
--- Arguments: the sample needs at least 8 non-NULL texts; sample_size must be
--- positive; the table and column must exist. A sample above
+-- The agreement rule: a window of three consecutive layers, or none where no
+-- re-routing agrees best (which one depends on the sample, so only its shape
+-- is checked here), no intrinsic dimension, each scored window's agreement
+-- in the stored curve (the 11 windows of SmolLM2's grid, its default window
+-- among them), and kvembed.layers = 'auto' uses the choice.
+SET client_min_messages = warning;
+SELECT count(*) AS layers,
+       count(*) FILTER (WHERE selected) IN (0, 3) AS one_window_or_none,
+       coalesce(max(layer) FILTER (WHERE selected) - min(layer) FILTER (WHERE selected), 2) = 2 AS consecutive,
+       bool_and(intrinsic_dimension IS NULL) AS no_id
+  FROM kv_select_layers('regress_calib', 'body', 16, space => 'none', rule => 'agreement');
+RESET client_min_messages;
+SELECT rule LIKE 'agreement rule on 16 texts: %' AS agreement_rule, sample_size,
+       (SELECT count(*) FROM jsonb_array_elements(curve) p WHERE p ? 'agreement') AS windows_scored,
+       (SELECT bool_and((p->>'agreement')::float8 > 0) FROM jsonb_array_elements(curve) p
+         WHERE p ? 'agreement') AS copies_stand_out,
+       (SELECT count(*) FROM jsonb_array_elements(curve) p
+         WHERE (p->>'layer')::int = 20 AND p ? 'agreement') AS default_window_scored,
+       layers = (SELECT coalesce(layers, '{}') FROM kv_status()) AS auto_uses_it
+  FROM kvembed.calibration;
+
+-- Arguments: the sample needs at least 8 non-NULL texts (16 for the
+-- agreement rule); sample_size must be positive; the table and column must
+-- exist; the rule is twonn or agreement. A sample above
 -- kvembed.max_calibration_texts is lowered (with a NOTICE).
 CREATE FUNCTION regress_error(q text) RETURNS text LANGUAGE plpgsql AS $$
 BEGIN
@@ -108,7 +130,10 @@ SELECT q AS call, regress_error('SELECT count(*) FROM ' || q) AS result
                ('kv_select_layers(''regress_calib'', ''no_such_column'', store => false)'),
                ('kv_select_layers(''regress_no_such_table'', ''body'', store => false)'),
                ('kv_select_layers(''regress_calib'', ''body'', store => false, space => ''bogus'')'),
-               ('kv_select_layers(''regress_calib'', ''body'', store => false, space => ''whiten:2'')')) AS t(q);
+               ('kv_select_layers(''regress_calib'', ''body'', store => false, space => ''whiten:2'')'),
+               ('kv_select_layers(''regress_calib'', ''body'', store => false, rule => ''bogus'')'),
+               ('kv_select_layers(''regress_calib'', ''body'', store => false, rule => NULL)'),
+               ('kv_select_layers(''regress_calib'', ''body'', 12, store => false, rule => ''agreement'')')) AS t(q);
 SELECT count(*) AS layers FROM kv_select_layers('regress_calib', 'body', 100000, store => false);
 RESET client_min_messages;
 

@@ -35,8 +35,8 @@ SELECT f AS function,
        has_function_privilege('regress_kvembed_admin', f, 'EXECUTE') AS kvembed_admin_member
   FROM unnest(ARRAY['kv_embed(text,text)', 'kv_embed_half(text,text)', 'kv_embed_batch(text[],text)',
                     'kv_status()', 'kvembed.status_json()', 'kv_backfill(regclass,name,name,integer)',
-                    'kv_select_layers(regclass,name,integer,boolean,text)',
-                    'kvembed.select_layers_raw(text[],integer,real,text)', 'kv_restart()',
+                    'kv_select_layers(regclass,name,integer,boolean,text,text)',
+                    'kvembed.select_layers_raw(text[],integer,real,text,text)', 'kv_restart()',
                     'kv_debug_fault(text)']) AS f;
 SELECT has_schema_privilege('regress_kvembed_user', 'kvembed', 'USAGE') AS ordinary_uses_schema,
        has_table_privilege('regress_kvembed_user', 'kvembed.calibration', 'SELECT') AS ordinary_reads,

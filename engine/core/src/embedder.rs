@@ -76,6 +76,29 @@ pub struct LayerSelection {
     pub space: Option<kvembed_proto::SpaceMap>,
 }
 
+/// One configuration scored by the agreement rule: `layers` empty is no
+/// re-routing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgreementPoint {
+    pub layers: Vec<usize>,
+    pub bias: f32,
+    pub score: f64,
+    /// [`crate::agreement::stability`] of the same embeddings (reported,
+    /// not used by the rule).
+    pub stability: f64,
+    /// Each text's agreement ([`crate::agreement::agreement_per_text`]).
+    pub per_text: Vec<f64>,
+}
+
+/// What [`Embedder::choose_by_agreement`] chose, and every score it saw.
+#[derive(Debug, Clone)]
+pub struct AgreementChoice {
+    pub layers: Vec<usize>,
+    pub bias: f32,
+    pub rule: String,
+    pub points: Vec<AgreementPoint>,
+}
+
 pub use kvembed_proto::DEFAULT_BATCH_TOKENS;
 
 /// The network under the embedder: a decoder LLM (every method, KV
@@ -1014,6 +1037,16 @@ impl Embedder {
                 ),
             ));
         }
+        match opts.rule.as_deref().unwrap_or("twonn") {
+            "twonn" => {}
+            "agreement" => return self.select_by_agreement(texts, opts, progress),
+            other => {
+                return Err(EngineError::invalid(
+                    "rule",
+                    format!("'{other}' (twonn, agreement)"),
+                ))
+            }
+        }
         let pooling = match self.knobs.id_representation.as_deref().unwrap_or("last") {
             "last" => LayerPooling::Last,
             "mean" => LayerPooling::Mean,
@@ -1057,38 +1090,238 @@ impl Embedder {
                 layer,
                 intrinsic_dimension: id,
                 selected: sel.layers.contains(&layer),
+                agreement: None,
             })
             .collect();
-        // The space is calibrated on the same sample, embedded as kv_embed
-        // will embed with the layers just selected.
-        let space = match &opts.space {
-            None => None,
-            Some(fit) => {
-                let fit = crate::space::SpaceFit::parse(fit)?;
-                let mut embed = opts.embed.clone().unwrap_or_default();
-                embed.layers = Some(sel.layers.clone());
-                embed.truncate = Some(true);
-                if embed.max_tokens.is_none() {
-                    embed.max_tokens = opts.max_tokens;
-                }
-                let mut vecs = Vec::with_capacity(texts.len());
-                for chunk in texts.chunks(64) {
-                    if !progress(0) {
-                        return Err(EngineError::Cancelled(
-                            "layer selection stopped: its client went away".into(),
-                        ));
-                    }
-                    vecs.extend(self.embed(chunk, Role::Document, &embed)?.vectors);
-                    progress(chunk.len());
-                }
-                Some(crate::space::fit(&vecs, fit)?)
-            }
-        };
+        let space = self.fit_space(texts, opts, &sel.layers, &mut progress)?;
         Ok(LayerSelection {
             curve: points,
             selected: sel.layers,
             rule: sel.rule,
             space,
+        })
+    }
+
+    /// The texts a layer selection embeds (one forward pass each), for its
+    /// progress reports.
+    pub fn selection_work(&self, texts: usize, opts: &SelectOptions) -> usize {
+        let passes = match (opts.rule.as_deref(), self.decoder()) {
+            (Some("agreement"), Ok(d)) => {
+                let width = opts.window.unwrap_or(3).max(1);
+                2 * crate::agreement::windows_to_score(d.cfg.n_layers, width, d.cfg.family).len()
+            }
+            _ => 1,
+        };
+        texts * (passes + usize::from(opts.space.is_some()))
+    }
+
+    /// `kv_select_layers` with the agreement rule: the window chosen by
+    /// [`Embedder::choose_by_agreement`] at the bias of the options the
+    /// selection is made for, each layer's point carrying the score of the
+    /// window starting there, and the space fitted as with TwoNN.
+    fn select_by_agreement(
+        &self,
+        texts: &[String],
+        opts: &SelectOptions,
+        mut progress: impl FnMut(usize) -> bool,
+    ) -> Result<LayerSelection> {
+        let mut base = opts.embed.clone().unwrap_or_default();
+        if base.max_tokens.is_none() {
+            base.max_tokens = opts.max_tokens;
+        }
+        let width = opts.window.unwrap_or(3).max(1);
+        let choice = self.choose_by_agreement(texts, &base, width, false, &mut progress)?;
+        let n = self.decoder()?.cfg.n_layers;
+        let curve = (0..n)
+            .map(|layer| LayerPoint {
+                layer,
+                intrinsic_dimension: f64::NAN,
+                selected: choice.layers.contains(&layer),
+                agreement: choice
+                    .points
+                    .iter()
+                    .find(|p| p.layers.first() == Some(&layer) && p.bias == choice.bias)
+                    .map(|p| p.score),
+            })
+            .collect();
+        let space = self.fit_space(texts, opts, &choice.layers, &mut progress)?;
+        Ok(LayerSelection {
+            curve,
+            selected: choice.layers,
+            rule: choice.rule,
+            space,
+        })
+    }
+
+    /// The corpus calibration of the space a selection asked for, fitted on
+    /// its sample embedded as kv_embed will embed it with `layers`.
+    fn fit_space(
+        &self,
+        texts: &[String],
+        opts: &SelectOptions,
+        layers: &[usize],
+        progress: &mut impl FnMut(usize) -> bool,
+    ) -> Result<Option<kvembed_proto::SpaceMap>> {
+        let Some(fit) = &opts.space else {
+            return Ok(None);
+        };
+        let fit = crate::space::SpaceFit::parse(fit)?;
+        let mut embed = opts.embed.clone().unwrap_or_default();
+        embed.layers = Some(layers.to_vec());
+        embed.truncate = Some(true);
+        if embed.max_tokens.is_none() {
+            embed.max_tokens = opts.max_tokens;
+        }
+        let mut vecs = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(64) {
+            if !progress(0) {
+                return Err(EngineError::Cancelled(
+                    "layer selection stopped: its client went away".into(),
+                ));
+            }
+            vecs.extend(self.embed(chunk, Role::Document, &embed)?.vectors);
+            progress(chunk.len());
+        }
+        Ok(Some(crate::space::fit(&vecs, fit)?))
+    }
+
+    /// The re-routing window and bias chosen from unlabeled `texts` by the
+    /// agreement rule ([`crate::agreement`]): the window of `width` layers
+    /// (or no re-routing) that agrees best at the method's bias, then another
+    /// bias of [`crate::agreement::BIASES`] at that window only where it
+    /// agrees better than the method's by more than two standard errors of
+    /// the per-text difference (the bias matters little, and a sample's
+    /// noise should not move it), when `choose_bias`. `base` is the method and options the
+    /// choice is made for (its layers and bias are replaced). `progress`
+    /// gets the texts embedded after every chunk and stops the choice when
+    /// it returns false.
+    pub fn choose_by_agreement(
+        &self,
+        texts: &[String],
+        base: &EmbedOptions,
+        width: usize,
+        choose_bias: bool,
+        mut progress: impl FnMut(usize) -> bool,
+    ) -> Result<AgreementChoice> {
+        use crate::agreement;
+        if texts.len() < 16 {
+            return Err(EngineError::invalid(
+                "sample",
+                format!(
+                    "{} texts; the agreement rule needs at least 16 (a few hundred is better)",
+                    texts.len()
+                ),
+            ));
+        }
+        let decoder = self.decoder()?;
+        let (n, family) = (decoder.cfg.n_layers, decoder.cfg.family);
+        let width = width.clamp(1, n.max(1));
+        let method = self.method(base)?;
+        let Some(reroute) = &method.reroute else {
+            return Err(EngineError::invalid(
+                "method",
+                "the agreement rule chooses re-routing layers; this method re-routes none",
+            ));
+        };
+        let method_bias = reroute.bias;
+        let copies = agreement::copies(texts);
+        let mut score = |layers: &[usize], bias: f32| -> Result<AgreementPoint> {
+            let mut opts = base.clone();
+            opts.layers = Some(layers.to_vec());
+            opts.bias = Some(bias);
+            opts.truncate = Some(true);
+            let mut run = |set: &[String]| -> Result<Vec<Vec<f32>>> {
+                let mut out = Vec::with_capacity(set.len());
+                for chunk in set.chunks(64) {
+                    out.extend(self.embed(chunk, Role::Document, &opts)?.vectors);
+                    if !progress(chunk.len()) {
+                        return Err(EngineError::Cancelled(
+                            "layer selection stopped: its client went away".into(),
+                        ));
+                    }
+                }
+                Ok(out)
+            };
+            let a = run(texts)?;
+            let b = run(&copies)?;
+            let per_text = agreement::agreement_per_text(&a, &b).unwrap_or_default();
+            Ok(AgreementPoint {
+                layers: layers.to_vec(),
+                bias,
+                score: agreement::mean(&per_text).unwrap_or(f64::NEG_INFINITY),
+                stability: agreement::stability(&a, &b).unwrap_or(f64::NEG_INFINITY),
+                per_text,
+            })
+        };
+        let windows = agreement::windows_to_score(n, width, family);
+        let default_window = crate::method::LayerChoice::KvDefault { width }.resolve(n, family);
+        let mut points = Vec::with_capacity(windows.len() + agreement::BIASES.len());
+        for w in &windows {
+            points.push(score(w, method_bias)?);
+        }
+        let best = points
+            .iter()
+            .max_by(|a, b| a.score.total_cmp(&b.score))
+            .cloned()
+            .expect("at least one candidate");
+        let default_point = points.iter().find(|p| p.layers == default_window).cloned();
+        let none_score = points[0].score;
+        let mut chosen = best.clone();
+        let mut bias_words = String::new();
+        if choose_bias && !best.layers.is_empty() {
+            let mut best_bias: Option<(AgreementPoint, f64, f64)> = None;
+            for &b in agreement::BIASES {
+                if b == method_bias {
+                    continue;
+                }
+                let p = score(&best.layers, b)?;
+                if let Some((d, se)) = agreement::paired_difference(&p.per_text, &best.per_text) {
+                    if d > 2.0 * se && best_bias.as_ref().is_none_or(|(q, _, _)| p.score > q.score) {
+                        best_bias = Some((p.clone(), d, se));
+                    }
+                }
+                points.push(p);
+            }
+            bias_words = match best_bias {
+                Some((p, d, se)) => {
+                    chosen = p;
+                    format!(
+                        "; bias {} agrees better than {method_bias} by {d:.3} (standard error {se:.3})",
+                        chosen.bias
+                    )
+                }
+                None => format!(
+                    "; no other bias of {:?} agrees better than {method_bias} by two standard errors",
+                    agreement::BIASES
+                ),
+            };
+        }
+        let versus = |other: &Option<AgreementPoint>, name: &str| match other {
+            Some(o) if o.layers != best.layers => {
+                match agreement::paired_difference(&best.per_text, &o.per_text) {
+                    Some((d, se)) => format!(", {d:+.3} (standard error {se:.3}) over {name}"),
+                    None => String::new(),
+                }
+            }
+            _ => String::new(),
+        };
+        let what = match (best.layers.first(), best.layers.last()) {
+            (Some(a), Some(b)) => format!("layers {a}-{b}"),
+            _ => "no re-routing".to_string(),
+        };
+        let rule = format!(
+            "agreement rule on {} texts: {what} agree best ({:.3}{}{}) of {} windows of {width} layers and no re-routing ({none_score:.3}){bias_words}",
+            texts.len(),
+            best.score,
+            versus(&default_point, "the default window"),
+            versus(&Some(points[0].clone()), "no re-routing"),
+            windows.len() - 1,
+        );
+        Ok(AgreementChoice {
+            layers: chosen.layers,
+            bias: chosen.bias,
+            rule,
+            points,
         })
     }
 

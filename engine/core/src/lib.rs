@@ -8,6 +8,7 @@
 //! by intrinsic dimension; [`space`] fits the corpus calibration of the
 //! embedding space.
 
+pub mod agreement;
 pub mod chunk;
 pub mod embedder;
 pub mod method;

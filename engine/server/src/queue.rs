@@ -216,9 +216,9 @@ pub(crate) fn run_select_layers(embedder: &Embedder, job: Job) {
     let Work::SelectLayers { texts, options } = &job.work else {
         return;
     };
-    // One pass over the sample measures the layers; a space calibration
-    // embeds it once more.
-    let total = texts.len() * if options.space.is_some() { 2 } else { 1 };
+    // One pass over the sample measures the layers (two per candidate with
+    // the agreement rule); a space calibration embeds it once more.
+    let total = embedder.selection_work(texts.len(), options);
     let mut done = 0;
     // A layer selection can take minutes: stop between batches once its
     // client has gone (cancelled statement), instead of holding the engine.

@@ -136,6 +136,50 @@ pub fn select_layers(
     Ok(())
 }
 
+/// The agreement rule's choice of window and bias on the first `sample`
+/// lines of `file`, with every candidate's score.
+pub fn choose_by_agreement(
+    model: &ModelArgs,
+    method: &MethodArgs,
+    file: &Path,
+    sample: usize,
+    window: usize,
+) -> Result<()> {
+    let mut texts = read_lines(file)?;
+    texts.truncate(sample.max(1));
+    let mut e = model.load()?;
+    e.knobs = method.knobs();
+    let base = method.options()?;
+    let n = e.decoder()?.cfg.n_layers;
+    let family = e.decoder()?.cfg.family;
+    let candidates = kvembed_core::agreement::windows_to_score(n, window, family).len();
+    let total = 2 * texts.len() * (candidates + kvembed_core::agreement::BIASES.len() - 1);
+    let pb = progress(total, "texts");
+    let choice = e.choose_by_agreement(&texts, &base, window, true, |k| {
+        pb.inc(k as u64);
+        true
+    })?;
+    pb.finish_and_clear();
+    println!("layers\tbias\tagreement\tstability\tchosen");
+    for p in &choice.points {
+        let layers = match (p.layers.first(), p.layers.last()) {
+            (Some(a), Some(b)) => format!("{a}-{b}"),
+            _ => "none".to_string(),
+        };
+        let chosen = p.layers == choice.layers && p.bias == choice.bias;
+        println!(
+            "{layers}\t{}\t{:.4}\t{:.4}\t{chosen}",
+            p.bias, p.score, p.stability
+        );
+    }
+    let default = kvembed_core::method::LayerChoice::KvDefault { width: window }.resolve(n, family);
+    if let (Some(a), Some(b)) = (default.first(), default.last()) {
+        println!("# default window {a}-{b}");
+    }
+    println!("# {}", choice.rule);
+    Ok(())
+}
+
 /// Spearman × 100 per STS file, embedding each distinct sentence once.
 pub fn eval_sts(
     e: &Embedder,

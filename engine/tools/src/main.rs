@@ -167,6 +167,14 @@ enum Cmd {
         /// Representation: last or mean.
         #[arg(long, default_value = "last")]
         representation: String,
+        /// twonn (the paper's: minimum intrinsic dimension) or agreement
+        /// (the window and bias whose embeddings best tell each text's
+        /// perturbed copy from the others'; see docs/QUALITY.md).
+        #[arg(long, default_value = "twonn")]
+        rule: String,
+        /// The method the agreement rule chooses for (its layers and bias).
+        #[command(flatten)]
+        method: MethodArgs,
     },
     /// Evaluate on STS folders (Spearman) and/or a BEIR folder (nDCG@10).
     Eval {
@@ -313,14 +321,23 @@ fn main() -> ExitCode {
             skip_fraction,
             window,
             representation,
-        } => {
-            let opts = SelectOptions {
-                skip_fraction: Some(skip_fraction),
-                window: Some(window),
-                ..Default::default()
-            };
-            cli::select_layers(&model, &file, sample, &opts, representation)
-        }
+            rule,
+            method,
+        } => match rule.as_str() {
+            "twonn" => {
+                let opts = SelectOptions {
+                    skip_fraction: Some(skip_fraction),
+                    window: Some(window),
+                    ..Default::default()
+                };
+                cli::select_layers(&model, &file, sample, &opts, representation)
+            }
+            "agreement" => cli::choose_by_agreement(&model, &method, &file, sample, window),
+            other => Err(kvembed_core::EngineError::invalid(
+                "rule",
+                format!("'{other}' (twonn, agreement)"),
+            )),
+        },
         Cmd::Eval {
             model,
             method,
