@@ -16,6 +16,11 @@ engine/core/src/space.rs, fitted on a sample of 1,024 of the sentences drawn
 with numpy's generator seeded 0, so not the very sample `kvembed-lab eval`
 draws). Run it with the venv's Python (numpy): `.venv/bin/python`.
 
+The STS loader, Spearman and whitening here mirror engine/tools/src/eval.rs
+and engine/core/src/space.rs because `kvembed-lab eval` embeds with one
+prompt; once an ensemble is an option of the engine, this script should go
+and `kvembed-lab eval` should score ensembles itself.
+
 The prompts (training-free, from the literature on prompting decoder LLMs for
 sentence embeddings): PromptEOL (Jiang et al., 2023; the default of `kv`),
 its "pretended chain of thought" and "knowledge enhancement" variants (Zhang
