@@ -1,30 +1,33 @@
 """Prompt ensembles on STS: a method (default `kv`) under several one-word
-prompts, each alone and their ensemble (the mean of the cosines under each
-prompt, i.e. the cosine of the concatenated unit vectors), scored like `kvembed-lab eval --sts`
-(Spearman x 100 per file on its first N pairs, the mean per group, the mean
-of the groups).
+prompts, each alone and every ensemble of them, scored like `kvembed-lab eval
+--sts` (Spearman x 100 per file on its first N pairs, the mean per group, the
+mean of the groups).
 
     .venv/bin/python scripts/prompt_ensemble.py MODEL_FILE LIMIT [--method M] [--out DIR]
 
 MODEL_FILE is a file in $KVEMBED_MODELS (default .cache/models); the STS root
 is $KVEMBED_DATA/sts (default ../shared/data/sts). Each prompt's vectors are
 written by `kvembed-lab embed --npy` to DIR (default .cache/ensemble/MODEL)
-and reused while they exist. Prints a Markdown table: each prompt, each
-ensemble of two, and all of them, raw and with each prompt's space
-calibrated like `--space whiten:0.5 --space-sample 1024` (the same map as
-engine/core/src/space.rs, fitted on a sample of 1,024 of the sentences drawn
-with numpy's generator seeded 0, so not the very sample `kvembed-lab eval`
-draws). Run it with the venv's Python (numpy): `.venv/bin/python`.
+and reused while they exist. An ensemble's vector is the engine's (a prompt
+set, `kv-ensemble`, `prompteol-ensemble`; engine/core/src/method.rs): the
+normalized mean of the unit vectors under each prompt. Prints a Markdown
+table: each prompt, each ensemble of two, and all three, raw and calibrated
+like `--space whiten:0.5 --space-sample 1024` (the same map as
+engine/core/src/space.rs, fitted on the ensemble's own vectors, on a sample of
+1,024 sentences drawn with numpy's generator seeded 0, so not the very sample
+`kvembed-lab eval` draws). Run it with the venv's Python (numpy).
 
-The STS loader, Spearman and whitening here mirror engine/tools/src/eval.rs
-and engine/core/src/space.rs because `kvembed-lab eval` embeds with one
-prompt; once an ensemble is an option of the engine, this script should go
-and `kvembed-lab eval` should score ensembles itself.
+Why a script beside `kvembed-lab eval --method kv-ensemble`: it embeds each
+prompt once and scores every subset from those vectors, where the engine
+would embed each subset again (nine prompt passes instead of three per
+text). Its STS loader, Spearman and whitening mirror engine/tools/src/eval.rs
+and engine/core/src/space.rs; `kvembed-lab eval --method kv-ensemble`
+reproduces its raw figure for all three prompts (docs/QUALITY.md).
 
 The prompts (training-free, from the literature on prompting decoder LLMs for
 sentence embeddings): PromptEOL (Jiang et al., 2023; the default of `kv`),
 its "pretended chain of thought" and "knowledge enhancement" variants (Zhang
-et al., 2024).
+et al., 2024), the engine's PROMPTEOL, PCOT and KE.
 """
 import argparse
 import itertools
@@ -111,6 +114,10 @@ def spearman(a, b):
     return float((ra * rb).sum() / d) if d > 0 else 0.0
 
 
+def normalized(v):
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
 def whiten(v, sample, shrink=0.5, seed=0):
     """whiten:SHRINK fitted on `sample` rows of v drawn with a fixed seed, as
     engine/core/src/space.rs fits it: centre, then each principal direction
@@ -162,15 +169,17 @@ def main():
         v = np.load(npy).astype(np.float64)
         if v.shape[0] != len(texts):
             sys.exit(f"{npy}: {v.shape[0]} vectors for {len(texts)} texts; delete it")
-        for space, w in (("raw", v), ("whiten:0.5@1024", whiten(v, 1024))):
-            unit[space, name] = w / np.linalg.norm(w, axis=1, keepdims=True)
+        unit[name] = normalized(v)
 
     def score(names, space):
+        v = normalized(sum(unit[n] for n in names))
+        if space != "raw":
+            v = normalized(whiten(v, 1024))
         groups = {}
         for group, _, pairs in sets:
             ia = np.array([index[a] for _, a, _ in pairs])
             ib = np.array([index[b] for _, _, b in pairs])
-            cos = np.mean([(unit[space, n][ia] * unit[space, n][ib]).sum(1) for n in names], axis=0)
+            cos = (v[ia] * v[ib]).sum(1)
             groups.setdefault(group, []).append(100 * spearman(cos, [s for s, _, _ in pairs]))
         means = {g: float(np.mean(v)) for g, v in groups.items()}
         return means, float(np.mean(list(means.values())))

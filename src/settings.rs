@@ -394,7 +394,8 @@ fn bias() -> Option<f32> {
 
 fn prompt(setting: &GucSetting<Option<CString>>, name: &str) -> Option<String> {
     let p = non_empty(setting)?;
-    if !p.contains("{text}") {
+    // A prompt ensemble: every template of the set needs the placeholder.
+    if !p.split("{+}").all(|t| t.contains("{text}")) {
         invalid_setting(name, &p, "a prompt template must contain {text}");
     }
     Some(p)

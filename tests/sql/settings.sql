@@ -146,6 +146,7 @@ SELECT setting, value, regress_eval($q$SELECT kv_embed('x')$q$, setting, value) 
                ('kvembed.bias', 'NaN'),
                ('kvembed.bias', 'inf'),
                ('kvembed.document_prompt', 'no placeholder'),
+               ('kvembed.document_prompt', 'A {text}{+}no placeholder'),
                ('kvembed.method', 'nope'),
                ('kvembed.method', 'KV')) AS t(setting, value);
 -- Every session setting is checked for every text: an invalid query prompt
@@ -159,6 +160,28 @@ SHOW kvembed.layers;
 SELECT kv_embed('x');
 RESET kvembed.layers;
 SELECT vector_dims(kv_embed('x')) AS dims;
+-- A prompt ensemble: kv_status() shows its three templates joined by {+},
+-- and kv_embed returns one unit vector of the model's width (the
+-- normalized mean of the vectors under each template): near kv's, not it.
+CREATE TEMP TABLE regress_ensemble AS SELECT kv_embed('A man is playing a guitar.') AS kv;
+SET kvembed.method = 'kv-ensemble';
+SELECT method, array_length(string_to_array(document_prompt, '{+}'), 1) AS templates,
+       array_length(string_to_array(query_prompt, '{+}'), 1) AS query_templates, layers
+  FROM kv_status();
+SELECT vector_dims(e) = vector_dims(kv) AS same_width,
+       round(vector_norm(e)::numeric, 4) AS norm,
+       (e <=> kv) > 0.0001 AS not_kv, (e <=> kv) < 0.3 AS near_kv
+  FROM regress_ensemble, LATERAL (SELECT kv_embed('A man is playing a guitar.') AS e) x;
+-- A prompt set written out in kvembed.document_prompt is the same ensemble.
+SELECT set_config('kvembed.document_prompt', document_prompt, false) IS NOT NULL AS set
+  FROM kv_status();
+SET kvembed.method = 'kv';
+SELECT kv_embed('A man is playing a guitar.') = e AS same_vector
+  FROM (SELECT regress_eval($q$SELECT kv_embed('A man is playing a guitar.')::text$q$,
+                            'kvembed.method', 'kv-ensemble')::vector AS e) x;
+RESET kvembed.document_prompt;
+RESET kvembed.method;
+DROP TABLE regress_ensemble;
 -- All the settings are back at their defaults.
 SELECT count(*) FILTER (WHERE setting <> boot_val) AS changed
   FROM pg_settings WHERE name LIKE 'kvembed.%' AND context = 'user';

@@ -611,10 +611,8 @@ impl Embedder {
     /// to the request's `max_tokens`).
     pub fn prompt_ids(&self, text: &str, role: Role, opts: &EmbedOptions) -> Result<Vec<u32>> {
         let method = self.method(opts)?;
-        let template = match role {
-            Role::Document => &method.document,
-            Role::Query => &method.query,
-        };
+        // Under a prompt ensemble, the ids of its first template.
+        let template = method.prompts(role).first();
         let placeholder = method.prepend.map(|p| self.placeholder_position(p));
         let max_tokens = opts
             .max_tokens
@@ -674,24 +672,26 @@ impl Embedder {
     /// of the text it holds (two for Echo).
     pub fn prompt_cost(&self, role: Role, opts: &EmbedOptions) -> Result<(usize, usize)> {
         let method = self.method(opts)?;
-        let template = match role {
-            Role::Document => &method.document,
-            Role::Query => &method.query,
-        };
-        let pieces: Vec<&str> = template.pieces.iter().map(String::as_str).collect();
-        let fixed: usize = self
-            .tokenizer
-            .encode_many(&pieces)?
-            .iter()
-            .map(Vec::len)
-            .sum();
         let extra = if method.specials {
             self.tokenizer.specials.0.len() + self.tokenizer.specials.1.len()
         } else {
             usize::from(self.tokenizer.add_bos && self.tokenizer.bos.is_some())
                 + usize::from(method.prepend.is_some())
         };
-        Ok((fixed + extra, template.slots().max(1)))
+        // A prompt ensemble runs every template: its cost is their sum.
+        let (mut fixed, mut slots) = (0, 0);
+        for template in method.prompts(role).templates() {
+            let pieces: Vec<&str> = template.pieces.iter().map(String::as_str).collect();
+            fixed += self
+                .tokenizer
+                .encode_many(&pieces)?
+                .iter()
+                .map(Vec::len)
+                .sum::<usize>()
+                + extra;
+            slots += template.slots().max(1);
+        }
+        Ok((fixed, slots))
     }
 
     /// `embed`, asking `keep_going` before every forward pass: once it says
@@ -730,10 +730,42 @@ impl Embedder {
         if max_tokens == 0 {
             return Err(EngineError::invalid("max_tokens", "must be at least 1"));
         }
-        let template = match role {
-            Role::Document => &method.document,
-            Role::Query => &method.query,
-        };
+        let templates = method.prompts(role).templates();
+        if let [template] = templates {
+            return self.embed_template(texts, template, method, max_tokens, truncate, keep_going);
+        }
+        // A prompt ensemble: the normalized mean of the unit vectors under
+        // each template (the texts are cut alike under every template, as
+        // the limit counts the text's own tokens).
+        let mut out: Option<EmbedOutput> = None;
+        for template in templates {
+            let one =
+                self.embed_template(texts, template, method, max_tokens, truncate, keep_going)?;
+            match &mut out {
+                None => out = Some(one),
+                Some(sum) => {
+                    for (acc, v) in sum.vectors.iter_mut().zip(one.vectors) {
+                        acc.iter_mut().zip(v).for_each(|(a, x)| *a += x);
+                    }
+                    sum.tokens += one.tokens;
+                }
+            }
+        }
+        let mut out = out.expect("a prompt set holds a template");
+        out.vectors = out.vectors.into_iter().map(normalize).collect();
+        Ok(out)
+    }
+
+    /// [`Embedder::embed_with`] under one template.
+    fn embed_template(
+        &self,
+        texts: &[String],
+        template: &Template,
+        method: &Method,
+        max_tokens: usize,
+        truncate: bool,
+        keep_going: &dyn Fn() -> bool,
+    ) -> Result<EmbedOutput> {
         let placeholder = method.prepend.map(|p| self.placeholder_position(p));
         let (prepared, truncated) = self.prepare(
             texts,
@@ -1516,7 +1548,7 @@ mod tests {
                 "{arch}"
             );
             let (plain, _) = e
-                .prepare(&texts, &tp.document, 64, false, None, false)
+                .prepare(&texts, tp.document.first(), 64, false, None, false)
                 .unwrap();
             let plain = &plain[0].ids;
             let token = e.tokenizer.eos.or(e.tokenizer.bos).unwrap_or(0);
@@ -1529,7 +1561,7 @@ mod tests {
                 let m = asked(at).unwrap();
                 assert_eq!(e.placeholder_position(m.prepend.unwrap()), at, "{arch}");
                 let (marked, _) = e
-                    .prepare(&texts, &m.document, 64, false, Some(at), false)
+                    .prepare(&texts, m.document.first(), 64, false, Some(at), false)
                     .unwrap();
                 let marked = &marked[0].ids;
                 assert_eq!(marked.len(), plain.len() + 1, "{arch} at {at}");

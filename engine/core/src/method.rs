@@ -16,6 +16,21 @@ pub const PROMPTEOL_QUERY: &str = "This search query : \"{text}\" means in one w
 /// Echo embeddings (Springer et al., 2024): the text twice, pool the second copy.
 pub const ECHO: &str = "Rewrite the sentence: {text}\nRewritten sentence: {text}";
 pub const RAW: &str = "{text}";
+/// PromptEOL's "pretended chain of thought" variant (Zhang et al., 2024).
+pub const PCOT: &str =
+    "After thinking step by step , this sentence : \"{text}\" means in one word:\"";
+pub const PCOT_QUERY: &str =
+    "After thinking step by step , this search query : \"{text}\" means in one word:\"";
+/// PromptEOL's "knowledge enhancement" variant (Zhang et al., 2024).
+pub const KE: &str =
+    "The essence of a sentence is often captured by its main subjects and actions, \
+     while descriptive terms provide additional but less central details. With this in mind , \
+     this sentence : \"{text}\" means in one word:\"";
+pub const KE_QUERY: &str = "The essence of a sentence is often captured by its main subjects and \
+     actions, while descriptive terms provide additional but less central details. With this in \
+     mind , this search query : \"{text}\" means in one word:\"";
+/// Between the templates of a prompt ensemble ([`PromptSet`]).
+pub const PROMPT_SEPARATOR: &str = "{+}";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pooling {
@@ -80,6 +95,49 @@ impl Template {
     }
 }
 
+/// The prompt of one role: one template, or several (a prompt ensemble,
+/// written with [`PROMPT_SEPARATOR`] between them). Under an ensemble a
+/// text is embedded once per template and its embedding is the normalized
+/// mean of the unit vectors: one vector of the model's width, whose cosines
+/// rank like the mean of the cosines under each template.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptSet {
+    templates: Vec<Template>,
+}
+
+impl PromptSet {
+    pub fn parse(s: &str) -> Result<PromptSet> {
+        let templates = s
+            .split(PROMPT_SEPARATOR)
+            .map(Template::parse)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(PromptSet { templates })
+    }
+
+    pub fn single(t: Template) -> PromptSet {
+        PromptSet { templates: vec![t] }
+    }
+
+    /// The templates, the first first (never empty).
+    pub fn templates(&self) -> &[Template] {
+        &self.templates
+    }
+
+    /// The first template: the one a single-prompt method runs.
+    pub fn first(&self) -> &Template {
+        &self.templates[0]
+    }
+
+    /// The prompt as written: the templates joined by [`PROMPT_SEPARATOR`].
+    pub fn source(&self) -> String {
+        self.templates
+            .iter()
+            .map(Template::source)
+            .collect::<Vec<_>>()
+            .join(PROMPT_SEPARATOR)
+    }
+}
+
 /// Which layers re-route, before the model's depth is known.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LayerChoice {
@@ -135,8 +193,8 @@ pub struct RerouteConfig {
 #[derive(Debug, Clone)]
 pub struct Method {
     pub name: String,
-    pub document: Template,
-    pub query: Template,
+    pub document: PromptSet,
+    pub query: PromptSet,
     pub pooling: Pooling,
     pub reroute: Option<RerouteConfig>,
     pub prepend: Option<Prepend>,
@@ -195,11 +253,13 @@ pub const METHOD_NAMES: &[&str] = &[
     "prompteol",
     "echo",
     "token-prepending",
+    "kv-ensemble",
+    "prompteol-ensemble",
 ];
 
 impl Method {
     pub fn from_name(name: &str) -> Result<Method> {
-        let t = |s: &str| Template::parse(s).expect("built-in template");
+        let t = |s: &str| PromptSet::parse(s).expect("built-in template");
         let m = |name: &str, doc: &str, query: &str, pooling, reroute, prepend| Method {
             name: name.to_string(),
             document: t(doc),
@@ -333,6 +393,20 @@ impl Method {
                 None,
                 Some(TOKEN_PREPENDING),
             ),
+            // Prompt ensembles: PromptEOL and its two variants, one forward
+            // pass each, with and without the default's re-routing.
+            "kv-ensemble" => m(
+                "kv-ensemble",
+                &[PROMPTEOL, PCOT, KE].join(PROMPT_SEPARATOR),
+                &[PROMPTEOL_QUERY, PCOT_QUERY, KE_QUERY].join(PROMPT_SEPARATOR),
+                Pooling::Last,
+                kv_reroute,
+                None,
+            ),
+            "prompteol-ensemble" => {
+                let all = [PROMPTEOL, PCOT, KE].join(PROMPT_SEPARATOR);
+                m("prompteol-ensemble", &all, &all, Pooling::Last, None, None)
+            }
             other => {
                 return Err(EngineError::invalid(
                     "method",
@@ -345,13 +419,21 @@ impl Method {
         })
     }
 
+    /// The prompt of `role`.
+    pub fn prompts(&self, role: kvembed_proto::Role) -> &PromptSet {
+        match role {
+            kvembed_proto::Role::Document => &self.document,
+            kvembed_proto::Role::Query => &self.query,
+        }
+    }
+
     /// Apply per-request overrides (layers, bias, prompts).
     pub fn with_options(mut self, o: &EmbedOptions) -> Result<Method> {
         if let Some(p) = &o.document_prompt {
-            self.document = Template::parse(p)?;
+            self.document = PromptSet::parse(p)?;
         }
         if let Some(p) = &o.query_prompt {
-            self.query = Template::parse(p)?;
+            self.query = PromptSet::parse(p)?;
         }
         if let Some(b) = o.bias {
             if !b.is_finite() {
@@ -498,6 +580,55 @@ mod tests {
             assert_eq!(Method::from_name(n).unwrap().name, *n);
         }
         assert!(Method::from_name("nope").is_err());
+    }
+
+    #[test]
+    fn prompt_sets_parse_and_round_trip() {
+        let s = format!("A {{text}}{PROMPT_SEPARATOR}B {{text}} C");
+        let set = PromptSet::parse(&s).unwrap();
+        assert_eq!(set.templates().len(), 2);
+        assert_eq!(set.first().render("x"), "A x");
+        assert_eq!(set.templates()[1].render("x"), "B x C");
+        assert_eq!(set.source(), s);
+        let one = PromptSet::parse(PROMPTEOL).unwrap();
+        assert_eq!(one.templates().len(), 1);
+        assert_eq!(one.source(), PROMPTEOL);
+        // Every part needs its placeholder; an empty part is no template.
+        assert!(PromptSet::parse(&format!("A {{text}}{PROMPT_SEPARATOR}B")).is_err());
+        assert!(PromptSet::parse(&format!("A {{text}}{PROMPT_SEPARATOR}")).is_err());
+    }
+
+    #[test]
+    fn ensembles_are_their_single_prompt_methods_with_three_prompts() {
+        let named = |n: &str| Method::from_name(n).unwrap();
+        for (ens, single) in [("kv-ensemble", "kv"), ("prompteol-ensemble", "prompteol")] {
+            let (e, s) = (named(ens), named(single));
+            for role in [kvembed_proto::Role::Document, kvembed_proto::Role::Query] {
+                let (pe, ps) = (e.prompts(role), s.prompts(role));
+                assert_eq!(pe.templates().len(), 3, "{ens}");
+                assert_eq!(pe.first(), ps.first(), "{ens}: PromptEOL first");
+                // The variants end like PromptEOL: the same junction with the text.
+                for t in pe.templates() {
+                    assert_eq!(t.pieces.last(), ps.first().pieces.last(), "{ens}");
+                }
+            }
+            assert_eq!(e.pooling, s.pooling);
+            assert_eq!(
+                e.reroute.map(|r| r.layers),
+                s.reroute.map(|r| r.layers),
+                "{ens}"
+            );
+            assert_eq!(e.prepend, s.prepend);
+        }
+        assert!(KE.contains("actions, while") && KE.contains("mind , this sentence"));
+        // An override replaces the whole set.
+        let o = EmbedOptions {
+            document_prompt: Some(PROMPTEOL.into()),
+            ..Default::default()
+        };
+        let m = named("kv-ensemble").with_options(&o).unwrap();
+        assert_eq!(m.document.templates().len(), 1);
+        assert_eq!(m.query.templates().len(), 3);
     }
 
     #[test]

@@ -23,7 +23,7 @@
 //! every method. An encoder without these files gets mean pooling and no
 //! prompts, as sentence-transformers gives a bare model.
 
-use crate::method::{Method, Pooling, Template};
+use crate::method::{Method, Pooling, PromptSet, Template};
 use kvembed_model::error::{EngineError, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -158,8 +158,10 @@ pub fn read(dir: &Path, encoder: bool) -> Result<Option<Native>> {
     let template = |p: String| Template::parse(&format!("{}{{text}}", p.replace("{text}", "")));
     let method = Method {
         name: "native".into(),
-        query: template(prompt(&["query"]))?,
-        document: template(prompt(&["document", "passage", "corpus", "text"]))?,
+        query: PromptSet::single(template(prompt(&["query"]))?),
+        document: PromptSet::single(template(prompt(&[
+            "document", "passage", "corpus", "text",
+        ]))?),
         pooling,
         reroute: None,
         prepend: None,
@@ -192,8 +194,8 @@ pub fn from_gguf(
     Some(Native {
         method: Method {
             name: "native".into(),
-            document: raw.clone(),
-            query: raw,
+            document: PromptSet::single(raw.clone()),
+            query: PromptSet::single(raw),
             pooling,
             reroute: None,
             prepend: None,
@@ -245,10 +247,10 @@ mod tests {
         assert_eq!(n.method.pooling, Pooling::Last);
         assert!(n.method.specials);
         assert_eq!(
-            n.method.query.render("x"),
+            n.method.query.first().render("x"),
             "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:x"
         );
-        assert_eq!(n.method.document.render("x"), "x");
+        assert_eq!(n.method.document.first().render("x"), "x");
         assert_eq!(n.max_seq_length, None);
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -303,7 +305,7 @@ mod tests {
             .unwrap()
             .expect("encoders default to mean pooling");
         assert_eq!(enc.method.pooling, Pooling::Mean);
-        assert_eq!(enc.method.query.render("x"), "x");
+        assert_eq!(enc.method.query.first().render("x"), "x");
         std::fs::remove_dir_all(empty).unwrap();
     }
 }

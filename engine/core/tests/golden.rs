@@ -316,6 +316,93 @@ fn kv_tp_applies_both_re_routing_and_token_prepending() {
     );
 }
 
+/// A prompt ensemble embeds a text once per template and returns the
+/// normalized mean of the unit vectors; it costs the sum of its templates.
+#[test]
+fn prompt_ensembles_average_the_unit_vectors_of_each_template() {
+    use kvembed_core::method::{Method, PROMPT_SEPARATOR};
+    use kvembed_core::proto::{EmbedOptions, Role};
+    let dir = golden_dir("llama");
+    let e = Embedder::load(&LoadSpec::new(dir.to_str().unwrap())).unwrap();
+    let texts = vec![
+        "The cat sat on the mat.".to_string(),
+        "Stocks fell sharply on Monday, didn't they?".to_string(),
+    ];
+    for (name, single) in [("kv-ensemble", "kv"), ("prompteol-ensemble", "prompteol")] {
+        let ensemble = Method::from_name(name).unwrap();
+        for role in [Role::Document, Role::Query] {
+            let set = ensemble.prompts(role).clone();
+            assert_eq!(set.templates().len(), 3, "{name}");
+            let opts = |prompt: String| EmbedOptions {
+                method: Some(single.into()),
+                document_prompt: Some(prompt.clone()),
+                query_prompt: Some(prompt),
+                ..Default::default()
+            };
+            let mut mean = vec![vec![0f32; e.info().dim]; texts.len()];
+            let (mut fixed, mut slots, mut tokens) = (0, 0, 0);
+            for t in set.templates() {
+                let o = opts(t.source());
+                let out = e.embed(&texts, role, &o).unwrap();
+                for (m, v) in mean.iter_mut().zip(&out.vectors) {
+                    m.iter_mut().zip(v).for_each(|(a, x)| *a += x);
+                }
+                tokens += out.tokens;
+                let (f, s) = e.prompt_cost(role, &o).unwrap();
+                fixed += f;
+                slots += s;
+            }
+            let named = EmbedOptions {
+                method: Some(name.into()),
+                ..Default::default()
+            };
+            let out = e.embed(&texts, role, &named).unwrap();
+            // The same as the single method with the set written out.
+            let written = e.embed(&texts, role, &opts(set.source())).unwrap();
+            assert!(set.source().matches(PROMPT_SEPARATOR).count() == 2);
+            for ((v, w), m) in out.vectors.iter().zip(&written.vectors).zip(&mean) {
+                let m = kvembed_core::embedder::normalize(m.clone());
+                let d = v
+                    .iter()
+                    .zip(&m)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    d < 1e-5,
+                    "{name} {role:?}: {d} from the mean of the templates"
+                );
+                assert_eq!(
+                    v, w,
+                    "{name} {role:?}: the named method and its written prompt"
+                );
+                let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                assert!((norm - 1.0).abs() < 1e-5, "{name}: norm {norm}");
+            }
+            assert_eq!(out.tokens, tokens, "{name} {role:?}: tokens run");
+            assert_eq!(e.prompt_cost(role, &named).unwrap(), (fixed, slots));
+            assert_eq!(slots, 3);
+            // The first template alone differs from the ensemble.
+            let first = e
+                .embed(&texts, role, &opts(set.first().source()))
+                .unwrap()
+                .vectors;
+            let d = first[0]
+                .iter()
+                .zip(&out.vectors[0])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(d > 1e-4, "{name}: the ensemble equals its first template");
+        }
+    }
+    // A set whose part has no placeholder is refused, naming the part.
+    let bad = EmbedOptions {
+        document_prompt: Some(format!("A {{text}}{PROMPT_SEPARATOR}no placeholder")),
+        ..Default::default()
+    };
+    let err = e.embed(&texts, Role::Document, &bad).unwrap_err();
+    assert!(err.to_string().contains("no placeholder"), "{err}");
+}
+
 #[test]
 fn errors_are_specific() {
     let err = Embedder::load(&LoadSpec::new("/no/such/model.gguf"))

@@ -72,7 +72,8 @@ impl ModelArgs {
 pub struct MethodArgs {
     /// Method: kv (default), kv-no-reroute, kv-paper, kv-paper-no-reroute,
     /// kv-compress, kv-compress-no-reroute, kv-last, kv-echo, kv-tp, mean,
-    /// last, prompteol, echo, token-prepending (see docs/METHODS.md).
+    /// last, prompteol, echo, token-prepending, kv-ensemble,
+    /// prompteol-ensemble (see docs/METHODS.md).
     #[arg(long)]
     pub method: Option<String>,
     /// Re-routed layers, e.g. 6,7,8 or 6-8.
@@ -80,8 +81,11 @@ pub struct MethodArgs {
     pub layers: Option<String>,
     #[arg(long)]
     pub bias: Option<f32>,
+    /// Document prompt template with {text}; templates joined by {+} make
+    /// a prompt ensemble (one pass each, unit vectors averaged).
     #[arg(long)]
     pub document_prompt: Option<String>,
+    /// The same for queries.
     #[arg(long)]
     pub query_prompt: Option<String>,
     /// Maximum tokens per text (the prompt comes on top).
