@@ -101,6 +101,47 @@ fn gemma3_gguf() {
     );
 }
 
+/// Gemma 3's query embeddings with this CPU's default products stay those
+/// of f32 products. With int8 products, the default without AMX before,
+/// short queries under `kv`'s query prompt drifted to a cosine of about 0.7
+/// (documents stayed at 0.99) and its retrieval collapsed.
+#[test]
+fn gemma3_default_products_keep_its_query_embeddings() {
+    let queries: Vec<String> = [
+        "Vitamin D supplements lower the risk of hip fractures in older adults.",
+        "Smoking during pregnancy increases the risk of low birth weight.",
+        "Aspirin reduces the incidence of colorectal cancer.",
+        "Gene expression in the liver follows a circadian rhythm.",
+        "Antibiotic resistance spreads between bacteria through plasmids.",
+        "Regular exercise improves insulin sensitivity.",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let opts = EmbedOptions {
+        method: Some("kv".into()),
+        ..Default::default()
+    };
+    let embed = |weights: Option<WeightFormat>| {
+        let e = Embedder::load(&LoadSpec {
+            weights,
+            ..LoadSpec::new(model(GEMMA3))
+        })
+        .unwrap();
+        let kernel = e.matmul_kernel();
+        (e.embed(&queries, Role::Query, &opts).unwrap().vectors, kernel)
+    };
+    let (reference, _) = embed(Some(WeightFormat::F32));
+    let (default, kernel) = embed(None);
+    for (i, (a, b)) in default.iter().zip(&reference).enumerate() {
+        let c = dot(a, b);
+        assert!(
+            c > 0.98,
+            "query {i}: cosine {c} between the default products ({kernel}) and f32"
+        );
+    }
+}
+
 #[test]
 fn long_inputs_truncate_or_fail_as_asked() {
     let e = Embedder::load(&LoadSpec::new(model(SMOLLM2))).unwrap();

@@ -640,7 +640,16 @@ impl Decoder {
         let amx = matches!(format, WeightFormat::Auto | WeightFormat::Amx)
             && cpu_f32
             && crate::amx::available();
-        let int8 = !amx && matches!(format, WeightFormat::Auto | WeightFormat::Int8) && cpu_f32;
+        // Gemma 3 keeps f32 products by default where there is no AMX: on
+        // int8 products its query embeddings (the query side of PromptEOL)
+        // drift to a cosine of about 0.7 from the f32 ones, and its SciFact
+        // retrieval with `kv` fell from 60.8 to 24.6 nDCG@10 (docs/QUALITY.md,
+        // "Int8 products"); the other families lose about a point.
+        // `KVEMBED_WEIGHTS=int8` still asks for int8.
+        let int8_by_default = cfg.family != crate::arch::Family::Gemma3;
+        let int8 = !amx
+            && (format == WeightFormat::Int8 || (format == WeightFormat::Auto && int8_by_default))
+            && cpu_f32;
         let loader = LayerLoader {
             store,
             cfg: &cfg,
