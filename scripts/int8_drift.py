@@ -5,6 +5,7 @@ queries (the query prompt), the same claims embedded as documents, and
 abstracts embedded as documents (cut at --max-tokens).
 
     .venv/bin/python scripts/int8_drift.py MODEL_FILE [--n 60] [--method kv] [--max-tokens 200]
+        [--query-prompt TEMPLATE] [--queries-only]
 
 MODEL_FILE is a file in $KVEMBED_MODELS (default .cache/models); the texts
 are the first N queries and the first N documents of
@@ -13,6 +14,8 @@ $KVEMBED_DATA/scifact (default ../shared/data/scifact; documents as
 `kvembed-lab embed --npy` ($KVEMBED_BIN, default
 target/release/kvembed-lab) with 2 threads and are not kept. Prints a
 Markdown table: per side, the median, 10th percentile and minimum cosine.
+--query-prompt replaces the method's query prompt (to find which wording
+drifts); --queries-only measures the claims as queries alone.
 Run it with the venv's Python (numpy).
 
 This is the measurement behind Gemma 3's f32 default on CPUs without AMX
@@ -48,7 +51,7 @@ def doc_text(v):
     return f"{title} {text}".strip() if title.strip() else text.strip()
 
 
-def embed(lab, model, texts, weights, method, max_tokens, query, tmp):
+def embed(lab, model, texts, weights, method, max_tokens, query, tmp, query_prompt=None):
     src = Path(tmp) / "texts.txt"
     src.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
     npy = Path(tmp) / "out.npy"
@@ -56,6 +59,8 @@ def embed(lab, model, texts, weights, method, max_tokens, query, tmp):
            "--max-tokens", str(max_tokens), "--file", str(src), "--npy", str(npy)]
     if query:
         cmd.append("--query")
+        if query_prompt:
+            cmd += ["--query-prompt", query_prompt]
     env = dict(os.environ, KVEMBED_WEIGHTS=weights)
     subprocess.run(cmd, check=True, env=env, stderr=subprocess.DEVNULL)
     v = np.load(npy).astype(np.float64)
@@ -70,6 +75,8 @@ def main():
     ap.add_argument("--n", type=int, default=60)
     ap.add_argument("--method", default="kv")
     ap.add_argument("--max-tokens", type=int, default=200)
+    ap.add_argument("--query-prompt")
+    ap.add_argument("--queries-only", action="store_true")
     args = ap.parse_args()
     models = Path(os.environ.get("KVEMBED_MODELS", ROOT / ".cache/models"))
     data = Path(os.environ.get("KVEMBED_DATA", ROOT.parent / "shared/data")) / "scifact"
@@ -81,15 +88,20 @@ def main():
     sides = [("claims as queries", claims, True),
              ("claims as documents", claims, False),
              ("abstracts as documents", docs, False)]
+    if args.queries_only:
+        sides = sides[:1]
     print(f"`{args.method}` on {args.model}, first {args.n} SciFact queries and documents, "
-          f"at most {args.max_tokens} tokens; cosine of each text's int8-product vector "
-          f"to its f32-product vector:\n")
+          f"at most {args.max_tokens} tokens"
+          + (f", query prompt `{args.query_prompt}`" if args.query_prompt else "")
+          + "; cosine of each text's int8-product vector "
+          "to its f32-product vector:\n")
     print("| texts | median | 10th percentile | min |")
     print("| --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         for name, texts, query in sides:
-            f32 = embed(lab, model, texts, "f32", args.method, args.max_tokens, query, tmp)
-            i8 = embed(lab, model, texts, "int8", args.method, args.max_tokens, query, tmp)
+            run = (args.method, args.max_tokens, query, tmp, args.query_prompt)
+            f32 = embed(lab, model, texts, "f32", *run)
+            i8 = embed(lab, model, texts, "int8", *run)
             cos = np.sum(f32 * i8, axis=1)
             print(f"| {name} | {np.median(cos):.3f} | {np.percentile(cos, 10):.3f} | "
                   f"{cos.min():.3f} |")
