@@ -24,6 +24,19 @@ fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f64>]) -> f64 {
     m
 }
 
+/// The largest elementwise difference of two vectors.
+fn gap(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+/// The largest elementwise difference of two lists of vectors.
+fn rows_gap(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| gap(x, y)).fold(0f32, f32::max)
+}
+
 fn check(arch: &str) {
     check_with(arch, true);
     // The tensor-op attention (the GPU path) must agree too.
@@ -266,11 +279,7 @@ fn batched_and_one_by_one_embeddings_agree() {
                     )
                     .unwrap()
                     .vectors;
-                let d = batched[i]
-                    .iter()
-                    .zip(&single[0])
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let d = gap(&batched[i], &single[0]);
                 assert!(
                     d < 1e-5,
                     "{arch} {method}: text {i} differs by {d} between batched and single"
@@ -297,21 +306,14 @@ fn kv_tp_applies_both_re_routing_and_token_prepending() {
             .unwrap()
             .vectors
     };
-    let max_diff = |a: &[Vec<f32>], b: &[Vec<f32>]| {
-        a.iter()
-            .flatten()
-            .zip(b.iter().flatten())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max)
-    };
     let (kv, tp, both) = (embed("kv"), embed("token-prepending"), embed("kv-tp"));
     // Without the placeholder kv-tp would equal kv; without re-routing, token-prepending.
     assert!(
-        max_diff(&both, &kv) > 1e-3,
+        rows_gap(&both, &kv) > 1e-3,
         "kv-tp equals kv: no Token Prepending"
     );
     assert!(
-        max_diff(&both, &tp) > 1e-3,
+        rows_gap(&both, &tp) > 1e-3,
         "kv-tp equals token-prepending: no re-routing"
     );
 }
@@ -362,11 +364,7 @@ fn prompt_ensembles_average_the_unit_vectors_of_each_template() {
             assert!(set.source().matches(PROMPT_SEPARATOR).count() == 2);
             for ((v, w), m) in out.vectors.iter().zip(&written.vectors).zip(&mean) {
                 let m = kvembed_core::embedder::normalize(m.clone());
-                let d = v
-                    .iter()
-                    .zip(&m)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let d = gap(v, &m);
                 assert!(
                     d < 1e-5,
                     "{name} {role:?}: {d} from the mean of the templates"
@@ -386,11 +384,7 @@ fn prompt_ensembles_average_the_unit_vectors_of_each_template() {
                 .embed(&texts, role, &opts(set.first().source()))
                 .unwrap()
                 .vectors;
-            let d = first[0]
-                .iter()
-                .zip(&out.vectors[0])
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let d = gap(&first[0], &out.vectors[0]);
             assert!(d > 1e-4, "{name}: the ensemble equals its first template");
         }
     }
