@@ -401,7 +401,7 @@ impl Embedder {
         let cfg = &decoder.cfg;
         let default_method = match &native {
             Some(n) => n.method.clone(),
-            None => Method::from_name(DEFAULT_METHOD)?,
+            None => Method::from_name(DEFAULT_METHOD)?.for_family(cfg.family),
         };
         let default = describe(&default_method, cfg.n_layers, cfg.family);
         let context = native
@@ -600,7 +600,7 @@ impl Embedder {
                 Method::from_name(name)?;
                 return Err(self.needs_decoder(&e.cfg.family));
             }
-            Method::from_name(name)?
+            Method::from_name(name)?.for_family(self.depth().1)
         };
         method.with_options(opts)?.with_knobs(&self.knobs)
     }
